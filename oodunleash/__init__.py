@@ -1,0 +1,26 @@
+"""oodunleash: give any image classifier back its out-of-distribution detection ability.
+
+Implements Unleashing Mask (Zhu et al., ICML 2023): UM fine-tunes the weights and UMAP learns a
+pruning mask, both with the flooding objective ``|CE − ξ| + ξ`` around a loss constraint ξ.
+"""
+
+from .constraint import estimate_loss_constraint, mean_cross_entropy
+from .masking import LayerMasks, select_layers, topk_mask
+from .training import TrainConfig, TrainingDivergedError, flooding_loss
+from .wrapper import NotFittedError, OODUnleash
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerMasks",
+    "NotFittedError",
+    "OODUnleash",
+    "TrainConfig",
+    "TrainingDivergedError",
+    "__version__",
+    "estimate_loss_constraint",
+    "flooding_loss",
+    "mean_cross_entropy",
+    "select_layers",
+    "topk_mask",
+]

@@ -1,0 +1,143 @@
+"""The loss constraint ξ: the training loss Unleashing Mask fine-tunes towards.
+
+The paper's recipe: mask out a small random fraction of the chosen layers of the trained model
+(keep 96.5%) and measure the mean cross-entropy of that masked model on the in-distribution
+training data, in eval mode. That loss stands in for the loss of the model at an intermediate
+stage of training, before it memorised the atypical samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batches import check_labels, check_logits, iter_batches
+from .distributed import all_reduce_sum, is_main_process
+from .masking import LayerMasks, LayerSelector, check_keep_ratio
+
+__all__ = ["check_loss_constraint", "estimate_loss_constraint", "mean_cross_entropy"]
+
+
+def check_loss_constraint(value: float) -> float:
+    """Validate a user-given ξ."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(
+            f"loss_constraint (ξ) must be a positive number (a mean cross-entropy), got "
+            f"{value!r}. Leave it as None to estimate it from the training data."
+        )
+    if value != value or value == float("inf"):
+        raise ValueError(f"loss_constraint (ξ) must be finite, got {value!r}.")
+    return float(value)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def mean_cross_entropy(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+    desc: str = "cross-entropy",
+) -> float:
+    """Sample-weighted mean cross-entropy of ``model`` over ``loader``, in eval mode.
+
+    Under ``torch.distributed`` the sums are taken over all ranks' data.
+
+    Example:
+        >>> net = nn.Linear(4, 3)
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+        >>> round(mean_cross_entropy(net, data), 4) == round(
+        ...     float(F.cross_entropy(net(data[0][0]), data[0][1])), 4)
+        True
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        batches = iter_batches(loader, device)
+        total_batches = len(loader) if hasattr(loader, "__len__") else None
+        if max_batches is not None and total_batches is not None:
+            total_batches = min(total_batches, max_batches)
+        bar = tqdm(
+            batches, total=total_batches, desc=desc, disable=not (progress and is_main_process())
+        )
+        for i, (images, labels) in enumerate(bar):
+            if max_batches is not None and i >= max_batches:
+                break
+            logits = check_logits(model(images), images.shape[0])
+            check_labels(labels, logits.shape[1])
+            total += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            count += labels.numel()
+    finally:
+        model.train(was_training)
+    all_reduce_sum(total)
+    all_reduce_sum(count)
+    return float(total / count)
+
+
+def estimate_loss_constraint(
+    model: nn.Module,
+    loader: Iterable,
+    keep_ratio: float = 0.965,
+    *,
+    layers: LayerSelector | None = None,
+    exclude: LayerSelector | None = None,
+    init: Literal["random", "magnitude"] = "random",
+    draws: int = 1,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> float:
+    """Estimate ξ: the mean ID cross-entropy of ``model`` with its chosen layers masked.
+
+    Args:
+        model: The trained classifier. It is left exactly as it was (no mask stays attached).
+        loader: In-distribution training data yielding ``(images, labels)``.
+        keep_ratio: Fraction of each chosen layer kept (the reference: 0.965).
+        layers, exclude: Which layers are masked, see :func:`~oodunleash.masking.select_layers`.
+        init: ``"random"`` scores (the reference) or ``"magnitude"`` (prunes the smallest
+            weights, which changes the loss far less).
+        draws: Average over this many independent random masks (reduces the variance that a
+            single random draw has on small models).
+        seed: Seeds the random masks.
+        device: Where to run; default: the model's device.
+        max_batches: Use only the first batches of ``loader`` (a cheaper estimate).
+        progress: Show a progress bar.
+
+    Returns:
+        ξ as a Python float.
+    """
+    check_keep_ratio(keep_ratio)
+    if draws < 1:
+        raise ValueError(f"draws must be at least 1, got {draws}.")
+    values = []
+    for draw in range(draws):
+        masks = LayerMasks(
+            model, layers, exclude, keep_ratio=keep_ratio, init=init, seed=seed + draw
+        )
+        with masks.attached():
+            values.append(
+                mean_cross_entropy(
+                    model,
+                    loader,
+                    device=device,
+                    max_batches=max_batches,
+                    progress=progress,
+                    desc=f"estimating ξ ({draw + 1}/{draws})" if draws > 1 else "estimating ξ",
+                )
+            )
+    return float(sum(values) / len(values))

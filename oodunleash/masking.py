@@ -1,0 +1,434 @@
+"""Learnable top-k masks on the weights of chosen layers.
+
+A mask is a tensor of *scores*, one per weight. The weights whose scores rank in the top
+``keep_ratio`` fraction are kept, the rest are zeroed; gradients reach the scores through a
+straight-through estimator (edge-popup, Ramanujan et al. 2020).
+
+The mask is applied where the weight is *read*: each chosen module gets a dynamically made
+subclass of its own class whose ``weight`` attribute returns ``raw_weight * mask``. This keeps
+timm's own behaviour (``StdConv2d`` standardises the masked weight), reaches weights that a
+parent module reads directly (``nn.MultiheadAttention`` reads ``out_proj.weight`` itself), keeps
+the ``state_dict`` keys of the original model and survives ``copy.deepcopy``. The scores live
+outside the model, in :class:`LayerMasks`, so the model's ``state_dict`` is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import math
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_LAYER_TYPES",
+    "LayerMasks",
+    "LayerSelector",
+    "num_kept",
+    "select_layers",
+    "topk_mask",
+]
+
+#: Module types whose ``weight`` is masked when the user names no layers. Subclasses count too
+#: (timm's ``StdConv2d``, ``Conv2dSame``; ``nn.MultiheadAttention``'s ``out_proj``).
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+#: A layer selection: a name glob (``"layer4.*"``), a module type, or a sequence of both.
+LayerSelector = str | type[nn.Module] | Sequence[str | type[nn.Module]]
+
+_MASK_ATTR = "_oodunleash_mask"
+
+
+# --------------------------------------------------------------------------- layer selection
+def _as_rules(selector: LayerSelector | None) -> tuple[list[str], list[type]]:
+    if selector is None:
+        return [], []
+    items = [selector] if isinstance(selector, str | type) else list(selector)
+    globs, types = [], []
+    for item in items:
+        if isinstance(item, str):
+            globs.append(item)
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            types.append(item)
+        else:
+            raise TypeError(
+                f"Layer selectors are name globs (str) or nn.Module subclasses; got {item!r}."
+            )
+    return globs, types
+
+
+def _matches(name: str, module: nn.Module, globs: list[str], types: list[type]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs) or isinstance(module, tuple(types))
+
+
+def _weighted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module that owns a ``weight`` parameter of at least two dimensions."""
+    found = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
+            found[name] = module
+    return found
+
+
+def select_layers(
+    model: nn.Module,
+    layers: LayerSelector | None = None,
+    exclude: LayerSelector | None = None,
+) -> dict[str, nn.Module]:
+    """Choose the modules whose ``weight`` gets a mask.
+
+    Args:
+        model: Any classifier.
+        layers: Name globs and/or module types to include. ``None`` means every
+            :data:`DEFAULT_LAYER_TYPES` module (``nn.Conv2d`` and ``nn.Linear``, subclasses too).
+        exclude: Name globs and/or module types to leave dense, applied after ``layers``.
+
+    Returns:
+        ``{qualified_name: module}`` in model order.
+
+    Raises:
+        ValueError: if the selection matches nothing; the message lists the available layers.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+        >>> list(select_layers(net, exclude="2"))
+        ['0']
+    """
+    candidates = _weighted_modules(model)
+    inc_globs, inc_types = _as_rules(layers)
+    exc_globs, exc_types = _as_rules(exclude)
+    if layers is None:
+        inc_types = list(DEFAULT_LAYER_TYPES)
+    chosen = {
+        name: module
+        for name, module in candidates.items()
+        if _matches(name, module, inc_globs, inc_types)
+        and not _matches(name, module, exc_globs, exc_types)
+    }
+    # Lazy modules have no shape yet; masking them would freeze a placeholder.
+    chosen = {
+        n: m
+        for n, m in chosen.items()
+        if not isinstance(m._parameters["weight"], nn.parameter.UninitializedParameter)
+    }
+    if not chosen:
+        available = ", ".join(f"{n} ({type(m).__name__})" for n, m in candidates.items())
+        raise ValueError(
+            f"The layer selection (layers={layers!r}, exclude={exclude!r}) matches no "
+            f"parameter. Layers with a weight to mask: {available or 'none'}. "
+            "Pass name globs such as 'layer4.*' or module types such as nn.Conv2d."
+        )
+    return chosen
+
+
+# --------------------------------------------------------------------------- mask arithmetic
+def num_kept(numel: int, keep_ratio: float) -> int:
+    """How many of ``numel`` weights a mask keeps: ``round(keep_ratio * numel)``, at least 1."""
+    return max(1, min(numel, round(keep_ratio * numel)))
+
+
+def topk_mask(scores: Tensor, keep_ratio: float) -> Tensor:
+    """Exact top-k mask: exactly :func:`num_kept` ones, ties broken by position.
+
+    Example:
+        >>> topk_mask(torch.tensor([0.3, 0.1, 0.3, 0.2]), 0.5)
+        tensor([1., 0., 1., 0.])
+    """
+    flat = scores.detach().reshape(-1)
+    n = flat.numel()
+    k = num_kept(n, keep_ratio)
+    if k == n:
+        return torch.ones_like(scores)
+    # kthvalue is exact and much faster than a sort; the (n-k+1)-th smallest is the k-th largest.
+    threshold = flat.kthvalue(n - k + 1).values
+    keep = flat > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        ties = (flat == threshold).nonzero().squeeze(1)[:missing]
+        keep[ties] = True
+    return keep.view_as(scores).to(scores.dtype)
+
+
+def _sampled_mask(scores: Tensor, keep_ratio: float, sample: Tensor) -> Tensor:
+    """Approximate top-k mask from a threshold estimated on a fixed sample of the scores.
+
+    On large layers the exact threshold dominates the cost of a training step on small inputs;
+    a sample of 64k scores puts the kept fraction within about 0.2% of the target (one
+    standard deviation of a binomial proportion, ``sqrt(p(1-p)/m)``).
+    """
+    flat = scores.detach().reshape(-1)
+    sub = flat[sample]
+    m = sub.numel()
+    threshold = sub.kthvalue(m - num_kept(m, keep_ratio) + 1).values
+    return (scores.detach() >= threshold).to(scores.dtype)
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """``weight * mask`` whose gradient also reaches the scores (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, scores: Tensor, mask: Tensor) -> Tensor:  # noqa: ARG004
+        ctx.save_for_backward(weight, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        weight, mask = ctx.saved_tensors
+        grad_weight = grad * mask if ctx.needs_input_grad[0] else None
+        grad_scores = grad * weight if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_scores, None
+
+
+# --------------------------------------------------------------------------- module surgery
+_MASKED_CLASSES: dict[type, type] = {}
+
+
+def _masked_weight_property(module: nn.Module) -> Tensor:
+    owner, name = module.__dict__[_MASK_ATTR]
+    return owner.masked_weight(name, module._parameters["weight"], module.training)
+
+
+def _masked_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``weight`` reads as the masked weight (made once per class)."""
+    if cls not in _MASKED_CLASSES:
+        _MASKED_CLASSES[cls] = type(
+            f"Masked{cls.__name__}",
+            (cls,),
+            {
+                "weight": property(_masked_weight_property),
+                "_oodunleash_original_class": cls,
+                "__module__": cls.__module__,
+            },
+        )
+    return _MASKED_CLASSES[cls]
+
+
+def _score_key(name: str) -> str:
+    # ParameterDict keys may not contain dots.
+    return name.replace(".", "/")
+
+
+# --------------------------------------------------------------------------- the mask set
+class LayerMasks(nn.Module):
+    """Score-based top-k masks for the chosen layers of one model.
+
+    Args:
+        model: The model whose layers are masked (it is not copied).
+        layers, exclude: Layer selection, see :func:`select_layers`.
+        keep_ratio: Fraction of each layer's weights kept, in (0, 1].
+        mode: ``"layer"`` keeps ``keep_ratio`` of every layer (the reference default);
+            ``"model"`` applies one threshold to per-layer standardised scores, so layers may keep
+            different fractions while the whole selection keeps ``keep_ratio``.
+        init: ``"random"`` (uniform, scale ``1/sqrt(fan_in)``, as in edge-popup) or
+            ``"magnitude"`` (``|weight|``).
+        seed: Seeds the random scores and the threshold samples.
+        sample_size: In training mode, layers larger than this estimate the threshold from a
+            fixed sample of this many scores (layer-wise mode); evaluation and :meth:`bake`
+            always use the exact top-k.
+
+    The masks are inert until :meth:`attach` (or the :meth:`attached` context manager).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> masks = LayerMasks(net, keep_ratio=0.5, seed=0)
+        >>> with masks.attached():
+        ...     int((net[0].weight == 0).sum())
+        32
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSelector | None = None,
+        exclude: LayerSelector | None = None,
+        keep_ratio: float = 0.8,
+        mode: Literal["layer", "model"] = "layer",
+        init: Literal["random", "magnitude"] = "random",
+        seed: int = 0,
+        sample_size: int = 65536,
+    ) -> None:
+        super().__init__()
+        check_keep_ratio(keep_ratio)
+        if mode not in ("layer", "model"):
+            raise ValueError(f"mode must be 'layer' or 'model', got {mode!r}.")
+        if init not in ("random", "magnitude"):
+            raise ValueError(f"init must be 'random' or 'magnitude', got {init!r}.")
+        self.keep_ratio = float(keep_ratio)
+        self.mode = mode
+        self.init = init
+        self.seed = seed
+        self.sample_size = sample_size
+        # Plain dicts: the modules belong to the model, not to this object.
+        self._layers: dict[str, nn.Module] = select_layers(model, layers, exclude)
+        self.scores = nn.ParameterDict()
+        self._samples: dict[str, Tensor] = {}
+        self._cache: dict[str, tuple[tuple, Tensor]] = {}
+        generator = torch.Generator().manual_seed(seed)
+        for name, module in self._layers.items():
+            weight = module._parameters["weight"]
+            if init == "magnitude":
+                scores = weight.detach().abs().clone().float()
+            else:
+                fan_in = weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in)
+                scores = torch.rand(weight.shape, generator=generator) * 2 * bound - bound
+            self.scores[_score_key(name)] = nn.Parameter(scores.to(weight.device))
+            if weight.numel() > sample_size:
+                self._samples[name] = torch.randperm(weight.numel(), generator=generator)[
+                    :sample_size
+                ]
+
+    # ---------------------------------------------------------------- introspection
+    @property
+    def layer_names(self) -> list[str]:
+        """Qualified names of the masked layers, in model order."""
+        return list(self._layers)
+
+    def layer_scores(self, name: str) -> nn.Parameter:
+        """The score tensor of layer ``name``."""
+        return self.scores[_score_key(name)]
+
+    @property
+    def is_attached(self) -> bool:
+        """Whether the masks are currently applied to the model."""
+        return any(_MASK_ATTR in m.__dict__ for m in self._layers.values())
+
+    # ---------------------------------------------------------------- the masks
+    def _cache_key(self, name: str, exact: bool) -> tuple:
+        if self.mode == "model":
+            return (exact,) + tuple((s._version, s.data_ptr()) for s in self.scores.values())
+        s = self.layer_scores(name)
+        return (exact, s._version, s.data_ptr())
+
+    def mask(self, name: str, exact: bool = True) -> Tensor:
+        """The binary (0/1) mask of layer ``name``, recomputed only when its scores change."""
+        key = self._cache_key(name, exact)
+        cached = self._cache.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if self.mode == "model":
+            masks = self._model_wise_masks()
+            for layer, m in masks.items():
+                self._cache[layer] = (key, m)
+            return masks[name]
+        scores = self.layer_scores(name)
+        if exact or name not in self._samples:
+            m = topk_mask(scores, self.keep_ratio)
+        else:
+            sample = self._samples[name]
+            if sample.device != scores.device:
+                sample = self._samples[name] = sample.to(scores.device)
+            m = _sampled_mask(scores, self.keep_ratio, sample)
+        self._cache[name] = (key, m)
+        return m
+
+    def _model_wise_masks(self) -> dict[str, Tensor]:
+        # Standardise per layer first: raw scores of different layers live on different scales
+        # (the random init follows fan-in), so one raw threshold would prune some layers away.
+        normalised = []
+        for name in self._layers:
+            s = self.layer_scores(name).detach().float().reshape(-1)
+            normalised.append((s - s.mean()) / s.std().clamp_min(1e-12))
+        joint = topk_mask(torch.cat(normalised), self.keep_ratio)
+        sizes = [t.numel() for t in normalised]
+        return {
+            name: part.view_as(self.layer_scores(name)).to(self.layer_scores(name).dtype)
+            for name, part in zip(self._layers, joint.split(sizes), strict=True)
+        }
+
+    def masked_weight(self, name: str, weight: Tensor, training: bool = False) -> Tensor:
+        """``weight * mask`` for layer ``name``, differentiable in the scores."""
+        scores = self.layer_scores(name)
+        exact = not (training and torch.is_grad_enabled())
+        mask = self.mask(name, exact=exact).to(weight.dtype)
+        if torch.is_grad_enabled() and (scores.requires_grad or weight.requires_grad):
+            return _MaskedWeight.apply(weight, scores, mask)
+        return weight * mask
+
+    def kept_fraction(self, exact: bool = True) -> dict[str, float]:
+        """Fraction of weights each layer keeps (``exact=False``: the training-time mask)."""
+        return {n: float(self.mask(n, exact=exact).mean()) for n in self._layers}
+
+    # ---------------------------------------------------------------- attach / detach
+    def attach(self) -> LayerMasks:
+        """Apply the masks: every chosen module now reads its weight masked."""
+        for name, module in self._layers.items():
+            if _MASK_ATTR in module.__dict__:
+                if module.__dict__[_MASK_ATTR][0] is not self:
+                    raise RuntimeError(f"Layer {name!r} is already masked by another LayerMasks.")
+                continue
+            module.__class__ = _masked_class(type(module))
+            # object.__setattr__ keeps this reference out of nn.Module's registries.
+            object.__setattr__(module, _MASK_ATTR, (self, name))
+        return self
+
+    def detach(self) -> LayerMasks:
+        """Remove the masks: every chosen module is its original class again."""
+        for module in self._layers.values():
+            if _MASK_ATTR in module.__dict__:
+                module.__class__ = module._oodunleash_original_class
+                del module.__dict__[_MASK_ATTR]
+        return self
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[LayerMasks]:
+        """Context manager: masks applied inside, removed on exit (also on errors)."""
+        was_attached = self.is_attached
+        self.attach()
+        try:
+            yield self
+        finally:
+            if not was_attached:
+                self.detach()
+
+    @contextlib.contextmanager
+    def detached(self) -> Iterator[LayerMasks]:
+        """Context manager: masks removed inside, re-applied on exit if they were applied."""
+        was_attached = self.is_attached
+        self.detach()
+        try:
+            yield self
+        finally:
+            if was_attached:
+                self.attach()
+
+    @torch.no_grad()
+    def bake(self, model: nn.Module) -> nn.Module:
+        """Multiply the exact masks into the weights of ``model`` (the masked model itself or a
+        copy with the same layer names) and strip all mask machinery from it. Pruned weights
+        become exact zeros."""
+        for name in self._layers:
+            module = model.get_submodule(name)
+            if _MASK_ATTR in module.__dict__:
+                module.__class__ = module._oodunleash_original_class
+                del module.__dict__[_MASK_ATTR]
+            weight = module._parameters["weight"]
+            weight.mul_(self.mask(name, exact=True).to(weight.device, weight.dtype))
+        return model
+
+    def baked_copy(self, model: nn.Module) -> nn.Module:
+        """A deep copy of ``model`` with the masks baked in; ``model`` itself is untouched."""
+        with self.detached():
+            plain = copy.deepcopy(model)
+        return self.bake(plain)
+
+    def extra_repr(self) -> str:
+        return (
+            f"layers={len(self._layers)}, keep_ratio={self.keep_ratio}, mode={self.mode!r}, "
+            f"init={self.init!r}"
+        )
+
+
+def check_keep_ratio(keep_ratio: float) -> float:
+    """Validate a keep ratio (fraction of weights kept)."""
+    if not isinstance(keep_ratio, int | float) or not (0.0 < float(keep_ratio) <= 1.0):
+        raise ValueError(
+            f"keep_ratio must be in (0, 1] (the fraction of weights kept), got {keep_ratio!r}. "
+            "For example 0.8 keeps 80% of each layer."
+        )
+    return float(keep_ratio)

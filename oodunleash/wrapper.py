@@ -1,0 +1,338 @@
+"""`OODUnleash`: the object users hold. Wrap a classifier, fit, score, export."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .constraint import check_loss_constraint, estimate_loss_constraint
+from .evaluation import ScoringMixin
+from .masking import LayerMasks, LayerSelector, check_keep_ratio, select_layers
+from .training import TrainConfig, train
+
+__all__ = ["METHOD_DEFAULTS", "NotFittedError", "OODUnleash"]
+
+Method = Literal["um", "umap"]
+
+#: Fine-tune defaults per method (see the benchmark page for how they were chosen).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "um": {"epochs": 10, "lr": 0.01, "weight_decay": 5e-4, "keep_ratio": 0.8},
+    "umap": {"epochs": 10, "lr": 0.1, "weight_decay": 5e-4, "keep_ratio": 0.8},
+}
+
+
+class NotFittedError(ValueError, AttributeError):
+    """Raised when a fitted attribute or method is used before :meth:`OODUnleash.fit`."""
+
+
+class _MaskedNetwork(nn.Module):
+    """Model and its mask scores in one module, so DDP synchronises the score gradients."""
+
+    def __init__(self, model: nn.Module, masks: LayerMasks) -> None:
+        super().__init__()
+        self.model = model
+        self.masks = masks
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+class OODUnleash(ScoringMixin):
+    """Unleashing Mask for any image classifier.
+
+    Args:
+        model: Any ``nn.Module`` mapping an image batch to ``(batch, classes)`` logits: a timm
+            model or your own. It is fine-tuned **in place** (``unleashed.model is model``);
+            call :meth:`export` for an independent copy.
+        method: ``"um"`` fine-tunes the weights; ``"umap"`` freezes them and learns a pruning
+            mask (the result is a sparse model).
+        layers, exclude: Which layers are masked, as name globs (``"layer4.*"``) and/or module
+            types. Default: every ``nn.Conv2d`` and ``nn.Linear`` (subclasses included).
+        keep_ratio: UMAP: fraction of each chosen layer kept (reference 0.8).
+        mask_mode: ``"layer"`` (each layer keeps ``keep_ratio``) or ``"model"`` (one
+            threshold over all chosen layers on per-layer standardised scores).
+        mask_init: Initial UMAP scores, ``"random"`` (reference) or ``"magnitude"``.
+        constraint_keep_ratio: Keep ratio of the random mask that estimates ξ (reference 0.965).
+        score: Default OOD score used by :meth:`score` (see :func:`oodunleash.list_scores`).
+        seed: Seeds the masks and the fine-tune; the same seed on CPU gives identical results.
+
+    Attributes (after :meth:`fit`):
+        loss_constraint_: The ξ used.
+        history_: One dict per epoch: ``loss``, ``ce``, ``accuracy``,
+            ``frac_below_constraint`` (fraction of batches whose CE was below ξ), ``lr``,
+            ``time_s``.
+        masks_: The learnt :class:`~oodunleash.masking.LayerMasks` (UMAP only, else ``None``).
+        train_config_: The :class:`~oodunleash.training.TrainConfig` used.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+        >>> data = DataLoader(TensorDataset(torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))),
+        ...                   batch_size=16)
+        >>> unleashed = OODUnleash(net, method="um").fit(data, epochs=1, progress=False)
+        >>> unleashed.score(torch.randn(5, 1, 4, 4)).shape
+        torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method = "um",
+        *,
+        layers: LayerSelector | None = None,
+        exclude: LayerSelector | None = None,
+        keep_ratio: float | None = None,
+        mask_mode: Literal["layer", "model"] = "layer",
+        mask_init: Literal["random", "magnitude"] = "random",
+        constraint_keep_ratio: float = 0.965,
+        score: str = "energy",
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module classifier, got {type(model).__name__}."
+            )
+        if method not in METHOD_DEFAULTS:
+            raise ValueError(f"method must be 'um' or 'umap', got {method!r}.")
+        self.model = model
+        self.method: Method = method
+        self.layers = layers
+        self.exclude = exclude
+        self.keep_ratio = check_keep_ratio(
+            METHOD_DEFAULTS[method]["keep_ratio"] if keep_ratio is None else keep_ratio
+        )
+        if mask_mode not in ("layer", "model"):
+            raise ValueError(f"mask_mode must be 'layer' or 'model', got {mask_mode!r}.")
+        if mask_init not in ("random", "magnitude"):
+            raise ValueError(f"mask_init must be 'random' or 'magnitude', got {mask_init!r}.")
+        self.mask_mode = mask_mode
+        self.mask_init = mask_init
+        self.constraint_keep_ratio = check_keep_ratio(constraint_keep_ratio)
+        self.default_score = score
+        self.seed = seed
+        # Fail now, not after an epoch, when the selection is empty.
+        self.layer_names: list[str] = list(select_layers(model, layers, exclude))
+        self.masks_: LayerMasks | None = None
+        self._init_scoring()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters."""
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether :meth:`fit` has completed."""
+        return hasattr(self, "loss_constraint_")
+
+    def _check_fitted(self, what: str) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(
+                f"This OODUnleash instance is not fitted yet: call .fit(train_loader) before "
+                f"{what}."
+            )
+
+    def __repr__(self) -> str:
+        state = f"ξ={self.loss_constraint_:.4g}" if self.is_fitted else "not fitted"
+        return (
+            f"OODUnleash({type(self.model).__name__}, method={self.method!r}, "
+            f"layers={len(self.layer_names)}, keep_ratio={self.keep_ratio}, {state})"
+        )
+
+    # ------------------------------------------------------------------ ξ
+    def estimate_loss_constraint(
+        self,
+        loader: Iterable,
+        keep_ratio: float | None = None,
+        *,
+        init: Literal["random", "magnitude"] = "random",
+        draws: int = 1,
+        max_batches: int | None = None,
+        progress: bool = True,
+    ) -> float:
+        """Estimate ξ: mean ID cross-entropy of the model with its chosen layers masked at
+        ``keep_ratio`` (default: ``constraint_keep_ratio``, 0.965), in eval mode.
+
+        The model is left unchanged. See :func:`oodunleash.constraint.estimate_loss_constraint`.
+        """
+        if self.masks_ is not None and self.masks_.is_attached:
+            raise RuntimeError(
+                "The model carries a learnt UMAP mask; estimate ξ on the original model: "
+                "OODUnleash(original_model).estimate_loss_constraint(...)."
+            )
+        return estimate_loss_constraint(
+            self.model,
+            loader,
+            self.constraint_keep_ratio if keep_ratio is None else keep_ratio,
+            layers=self.layers,
+            exclude=self.exclude,
+            init=init,
+            draws=draws,
+            seed=self.seed,
+            max_batches=max_batches,
+            progress=progress,
+        )
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        loader: Iterable,
+        epochs: int | None = None,
+        lr: float | None = None,
+        loss_constraint: float | None = None,
+        *,
+        optimizer: Any = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float | None = None,
+        schedule: Any = "cosine",
+        amp: bool = False,
+        max_grad_norm: float | None = None,
+        freeze_norm_stats: bool = False,
+        outlier_loader: Iterable | None = None,
+        outlier_loss: Literal["oe", "energy"] | None = None,
+        outlier_weight: float | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ) -> OODUnleash:
+        """Run the forgetting fine-tune on in-distribution data.
+
+        Args:
+            loader: ID training data yielding ``(images, labels)``.
+            epochs: Fine-tune epochs (default 10).
+            lr: Learning rate (default 0.01 for UM weights, 0.1 for UMAP scores).
+            loss_constraint: ξ. ``None`` estimates it with :meth:`estimate_loss_constraint`.
+            optimizer: ``"sgd"`` (momentum 0.9, Nesterov), ``"adam"``, ``"adamw"`` or a
+                callable ``params -> Optimizer``.
+            momentum: SGD momentum.
+            weight_decay: Default 5e-4.
+            schedule: ``"cosine"`` (per step, to zero), ``"constant"`` or a callable
+                ``(optimizer, total_steps) -> scheduler``.
+            amp: Mixed precision (float16 on CUDA, bfloat16 on CPU).
+            max_grad_norm: Clip gradients to this norm.
+            freeze_norm_stats: Keep BatchNorm running statistics fixed during the fine-tune
+                (UMAP otherwise moves them although the weights are frozen).
+            outlier_loader: Auxiliary outliers for outlier exposure (labels ignored).
+            outlier_loss: ``"oe"`` (weight 0.5) or ``"energy"`` (Energy-OE, margins −25/−7,
+                weight 0.1). Default ``"oe"`` when an outlier loader is given.
+            outlier_weight: Weight of the outlier term.
+            device: Move the model there first (default: where it is).
+            progress: Show tqdm progress bars.
+
+        Returns:
+            ``self``, fitted.
+        """
+        defaults = METHOD_DEFAULTS[self.method]
+        config = TrainConfig(
+            epochs=defaults["epochs"] if epochs is None else epochs,
+            lr=defaults["lr"] if lr is None else lr,
+            optimizer=optimizer,
+            momentum=momentum,
+            weight_decay=defaults["weight_decay"] if weight_decay is None else weight_decay,
+            schedule=schedule,
+            amp=amp,
+            max_grad_norm=max_grad_norm,
+            freeze_norm_stats=freeze_norm_stats,
+            outlier_loss=outlier_loss or ("oe" if outlier_loader is not None else None),
+            outlier_weight=outlier_weight,
+        )
+        if loss_constraint is not None:
+            loss_constraint = check_loss_constraint(loss_constraint)
+        if device is not None:
+            self.model.to(device)
+        if self.masks_ is not None:  # refitting UMAP starts again from the dense weights
+            self.masks_.detach()
+            self.masks_ = None
+        xi = (
+            loss_constraint
+            if loss_constraint is not None
+            else self.estimate_loss_constraint(loader, progress=progress)
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            if self.method == "um":
+                history = self._fit_um(loader, xi, config, outlier_loader, progress)
+            else:
+                history = self._fit_umap(loader, xi, config, outlier_loader, progress)
+        self.loss_constraint_ = xi
+        self.history_ = history
+        self.train_config_ = config
+        self._on_refit()
+        return self
+
+    def _fit_um(self, loader, xi, config, outlier_loader, progress) -> list[dict[str, float]]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return train(
+            self.model,
+            params,
+            loader,
+            loss_constraint=xi,
+            config=config,
+            device=self.device,
+            outlier_loader=outlier_loader,
+            progress=progress,
+            desc="UM",
+        )
+
+    def _fit_umap(self, loader, xi, config, outlier_loader, progress) -> list[dict[str, float]]:
+        masks = LayerMasks(
+            self.model,
+            self.layers,
+            self.exclude,
+            keep_ratio=self.keep_ratio,
+            mode=self.mask_mode,
+            init=self.mask_init,
+            seed=self.seed,
+        )
+        frozen = {p: p.requires_grad for p in self.model.parameters()}
+        for p in frozen:
+            p.requires_grad_(False)
+        masks.attach()
+        try:
+            history = train(
+                _MaskedNetwork(self.model, masks),
+                list(masks.parameters()),
+                loader,
+                loss_constraint=xi,
+                config=config,
+                device=self.device,
+                outlier_loader=outlier_loader,
+                progress=progress,
+                desc="UMAP",
+            )
+        except BaseException:
+            masks.detach()  # never leave the user's model half-masked
+            raise
+        finally:
+            for p, flag in frozen.items():
+                p.requires_grad_(flag)
+        self.masks_ = masks
+        return history
+
+    # ------------------------------------------------------------------ export
+    def export(self) -> nn.Module:
+        """A plain copy of the unleashed model: same class as the input model, original
+        ``state_dict`` keys, no mask machinery. UMAP masks are baked in (pruned weights are
+        exact zeros). The wrapper itself is left as it is."""
+        self._check_fitted("export()")
+        if self.masks_ is not None:
+            return self.masks_.baked_copy(self.model)
+        import copy
+
+        return copy.deepcopy(self.model)
+
+    def sparsity(self) -> float:
+        """Fraction of zero weights over the chosen layers of the (exported) model."""
+        plain = self.export() if self.masks_ is not None else self.model
+        zeros = total = 0
+        for name in self.layer_names:
+            w = plain.get_submodule(name).weight
+            zeros += int((w == 0).sum())
+            total += w.numel()
+        return zeros / max(total, 1)
