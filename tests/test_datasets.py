@@ -1,0 +1,616 @@
+"""Tests for oodunleash.datasets: IDX loading and validation, splits, shipped OOD sets."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.server
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+import threading
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from oodunleash import datasets as ds
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEMS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+real_data = pytest.mark.usefixtures("fashion_mnist_dir")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: tiny synthetic IDX files
+# --------------------------------------------------------------------------------------------
+
+
+def idx_bytes(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:
+    return struct.pack(">I", magic) + struct.pack(f">{len(dims)}I", *dims) + payload
+
+
+def write(path: pathlib.Path, data: bytes, gz: bool) -> pathlib.Path:
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_split(
+    directory: pathlib.Path, split: str, n: int, seed: int = 0, gz: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    img_stem, lab_stem = STEMS[split]
+    write(directory / img_stem, idx_bytes(2051, (n, 28, 28), images.tobytes()), gz)
+    write(directory / lab_stem, idx_bytes(2049, (n,), labels.tobytes()), gz)
+    return images, labels
+
+
+def write_fake_fmnist(directory: pathlib.Path, gz: bool = True) -> dict[str, tuple]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return {
+        "train": write_split(directory, "train", 20, seed=1, gz=gz),
+        "test": write_split(directory, "test", 10, seed=2, gz=gz),
+    }
+
+
+@pytest.fixture
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> pathlib.Path:
+    """No env var, no Debian copy, an empty cache: nothing is found unless a test adds it."""
+    monkeypatch.delenv(ds.FASHION_MNIST_ENV, raising=False)
+    monkeypatch.setattr(ds, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    # A stray download=True must never reach the real server from the tests.
+    monkeypatch.setattr(ds, "FASHION_MNIST_URL", (tmp_path / "no-server").as_uri())
+    return tmp_path
+
+
+def assert_sample(sample: tuple) -> None:
+    image, label = sample
+    assert isinstance(image, torch.Tensor)
+    assert image.dtype == torch.float32
+    assert image.shape == (1, 28, 28)
+    assert type(label) is int
+
+
+# --------------------------------------------------------------------------------------------
+# Real Fashion-MNIST
+# --------------------------------------------------------------------------------------------
+
+
+@real_data
+def test_real_load_shapes_and_labels() -> None:
+    for split, n in (("train", 60_000), ("test", 10_000)):
+        images, labels = ds.load_fashion_mnist(split)
+        assert images.shape == (n, 28, 28) and images.dtype == torch.uint8
+        assert labels.shape == (n,) and labels.dtype == torch.int64
+        assert torch.bincount(labels).tolist() == [n // 10] * 10
+    # Results are copies of the in-process cache: modifying them must not leak.
+    images[:] = 0
+    assert ds.load_fashion_mnist("test")[0].any()
+
+
+@real_data
+def test_real_dataset_items_and_normalisation() -> None:
+    test = ds.FashionMNIST("test")
+    assert len(test) == 10_000 and len(test.class_names) == 10
+    assert_sample(test[0])
+    x, y = test.tensors()
+    assert x.shape == (10_000, 1, 28, 28)
+    assert abs(x.mean().item()) < 0.02 and abs(x.std().item() - 1) < 0.02
+    raw_images, raw_labels = ds.load_fashion_mnist("test")
+    assert torch.equal(y, raw_labels)
+    plain = ds.FashionMNIST("test", normalize=False)
+    assert torch.allclose(plain[3][0][0], raw_images[3].float() / 255)
+    xb, yb = next(iter(DataLoader(test, batch_size=16)))
+    assert xb.shape == (16, 1, 28, 28) and yb.dtype == torch.int64
+
+
+@real_data
+def test_real_class_subset_is_remapped_in_given_order() -> None:
+    _, raw = ds.load_fashion_mnist("test")
+    subset = ds.FashionMNIST("test", classes=(7, 2))
+    assert subset.class_names == ("Sneaker", "Pullover")
+    assert len(subset) == 2000
+    original = raw[subset.source_indices]
+    assert torch.equal(subset.targets, torch.where(original == 7, 0, 1))
+    assert set(original.tolist()) == {7, 2}
+    # indices select rows of the full split; classes then drop rows of other classes.
+    rows = torch.nonzero(raw == 7).flatten()[:5].tolist() + [int(torch.nonzero(raw == 0)[0])]
+    picked = ds.FashionMNIST("test", classes=(7, 2), indices=rows)
+    assert picked.source_indices.tolist() == rows[:5] and picked.targets.tolist() == [0] * 5
+
+
+@real_data
+def test_near_ood_split_real() -> None:
+    _, train_raw = ds.load_fashion_mnist("train")
+    _, test_raw = ds.load_fashion_mnist("test")
+    splits = ds.near_ood_split(id_classes=(0, 1, 2, 3, 4, 5), val_fraction=0.1, seed=0)
+    assert set(splits) == {"train", "val", "test", "ood"}
+    train, val = (
+        set(splits["train"].source_indices.tolist()),
+        set(splits["val"].source_indices.tolist()),
+    )
+    assert not train & val
+    id_rows = set(torch.nonzero(train_raw < 6).flatten().tolist())
+    assert train | val == id_rows
+    assert torch.bincount(train_raw[splits["val"].source_indices]).tolist() == [600] * 6
+    for name in ("train", "val", "test"):
+        assert set(splits[name].targets.tolist()) == set(range(6))
+        assert_sample(splits[name][0])
+    assert torch.equal(test_raw[splits["test"].source_indices], splits["test"].targets)
+    ood = splits["ood"]
+    assert len(ood) == 4000 and set(ood.targets.tolist()) == {-1}
+    assert set(test_raw[ood.source_indices].tolist()) == {6, 7, 8, 9}
+    assert ood[0][1] == -1
+
+    again = ds.near_ood_split(seed=0)
+    other = ds.near_ood_split(seed=1)
+    assert torch.equal(again["val"].source_indices, splits["val"].source_indices)
+    assert not torch.equal(other["val"].source_indices, splits["val"].source_indices)
+
+
+@real_data
+def test_near_ood_split_custom_classes_and_zero_val() -> None:
+    _, train_raw = ds.load_fashion_mnist("train")
+    splits = ds.near_ood_split(id_classes=(9, 0), val_fraction=0.0)
+    assert len(splits["val"]) == 0 and len(splits["train"]) == 12_000
+    assert splits["train"].class_names == ("Ankle boot", "T-shirt/top")
+    original = train_raw[splits["train"].source_indices]
+    assert torch.equal(splits["train"].targets, torch.where(original == 9, 0, 1))
+    assert len(splits["ood"]) == 8000
+
+
+# --------------------------------------------------------------------------------------------
+# Argument errors (checked before any file is read)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: ds.FashionMNIST("validation"), ValueError, "Unknown split 'validation'"),
+        (lambda: ds.load_fashion_mnist("dev"), ValueError, "Unknown split"),
+        (lambda: ds.FashionMNIST(classes=[3, 10]), ValueError, r"\[10\] out of range"),
+        (lambda: ds.FashionMNIST(classes=[-1]), ValueError, "out of range"),
+        (lambda: ds.FashionMNIST(classes=[]), ValueError, "classes is empty"),
+        (lambda: ds.FashionMNIST(classes=[1, 1]), ValueError, "duplicates"),
+        (lambda: ds.FashionMNIST(classes=[2.5]), TypeError, "sequence of integers"),
+        (lambda: ds.near_ood_split(id_classes=()), ValueError, "empty"),
+        (lambda: ds.near_ood_split(id_classes=range(10)), ValueError, "hold at least one"),
+        (
+            lambda: ds.near_ood_split(val_fraction=1.0),
+            ValueError,
+            r"val_fraction must be in \[0, 1\)",
+        ),
+        (lambda: ds.near_ood_split(val_fraction=-0.1), ValueError, "val_fraction"),
+        (lambda: ds.DigitsID("holdout"), ValueError, "Unknown split"),
+        (lambda: ds.DigitsID(val_fraction=1.5), ValueError, "val_fraction"),
+        (lambda: ds.DigitsID(test_fraction=0.0), ValueError, "test_fraction"),
+        (lambda: ds.DigitsID(classes=[12]), ValueError, "out of range"),
+        (lambda: ds.digits_near_ood_split(id_classes=range(10)), ValueError, "hold at least one"),
+        (lambda: ds.NoiseOOD("pink"), ValueError, "Unknown noise kind"),
+        (lambda: ds.SamplePhotoCrops(min_size=50, max_size=20), ValueError, "min_size"),
+        (lambda: ds.ood_sets("cifar"), ValueError, "Unknown in-distribution kind"),
+    ],
+)
+def test_bad_arguments(call, error, match) -> None:
+    with pytest.raises(error, match=match):
+        call()
+
+
+# --------------------------------------------------------------------------------------------
+# IDX decoding and validation on synthetic files
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_gz_and_raw_files_load(tmp_path: pathlib.Path, gz: bool) -> None:
+    arrays = write_fake_fmnist(tmp_path, gz=gz)
+    assert ds.find_fashion_mnist(tmp_path) == tmp_path.resolve()
+    for split in ("train", "test"):
+        images, labels = ds.load_fashion_mnist(split, root=tmp_path)
+        assert np.array_equal(images.numpy(), arrays[split][0])
+        assert np.array_equal(labels.numpy(), arrays[split][1])
+        assert labels.dtype == torch.int64
+
+
+def test_mixed_and_misnamed_compression(tmp_path: pathlib.Path) -> None:
+    images, labels = write_split(tmp_path, "test", 7, gz=True)
+    # An uncompressed file with a .gz name: compression is detected from content.
+    raw_labels = idx_bytes(2049, (7,), labels.tobytes())
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(raw_labels)
+    got_images, got_labels = ds.load_fashion_mnist("test", root=tmp_path)
+    assert np.array_equal(got_images.numpy(), images)
+    assert np.array_equal(got_labels.numpy(), labels)
+
+
+def test_bad_indices(tmp_path: pathlib.Path) -> None:
+    write_split(tmp_path, "test", 5)
+    assert len(ds.FashionMNIST("test", root=tmp_path, indices=np.array([4, 0]))) == 2
+    with pytest.raises(IndexError, match=r"0\.\.4"):
+        ds.FashionMNIST("test", root=tmp_path, indices=[5])
+    with pytest.raises(TypeError, match="integer row numbers"):
+        ds.FashionMNIST("test", root=tmp_path, indices=np.ones(5, dtype=bool))
+
+
+def test_rewritten_file_is_read_afresh(tmp_path: pathlib.Path) -> None:
+    write_split(tmp_path, "test", 5)
+    assert len(ds.load_fashion_mnist("test", root=tmp_path)[1]) == 5
+    write_split(tmp_path, "test", 8)
+    assert len(ds.load_fashion_mnist("test", root=tmp_path)[1]) == 8
+
+
+def corrupt(tmp_path: pathlib.Path, how: str) -> pathlib.Path:
+    """Write a test split with one defect; return the path the error should name."""
+    images, labels = write_split(tmp_path, "test", 5, gz=False)
+    img = tmp_path / "t10k-images-idx3-ubyte"
+    lab = tmp_path / "t10k-labels-idx1-ubyte"
+    if how == "bad magic":
+        img.write_bytes(idx_bytes(1234, (5, 28, 28), images.tobytes()))
+        return img
+    if how == "swapped":
+        lab.write_bytes(idx_bytes(2051, (5, 28, 28), images.tobytes()))
+        return lab
+    if how == "truncated":
+        img.write_bytes(img.read_bytes()[:-100])
+        return img
+    if how == "trailing data":
+        img.write_bytes(img.read_bytes() + b"\0" * 3)
+        return img
+    if how == "short header":
+        lab.write_bytes(b"\x00\x00\x08")
+        return lab
+    if how == "truncated gzip":
+        gz = tmp_path / "t10k-images-idx3-ubyte.gz"
+        gz.write_bytes(gzip.compress(img.read_bytes())[:-200])
+        img.unlink()
+        return gz
+    if how == "count mismatch":
+        lab.write_bytes(idx_bytes(2049, (4,), labels[:4].tobytes()))
+        return img
+    if how == "label range":
+        bad = labels.copy()
+        bad[2] = 12
+        lab.write_bytes(idx_bytes(2049, (5,), bad.tobytes()))
+        return lab
+    if how == "wrong size":
+        img.write_bytes(idx_bytes(2051, (5, 32, 32), bytes(5 * 32 * 32)))
+        return img
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    ("how", "match"),
+    [
+        ("bad magic", r"bad magic number 1234 .*starts with 2051"),
+        ("swapped", r"bad magic number 2051 .*starts with 2049.*swapped"),
+        (
+            "truncated",
+            r"header declares dimensions \(5, 28, 28\) \(3920 bytes.*3820 bytes.*truncated",
+        ),
+        ("trailing data", "trailing data"),
+        ("short header", "too short for an IDX header"),
+        ("truncated gzip", "damaged gzip stream"),
+        ("count mismatch", "holds 5 images but .* holds 4 labels"),
+        ("label range", r"labels must lie in 0\.\.9, found \[12\]"),
+        ("wrong size", r"expected \(N, 28, 28\)"),
+    ],
+)
+def test_corrupt_files_give_clear_errors(tmp_path: pathlib.Path, how: str, match: str) -> None:
+    culprit = corrupt(tmp_path, how)
+    with pytest.raises(ValueError, match=match) as info:
+        ds.load_fashion_mnist("test", root=tmp_path)
+    message = str(info.value)
+    assert str(culprit.resolve()) in message
+    assert "apt-get install -y dataset-fashion-mnist" in message
+
+
+def test_missing_files_error_names_location_and_fix(isolated: pathlib.Path) -> None:
+    empty = isolated / "empty"
+    empty.mkdir()
+    assert ds.find_fashion_mnist(empty) is None
+    with pytest.raises(FileNotFoundError) as info:
+        ds.load_fashion_mnist("train", root=empty)
+    message = str(info.value)
+    assert str(empty) in message and "train-images-idx3-ubyte[.gz]" in message
+    assert "download=True" in message and "OODUNLEASH_FASHION_MNIST" in message
+    # Only the test split present: it loads, but find() wants the whole dataset.
+    write_split(empty, "test", 3)
+    assert ds.find_fashion_mnist(empty) is None
+    assert len(ds.FashionMNIST("test", root=empty)) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Where the files are looked for
+# --------------------------------------------------------------------------------------------
+
+
+def test_env_var_resolution(isolated: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env_dir, root_dir = isolated / "from-env", isolated / "from-root"
+    env_arrays = write_fake_fmnist(env_dir)
+    write_fake_fmnist(root_dir, gz=False)
+    assert ds.find_fashion_mnist() is None and not ds.fashion_mnist_available()
+
+    monkeypatch.setenv(ds.FASHION_MNIST_ENV, str(env_dir))
+    assert ds.find_fashion_mnist() == env_dir.resolve()
+    assert ds.fashion_mnist_available()
+    images, _ = ds.load_fashion_mnist("train")
+    assert np.array_equal(images.numpy(), env_arrays["train"][0])
+    assert ds.find_fashion_mnist(root_dir) == root_dir.resolve()  # root wins over env
+
+    # A set but wrong env var is an error, not a silent fallback to another copy.
+    write_fake_fmnist(isolated / "no-debian")
+    monkeypatch.setenv(ds.FASHION_MNIST_ENV, str(isolated / "typo"))
+    assert ds.find_fashion_mnist() is None
+    with pytest.raises(FileNotFoundError, match="OODUNLEASH_FASHION_MNIST="):
+        ds.load_fashion_mnist("test")
+
+
+def test_debian_then_cache_fallback(isolated: pathlib.Path) -> None:
+    cache = ds.default_cache_dir()
+    assert cache == isolated / "xdg-cache" / "oodunleash" / "fashion-mnist"
+    write_fake_fmnist(cache)
+    assert ds.find_fashion_mnist() == cache.resolve()
+    write_fake_fmnist(isolated / "no-debian")
+    assert ds.find_fashion_mnist() == (isolated / "no-debian").resolve()
+
+
+def test_root_accepts_parent_layouts(tmp_path: pathlib.Path) -> None:
+    write_fake_fmnist(tmp_path / "FashionMNIST" / "raw", gz=False)
+    assert ds.find_fashion_mnist(tmp_path) == (tmp_path / "FashionMNIST" / "raw").resolve()
+    assert len(ds.FashionMNIST("train", root=tmp_path)) == 20
+
+
+def test_synthetic_near_ood_split(tmp_path: pathlib.Path) -> None:
+    arrays = write_fake_fmnist(tmp_path)
+    splits = ds.near_ood_split(id_classes=(1, 3), root=tmp_path, val_fraction=0.5, seed=3)
+    assert sorted(
+        splits["val"].source_indices.tolist() + splits["train"].source_indices.tolist()
+    ) == [1, 3, 11, 13]
+    assert set(arrays["test"][1][splits["ood"].source_indices.numpy()]) == set(range(10)) - {1, 3}
+
+
+# --------------------------------------------------------------------------------------------
+# Download, offline against file:// and a local HTTP server
+# --------------------------------------------------------------------------------------------
+
+
+class Mirror(NamedTuple):
+    path: pathlib.Path
+    arrays: dict[str, tuple]
+
+
+@pytest.fixture
+def mirror(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Mirror:
+    """A directory laid out like the canonical server, with matching checksums."""
+    directory = tmp_path / "mirror"
+    arrays = write_fake_fmnist(directory, gz=True)
+    sums = {
+        path.name[:-3]: hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest()
+        for path in directory.iterdir()
+    }
+    monkeypatch.setattr(ds, "FASHION_MNIST_SHA256", sums)
+    return Mirror(directory, arrays)
+
+
+def leftovers(directory: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def test_download_from_file_url_into_cache(
+    isolated: pathlib.Path, mirror: Mirror, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ds, "FASHION_MNIST_URL", mirror.path.as_uri())
+    with pytest.raises(FileNotFoundError):
+        ds.load_fashion_mnist("test")
+    images, labels = ds.load_fashion_mnist("test", download=True)
+    assert np.array_equal(images.numpy(), mirror.arrays["test"][0])
+    cache = ds.default_cache_dir()
+    assert leftovers(cache) == sorted(s + ".gz" for pair in STEMS.values() for s in pair)
+    assert ds.find_fashion_mnist() == cache.resolve()
+    # Already there: a second download=True does not touch the (now gone) server.
+    for path in mirror.path.iterdir():
+        path.unlink()
+    assert len(ds.FashionMNIST("train", download=True)) == 20
+
+
+def test_download_over_http_into_root(tmp_path: pathlib.Path, mirror: Mirror) -> None:
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(mirror.path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        target = tmp_path / "data"
+        assert ds.download_fashion_mnist(target, base_url=base) == target.resolve()
+        images, _ = ds.load_fashion_mnist("train", root=target)
+        assert np.array_equal(images.numpy(), mirror.arrays["train"][0])
+        # A file missing on the server (HTTP 404) fails cleanly, naming the URL.
+        (target / "t10k-labels-idx1-ubyte.gz").unlink()
+        (mirror.path / "t10k-labels-idx1-ubyte.gz").unlink()
+        with pytest.raises(OSError, match=r"Could not download http://.*t10k-labels.*HTTP 404"):
+            ds.download_fashion_mnist(target, base_url=base)
+        assert "t10k-labels-idx1-ubyte.gz" not in leftovers(target)
+        assert not [name for name in leftovers(target) if name.endswith(".part")]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_checksum_mismatch_leaves_nothing(
+    tmp_path: pathlib.Path, mirror: Mirror, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(ds.FASHION_MNIST_SHA256, "train-images-idx3-ubyte", "0" * 64)
+    monkeypatch.setattr(ds, "FASHION_MNIST_URL", mirror.path.as_uri())
+    target = tmp_path / "data"
+    with pytest.raises(ValueError, match="SHA-256 .* expected 0000"):
+        ds.load_fashion_mnist("train", root=target, download=True)
+    assert leftovers(target) == []
+
+
+def test_download_unreachable_source(tmp_path: pathlib.Path) -> None:
+    missing = (tmp_path / "nowhere").as_uri()
+    with pytest.raises(OSError, match="Could not download file://"):
+        ds.download_fashion_mnist(tmp_path / "data", base_url=missing)
+    assert leftovers(tmp_path / "data") == []
+
+
+# --------------------------------------------------------------------------------------------
+# Shipped datasets
+# --------------------------------------------------------------------------------------------
+
+
+def test_digits_ood() -> None:
+    digits = ds.DigitsOOD()
+    assert len(digits) == 1797 and set(digits.targets.tolist()) == {-1}
+    assert_sample(digits[0])
+    plain, _ = ds.DigitsOOD(normalize=False).tensors()
+    assert plain.min() >= 0 and plain.max() <= 1 and plain.max() > 0.9
+    border = torch.ones(28, 28, dtype=torch.bool)
+    border[4:24, 4:24] = False
+    assert plain[:, 0, border].abs().max() == 0
+    normed, _ = digits.tensors()
+    assert torch.allclose(normed, (plain - ds.FASHION_MNIST_MEAN) / ds.FASHION_MNIST_STD, atol=1e-5)
+
+
+def test_sample_photo_crops_deterministic() -> None:
+    a = ds.SamplePhotoCrops(n=40, seed=5, normalize=False)
+    b = ds.SamplePhotoCrops(n=40, seed=5, normalize=False)
+    c = ds.SamplePhotoCrops(n=40, seed=6, normalize=False)
+    assert len(a) == 40 and set(a.targets.tolist()) == {-1}
+    assert torch.equal(a.data, b.data) and not torch.equal(a.data, c.data)
+    assert a.data.min() >= 0 and a.data.max() <= 1 and a.data.std() > 0.05
+    assert_sample(ds.SamplePhotoCrops(n=3)[2])
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "uniform"])
+def test_noise_ood(kind: str) -> None:
+    noise = ds.NoiseOOD(kind, n=500, seed=1, normalize=False)
+    assert len(noise) == 500 and noise[0][1] == -1
+    assert noise.data.min() >= 0 and noise.data.max() <= 1
+    assert abs(noise.data.mean().item() - 0.5) < 0.01
+    assert torch.equal(noise.data, ds.NoiseOOD(kind, n=500, seed=1).data)
+    assert not torch.equal(noise.data, ds.NoiseOOD(kind, n=500, seed=2).data)
+    normed = ds.NoiseOOD(kind, n=500, seed=1)[7][0]
+    assert torch.allclose(normed[0], (noise.data[7] - 0.286) / 0.353, atol=1e-5)
+
+
+def test_digits_id_splits() -> None:
+    parts = {s: ds.DigitsID(s, seed=0) for s in ("train", "val", "test")}
+    rows = [set(p.source_indices.tolist()) for p in parts.values()]
+    assert sum(map(len, rows)) == 1797 and set().union(*rows) == set(range(1797))
+    assert len(parts["test"]) == pytest.approx(0.3 * 1797, abs=10)
+    assert parts["train"].class_names == tuple("0123456789")
+    assert_sample(parts["val"][0])
+    # The test split does not move when val_fraction changes; the seed does move it.
+    assert torch.equal(
+        parts["test"].source_indices, ds.DigitsID("test", val_fraction=0.3).source_indices
+    )
+    assert not torch.equal(parts["test"].source_indices, ds.DigitsID("test", seed=1).source_indices)
+    subset = ds.DigitsID("train", classes=(8, 3))
+    assert subset.class_names == ("8", "3") and set(subset.targets.tolist()) == {0, 1}
+
+
+def test_digits_near_ood_split() -> None:
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().target
+    splits = ds.digits_near_ood_split(id_classes=(0, 1, 2, 3, 4, 5), seed=2)
+    assert set(splits) == {"train", "val", "test", "ood"}
+    train, val = splits["train"].source_indices, splits["val"].source_indices
+    assert not set(train.tolist()) & set(val.tolist())
+    for name in ("train", "val", "test"):
+        assert set(raw[splits[name].source_indices.numpy()]) == set(range(6))
+    assert set(raw[splits["ood"].source_indices.numpy()]) == {6, 7, 8, 9}
+    assert set(splits["ood"].targets.tolist()) == {-1}
+    assert set(splits["ood"].source_indices.tolist()) <= set(
+        ds.DigitsID("test", seed=2).source_indices.tolist()
+    )
+
+
+def test_ood_sets_for_fashion_mnist() -> None:
+    sets = ds.ood_sets("fashion-mnist", n=30, seed=4)
+    assert list(sets) == ["digits", "photos", "gaussian", "uniform"]
+    for data in sets.values():
+        assert_sample(data[0])
+        assert data[len(data) - 1][1] == -1
+    assert [len(s) for s in sets.values()] == [1797, 30, 30, 30]
+
+
+def test_ood_sets_for_digits(isolated: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert list(ds.ood_sets("digits", n=5)) == ["photos", "gaussian", "uniform"]
+    write_fake_fmnist(isolated / "fm")
+    monkeypatch.setenv(ds.FASHION_MNIST_ENV, str(isolated / "fm"))
+    sets = ds.ood_sets("digits", n=5)
+    assert list(sets) == ["fashion-mnist", "photos", "gaussian", "uniform"]
+    assert len(sets["fashion-mnist"]) == 10 and sets["fashion-mnist"][9][1] == -1
+
+
+# --------------------------------------------------------------------------------------------
+# The conftest fixture: skip when data is missing, fail when it is required
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("require", "outcome"), [("1", "1 error"), ("0", "1 skipped")])
+def test_missing_data_fixture(tmp_path: pathlib.Path, require: str, outcome: str) -> None:
+    env = dict(os.environ)
+    env.update(
+        {
+            ds.FASHION_MNIST_ENV: str(tmp_path),  # an empty directory: data "missing"
+            "OODUNLEASH_REQUIRE_FASHION_MNIST": require,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        }
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"{__file__}::test_real_load_shapes_and_labels",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert outcome in result.stdout, result.stdout + result.stderr
+    assert (result.returncode != 0) == (require == "1")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ds.DigitsOOD(),
+        lambda: ds.DigitsID("val"),
+        lambda: ds.NoiseOOD("uniform", n=4),
+        lambda: ds.SamplePhotoCrops(n=4),
+    ],
+)
+def test_access_does_not_modify_stored_images(make) -> None:
+    data = make()
+    before = data.data.clone()
+    first = data[1][0]
+    data.tensors()
+    assert torch.equal(data[1][0], first) and torch.equal(data.data, before)
+    assert torch.equal(make().data, before)  # the shared caches are untouched too
