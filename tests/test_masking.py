@@ -1,0 +1,185 @@
+"""Masks: selection, exact keep ratios, where the mask applies, gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import StdConv2d
+from torch import nn
+
+from oodunleash.masking import LayerMasks, num_kept, select_layers, topk_mask
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("n", [1, 7, 288, 1000, 4096])
+@pytest.mark.parametrize("keep", [0.01, 0.5, 0.8, 0.965, 1.0])
+def test_topk_mask_keeps_exactly_k(n, keep):
+    scores = torch.randn(n)
+    mask = topk_mask(scores, keep)
+    k = num_kept(n, keep)
+    assert int(mask.sum()) == k
+    if k < n:  # every kept score is at least every dropped one
+        assert scores[mask.bool()].min() >= scores[~mask.bool()].max()
+
+
+def test_topk_mask_handles_ties():
+    scores = torch.tensor([1.0, 2.0, 2.0, 2.0, 2.0, 3.0])
+    mask = topk_mask(scores, 0.5)  # k = 3: the 3.0 and the first two 2.0s
+    assert mask.tolist() == [0, 1, 1, 0, 0, 1]
+    assert int(topk_mask(torch.zeros(10), 0.3).sum()) == 3
+
+
+def test_default_selection_includes_conv_linear_and_timm_subclasses():
+    model = nn.Sequential(StdConv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 3, 5, 5))  # materialise the lazy layer
+    assert list(select_layers(model)) == ["0", "3"]
+    mha = nn.MultiheadAttention(8, 2)
+    assert "out_proj" in select_layers(mha)
+
+
+def test_selection_by_glob_type_and_exclude():
+    model = timm.create_model("resnet18", num_classes=3)
+    convs = select_layers(model, layers=nn.Conv2d)
+    assert "fc" not in convs and "conv1" in convs
+    layer4 = select_layers(model, layers="layer4.*")
+    assert all(name.startswith("layer4.") for name in layer4) and len(layer4) == 5
+    no_head = select_layers(model, exclude=["fc", "conv1"])
+    assert "fc" not in no_head and "conv1" not in no_head and "layer1.0.conv1" in no_head
+
+
+def test_selection_matching_nothing_names_available_layers():
+    with pytest.raises(ValueError, match=r"matches no parameter.*conv \(Conv2d\).*fc \(Linear\)"):
+        select_layers(Tiny(), layers="head*")
+    with pytest.raises(TypeError, match="name globs"):
+        select_layers(Tiny(), layers=[3])
+
+
+def test_attach_keeps_state_dict_keys_and_masks_the_forward():
+    model = Tiny().eval()
+    keys = list(model.state_dict())
+    masks = LayerMasks(model, keep_ratio=0.5, seed=1)
+    x = torch.randn(2, 1, 6, 6)
+    with masks.attached():
+        assert list(model.state_dict()) == keys
+        masked_out = model(x)
+        assert int((model.conv.weight == 0).sum()) == 18
+        # the raw parameter is untouched
+        assert int((model.conv._parameters["weight"] == 0).sum()) == 0
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.conv.weight.mul_(masks.mask("conv"))
+        reference.fc.weight.mul_(masks.mask("fc"))
+    assert torch.allclose(reference(x), masked_out)
+    assert type(model.conv) is nn.Conv2d  # detached: original class again
+
+
+def test_mask_reaches_weights_read_by_a_parent_module():
+    # nn.MultiheadAttention reads out_proj.weight itself, never calling out_proj.forward.
+    mha = nn.MultiheadAttention(8, 2).eval()
+    x = torch.randn(3, 1, 8)
+    masks = LayerMasks(mha, layers="out_proj", keep_ratio=0.5)
+    with masks.attached():
+        out = mha(x, x, x)[0]
+    zeroed = copy.deepcopy(mha)
+    with torch.no_grad():
+        zeroed.out_proj.weight.mul_(masks.mask("out_proj"))
+    assert torch.allclose(zeroed(x, x, x)[0], out, atol=1e-6)
+    assert not torch.allclose(mha(x, x, x)[0], out)
+
+
+def test_std_conv_standardises_the_masked_weight():
+    conv = StdConv2d(2, 3, 3).eval()
+    model = nn.Sequential(conv)
+    masks = LayerMasks(model, keep_ratio=0.6)
+    x = torch.randn(1, 2, 5, 5)
+    with masks.attached():
+        out = model(x)
+    w = conv._parameters["weight"] * masks.mask("0")
+    w = F.batch_norm(w.reshape(1, 3, -1), None, None, training=True, momentum=0.0, eps=conv.eps)
+    expected = F.conv2d(x, w.reshape_as(conv._parameters["weight"]), conv.bias, padding=conv.padding)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_straight_through_gradient_reaches_scores():
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    masks = LayerMasks(model, keep_ratio=0.5).attach()
+    x = torch.randn(6, 5)
+    weight = model[0]._parameters["weight"]
+    effective = weight.detach() * masks.mask("0")
+    effective.requires_grad_(True)
+    # gradient w.r.t. the effective weight, computed by hand
+    hidden = torch.tanh(F.linear(x, effective, model[0].bias))
+    F.linear(hidden, model[2].weight, model[2].bias).sum().backward()
+    model(x).sum().backward()
+    scores_grad = masks.layer_scores("0").grad
+    assert torch.allclose(scores_grad, effective.grad * weight.detach(), atol=1e-6)
+    masks.detach()
+
+
+def test_mask_recomputed_after_scores_change_and_deepcopy_works():
+    model = Tiny()
+    masks = LayerMasks(model, keep_ratio=0.5).attach()
+    before = masks.mask("fc").clone()
+    with torch.no_grad():
+        masks.layer_scores("fc").neg_()
+    assert not torch.equal(before, masks.mask("fc"))
+    model.train()
+    optimizer = torch.optim.SGD(masks.parameters(), lr=0.1)
+    model(torch.randn(4, 1, 6, 6)).sum().backward()
+    optimizer.step()
+    clone = copy.deepcopy(model)
+    x = torch.randn(2, 1, 6, 6)
+    model.eval()
+    clone.eval()
+    assert torch.allclose(clone(x), model(x))
+    masks.detach()
+
+
+def test_model_wise_mode_keeps_exact_total_fraction():
+    model = timm.create_model("resnet18", num_classes=3)
+    masks = LayerMasks(model, keep_ratio=0.7, mode="model", seed=0)
+    fractions = masks.kept_fraction()
+    total = sum(masks.mask(n).numel() for n in masks.layer_names)
+    kept = sum(int(masks.mask(n).sum()) for n in masks.layer_names)
+    assert kept == num_kept(total, 0.7)
+    # per-layer standardisation: no layer is pruned away despite fan-in-scaled random scores
+    assert min(fractions.values()) > 0.6 and max(fractions.values()) < 0.8
+
+
+def test_training_mask_uses_sampled_threshold_within_half_a_percent():
+    layer = nn.Linear(1000, 500)  # 500k weights > 65536 sample
+    masks = LayerMasks(nn.Sequential(layer), keep_ratio=0.8, seed=3)
+    approx = masks.mask("0", exact=False)
+    assert abs(float(approx.mean()) - 0.8) < 0.005
+    assert int(masks.mask("0", exact=True).sum()) == num_kept(500_000, 0.8)
+
+
+def test_magnitude_init_keeps_largest_weights_and_seed_reproduces():
+    model = Tiny()
+    masks = LayerMasks(model, keep_ratio=0.5, init="magnitude")
+    w = model.fc.weight.detach().abs().flatten()
+    kept = masks.mask("fc").flatten().bool()
+    assert w[kept].min() >= w[~kept].max()
+    a, b = LayerMasks(model, seed=5), LayerMasks(model, seed=5)
+    assert torch.equal(a.layer_scores("conv"), b.layer_scores("conv"))
+    assert not torch.equal(a.layer_scores("conv"), LayerMasks(model, seed=6).layer_scores("conv"))
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.1, 1.5, "0.5"])
+def test_bad_keep_ratio(keep):
+    with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\]"):
+        LayerMasks(Tiny(), keep_ratio=keep)
