@@ -97,6 +97,11 @@ class OODUnleash(ScoringMixin):
             raise TypeError(
                 f"model must be a torch.nn.Module classifier, got {type(model).__name__}."
             )
+        if any("_oodunleash_mask" in m.__dict__ for m in model.modules()):
+            raise ValueError(
+                "This model still carries the UMAP mask of another OODUnleash. Wrap a plain "
+                "copy instead: OODUnleash(other.export(), ...)."
+            )
         if method not in METHOD_DEFAULTS:
             raise ValueError(f"method must be 'um' or 'umap', got {method!r}.")
         self.model = model
@@ -249,13 +254,15 @@ class OODUnleash(ScoringMixin):
         if self.masks_ is not None:  # refitting UMAP starts again from the dense weights
             self.masks_.detach()
             self.masks_ = None
-        xi = (
-            loss_constraint
-            if loss_constraint is not None
-            else self.estimate_loss_constraint(loader, progress=progress)
-        )
+        # Seed inside a fork so the whole fit (shuffling included) is reproducible without
+        # touching the caller's global random state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
+            xi = (
+                loss_constraint
+                if loss_constraint is not None
+                else self.estimate_loss_constraint(loader, progress=progress)
+            )
             if self.method == "um":
                 history = self._fit_um(loader, xi, config, outlier_loader, progress)
             else:
