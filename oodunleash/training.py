@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from .batches import check_labels, check_logits, images_of, iter_batches
 from .distributed import (
     all_reduce_sum,
+    any_rank,
     check_distributed_sampler,
+    check_same_on_all_ranks,
     is_distributed,
     is_main_process,
 )
@@ -152,8 +154,11 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
 
 def _cycle(loader: Iterable) -> Iterator[Tensor]:
     """Endless stream of outlier images, re-iterating the loader when it runs out."""
-    for _ in itertools.count():
+    for cycle in itertools.count():
         empty = True
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # a DistributedSampler reshuffles only when told
+            sampler.set_epoch(cycle)
         for batch in loader:
             empty = False
             yield images_of(batch)
@@ -219,7 +224,16 @@ def train(
     if is_distributed():
         from torch.nn.parallel import DistributedDataParallel
 
+        # Uneven shards would leave one rank waiting in a gradient all-reduce forever.
+        check_same_on_all_ranks(
+            -1 if steps_per_epoch is None else steps_per_epoch,
+            "the number of batches per epoch",
+            device,
+        )
         ids = [device] if device.type == "cuda" else None
+        # The wrapper broadcasts rank 0's parameters and buffers, so all ranks start equal.
+        # Gradients are averaged over ranks, so each rank's flooding term |CE_r - ξ| acts on
+        # its own per-rank batch (like BatchNorm statistics), not on the global batch.
         trained = DistributedDataParallel(module, device_ids=ids)
 
     optimizer = _make_optimizer(params, config)
@@ -270,10 +284,12 @@ def train(
                                 id_logits, logits[n_id:], *config.energy_margins
                             )
                         loss = loss + config.outlier_weight * out_term
-                    if not torch.isfinite(loss):
+                    # Decided jointly: a rank raising alone would leave the others hanging.
+                    if any_rank(not bool(torch.isfinite(loss)), device):
                         module.load_state_dict(good_state)
                         raise TrainingDivergedError(
-                            f"The loss became {float(loss)} at epoch {epoch + 1}, batch {step + 1}. "
+                            f"The loss became {float(loss.detach())} at epoch {epoch + 1}, batch {step + 1}"
+                            f"{' (on at least one rank)' if is_distributed() else ''}. "
                             f"The weights were restored to the end of epoch {epoch} "
                             f"({'the start of fitting' if epoch == 0 else 'the last good one'}). "
                             "Lower the learning rate, enable max_grad_norm, or check the inputs "
