@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batches import check_labels, check_logits, iter_batches
-from .distributed import all_reduce_sum, is_main_process
+from .distributed import all_reduce_sum, is_main_process, real_samples
 from .masking import LayerMasks, LayerSelector, check_keep_ratio
 
 __all__ = ["check_loss_constraint", "estimate_loss_constraint", "mean_cross_entropy"]
@@ -52,7 +52,10 @@ def mean_cross_entropy(
 ) -> float:
     """Sample-weighted mean cross-entropy of ``model`` over ``loader``, in eval mode.
 
-    Under ``torch.distributed`` the sums are taken over all ranks' data.
+    Under ``torch.distributed`` the sums are taken over all ranks' data, without the samples a
+    ``DistributedSampler`` repeats to even out the shards, so the result equals the mean over
+    the dataset computed in one process (up to float rounding). ``max_batches`` then counts
+    batches per rank.
 
     Example:
         >>> net = nn.Linear(4, 3)
@@ -66,6 +69,7 @@ def mean_cross_entropy(
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0  # samples this rank has read so far (locates DistributedSampler padding)
     try:
         batches = iter_batches(loader, device)
         total_batches = len(loader) if hasattr(loader, "__len__") else None
@@ -79,6 +83,12 @@ def mean_cross_entropy(
                 break
             logits = check_logits(model(images), images.shape[0])
             check_labels(labels, logits.shape[1])
+            # A DistributedSampler repeats a few samples to even out the shards; leaving the
+            # repeats out makes ξ the mean over the dataset, as in one process.
+            real = real_samples(loader, seen, labels.numel())
+            seen += labels.numel()
+            if real is not None:
+                logits, labels = logits[real.to(logits.device)], labels[real.to(labels.device)]
             total += F.cross_entropy(logits.float(), labels, reduction="sum").double()
             count += labels.numel()
     finally:
