@@ -48,6 +48,7 @@ __all__ = [
     "rank",
     "real_samples",
     "shard_loader",
+    "sync_module",
     "world_size",
 ]
 
@@ -370,3 +371,35 @@ def check_distributed_sampler(loader: Iterable) -> None:
             "loader with sampler=torch.utils.data.DistributedSampler(dataset, shuffle=True), "
             "or pass it through oodunleash.distributed.shard_loader()."
         )
+
+
+# --------------------------------------------------------------------------- models
+@torch.no_grad()
+def sync_module(module: torch.nn.Module) -> None:
+    """Prepare ``module`` for a multi-process fit: own GPU, rank 0's weights.
+
+    * A model left on a GPU other than this rank's ``LOCAL_RANK`` (typically every rank called
+      ``model.cuda()`` before the process group set the device, so all sit on GPU 0) is moved to
+      ``cuda:LOCAL_RANK``; DDP cannot put two ranks on one GPU.
+    * Rank 0's parameters and buffers are copied to every rank, so that ξ, estimated before DDP
+      wraps the model, is measured on the same model everywhere (DDP itself only syncs at
+      wrapping time).
+    """
+    if not is_distributed():
+        return
+    param = next(module.parameters(), None)
+    if (
+        param is not None
+        and param.device.type == "cuda"
+        and "LOCAL_RANK" in os.environ
+        and param.device.index != local_rank()
+        and local_rank() < torch.cuda.device_count()
+    ):
+        torch.cuda.set_device(local_rank())
+        module.to(torch.device("cuda", local_rank()))
+    for tensor in [*module.parameters(), *module.buffers()]:
+        device = _comm_device(tensor)
+        data = tensor.data if device == tensor.device else tensor.data.to(device)
+        dist.broadcast(data, src=0)
+        if data is not tensor.data:
+            tensor.data.copy_(data)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .constraint import check_loss_constraint, estimate_loss_constraint
+from .distributed import init_distributed, rank, shard_loader, sync_module
 from .evaluation import ScoringMixin
 from .masking import LayerMasks, LayerSelector, check_keep_ratio, select_layers
 from .training import TrainConfig, train
@@ -166,7 +167,10 @@ class OODUnleash(ScoringMixin):
         ``keep_ratio`` (default: ``constraint_keep_ratio``, 0.965), in eval mode.
 
         The model is left unchanged. See :func:`oodunleash.constraint.estimate_loss_constraint`.
+        Under ``torchrun`` the estimate covers all ranks' data (see :meth:`fit`).
         """
+        init_distributed()
+        loader = shard_loader(loader)
         if self.masks_ is not None and self.masks_.is_attached:
             raise RuntimeError(
                 "The model carries a learnt UMAP mask; estimate ξ on the original model: "
@@ -232,6 +236,12 @@ class OODUnleash(ScoringMixin):
 
         Returns:
             ``self``, fitted.
+
+        Under ``torchrun`` / ``accelerate launch`` the same call fits with
+        DistributedDataParallel: the process group is started from the environment if needed, a
+        plain ``DataLoader`` is given a ``DistributedSampler`` (``batch_size`` is then per rank),
+        ξ is averaged over all ranks' data, only rank 0 shows progress, and the flooding term
+        ``|CE − ξ|`` is taken per rank on its own batch. See ``docs/howto/distributed.md``.
         """
         defaults = METHOD_DEFAULTS[self.method]
         config = TrainConfig(
@@ -249,15 +259,24 @@ class OODUnleash(ScoringMixin):
         )
         if loss_constraint is not None:
             loss_constraint = check_loss_constraint(loss_constraint)
+        # Under torchrun / accelerate launch: join the process group, read one shard of the
+        # data per rank, start every rank from rank 0's weights (docs/howto/distributed.md).
+        init_distributed()
         if device is not None:
             self.model.to(device)
+        sync_module(self.model)
+        loader = shard_loader(loader)
+        if outlier_loader is not None:
+            outlier_loader = shard_loader(outlier_loader, name="outlier_loader")
         if self.masks_ is not None:  # refitting UMAP starts again from the dense weights
             self.masks_.detach()
             self.masks_ = None
         # Seed inside a fork so the whole fit (shuffling included) is reproducible without
         # touching the caller's global random state.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+            # Offset by the rank so that dropout differs between ranks (rank 0 = one process);
+            # masks and ξ use their own seeded generators and agree on every rank.
+            torch.manual_seed(self.seed + rank())
             xi = (
                 loss_constraint
                 if loss_constraint is not None
