@@ -317,7 +317,7 @@ def train(
                         )
                     batches += 1
                     if show and step % 10 == 0:
-                        bar.set_postfix(loss=f"{float(loss):.4f}", ce=f"{float(ce):.4f}")
+                        bar.set_postfix(loss=f"{loss.item():.4f}", ce=f"{ce.item():.4f}")
                 bar.close()
                 totals = all_reduce_sum(sums.to(device)).cpu()
                 n_batches = all_reduce_sum(torch.tensor(float(batches), device=device)).item()
