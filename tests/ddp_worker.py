@@ -1,0 +1,238 @@
+"""Scenarios of ``tests/test_distributed.py``, each runnable with 2 ranks and in one process.
+
+``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py OUT``
+runs every scenario under DDP (gloo, CPU) and saves each rank's results to ``OUT/rank{r}.pt``;
+the test runs the same functions in its own process with twice the batch size and compares.
+Not a test module itself (no ``test_`` prefix): pytest does not collect it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
+
+from oodunleash import OODUnleash, TrainingDivergedError
+from oodunleash.distributed import gather_samples, is_distributed, rank, world_size
+
+#: Per-rank batch size under DDP; the single-process reference uses ``WORLD * BATCH``.
+BATCH = 4
+WORLD = 2
+
+
+def make_data(n: int, seed: int = 0, dim: int = 8, classes: int = 3) -> TensorDataset:
+    """Gaussian blobs with a learnable class signal, plus each sample's index."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, dim, generator=g) + F.one_hot(y, dim).float() * 1.5
+    return TensorDataset(x, y, torch.arange(n))
+
+
+def make_net(seed: int = 0, wide: bool = False) -> nn.Module:
+    """A small MLP without BatchNorm or dropout, so DDP equals one process exactly.
+
+    ``wide`` adds a 256x300 layer (76,800 weights): above LayerMasks' 65,536 ``sample_size``,
+    so UMAP trains that layer with the sampled-threshold mask.
+    """
+    torch.manual_seed(seed)
+    if wide:
+        return nn.Sequential(
+            nn.Linear(8, 300), nn.ReLU(), nn.Linear(300, 256), nn.ReLU(), nn.Linear(256, 3)
+        )
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def dist_sampler(dataset: TensorDataset, shuffle: bool) -> DistributedSampler:
+    """A DistributedSampler for this process: over all ranks, or one replica in one process
+    (whose shuffled order is the union of the ranks' orders, step by step)."""
+    if is_distributed():
+        return DistributedSampler(dataset, shuffle=shuffle, seed=0)
+    return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=0)
+
+
+def state_of(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- scenarios
+def scenario_xi(batch: int) -> dict[str, Any]:
+    """ξ over 37 samples (rank 1 reads one padding sample), from a plain loader (sharded by
+    fit's helpers) and from a shuffled DistributedSampler."""
+    data = make_data(37)
+    net = make_net()
+    plain = DataLoader(data, batch_size=batch)
+    xi_plain = OODUnleash(net, seed=3).estimate_loss_constraint(plain, progress=False)
+    shuffled = DataLoader(data, batch_size=batch, sampler=dist_sampler(data, shuffle=True))
+    xi_shuffled = OODUnleash(net, seed=3).estimate_loss_constraint(shuffled, progress=False)
+    return {"plain": xi_plain, "shuffled": xi_shuffled}
+
+
+def scenario_gather(batch: int) -> dict[str, Any]:
+    """Per-sample logits gathered over 37 samples, unshuffled and shuffled."""
+    data = make_data(37)
+    net = make_net().eval()
+    out: dict[str, Any] = {}
+    for shuffle in (False, True):
+        loader = DataLoader(data, batch_size=batch, sampler=dist_sampler(data, shuffle))
+        logits, index = [], []
+        with torch.no_grad():
+            for x, _, i in loader:
+                logits.append(net(x))
+                index.append(i)
+        out[f"logits_{shuffle}"] = gather_samples(torch.cat(logits), loader)
+        out[f"index_{shuffle}"] = gather_samples(torch.cat(index), loader)
+    return out
+
+
+def scenario_um(batch: int, xi: float | None) -> dict[str, Any]:
+    """UM on 48 samples from a plain, unshuffled loader (2 ranks x 6 steps of 4 = 6 x 8)."""
+    net = make_net(seed=1)
+    loader = DataLoader(make_data(48, seed=1), batch_size=batch)
+    unleashed = OODUnleash(net, method="um").fit(
+        loader, epochs=2, lr=0.05, loss_constraint=xi, progress=False
+    )
+    return {
+        "xi": unleashed.loss_constraint_,
+        "state": state_of(net),
+        "history": [{k: v for k, v in h.items() if k != "time_s"} for h in unleashed.history_],
+    }
+
+
+def scenario_umap(batch: int) -> dict[str, Any]:
+    """UMAP (descent regime) with a shuffled DistributedSampler and a layer large enough for
+    the sampled training threshold; records the training-time mask of that layer every step."""
+    net = make_net(seed=2, wide=True)
+    data = make_data(48, seed=2)
+    loader = DataLoader(data, batch_size=batch, sampler=dist_sampler(data, shuffle=True))
+    big = net[2]
+    seen: list[Tensor] = []
+
+    def record(module: nn.Module, _args: Any) -> None:
+        # Inside the training forward: ``weight`` reads raw * (sampled-threshold mask).
+        if module.training and torch.is_grad_enabled():
+            seen.append(module.weight.detach() != 0)
+
+    hook = big.register_forward_pre_hook(record)
+    unleashed = OODUnleash(net, method="umap", keep_ratio=0.5, seed=5).fit(
+        loader, epochs=2, lr=0.1, loss_constraint=1e-3, progress=False
+    )
+    hook.remove()
+    masks = unleashed.masks_
+    return {
+        "xi": unleashed.loss_constraint_,
+        "scores": {n: masks.layer_scores(n).detach().clone() for n in masks.layer_names},
+        "masks": {n: masks.mask(n).clone() for n in masks.layer_names},
+        "train_masks": torch.stack(seen),
+        "history": [{k: v for k, v in h.items() if k != "time_s"} for h in unleashed.history_],
+    }
+
+
+def scenario_progress() -> dict[str, Any]:
+    """What each rank prints to stderr during a fit with progress bars on."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stderr(buffer):
+        OODUnleash(make_net(), method="um").fit(
+            DataLoader(make_data(16), batch_size=BATCH), epochs=1, progress=True
+        )
+    return {"stderr": buffer.getvalue()}
+
+
+def scenario_nan(batch: int) -> dict[str, Any]:
+    """Sample 3 is NaN: under DDP only rank 1 reads it, yet both ranks must stop together."""
+    data = make_data(32)
+    data.tensors[0][3] = float("nan")
+    net = make_net()
+    before = state_of(net)
+    try:
+        OODUnleash(net).fit(
+            DataLoader(data, batch_size=batch), epochs=1, loss_constraint=0.5, progress=False
+        )
+        message = None
+    except TrainingDivergedError as error:
+        message = str(error)
+    restored = all(torch.equal(before[k], v) for k, v in state_of(net).items())
+    return {"message": message, "restored": restored}
+
+
+class _UnevenShards(Sampler[int]):
+    """A rank-aware sampler (it has ``num_replicas``/``rank``) with unequal shards."""
+
+    def __init__(self) -> None:
+        self.num_replicas, self.rank = world_size(), rank()
+        self.indices = list(range(8)) if self.rank == 0 else list(range(8, 20))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def scenario_uneven() -> dict[str, Any]:
+    """Ranks with 2 and 3 batches: both must raise instead of waiting for each other."""
+    loader = DataLoader(make_data(20), batch_size=BATCH, sampler=_UnevenShards())
+    try:
+        OODUnleash(make_net()).fit(loader, epochs=1, loss_constraint=0.5, progress=False)
+        return {"message": None}
+    except ValueError as error:
+        return {"message": str(error)}
+
+
+def scenario_after_fit() -> dict[str, Any]:
+    """After fit the model is a plain module again: no DDP hook averages its gradients, and a
+    second fit stays in sync across ranks."""
+    net = make_net(seed=4)
+    loader = DataLoader(make_data(32, seed=4), batch_size=BATCH)
+    OODUnleash(net).fit(loader, epochs=1, loss_constraint=1e-3, progress=False)
+    x, y, _ = make_data(8, seed=10 + rank()).tensors  # different data on each rank
+    net.zero_grad(set_to_none=True)  # fit leaves the last step's (averaged) gradients
+    reference = copy.deepcopy(net)
+    F.cross_entropy(net(x), y).backward()
+    F.cross_entropy(reference(x), y).backward()
+    local_grads = all(
+        torch.equal(p.grad, q.grad)
+        for p, q in zip(net.parameters(), reference.parameters(), strict=True)
+    )
+    net.zero_grad()
+    OODUnleash(net).fit(loader, epochs=1, loss_constraint=1e-3, progress=False)
+    return {"local_grads": local_grads, "refit_state": state_of(net)}
+
+
+def run_all(out_dir: str) -> None:
+    """Every scenario under torchrun; results of rank r go to ``out_dir/rank{r}.pt``."""
+    if dist.is_initialized():
+        raise RuntimeError("the worker must start without a process group")
+    results: dict[str, Any] = {}
+    # First call: oodunleash must start the process group itself from torchrun's env vars.
+    results["xi"] = scenario_xi(BATCH)
+    results["auto_init"] = {
+        "initialized": dist.is_initialized(),
+        "world": world_size(),
+        "backend": dist.get_backend(),
+    }
+    results["gather"] = scenario_gather(BATCH)
+    results["um_descent"] = scenario_um(BATCH, 1e-3)
+    results["um_ascent"] = scenario_um(BATCH, 20.0)
+    results["um_mixed"] = scenario_um(BATCH, None)
+    results["umap"] = scenario_umap(BATCH)
+    results["progress"] = scenario_progress()
+    results["nan"] = scenario_nan(BATCH)
+    results["uneven"] = scenario_uneven()
+    results["after_fit"] = scenario_after_fit()
+    torch.save(results, os.path.join(out_dir, f"rank{rank()}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_all(sys.argv[1])
