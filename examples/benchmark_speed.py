@@ -1,0 +1,123 @@
+"""Cost of a UM and a UMAP training step relative to a plain PyTorch step (CPU).
+
+For each model and input size the three sides run interleaved (plain, UM, UMAP, plain, ...) so
+that drifts in machine load hit all of them alike; each side's per-step time is the median over
+repeats. The UM/UMAP step time is the library's own epoch time (``history_[0]["time_s"]``) over
+the same batches, which excludes one-off set-up (estimating ξ, creating the mask scores) but
+includes everything done per step (flooding loss, statistics, the masks' threshold).
+
+It also checks the kept fraction of the training-time masks (sampled threshold) against the
+target after several optimizer steps.
+
+    python examples/benchmark_speed.py            # ~5 minutes on 2 cores
+    python examples/benchmark_speed.py --quick    # ~1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from oodunleash import OODUnleash
+from oodunleash.masking import LayerMasks
+
+
+def plain_epoch(model, batches, lr=0.01):
+    """A textbook PyTorch training loop: the baseline."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
+    model.train()
+    start = time.perf_counter()
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+    return (time.perf_counter() - start) / len(batches)
+
+
+def library_epoch(model, batches, method):
+    # A copy: a UMAP fit leaves its mask attached to the model it wrapped.
+    unleashed = OODUnleash(copy.deepcopy(model), method=method)
+    unleashed.fit(batches, epochs=1, lr=0.01, loss_constraint=0.5, progress=False)
+    return unleashed.history_[0]["time_s"] / len(batches)
+
+
+def measure(name, size, batch, steps, repeats):
+    kwargs = {"img_size": size} if "vit" in name else {}
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    batches = [
+        (torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))) for _ in range(steps)
+    ]
+    plain_epoch(model, batches[:1])  # warm-up: allocator, oneDNN primitives
+    times = {"plain": [], "um": [], "umap": []}
+    for _ in range(repeats):
+        times["plain"].append(plain_epoch(model, batches))
+        times["um"].append(library_epoch(model, batches, "um"))
+        times["umap"].append(library_epoch(model, batches, "umap"))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return med
+
+
+def kept_fraction_drift(steps: int = 20) -> float:
+    """Largest deviation of the training-time kept fraction from the target over ``steps``
+    optimizer steps of UMAP-style score training on resnet18."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10)
+    masks = LayerMasks(model, keep_ratio=0.8).attach()
+    optimizer = torch.optim.SGD(masks.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    worst = 0.0
+    model.train()
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        for frac in masks.kept_fraction(exact=False).values():
+            worst = max(worst, abs(frac - 0.8))
+    masks.detach()
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    args = parser.parse_args()
+    steps, repeats = (2, 2) if args.quick else (4, 3)
+    configs = [
+        ("resnet18", 224, 8),
+        ("resnet18", 64, 32),
+        ("vit_tiny_patch16_224", 224, 8),
+        ("vit_tiny_patch16_224", 64, 32),
+    ]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    print(f"steps per epoch {steps}, repeats {repeats} (interleaved), median per-step time\n")
+    print("| model | px | batch | plain s/step | UM ratio | UMAP ratio | UMAP target |")
+    print("|---|---|---|---|---|---|---|")
+    for name, size, batch in configs:
+        med = measure(name, size, batch, steps, repeats)
+        target = 1.2 if size >= 224 else 1.5
+        print(
+            f"| {name} | {size} | {batch} | {med['plain']:.3f} | {med['um'] / med['plain']:.3f} "
+            f"| {med['umap'] / med['plain']:.3f} | <= {target} |",
+            flush=True,
+        )
+    drift = kept_fraction_drift(10 if args.quick else 20)
+    print(
+        f"\nUMAP training-time masks: largest |kept fraction - 0.8| over steps and layers: {drift:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

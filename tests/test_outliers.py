@@ -1,0 +1,114 @@
+"""Unleashing Mask with outlier exposure (OE and Energy-OE)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from oodunleash import OODUnleash
+from oodunleash.training import energy_oe_loss, oe_loss
+
+
+def test_oe_loss_matches_hand_computation():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    expected = 0.0
+    for row in logits.tolist():
+        log_z = math.log(sum(math.exp(v) for v in row))
+        expected += -sum(v - log_z for v in row) / 3  # CE to the uniform distribution
+    assert oe_loss(logits).item() == pytest.approx(expected / 2, rel=1e-6)
+    # uniform logits are the minimum: log(C)
+    assert oe_loss(torch.zeros(4, 3)).item() == pytest.approx(math.log(3), rel=1e-6)
+
+
+def test_energy_oe_loss_matches_hand_computation():
+    id_logits = torch.tensor([[10.0, 0.0], [30.0, 1.0]])
+    out_logits = torch.tensor([[8.0, 8.0], [1.0, 2.0]])
+
+    def energy(row):
+        return -math.log(sum(math.exp(v) for v in row))
+
+    in_terms = [max(0.0, energy(r) + 25.0) ** 2 for r in id_logits.tolist()]
+    out_terms = [max(0.0, -7.0 - energy(r)) ** 2 for r in out_logits.tolist()]
+    expected = sum(in_terms) / 2 + sum(out_terms) / 2
+    assert energy_oe_loss(id_logits, out_logits).item() == pytest.approx(expected, rel=1e-5)
+    assert energy_oe_loss(id_logits, out_logits, m_in=-5, m_out=-50).item() == pytest.approx(0.0)
+
+
+def _digits():
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target)
+    return x, y
+
+
+def _net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+
+
+def _energy_auroc(model, id_x, ood_x):
+    model.eval()
+    with torch.no_grad():
+        s_id = torch.logsumexp(model(id_x), 1)
+        s_ood = torch.logsumexp(model(ood_x), 1)
+    labels = [1] * len(s_id) + [0] * len(s_ood)
+    return roc_auc_score(labels, torch.cat([s_id, s_ood]).numpy())
+
+
+@pytest.fixture(scope="module")
+def pretrained_digits():
+    """A small MLP trained on digits 0-4; digits 5-7 are auxiliary outliers, 8-9 held out."""
+    x, y = _digits()
+    id_mask = y < 5
+    aux = x[(y == 5) | (y == 6) | (y == 7)]
+    held_out = x[y >= 8]
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(int(id_mask.sum()), generator=g)
+    id_x, id_y = x[id_mask][order], y[id_mask][order]
+    loader = DataLoader(TensorDataset(id_x[:700], id_y[:700]), batch_size=64, shuffle=True)
+    outliers = DataLoader(TensorDataset(aux), batch_size=64, shuffle=True)
+    torch.manual_seed(0)
+    base = _net()
+    OODUnleash(base, seed=0).fit(loader, epochs=15, lr=0.1, loss_constraint=1e-4, progress=False)
+    return base, loader, outliers, id_x[700:], held_out
+
+
+@pytest.mark.parametrize("outlier_loss", ["oe", "energy"])
+def test_outlier_exposure_separates_held_out_ood_better(pretrained_digits, outlier_loss):
+    base, loader, outliers, test_x, held_out = pretrained_digits
+    without, with_oe = copy.deepcopy(base), copy.deepcopy(base)
+    kwargs = {"epochs": 5, "lr": 0.05, "loss_constraint": 0.05, "progress": False}
+    OODUnleash(without, seed=1).fit(loader, **kwargs)
+    fitted = OODUnleash(with_oe, seed=1).fit(
+        loader, outlier_loader=outliers, outlier_loss=outlier_loss, **kwargs
+    )
+    assert "outlier_loss" in fitted.history_[0]
+    assert fitted.train_config_.outlier_weight == (0.5 if outlier_loss == "oe" else 0.1)
+    auroc_without = _energy_auroc(without, test_x, held_out)
+    auroc_with = _energy_auroc(with_oe, test_x, held_out)
+    assert auroc_with > auroc_without + 0.03, (auroc_with, auroc_without)
+
+
+def test_umap_with_outliers_and_constraint_on_id_only():
+    x, y = _digits()
+    loader = DataLoader(TensorDataset(x[y < 5][:128], y[y < 5][:128]), batch_size=32)
+    outliers = DataLoader(TensorDataset(x[y >= 5][:64]), batch_size=32)
+    model = _net()
+    expected_xi = OODUnleash(model, seed=4).estimate_loss_constraint(loader, progress=False)
+    unleashed = OODUnleash(model, method="umap", seed=4)
+    unleashed.fit(loader, epochs=2, outlier_loader=outliers, outlier_loss="energy", progress=False)
+    # ξ comes from ID data alone: identical to the estimate without outliers
+    assert unleashed.loss_constraint_ == pytest.approx(expected_xi)
+    assert all(math.isfinite(h["outlier_loss"]) for h in unleashed.history_)
+    assert unleashed.masks_ is not None
+
+
+def test_bad_outlier_loss_name():
+    with pytest.raises(ValueError, match="outlier_loss must be 'oe' or 'energy'"):
+        OODUnleash(_net()).fit([], outlier_loss="mixup", progress=False)
