@@ -4,8 +4,11 @@ Implements Unleashing Mask (Zhu et al., ICML 2023): UM fine-tunes the weights an
 pruning mask, both with the flooding objective ``|CE − ξ| + ξ`` around a loss constraint ξ.
 """
 
+from . import metrics
 from .constraint import estimate_loss_constraint, mean_cross_entropy
 from .masking import LayerMasks, select_layers, topk_mask
+from .results import EvaluationResults
+from .scores import OODScore, get_score, list_scores, register_score
 from .training import TrainConfig, TrainingDivergedError, flooding_loss
 from .wrapper import NotFittedError, OODUnleash
 
@@ -23,4 +26,10 @@ __all__ = [
     "mean_cross_entropy",
     "select_layers",
     "topk_mask",
+    "EvaluationResults",
+    "OODScore",
+    "get_score",
+    "list_scores",
+    "metrics",
+    "register_score",
 ]

@@ -1,36 +1,314 @@
 """Scoring and evaluation methods of :class:`~oodunleash.OODUnleash` (a mixin).
 
-Placeholder with the energy score only; the score registry replaces it.
+One pass, many detectors: each data set goes through the model once; its logits and
+penultimate features are cached and every detector reads the cache. Detectors that need the
+pre-pool feature maps (ASH) or the images themselves (ODIN) are computed batch by batch in the
+same pass, so the maps are never stored and the data are loaded once. Fitting detectors on the
+ID training set is one pass as well.
+
+Scores are **higher for in-distribution** samples.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ScoringMixin"]
+import torch
+from torch import Tensor, nn
+
+from .features import FeatureExtractor, FeatureSet, collect_features
+from .metrics import Positive, accuracy
+from .results import EvaluationResults
+from .scores import OODScore, ScoreNotFittedError, get_score, list_scores, resolve_score
+
+if TYPE_CHECKING:
+    from .wrapper import OODUnleash
+
+__all__ = ["ScoreSpec", "ScoringMixin"]
+
+#: A score: a registered name (see :func:`oodunleash.list_scores`) or an :class:`OODScore`.
+ScoreSpec = str | OODScore
+
+#: Requirements served from the batch during the pass instead of the cache.
+_BATCHWISE = frozenset({"gradients", "feature_maps"})
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _check_output(name: str, out: Any, n: int) -> Tensor:
+    if not isinstance(out, Tensor) or out.shape != (n,):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"Score {name!r} must return a 1-D tensor with one value per sample ({n}), got {got}."
+        )
+    return out.detach().float().cpu()
 
 
 class ScoringMixin:
-    """OOD scoring for :class:`~oodunleash.OODUnleash`. Higher scores = more in-distribution."""
+    """OOD scoring for :class:`~oodunleash.OODUnleash`. Higher scores = more in-distribution.
+
+    Attributes:
+        fitted_scores_: ``{name: OODScore}`` filled by :meth:`fit_scores` (reset by ``fit``).
+        last_results_: The :class:`~oodunleash.results.EvaluationResults` of the last
+            :meth:`evaluate` call, or ``None``.
+    """
+
+    model: nn.Module
+    default_score: ScoreSpec
 
     def _init_scoring(self) -> None:
-        self.fitted_scores_: dict = {}
+        self.fitted_scores_: dict[str, OODScore] = {}
+        self.last_results_: EvaluationResults | None = None
+        self._extractor: FeatureExtractor | None = None
+        default = getattr(self, "default_score", "energy")
+        resolve_score(default)  # fail at construction on an unknown name
 
     def _on_refit(self) -> None:
         # Fitted detectors describe the old features; a new fine-tune invalidates them.
         self.fitted_scores_ = {}
+        self._extractor = None
 
-    @torch.no_grad()
-    def score(self, x: Tensor, score: str | None = None) -> Tensor:
-        """OOD score of each image in ``x`` (higher = more in-distribution)."""
-        name = score or self.default_score
-        if name != "energy":
-            raise NotImplementedError(name)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            logits = self.model(x.to(self.device))
-        finally:
-            self.model.train(was_training)
-        return torch.logsumexp(logits.float(), dim=1)
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def feature_extractor(self) -> FeatureExtractor:
+        """The :class:`~oodunleash.features.FeatureExtractor` reading this model."""
+        head = getattr(self, "head", None)
+        layer = getattr(self, "feature_layer", None)
+        ex = self._extractor
+        if (
+            ex is None
+            or ex.model is not self.model
+            or (ex.head_name, ex.feature_layer)
+            != (
+                head,
+                layer,
+            )
+        ):
+            ex = self._extractor = FeatureExtractor(self.model, head=head, feature_layer=layer)
+        return ex
+
+    def _model_device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @staticmethod
+    def _specs(scores: ScoreSpec | Sequence[ScoreSpec]) -> list[ScoreSpec]:
+        if isinstance(scores, str | OODScore):
+            return [scores]
+        specs = list(scores)
+        if not specs:
+            raise ValueError("scores is empty: name at least one score (see list_scores()).")
+        return specs
+
+    def _instances(self, scores: ScoreSpec | Sequence[ScoreSpec] | None) -> dict[str, OODScore]:
+        """Instances to evaluate: fitted ones where ``fit_scores`` made them, new ones else."""
+        if scores is None:
+            specs = [self.default_score, *self.fitted_scores_]
+        else:
+            specs = self._specs(scores)
+        out: dict[str, OODScore] = {}
+        for spec in specs:
+            if isinstance(spec, str):
+                fresh = get_score(spec)
+                instance = self.fitted_scores_.get(fresh.name, fresh)
+            else:
+                instance = resolve_score(spec)
+            out[instance.name] = instance
+        return out
+
+    @staticmethod
+    def _check_ready(instances: Mapping[str, OODScore]) -> None:
+        unfitted = [name for name, s in instances.items() if not s.is_fitted]
+        if unfitted:
+            raise ScoreNotFittedError(
+                f"The score(s) {unfitted} learn from in-distribution training data and have not "
+                f"been fitted: call unleashed.fit_scores(train_loader, scores={unfitted}) first, "
+                "or pass fit_loader=train_loader to evaluate()."
+            )
+
+    # ------------------------------------------------------------------ fitting
+    def fit_scores(
+        self,
+        loader: Iterable,
+        scores: ScoreSpec | Sequence[ScoreSpec] | None = None,
+        *,
+        max_batches: int | None = None,
+        progress: bool = True,
+    ) -> OODUnleash:
+        """Fit detectors on ID training data in one pass of the model; store them in
+        ``fitted_scores_``.
+
+        Args:
+            loader: ID training data, ``(images, labels)`` batches (labels are needed by
+                Mahalanobis, Relative Mahalanobis and SHE).
+            scores: Names or :class:`OODScore` instances (fitted in place); default every
+                registered score (and the constructor's ``score`` if it is an instance). Scores
+                that need no fitting are stored as they are.
+            max_batches: Use only this many batches (e.g. a subset of a large training set).
+            progress: Show a progress bar.
+
+        Returns:
+            ``self``.
+        """
+        if scores is None:
+            specs = list_scores()
+            if isinstance(self.default_score, OODScore):
+                specs.append(self.default_score)
+        else:
+            specs = self._specs(scores)
+        instances = {}
+        for spec in specs:
+            instance = get_score(spec) if isinstance(spec, str) else resolve_score(spec)
+            instances[instance.name] = instance
+        to_fit = [s for s in instances.values() if s.needs_fit]
+        if to_fit:
+            needs = set().union(*(s.requires for s in to_fit))
+            with _eval_mode(self.model):
+                data = collect_features(
+                    self.feature_extractor,
+                    loader,
+                    keep=needs & {"logits", "features", "feature_maps", "labels"},
+                    need_labels="labels" in needs,
+                    device=self._model_device(),
+                    max_batches=max_batches,
+                    progress=progress,
+                    desc="fit scores",
+                )
+                with torch.no_grad():
+                    for instance in to_fit:
+                        instance.fit(data)
+        self.fitted_scores_.update(instances)
+        return self  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, x: Tensor, score: ScoreSpec | None = None) -> Tensor:
+        """OOD score of each image in ``x``: a 1-D tensor, higher = more in-distribution.
+
+        Args:
+            x: A batch of images.
+            score: A registered name or an :class:`OODScore`; default the ``score`` given to
+                the constructor. Scores that learn from training data must have been fitted
+                with :meth:`fit_scores`.
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor batch of images, got {type(x).__name__}.")
+        instance = next(iter(self._instances(score or self.default_score).values()))
+        self._check_ready({instance.name: instance})
+        x = x.to(self._model_device())
+        with _eval_mode(self.model), torch.no_grad():
+            data = self.feature_extractor(x, maps="feature_maps" in instance.requires)
+            data.images = x
+            out = instance.score(data)
+        return _check_output(instance.name, out, x.shape[0]).to(x.device)
+
+    def _score_loader(
+        self,
+        loader: Iterable,
+        instances: Mapping[str, OODScore],
+        *,
+        with_labels: bool,
+        max_batches: int | None,
+        progress: bool,
+        desc: str,
+    ) -> tuple[dict[str, Tensor], FeatureSet]:
+        batchwise = {n: s for n, s in instances.items() if s.requires & _BATCHWISE}
+        cached = {n: s for n, s in instances.items() if n not in batchwise}
+        needs = set().union(*(s.requires for s in cached.values())) if cached else set()
+        keep = {"logits"} | (needs & {"features"}) | ({"labels"} if with_labels else set())
+        with _eval_mode(self.model):
+            data = collect_features(
+                self.feature_extractor,
+                loader,
+                keep=keep,
+                per_batch={n: s.score for n, s in batchwise.items()},
+                need_maps=any("feature_maps" in s.requires for s in batchwise.values()),
+                device=self._model_device(),
+                max_batches=max_batches,
+                progress=progress,
+                desc=desc,
+            )
+            out = {}
+            with torch.no_grad():
+                for name, instance in instances.items():
+                    if name in batchwise:
+                        out[name] = data.extra[name]
+                    else:
+                        out[name] = _check_output(name, instance.score(data), len(data))
+        return out, data
+
+    def evaluate(
+        self,
+        id_loader: Iterable,
+        ood_loaders: Mapping[str, Iterable] | Iterable,
+        scores: ScoreSpec | Sequence[ScoreSpec] | None = None,
+        *,
+        fit_loader: Iterable | None = None,
+        positive: Positive = "id",
+        tpr: float = 0.95,
+        max_batches: int | None = None,
+        progress: bool = True,
+    ) -> EvaluationResults:
+        """Score an ID test set and OOD sets with many detectors; compute the metrics.
+
+        Each data set goes through the model once; every detector reads that pass (ODIN adds
+        its own forward/backward passes on the same batches).
+
+        Args:
+            id_loader: ID test data (``(images, labels)`` for the ID accuracy, or images).
+            ood_loaders: ``{name: loader}``, or one loader (named ``"ood"``).
+            scores: Names or :class:`OODScore` instances. Default: the constructor's ``score``
+                plus every score fitted with :meth:`fit_scores`.
+            fit_loader: ID training data; when given, scores not fitted yet are fitted first.
+            positive: FPR95 convention: ``"id"`` (default; fraction of OOD accepted when 95% of
+                ID is kept, as in the Unleashing Mask paper) or ``"ood"`` (fraction of ID
+                rejected when 95% of OOD is detected). See :mod:`oodunleash.metrics`.
+            tpr: True-positive rate of the FPR metric.
+            max_batches: Use only this many batches of each loader.
+            progress: Show progress bars.
+
+        Returns:
+            :class:`~oodunleash.results.EvaluationResults` (also stored as ``last_results_``):
+            ``.to_dict()`` is ``{score: {ood_name: {"auroc", "aupr_in", "aupr_out", "fpr95"},
+            "average": {...}}, "id_accuracy": float}``.
+        """
+        oods = dict(ood_loaders) if isinstance(ood_loaders, Mapping) else {"ood": ood_loaders}
+        if not oods:
+            raise ValueError("ood_loaders is empty: pass {'name': loader, ...}.")
+        instances = self._instances(scores)
+        if fit_loader is not None:
+            unfitted = [s for s in instances.values() if not s.is_fitted]
+            if unfitted:
+                self.fit_scores(fit_loader, unfitted, max_batches=max_batches, progress=progress)
+                instances = {n: self.fitted_scores_.get(n, s) for n, s in instances.items()}
+        self._check_ready(instances)
+
+        common = {"max_batches": max_batches, "progress": progress}
+        id_out, id_data = self._score_loader(
+            id_loader, instances, with_labels=True, desc="ID", **common
+        )
+        ood_out = {
+            name: self._score_loader(loader, instances, with_labels=False, desc=name, **common)[0]
+            for name, loader in oods.items()
+        }
+        acc = None
+        if id_data.labels is not None and id_data.logits is not None:
+            acc = accuracy(id_data.logits, id_data.labels)
+        results = EvaluationResults.from_scores(
+            id_out,
+            {s: {o: ood_out[o][s] for o in oods} for s in instances},
+            id_accuracy=acc,
+            positive=positive,
+            tpr=tpr,
+        )
+        self.last_results_ = results
+        return results
