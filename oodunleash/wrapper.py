@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .constraint import check_loss_constraint, estimate_loss_constraint
 from .distributed import init_distributed, rank, shard_loader, sync_module
 from .evaluation import ScoringMixin
+from .hub import HubMixin
 from .masking import LayerMasks, LayerSelector, check_keep_ratio, select_layers
 from .training import TrainConfig, train
 
@@ -41,7 +42,7 @@ class _MaskedNetwork(nn.Module):
         return self.model(x)
 
 
-class OODUnleash(ScoringMixin):
+class OODUnleash(ScoringMixin, HubMixin):
     """Unleashing Mask for any image classifier.
 
     Args:
