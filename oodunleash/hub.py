@@ -2,25 +2,14 @@
 
 A checkpoint folder (and the Hub repo it is pushed to) holds:
 
-=================================  ==============================================================
-``model.safetensors``              The plain ``state_dict`` of the unleashed model, UMAP masks
-                                   baked in (pruned weights are exact zeros).
-``config.json``                    timm models only: timm's own Hub config (``architecture``,
-                                   ``num_classes``, ``model_args``, ``pretrained_cfg``), so that
-                                   ``timm.create_model("hf-hub:<repo>", pretrained=True)`` (or
-                                   ``"local-dir:<folder>"``) gives the unleashed model without
-                                   oodunleash installed.
-``oodunleash_config.json``         oodunleash's own record: format version, method, ξ, keep
-                                   ratio, chosen layers, the architecture, class names, default
-                                   score, training history, fitted-score configs, last results
-                                   and a SHA-256 of every tensor file.
-``oodunleash_scores.safetensors``  The fitted state of every fitted OOD score (class means,
-                                   precision, KNN bank, ...), keys prefixed ``<score>/``.
-``oodunleash_masks.safetensors``   Only with ``keep_masks=True`` (UMAP): the mask scores, the mask
-                                   as packed bits and the dense values of the pruned weights, so
-                                   that training can go on.
-``README.md``                      A generated model card.
-=================================  ==============================================================
+| File | Content |
+|---|---|
+| `model.safetensors` | The plain `state_dict` of the unleashed model, UMAP masks baked in (pruned weights are exact zeros). |
+| `config.json` | timm models only: timm's own Hub config (`architecture`, `num_classes`, `model_args`, `pretrained_cfg`), so that `timm.create_model("hf-hub:<repo>", pretrained=True)` (or `"local-dir:<folder>"`) gives the unleashed model without oodunleash installed. |
+| `oodunleash_config.json` | oodunleash's own record: format version, method, ξ, keep ratio, chosen layers, the architecture and its arguments, class names, default score, training history, fitted-score configs, the last results and a SHA-256 of every tensor file. |
+| `oodunleash_scores.safetensors` | The fitted state of every fitted OOD score (class means, precision, KNN bank, ...), keys prefixed `<score>/`. |
+| `oodunleash_masks.safetensors` | Only with `keep_masks=True` (UMAP): per layer the mask scores, the mask as packed bits and the dense values of the pruned weights, so that training can go on. |
+| `README.md` | A generated model card. |
 
 Nothing read from a checkpoint is ever imported or unpickled: tensors come from safetensors,
 everything else from JSON; timm architectures are rebuilt by name through ``timm.create_model``
@@ -555,9 +544,10 @@ def _download_checkpoint(
             f"{_hub_endpoint()}."
         ) from exc
     except (RepositoryNotFoundError, GatedRepoError) as exc:
+        local_hint = "" if "/" in repo_id else f" There is no local folder {repo_id!r} either."
         raise CheckpointNotFoundError(
             f"No Hub repo {repo_id!r} on {_hub_endpoint()}, or it is private or gated and the "
-            "token does not grant access (log in with `hf auth login` or pass token=...)."
+            f"token does not grant access (log in with `hf auth login` or pass token=...).{local_hint}"
         ) from exc
     except (LocalEntryNotFoundError, incomplete) as exc:
         raise HubConnectionError(
