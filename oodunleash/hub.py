@@ -30,7 +30,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -101,6 +101,7 @@ _TIMM_UNSAFE_ARGS = frozenset(
 _COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
 
 ModelFactory = Callable[..., nn.Module]
+_Self = TypeVar("_Self", bound="HubMixin")
 
 
 # --------------------------------------------------------------------------- errors
@@ -1018,7 +1019,7 @@ class HubMixin:
     # ------------------------------------------------------------------ load
     @classmethod
     def from_pretrained(
-        cls,
+        cls: type[_Self],
         repo_id_or_path: str | os.PathLike[str],
         model: nn.Module | ModelFactory | None = None,
         *,
@@ -1029,7 +1030,7 @@ class HubMixin:
         local_files_only: bool = False,
         device: torch.device | str | None = None,
         verify: bool = True,
-    ) -> Any:
+    ) -> _Self:
         """Load an unleashed checkpoint from a folder or a Hub repo; ready to score without
         refitting (fitted scores included).
 
@@ -1107,14 +1108,14 @@ class HubMixin:
 
     @classmethod
     def _from_folder(
-        cls,
+        cls: type[_Self],
         folder: Path,
         config: dict[str, Any],
         model: nn.Module | ModelFactory | None,
         *,
         where: str,
         device: torch.device | str | None,
-    ) -> Any:
+    ) -> _Self:
         model_info = config.get("model") or {}
         if model is None:
             if model_info.get("source") == "timm" and (folder / TIMM_CONFIG_NAME).is_file():

@@ -605,3 +605,55 @@ def test_push_to_given_folder_keeps_it(custom_umap, hub, tmp_path):
     custom_umap.push_to_hub("me/tiny", save_directory=folder)
     assert (folder / CONFIG_NAME).is_file()
     assert hub.files("me/tiny")[CONFIG_NAME] == (folder / CONFIG_NAME).read_bytes()
+
+
+def test_custom_registered_score_round_trips(custom_umap, tmp_path, images):
+    """A user's own stateful score is stored by registry name + config + tensors, never code."""
+    from oodunleash.features import FeatureSet
+    from oodunleash.scores import OODScore, register_score, unregister_score
+
+    class CenterDistance(OODScore):
+        name = "center_distance_test"
+        requires = frozenset({"logits"})
+        needs_fit = True
+        state_keys = ("center",)
+
+        def __init__(self, power: float = 2.0) -> None:
+            self.power = power
+            self.center = None
+
+        def fit(self, data: FeatureSet) -> CenterDistance:
+            self.center = data.logits.mean(dim=0)
+            return self
+
+        def score(self, data: FeatureSet) -> torch.Tensor:
+            return -(data.logits - self.center).abs().pow(self.power).sum(dim=1)
+
+    register_score(CenterDistance, overwrite=True)
+    try:
+        net = TinyNet()
+        wrapper = OODUnleash(net, "um").fit(
+            _loader(), epochs=1, loss_constraint=0.9, progress=False
+        )
+        wrapper.fit_scores(_loader(), [CenterDistance(power=3.0)], progress=False)
+        folder = wrapper.save_pretrained(tmp_path / "ckpt")
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        assert config["scores"]["center_distance_test"]["config"] == {"power": 3.0}
+        loaded = OODUnleash.from_pretrained(folder, model=TinyNet())
+        assert loaded.fitted_scores_["center_distance_test"].power == 3.0
+        _assert_same_scoring(wrapper, loaded, images)
+    finally:
+        unregister_score("center_distance_test")
+    # Without the score registered, loading says what to do instead of importing anything.
+    with pytest.raises(IncompatibleCheckpointError, match="register_score"):
+        OODUnleash.from_pretrained(folder, model=TinyNet())
+
+
+def test_push_with_card_metadata_the_hub_refuses(custom_umap, hub):
+    from oodunleash import HubError
+
+    with pytest.raises(HubError, match="Invalid metadata") as info:
+        custom_umap.push_to_hub("me/tiny", card_data={"datasets": [1, 2]})
+    assert info.value.local_copy is not None and (info.value.local_copy / CONFIG_NAME).is_file()
+    shutil.rmtree(info.value.local_copy)
+    assert hub.files("me/tiny").keys() == {".gitattributes"}  # nothing was committed
