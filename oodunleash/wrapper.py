@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -60,6 +61,10 @@ class OODUnleash(ScoringMixin, HubMixin):
         constraint_keep_ratio: Keep ratio of the random mask that estimates ξ (reference 0.965).
         score: Default OOD score used by :meth:`score` (see :func:`oodunleash.list_scores`).
         seed: Seeds the masks and the fine-tune; the same seed on CPU gives identical results.
+        head: Name of the classifier head submodule (its input is the penultimate feature) for
+            feature-based scores, when it cannot be found automatically (e.g. ``"fc"``).
+        feature_layer: Name of the submodule whose output is the pre-pool feature map (ASH
+            scores) on non-timm models, when it cannot be found automatically.
 
     Attributes (after :meth:`fit`):
         loss_constraint_: The ξ used.
@@ -94,6 +99,8 @@ class OODUnleash(ScoringMixin, HubMixin):
         constraint_keep_ratio: float = 0.965,
         score: str = "energy",
         seed: int = 0,
+        head: str | None = None,
+        feature_layer: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -122,6 +129,8 @@ class OODUnleash(ScoringMixin, HubMixin):
         self.constraint_keep_ratio = check_keep_ratio(constraint_keep_ratio)
         self.default_score = score
         self.seed = seed
+        self.head = head
+        self.feature_layer = feature_layer
         # Fail now, not after an epoch, when the selection is empty.
         self.layer_names: list[str] = list(select_layers(model, layers, exclude))
         self.masks_: LayerMasks | None = None
@@ -283,31 +292,27 @@ class OODUnleash(ScoringMixin, HubMixin):
                 if loss_constraint is not None
                 else self.estimate_loss_constraint(loader, progress=progress)
             )
-            if self.method == "um":
-                history = self._fit_um(loader, xi, config, outlier_loader, progress)
-            else:
-                history = self._fit_umap(loader, xi, config, outlier_loader, progress)
+            run = functools.partial(
+                train,
+                loader=loader,
+                loss_constraint=xi,
+                config=config,
+                device=self.device,
+                outlier_loader=outlier_loader,
+                progress=progress,
+            )
+            history = self._fit_um(run) if self.method == "um" else self._fit_umap(run)
         self.loss_constraint_ = xi
         self.history_ = history
         self.train_config_ = config
         self._on_refit()
         return self
 
-    def _fit_um(self, loader, xi, config, outlier_loader, progress) -> list[dict[str, float]]:
+    def _fit_um(self, run: Callable[..., list[dict[str, float]]]) -> list[dict[str, float]]:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return train(
-            self.model,
-            params,
-            loader,
-            loss_constraint=xi,
-            config=config,
-            device=self.device,
-            outlier_loader=outlier_loader,
-            progress=progress,
-            desc="UM",
-        )
+        return run(self.model, params, desc="UM")
 
-    def _fit_umap(self, loader, xi, config, outlier_loader, progress) -> list[dict[str, float]]:
+    def _fit_umap(self, run: Callable[..., list[dict[str, float]]]) -> list[dict[str, float]]:
         masks = LayerMasks(
             self.model,
             self.layers,
@@ -322,17 +327,7 @@ class OODUnleash(ScoringMixin, HubMixin):
             p.requires_grad_(False)
         masks.attach()
         try:
-            history = train(
-                _MaskedNetwork(self.model, masks),
-                list(masks.parameters()),
-                loader,
-                loss_constraint=xi,
-                config=config,
-                device=self.device,
-                outlier_loader=outlier_loader,
-                progress=progress,
-                desc="UMAP",
-            )
+            history = run(_MaskedNetwork(self.model, masks), list(masks.parameters()), desc="UMAP")
         except BaseException:
             masks.detach()  # never leave the user's model half-masked
             raise
