@@ -29,7 +29,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .batches import check_logits, iter_batches
-from .distributed import all_gather_variable, is_distributed, is_main_process
+from .distributed import (
+    all_gather_variable,
+    init_distributed,
+    is_distributed,
+    is_main_process,
+    shard_loader,
+)
 
 __all__ = [
     "FeatureExtractor",
@@ -522,6 +528,10 @@ def collect_features(
     unknown = keep - set(PER_SAMPLE)
     if unknown:
         raise ValueError(f"keep must be a subset of {PER_SAMPLE}, got {sorted(unknown)}.")
+    # Under torchrun each rank reads its own shard of a plain DataLoader (max_batches then
+    # counts per rank); gather_feature_set joins the shards. The sampler needs the group.
+    init_distributed()
+    loader = shard_loader(loader)
     per_batch = per_batch or {}
     if device is None:
         param = next(extractor.model.parameters(), None)
@@ -578,5 +588,10 @@ def collect_features(
             setattr(result, name, torch.cat(values))
     result.extra = {k: torch.cat(v) for k, v in extra.items()}
     index = _sample_indices(loader)
-    result.index = index[:seen] if index is not None else torch.arange(seen)
+    if index is not None:
+        result.index = index[:seen]
+    elif not is_distributed():
+        result.index = torch.arange(seen)
+    # else: a loader oodunleash cannot shard is this rank's own shard: no dataset positions,
+    # so the ranks' parts are concatenated (equal positions would drop other ranks' samples).
     return gather_feature_set(result, device)

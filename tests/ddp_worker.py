@@ -13,6 +13,7 @@ import copy
 import io
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,13 +42,13 @@ def make_data(n: int, seed: int = 0, dim: int = 8, classes: int = 3) -> TensorDa
 def make_net(seed: int = 0, wide: bool = False) -> nn.Module:
     """A small MLP without BatchNorm or dropout, so DDP equals one process exactly.
 
-    ``wide`` adds a 256x300 layer (76,800 weights): above LayerMasks' 65,536 ``sample_size``,
-    so UMAP trains that layer with the sampled-threshold mask.
+    ``wide`` adds a 512x300 layer (153,600 weights): above LayerMasks' default
+    ``sample_size`` (131,072), so UMAP trains that layer with the sampled-threshold mask.
     """
     torch.manual_seed(seed)
     if wide:
         return nn.Sequential(
-            nn.Linear(8, 300), nn.ReLU(), nn.Linear(300, 256), nn.ReLU(), nn.Linear(256, 3)
+            nn.Linear(8, 300), nn.ReLU(), nn.Linear(300, 512), nn.ReLU(), nn.Linear(512, 3)
         )
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
 
@@ -108,6 +109,71 @@ def scenario_um(batch: int, xi: float | None) -> dict[str, Any]:
     }
 
 
+def scenario_um_outliers(batch: int) -> dict[str, Any]:
+    """UM with outlier exposure; the outlier loader (shuffled, cycled twice) is sharded too."""
+    net = make_net(seed=6)
+    loader = DataLoader(make_data(48, seed=6), batch_size=batch)
+    outliers = make_data(24, seed=7)
+    outlier_loader = DataLoader(
+        outliers, batch_size=batch // 2, sampler=dist_sampler(outliers, shuffle=True)
+    )
+    unleashed = OODUnleash(net, method="um").fit(
+        loader,
+        epochs=2,
+        lr=0.05,
+        loss_constraint=1e-3,
+        outlier_loader=outlier_loader,
+        progress=False,
+    )
+    return {
+        "state": state_of(net),
+        "history": [{k: v for k, v in h.items() if k != "time_s"} for h in unleashed.history_],
+    }
+
+
+SCORES = ["energy", "msp", "mahalanobis", "knn", "gradnorm"]
+
+
+def scenario_metrics(batch: int) -> dict[str, Any]:
+    """fit_scores + evaluate with plain loaders (sharded by oodunleash) over odd-sized sets:
+    the ranks' logits and features must be gathered without the padding."""
+    net = make_net(seed=8)
+    unleashed = OODUnleash(net)
+    train = DataLoader(make_data(45, seed=8), batch_size=batch)
+    unleashed.fit_scores(train, scores=["mahalanobis", "knn"], progress=False)
+    test = DataLoader(make_data(37, seed=9), batch_size=batch)
+    ood = make_data(29, seed=10)
+    ood.tensors[0].mul_(3.0)
+    evaluated = []  # samples in the main forward pass of each batch (not gradnorm's own)
+
+    def count(_module: nn.Module, args: Any) -> None:
+        if not torch.is_grad_enabled():
+            evaluated.append(args[0].shape[0])
+
+    hook = net.register_forward_pre_hook(count)
+    results = unleashed.evaluate(
+        test, {"far": DataLoader(ood, batch_size=batch)}, scores=SCORES, progress=False
+    )
+    hook.remove()
+    # Lists of batches cannot be sharded by oodunleash: each rank passes its own shard (here
+    # positions r, r + 2, ...), and the parts are concatenated, none dropped.
+    x, y, _ = make_data(37, seed=9).tensors
+    xo = ood.tensors[0]
+    r, n = rank(), world_size()
+    shard = [(x[i : i + batch * n], y[i : i + batch * n]) for i in range(0, len(x), batch * n)]
+    own = [(bx[r::n], by[r::n]) for bx, by in shard] if n > 1 else shard
+    ood_own = [(xo[i : i + batch * n][r::n],) for i in range(0, len(xo), batch * n)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        listed = unleashed.evaluate(own, {"far": ood_own}, scores=["energy", "knn"], progress=False)
+    return {
+        "results": results.to_dict(),
+        "evaluated": sum(evaluated),
+        "listed": listed.to_dict(),
+        "warnings": [str(w.message) for w in caught],
+    }
+
+
 def scenario_umap(batch: int) -> dict[str, Any]:
     """UMAP (descent regime) with a shuffled DistributedSampler and a layer large enough for
     the sampled training threshold; records the training-time mask of that layer every step."""
@@ -133,6 +199,8 @@ def scenario_umap(batch: int) -> dict[str, Any]:
         "scores": {n: masks.layer_scores(n).detach().clone() for n in masks.layer_names},
         "masks": {n: masks.mask(n).clone() for n in masks.layer_names},
         "train_masks": torch.stack(seen),
+        "sampled": sorted(masks._samples),  # layers whose training threshold is sampled
+        "threshold_updates": masks.threshold_updates,
         "history": [{k: v for k, v in h.items() if k != "time_s"} for h in unleashed.history_],
     }
 
@@ -224,7 +292,9 @@ def run_all(out_dir: str) -> None:
     results["um_descent"] = scenario_um(BATCH, 1e-3)
     results["um_ascent"] = scenario_um(BATCH, 20.0)
     results["um_mixed"] = scenario_um(BATCH, None)
+    results["um_outliers"] = scenario_um_outliers(BATCH)
     results["umap"] = scenario_umap(BATCH)
+    results["metrics"] = scenario_metrics(BATCH)
     results["progress"] = scenario_progress()
     results["nan"] = scenario_nan(BATCH)
     results["uneven"] = scenario_uneven()

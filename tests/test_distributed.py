@@ -190,11 +190,24 @@ def test_um_floods_per_rank_when_batches_straddle_xi(ranks):
     assert _max_diff(ddp["state"], union["state"]) > 1000 * ATOL_WEIGHTS
 
 
+def test_um_with_outlier_exposure_equals_single_process(ranks):
+    # The outlier loader is sharded and reshuffled on every pass (set_epoch) like the ID one.
+    single = worker.scenario_um_outliers(SINGLE_BATCH)
+    ddp = ranks[0]["um_outliers"]
+    assert _max_diff(ddp["state"], ranks[1]["um_outliers"]["state"]) == 0.0
+    assert _max_diff(ddp["state"], single["state"]) < ATOL_WEIGHTS
+    for ddp_epoch, one_epoch in zip(_history(ddp), _history(single), strict=True):
+        assert ddp_epoch["outlier_loss"] == pytest.approx(one_epoch["outlier_loss"], rel=RTOL)
+
+
 # --------------------------------------------------------------------------- UMAP
 def test_umap_masks_and_thresholds_identical_on_every_rank(ranks):
     a, b = ranks[0]["umap"], ranks[1]["umap"]
-    assert a["train_masks"].shape == (12, 256, 300)  # 2 epochs x 6 steps, the sampled layer
+    assert a["sampled"] == ["2"]  # the 512x300 layer takes its threshold from a sample
+    assert a["train_masks"].shape == (12, 512, 300)  # 2 epochs x 6 steps of that layer
     assert torch.equal(a["train_masks"], b["train_masks"])
+    # Thresholds are reused or recomputed from the scores alone, so the ranks decide alike.
+    assert a["threshold_updates"] == b["threshold_updates"]
     assert _max_diff(a["scores"], b["scores"]) == 0.0
     assert all(torch.equal(a["masks"][n], b["masks"][n]) for n in a["masks"])
     # keep_ratio 0.5, exact top-k: half of every layer.
@@ -238,3 +251,42 @@ def test_model_after_fit_is_plain_and_refits_in_sync(ranks):
     assert (
         _max_diff(ranks[0]["after_fit"]["refit_state"], ranks[1]["after_fit"]["refit_state"]) == 0
     )
+
+
+# --------------------------------------------------------------------------- evaluation
+def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def test_evaluate_metrics_equal_single_process(ranks):
+    # 37 ID and 29 OOD test samples (both padded on rank 1), scores that read logits
+    # (energy, msp), fitted features (mahalanobis, knn: fit_scores gathers 45 training
+    # samples) and per-batch gradients (gradnorm, computed on the plain model).
+    single = _flatten(worker.scenario_metrics(SINGLE_BATCH)["results"])
+    for r in ranks:
+        ddp = _flatten(r["metrics"]["results"])
+        assert ddp.keys() == single.keys()
+        assert {k.split("/")[0] for k in ddp} >= set(worker.SCORES)
+        for key, value in single.items():
+            assert ddp[key] == pytest.approx(value, rel=RTOL, abs=1e-9), key
+        # Each rank evaluated its own shard only: 19 + 15 of the 37 + 29 test samples.
+        assert r["metrics"]["evaluated"] == 34
+
+
+def test_evaluate_concatenates_shards_it_cannot_shard_itself(ranks):
+    # Each rank passes a list holding its own half of the data: nothing may be dropped.
+    single = _flatten(worker.scenario_metrics(SINGLE_BATCH)["listed"])
+    for r in ranks:
+        ddp = _flatten(r["metrics"]["listed"])
+        assert ddp.keys() == single.keys()
+        for key, value in single.items():
+            assert ddp[key] == pytest.approx(value, rel=RTOL, abs=1e-9), key
+    # ... and rank 0 alone says that oodunleash left those iterables as they were.
+    assert any("cannot shard it" in w for w in ranks[0]["metrics"]["warnings"])
+    assert ranks[1]["metrics"]["warnings"] == []
