@@ -687,7 +687,7 @@ class HubMixin:
 
         Args:
             save_directory: The folder.
-            keep_masks: UMAP only. ``False`` (default) bakes the masks into the weights: the
+            keep_masks: UMAP only (ignored for UM). ``False`` (default) bakes the masks into the weights: the
                 result is a plain sparse model. ``True`` also stores the mask scores, the mask
                 as packed bits and the dense values of the pruned weights in
                 ``oodunleash_masks.safetensors``, so that :meth:`from_pretrained` gives back a
@@ -715,7 +715,6 @@ class HubMixin:
         """
         self._check_fitted("save_pretrained()")
         folder = Path(save_directory).expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
         model = self.model
         num_outputs = self._num_outputs(model)
         names = class_names if class_names is not None else getattr(self, "class_names", None)
@@ -802,8 +801,10 @@ class HubMixin:
             )
             blobs[MODEL_CARD_NAME] = card.encode()
 
-        # Tensor files first, the config (with their hashes) last: an interrupted save leaves a
+        # Everything is serialised and validated before the folder is touched. Tensor files are
+        # written first, the config (with their hashes) last: an interrupted save leaves a
         # config whose hashes do not match, which loading reports, never a silent mix.
+        folder.mkdir(parents=True, exist_ok=True)
         for name in _CHECKPOINT_FILES:
             if name not in blobs:
                 with contextlib.suppress(FileNotFoundError):
