@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from oodunleash import OODUnleash
-from oodunleash.distributed import init_distributed, is_main_process, local_rank, world_size
+from oodunleash.distributed import init_distributed, is_main_process, local_device, world_size
 
 
 def synthetic_images(n: int, classes: int, size: int, seed: int, ood: bool = False):
@@ -67,7 +67,7 @@ def main() -> None:
     # Optional: fit() would do it too. Calling it first also pins this process to its GPU
     # (cuda:LOCAL_RANK) before any .cuda(), so no two processes share GPU 0.
     init_distributed()
-    device = torch.device("cuda", local_rank()) if torch.cuda.is_available() else None
+    device = local_device()  # cuda:LOCAL_RANK, or the CPU when there are too few GPUs
 
     classes = 5
     train = synthetic_images(1024, classes, 16, seed=1)
@@ -85,8 +85,7 @@ def main() -> None:
         import timm
 
         model = timm.create_model(args.model, pretrained=True, num_classes=classes)
-    if device is not None:
-        model.to(device)
+    model.to(device)
 
     # Stand-in for "a trained classifier": train it with plain cross-entropy first
     # (loss_constraint tiny = flooding never ascends). Skip this with a real trained model.

@@ -44,10 +44,12 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "is_main_process",
+    "local_device",
     "local_rank",
     "rank",
     "real_samples",
     "shard_loader",
+    "sync_buffers",
     "sync_module",
     "world_size",
 ]
@@ -74,6 +76,18 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _gpu_per_process() -> bool:
+    """Whether every process of this node can have a GPU of its own (the same on all ranks)."""
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return torch.cuda.is_available() and processes_here <= torch.cuda.device_count()
+
+
+def local_device() -> torch.device:
+    """The device this process should compute on: ``cuda:LOCAL_RANK`` when every process of the
+    node has a GPU of its own, else the CPU (as when more processes than GPUs were started)."""
+    return torch.device("cuda", local_rank()) if _gpu_per_process() else torch.device("cpu")
+
+
 def is_main_process() -> bool:
     """True on rank 0: the only rank that writes files, logs and progress bars."""
     return rank() == 0
@@ -89,8 +103,9 @@ def init_distributed(backend: str | None = None) -> bool:
     ``torchrun --nproc_per_node N`` or ``accelerate launch``.
 
     Args:
-        backend: Default: NCCL for CUDA tensors plus Gloo for CPU tensors when CUDA is
-            available (outputs gathered on the CPU then still work), else Gloo.
+        backend: Default: NCCL for CUDA tensors plus Gloo for CPU tensors when every process
+            of this node can have a GPU of its own (outputs gathered on the CPU then still
+            work), else Gloo.
 
     Returns:
         Whether more than one process is now running.
@@ -101,7 +116,9 @@ def init_distributed(backend: str | None = None) -> bool:
         return is_distributed()
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    if torch.cuda.is_available():
+    # Decided from values every process of a node shares, so that all choose the same backend.
+    # More processes than GPUs (CPU processes on a GPU machine): NCCL cannot share a GPU.
+    if _gpu_per_process():
         # Every later ``.cuda()`` of this process must land on its own GPU, not on GPU 0.
         torch.cuda.set_device(local_rank())
         backend = backend or "cpu:gloo,cuda:nccl"
@@ -393,11 +410,29 @@ def sync_module(module: torch.nn.Module) -> None:
         and param.device.type == "cuda"
         and "LOCAL_RANK" in os.environ
         and param.device.index != local_rank()
-        and local_rank() < torch.cuda.device_count()
+        and _gpu_per_process()
     ):
         torch.cuda.set_device(local_rank())
         module.to(torch.device("cuda", local_rank()))
     for tensor in [*module.parameters(), *module.buffers()]:
+        device = _comm_device(tensor)
+        data = tensor.data if device == tensor.device else tensor.data.to(device)
+        dist.broadcast(data, src=0)
+        if data is not tensor.data:
+            tensor.data.copy_(data)
+
+
+@torch.no_grad()
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts them before each forward pass, but the pass itself then updates them from
+    the rank's own batch, so after the last step they differ slightly between ranks. Synced,
+    every rank holds the same model, and evaluation on the ranks' shards reads one model.
+    """
+    if not is_distributed():
+        return
+    for tensor in module.buffers():
         device = _comm_device(tensor)
         data = tensor.data if device == tensor.device else tensor.data.to(device)
         dist.broadcast(data, src=0)

@@ -28,6 +28,7 @@ from .distributed import (
     check_same_on_all_ranks,
     is_distributed,
     is_main_process,
+    sync_buffers,
 )
 
 __all__ = [
@@ -334,6 +335,8 @@ def train(
                 if outliers is not None:
                     record["outlier_loss"] = totals[5].item() / n
                 history.append(record)
+                # Each rank's last forward moved its BatchNorm statistics on its own batch.
+                sync_buffers(module)
                 good_state = _snapshot(module)
     except BaseException:
         # Never leave the model half-trained after an error or a Ctrl-C.

@@ -256,6 +256,15 @@ def scenario_uneven() -> dict[str, Any]:
         return {"message": str(error)}
 
 
+def scenario_batchnorm() -> dict[str, Any]:
+    """A model with BatchNorm: its running statistics move per rank during the last step."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    loader = DataLoader(make_data(32, seed=11), batch_size=BATCH, shuffle=True)
+    OODUnleash(net).fit(loader, epochs=1, loss_constraint=1e-3, progress=False)
+    return {"state": state_of(net)}
+
+
 def scenario_after_fit() -> dict[str, Any]:
     """After fit the model is a plain module again: no DDP hook averages its gradients, and a
     second fit stays in sync across ranks."""
@@ -299,6 +308,7 @@ def run_all(out_dir: str) -> None:
     results["nan"] = scenario_nan(BATCH)
     results["uneven"] = scenario_uneven()
     results["after_fit"] = scenario_after_fit()
+    results["batchnorm"] = scenario_batchnorm()
     torch.save(results, os.path.join(out_dir, f"rank{rank()}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -253,6 +253,14 @@ def test_model_after_fit_is_plain_and_refits_in_sync(ranks):
     )
 
 
+def test_batchnorm_statistics_identical_on_every_rank_after_fit(ranks):
+    # Every rank must hold the same model afterwards, running statistics included, or the
+    # ranks would evaluate their shards with slightly different models.
+    a, b = ranks[0]["batchnorm"]["state"], ranks[1]["batchnorm"]["state"]
+    assert _max_diff(a, b) == 0.0
+    assert float(a["1.running_mean"].abs().sum()) > 0  # the statistics did move
+
+
 # --------------------------------------------------------------------------- evaluation
 def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
     flat = {}
