@@ -363,15 +363,16 @@ class FeatureExtractor:
         finally:
             handle.remove()
         feats = _flat(captured["features"])
-        found = None
+        found, best_size = None, 0
         for module, out in outputs:
             if (
                 isinstance(out, Tensor)
                 and out.dim() > 2
                 and out.shape[:2] == feats.shape[:2]
+                and out.shape[2:].numel() >= best_size  # the map before pooling, not after
                 and _close(out.flatten(2).mean(dim=2), feats)
             ):
-                found = module
+                found, best_size = module, out.shape[2:].numel()
         if found is None:
             # Models without a pooled feature map (MLPs, functional activations after the last
             # layer): feature-map scores act on the penultimate features, seen as 1x1 maps.

@@ -104,6 +104,7 @@ class GEN(OODScore):
         self.top_m = int(top_m)
 
     def score(self, data: FeatureSet) -> Tensor:
-        probs = torch.softmax(_logits(data, self.name), dim=1)
+        # float64: 1 - p loses most digits in float32 for confident predictions.
+        probs = torch.softmax(_logits(data, self.name).double(), dim=1)
         top = probs.topk(min(self.top_m, probs.shape[1]), dim=1).values
-        return -(top.pow(self.gamma) * (1 - top).pow(self.gamma)).sum(dim=1)
+        return -(top.pow(self.gamma) * (1 - top).pow(self.gamma)).sum(dim=1).float()

@@ -1,0 +1,203 @@
+"""Reading logits, features and feature maps from timm and custom models; collection over a
+loader; the distributed gather."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from oodunleash import features as features_module
+from oodunleash.features import FeatureExtractor, FeatureSet, collect_features
+from oodunleash.masking import LayerMasks
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    ).eval()
+
+
+X = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def test_custom_model_head_features_and_maps_by_hooks():
+    net = cnn()
+    out = FeatureExtractor(net)(X, maps=True)
+    with torch.no_grad():
+        expected_maps = net[:4](X)
+        assert torch.allclose(out.logits, net(X))
+    assert torch.allclose(out.feature_maps, expected_maps)
+    assert torch.allclose(out.features, expected_maps.mean((2, 3)), atol=1e-6)
+    assert torch.equal(out.head.weight, net[6].weight) and torch.equal(out.head.bias, net[6].bias)
+    # Logits rebuilt from the maps (what ASH does) equal the model's.
+    assert torch.allclose(out.logits_from_maps(out.feature_maps), out.logits, atol=1e-5)
+    assert torch.allclose(out.head(out.features), out.logits, atol=1e-5)
+
+
+def test_head_is_the_layer_producing_the_output_not_the_last_registered():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier = nn.Linear(6, 3)  # registered first, runs last
+            self.body = nn.Linear(4, 6)
+            self.aux = nn.Linear(6, 3)  # same shape, not the output
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            self.aux(h)
+            return self.classifier(h)
+
+    net = Odd()
+    ex = FeatureExtractor(net)
+    out = ex(torch.randn(5, 4))
+    assert ex._head_module is net.classifier
+    assert torch.equal(out.head.weight, net.classifier.weight)
+
+
+def test_named_head_and_feature_layer():
+    net = cnn()
+    out = FeatureExtractor(net, head="6", feature_layer="3")(X, maps=True)
+    assert out.features.shape == (6, 16) and out.feature_maps.shape == (6, 16, 8, 8)
+    with pytest.raises(ValueError, match="no submodule"):
+        FeatureExtractor(net, head="fc")
+    with pytest.raises(ValueError, match="not the pre-pool feature map"):
+        FeatureExtractor(net, feature_layer="1")(X, maps=True)
+
+
+def test_no_linear_head_names_the_option():
+    net = nn.Sequential(nn.Conv2d(3, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match=r"OODUnleash\(model, head="):
+        FeatureExtractor(net)(X)
+
+
+def test_model_without_maps_falls_back_to_features_with_a_warning():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(192, 10), nn.ReLU(), nn.Linear(10, 4))
+    ex = FeatureExtractor(mlp)
+    with pytest.warns(UserWarning, match="feature_layer"):
+        out = ex(X, maps=True)
+    assert torch.equal(out.feature_maps, out.features)
+    assert torch.allclose(out.logits_from_maps(out.feature_maps), out.logits, atol=1e-5)
+
+
+def test_masked_head_reads_the_masked_weight():
+    net = cnn()
+    masks = LayerMasks(net, layers="6", keep_ratio=0.5, seed=0)
+    with masks.attached():
+        out = FeatureExtractor(net)(X)
+        assert int((out.head.weight == 0).sum()) == net[6].weight.numel() // 2
+        assert torch.allclose(out.head(out.features), out.logits, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("resnet18", {}), ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8})],
+)
+def test_timm_models_use_forward_features_and_forward_head(name, kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, pretrained=False, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ex = FeatureExtractor(model)
+    with torch.no_grad():
+        out = ex(x, maps=True)
+        assert ex.mode == "timm"
+        assert torch.allclose(out.logits, model(x), atol=1e-5)
+        assert out.features.shape == (2, model.num_features)
+        assert torch.allclose(out.logits_from_maps(out.feature_maps), out.logits, atol=1e-5)
+    assert out.head.weight.shape == (5, model.num_features)
+    if name == "resnet18":
+        assert out.feature_maps.shape == (2, 512, 1, 1)
+
+
+def test_timm_model_named_head_uses_hooks():
+    model = timm.create_model("resnet18", num_classes=5, pretrained=False).eval()
+    ex = FeatureExtractor(model, head="fc")
+    with torch.no_grad():
+        out = ex(torch.randn(2, 3, 32, 32))
+    assert ex.mode == "hooks" and out.features.shape == (2, 512)
+
+
+def loader(n=21, labels=True, batch_size=4):
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(n, 3, 8, 8, generator=gen)
+    if labels:
+        return DataLoader(TensorDataset(images, torch.arange(n) % 5), batch_size=batch_size)
+    return DataLoader(TensorDataset(images), batch_size=batch_size)
+
+
+def test_collect_keeps_what_is_asked_and_batch_scores():
+    net = cnn()
+    ex = FeatureExtractor(net)
+    data = collect_features(
+        ex,
+        loader(),
+        keep={"logits", "features", "labels"},
+        per_batch={"maps_mean": lambda b: b.feature_maps.mean((1, 2, 3))},
+        need_maps=True,
+    )
+    with torch.no_grad():
+        images = torch.cat([b[0] for b in loader()])
+        assert torch.allclose(data.logits, net(images), atol=1e-5)
+        assert torch.allclose(data.extra["maps_mean"], net[:4](images).mean((1, 2, 3)), atol=1e-5)
+    assert data.feature_maps is None and torch.equal(data.labels, torch.arange(21) % 5)
+    assert torch.equal(data.index, torch.arange(21)) and len(data) == 21
+    assert data.features.dtype == torch.float32 and data.features.device.type == "cpu"
+
+    partial = collect_features(ex, loader(labels=False), keep={"logits", "labels"}, max_batches=2)
+    assert len(partial) == 8 and partial.labels is None
+    with pytest.raises(TypeError, match=r"\(images, labels\)"):
+        collect_features(ex, loader(labels=False), need_labels=True)
+    with pytest.raises(ValueError, match="one value per sample"):
+        collect_features(ex, loader(), per_batch={"bad": lambda b: b.logits})
+
+
+def test_feature_set_require_and_select():
+    fs = FeatureSet(logits=torch.randn(4, 3), index=torch.arange(4))
+    with pytest.raises(ValueError, match="'knn' score needs features"):
+        fs.require("features", "knn")
+    sub = fs.select(torch.tensor([2, 0]))
+    assert torch.equal(sub.logits, fs.logits[[2, 0]]) and torch.equal(
+        sub.index, torch.tensor([2, 0])
+    )
+
+
+def test_distributed_gather_restores_dataset_order_and_drops_padding(monkeypatch):
+    """Simulate 2 ranks of a DistributedSampler over 5 samples (padded to 6): rank 0 holds
+    positions [0, 2, 4], rank 1 holds [1, 3, 0] (0 repeated as padding)."""
+    values = torch.arange(5, dtype=torch.float32) * 10
+    rank0_index, rank1_index = torch.tensor([0, 2, 4]), torch.tensor([1, 3, 0])
+
+    def fake_gather(t):
+        # This process is rank 0; rank 1's tensor of the same field is looked up by content.
+        other = {
+            id_: rank1
+            for id_, rank1 in (
+                ("index", rank1_index),
+                ("logits", values[rank1_index, None]),
+                ("extra", values[rank1_index] + 1),
+            )
+        }
+        key = "index" if t.dtype == torch.long else ("logits" if t.dim() == 2 else "extra")
+        return torch.cat([t, other[key].to(t.dtype)])
+
+    monkeypatch.setattr(features_module, "is_distributed", lambda: True)
+    monkeypatch.setattr(features_module, "all_gather_variable", fake_gather)
+    local = FeatureSet(
+        logits=values[rank0_index, None],
+        index=rank0_index,
+        extra={"s": values[rank0_index] + 1},
+    )
+    gathered = features_module.gather_feature_set(local, torch.device("cpu"))
+    assert torch.equal(gathered.index, torch.arange(5))
+    assert torch.equal(gathered.logits[:, 0], values)
+    assert torch.equal(gathered.extra["s"], values + 1)
