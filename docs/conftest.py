@@ -22,6 +22,7 @@ the site by ``exclude_docs`` in ``mkdocs.yml``) adds what a tutorial site needs 
   Each name is a module, or a module followed by attributes. While one is missing, the page's
   blocks are skipped with a reason naming it. ``OODUNLEASH_DOCS_REQUIRE_ALL=1`` (set it in CI
   once every module has landed) turns those skips into failures.
+* **A fresh start per page.** Scores a page registers are unregistered before the next page.
 * **Quiet output, fixed seeds, one thread.** What a block prints (progress bars included) is
   shown only when it fails, or always with ``OODUNLEASH_DOCS_SHOW_OUTPUT=1``; every page starts
   from ``torch.manual_seed(0)``; torch runs single-threaded (``OODUNLEASH_DOCS_THREADS``
@@ -129,7 +130,23 @@ except ImportError:  # pragma: no cover
 _state: dict[str, tuple[str, dict]] = {}
 
 
+#: The OOD scores registered before any page ran; pages that register their own (the scores
+#: tutorial) must not leak them into the next page, or into a re-run of the same page.
+_builtin_scores: list[str] | None = None
+
+
 def _fresh_page() -> None:
+    """Start a page as a new Python session would: seeded, with only the built-in scores."""
+    global _builtin_scores
+    try:
+        from oodunleash.scores import list_scores, unregister_score
+    except ImportError:
+        pass
+    else:
+        if _builtin_scores is None:
+            _builtin_scores = list_scores()
+        for name in set(list_scores()) - set(_builtin_scores):
+            unregister_score(name)
     try:
         import torch
     except ImportError:  # pragma: no cover
