@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/make_concepts_figure.py
 
-Three panels: (1) the intermediate stage, as a *schematic* (smooth illustrative curves, no
+Three panels (two above, one below): (1) the intermediate stage, as a *schematic* (smooth illustrative curves, no
 measured data, no numbers on the axes); (2) the flooding objective ``|CE - ξ| + ξ``, drawn
 exactly; (3) what UM and UMAP change in a layer's weight matrix (illustrative random weights).
 The output is deterministic (fixed seed, no date, fixed SVG ids), so re-running it on an
@@ -134,10 +134,11 @@ def main() -> None:
     args = parser.parse_args()
     plt.rcParams.update({"svg.hashsalt": "oodunleash-concepts", "font.size": 9})
     rng = np.random.default_rng(0)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1.1, 1, 1.35]})
-    intermediate_stage(axes[0])
-    flooding(axes[1])
-    um_vs_umap(axes[2], rng)
+    fig = plt.figure(figsize=(10, 7.6))
+    grid = fig.add_gridspec(2, 2, height_ratios=[1, 0.8])
+    intermediate_stage(fig.add_subplot(grid[0, 0]))
+    flooding(fig.add_subplot(grid[0, 1]))
+    um_vs_umap(fig.add_subplot(grid[1, :]), rng)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, format="svg", metadata={"Date": None}, bbox_inches="tight")
