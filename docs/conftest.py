@@ -45,7 +45,7 @@ import pytest
 REQUIRE_ALL_ENV = "OODUNLEASH_DOCS_REQUIRE_ALL"
 SHOW_OUTPUT_ENV = "OODUNLEASH_DOCS_SHOW_OUTPUT"
 THREADS_ENV = "OODUNLEASH_DOCS_THREADS"
-REQUIRES = re.compile(r"<!--\s*docs-test:\s*requires\s+(?P<names>[^>]*?)\s*-->")
+REQUIRES = re.compile(r"^<!--\s*docs-test:\s*requires\s+(?P<names>[^>]*?)\s*-->", re.MULTILINE)
 
 
 def pytest_configure(config: pytest.Config) -> None:
