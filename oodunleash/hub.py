@@ -38,6 +38,7 @@ from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save as _save_safetensors
 from torch import Tensor, nn
 
+from .distributed import is_main_process
 from .masking import LayerMasks, topk_mask
 from .training import TrainConfig
 
@@ -683,6 +684,8 @@ class HubMixin:
     ) -> Path:
         """Write the unleashed checkpoint to a folder (created if needed).
 
+        Under ``torchrun`` only rank 0 writes; the other ranks return the folder at once.
+
         Files of an earlier checkpoint in the folder are replaced; other files are left alone.
 
         Args:
@@ -715,6 +718,8 @@ class HubMixin:
         """
         self._check_fitted("save_pretrained()")
         folder = Path(save_directory).expanduser()
+        if not is_main_process():  # under torchrun every rank holds the same model: rank 0 writes
+            return folder
         model = self.model
         num_outputs = self._num_outputs(model)
         names = class_names if class_names is not None else getattr(self, "class_names", None)
@@ -1203,8 +1208,10 @@ class HubMixin:
         create_pr: bool = False,
         save_directory: str | os.PathLike[str] | None = None,
         **save_kwargs: Any,
-    ) -> CommitInfo:
+    ) -> CommitInfo | None:
         """Save the checkpoint and upload it to a Hub model repo in one commit.
+
+        Under ``torchrun`` only rank 0 uploads; the other ranks return ``None``.
 
         The repo is created when missing. Files of an earlier oodunleash checkpoint that this
         one does not have (e.g. ``oodunleash_masks.safetensors``) are deleted in the same commit.
@@ -1245,6 +1252,8 @@ class HubMixin:
                 "push_to_hub needs a Hugging Face token with write access: log in with "
                 "`hf auth login`, set HF_TOKEN, or pass token=... . Nothing was uploaded."
             )
+        if not is_main_process():  # one upload per job, from rank 0
+            return None
         keep_folder = save_directory is not None
         folder = (
             Path(save_directory).expanduser()

@@ -657,3 +657,15 @@ def test_push_with_card_metadata_the_hub_refuses(custom_umap, hub):
     assert info.value.local_copy is not None and (info.value.local_copy / CONFIG_NAME).is_file()
     shutil.rmtree(info.value.local_copy)
     assert hub.files("me/tiny").keys() == {".gitattributes"}  # nothing was committed
+
+
+def test_only_rank_zero_writes_or_uploads(tmp_path, monkeypatch):
+    import oodunleash.hub as hub_module
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    data = [(torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,)))]
+    unleashed = OODUnleash(model).fit(data, epochs=1, loss_constraint=0.5, progress=False)
+    monkeypatch.setattr(hub_module, "is_main_process", lambda: False)
+    folder = unleashed.save_pretrained(tmp_path / "ckpt")
+    assert folder == tmp_path / "ckpt" and not folder.exists()
+    assert unleashed.push_to_hub("me/model", token="hf_fake") is None
