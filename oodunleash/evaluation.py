@@ -280,6 +280,21 @@ class ScoringMixin:
             :class:`~oodunleash.results.EvaluationResults` (also stored as ``last_results_``):
             ``.to_dict()`` is ``{score: {ood_name: {"auroc", "aupr_in", "aupr_out", "fpr95"},
             "average": {...}}, "id_accuracy": float}``.
+
+        Example:
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> from oodunleash import OODUnleash
+            >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+            >>> images, labels = torch.randn(32, 1, 4, 4), torch.randint(0, 3, (32,))
+            >>> id_data = DataLoader(TensorDataset(images, labels), batch_size=16)
+            >>> noise = DataLoader(TensorDataset(5 * torch.randn(16, 1, 4, 4)), batch_size=16)
+            >>> unleashed = OODUnleash(net).fit_scores(id_data, ["knn", "vim"], progress=False)
+            >>> results = unleashed.evaluate(
+            ...     id_data, {"noise": noise}, ["msp", "knn", "vim"], progress=False)
+            >>> sorted(results.to_dict()["vim"]["noise"])
+            ['aupr_in', 'aupr_out', 'auroc', 'fpr95']
+            >>> unleashed.last_results_ is results
+            True
         """
         oods = dict(ood_loaders) if isinstance(ood_loaders, Mapping) else {"ood": ood_loaders}
         if not oods:
