@@ -344,4 +344,6 @@ def train(
         raise
     finally:
         module.train(was_training)
+        # The last step's gradients would hold a model-sized block of memory for nothing.
+        optimizer.zero_grad(set_to_none=True)
     return history

@@ -302,3 +302,9 @@ def test_keyboard_interrupt_leaves_model_unmasked_and_unchanged():
         assert type(model.conv) is nn.Conv2d
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
         assert all(p.requires_grad for p in model.parameters())
+
+
+def test_fit_releases_gradients():
+    model = SmallNet()
+    OODUnleash(model).fit(make_loader(), epochs=1, loss_constraint=0.5, progress=False)
+    assert all(p.grad is None for p in model.parameters())
