@@ -1,0 +1,1045 @@
+"""The Fashion-MNIST benchmark: train, follow OOD metrics per epoch, then compare the final
+model, a plain cross-entropy control, UM and UMAP over several seeds.
+
+Protocol (see ``docs/benchmarks.md``):
+
+* ID data: Fashion-MNIST classes 0-5; 10% of their training images are held out as the
+  validation split. Test near-OOD: the *test* images of classes 6-9. Test far-OOD: scikit-learn
+  digits, grayscale photo crops and Gaussian / uniform noise generated with seed 0.
+* Every choice (ξ recipe, learning rate) is made on validation data only: ID validation
+  images against validation OOD sets that share no image with the test sets (training images of
+  classes 6-9, photo crops and noise generated with seed 1).
+* The control is the same fine-tune (epochs, learning rate, schedule, seed) without the
+  constraint: plain cross-entropy. A gain the control also gets is not UM's gain.
+
+Each (setting, seed) pair runs in its own process (:func:`run_seed`) and writes one JSON file;
+:func:`summarize` aggregates them into ``results.json``, ``results.md`` and plots. Scores are
+computed here with small self-contained implementations so that one run does all its
+evaluations on the device the model lives on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .constraint import estimate_loss_constraint, mean_cross_entropy
+from .masking import select_layers
+from .models import create_model
+from .wrapper import OODUnleash
+
+__all__ = [
+    "ALL_SCORES",
+    "CONTROL_XI",
+    "FineTune",
+    "Setting",
+    "TensorLoader",
+    "default_grid",
+    "evaluate_model",
+    "load_benchmark_data",
+    "load_checkpoint",
+    "ood_metrics",
+    "parse_finetune",
+    "run_benchmark",
+    "run_seed",
+    "save_checkpoint",
+    "select_configs",
+    "summarize",
+    "train_classifier",
+    "xi_candidates",
+]
+
+#: OOD scores the benchmark reports (higher = more in-distribution).
+ALL_SCORES: tuple[str, ...] = ("msp", "energy", "maxlogit", "odin", "mahalanobis", "knn")
+
+#: The control runs through the same wrapper with a flooding level far below any batch loss:
+#: ``|ce − 1e-12| + 1e-12`` equals ``ce`` and has its gradient, so this is plain cross-entropy
+#: with everything else (optimizer, schedule, seed, masks for UMAP) identical.
+CONTROL_XI = 1e-12
+
+
+# ============================================================================ data
+class TensorLoader:
+    """Mini-batches of in-memory tensors, reshuffled every epoch; has ``len()``.
+
+    Much faster than a ``DataLoader`` for small images already on the device.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int = 128,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order.to(self.images.device)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+def _tensors(dataset: Any) -> tuple[Tensor, Tensor]:
+    if hasattr(dataset, "tensors"):
+        return dataset.tensors()
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    return torch.stack(images), torch.as_tensor(labels)
+
+
+def _subsample(images: Tensor, labels: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    if n is None or n >= len(labels):
+        return images, labels
+    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[idx], labels[idx]
+
+
+def load_benchmark_data(
+    dataset: str = "fashion-mnist",
+    *,
+    train_size: int | None = None,
+    ood_size: int = 2000,
+    eval_cap: int | None = None,
+    split_seed: int = 0,
+) -> dict[str, Any]:
+    """The tensors of the benchmark protocol (module docstring), on the CPU.
+
+    Args:
+        dataset: ``"fashion-mnist"`` (classes 0-5 ID) or ``"digits"`` (scikit-learn digits
+            0-5 ID; the fallback when Fashion-MNIST is missing).
+        train_size: Subsample the ID training split to this many images (``None``: all).
+        ood_size: Size of the generated far-OOD sets (photos, noise), and the cap on the
+            validation near-OOD set.
+        eval_cap: Subsample every validation and test set to at most this many images
+            (smoke tests and demos; ``None``: all).
+        split_seed: Seed of the train/validation partition and of the subsample.
+
+    Returns:
+        ``{"train", "val", "test"}``: ``(images, labels)``; ``"val_ood"``, ``"test_ood"``:
+        name → images; ``"num_classes"``, ``"dataset"``.
+    """
+    from . import datasets as ds
+
+    ids = (0, 1, 2, 3, 4, 5)
+    if dataset == "fashion-mnist":
+        splits = ds.near_ood_split(ids, val_fraction=0.1, seed=split_seed)
+        held_back = tuple(c for c in range(10) if c not in ids)
+        # Training images of the held-back classes: never in any test set.
+        val_near = _tensors(ds.FashionMNIST("train", held_back, ood_label=-1))[0]
+        test_far = ds.ood_sets("fashion-mnist", n=ood_size, seed=0)
+    elif dataset == "digits":
+        splits = ds.digits_near_ood_split(ids, val_fraction=0.2, seed=split_seed)
+        held_back = tuple(c for c in range(10) if c not in ids)
+        val_near = torch.cat(
+            [
+                _tensors(ds.DigitsID(s, held_back, val_fraction=0.2, seed=split_seed))[0]
+                for s in ("train", "val")
+            ]
+        )
+        test_far = ds.ood_sets("digits", n=ood_size, seed=0)
+    else:
+        raise ValueError(f"dataset must be 'fashion-mnist' or 'digits', got {dataset!r}.")
+    val_near = _subsample(val_near, torch.zeros(len(val_near)), ood_size, split_seed + 1)[0]
+    # Same generators, another seed: disjoint images for validation.
+    val_far = {
+        "photos": _tensors(ds.SamplePhotoCrops(ood_size, seed=1))[0],
+        "gaussian": _tensors(ds.NoiseOOD("gaussian", ood_size, seed=1))[0],
+        "uniform": _tensors(ds.NoiseOOD("uniform", ood_size, seed=1))[0],
+    }
+    train = _subsample(*_tensors(splits["train"]), train_size, split_seed)
+
+    def cap(images: Tensor, labels: Tensor | None = None) -> Any:
+        dummy = torch.zeros(len(images)) if labels is None else labels
+        x, y = _subsample(images, dummy, eval_cap, split_seed + 2)
+        return x if labels is None else (x, y)
+
+    return {
+        "dataset": dataset,
+        "num_classes": len(ids),
+        "train": train,
+        "val": cap(*_tensors(splits["val"])),
+        "test": cap(*_tensors(splits["test"])),
+        "val_ood": {k: cap(v) for k, v in ({"near": val_near} | val_far).items()},
+        "test_ood": {"near": cap(_tensors(splits["ood"])[0])}
+        | {k: cap(_tensors(v)[0]) for k, v in test_far.items()},
+    }
+
+
+# ============================================================================ scores
+def _last_linear(model: nn.Module) -> nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("Feature-based scores need a model whose head is an nn.Linear.")
+    return linears[-1]
+
+
+@torch.no_grad()
+def _logits_features(
+    model: nn.Module, images: Tensor, device: torch.device, batch_size: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """Logits and penultimate features (the head's input) in eval mode."""
+    captured: list[Tensor] = []
+    hook = _last_linear(model).register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].detach().flatten(1).float())
+    )
+    logits = []
+    try:
+        for start in range(0, len(images), batch_size):
+            logits.append(model(images[start : start + batch_size].to(device)).float())
+    finally:
+        hook.remove()
+    return torch.cat(logits), torch.cat(captured)
+
+
+def _odin(
+    model: nn.Module,
+    images: Tensor,
+    device: torch.device,
+    temperature: float = 1000.0,
+    epsilon: float = 0.0014,
+    batch_size: int = 1024,
+) -> Tensor:
+    """ODIN (Liang et al. 2018): temperature-scaled MSP after a small input perturbation."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(device).requires_grad_(True)
+        logits = model(x).float() / temperature
+        loss = F.cross_entropy(logits, logits.argmax(1))
+        (grad,) = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            logits = model(x - epsilon * grad.sign()).float() / temperature
+            out.append(logits.softmax(1).max(1).values)
+    return torch.cat(out)
+
+
+@dataclasses.dataclass
+class _FeatureStats:
+    """What Mahalanobis and KNN need from the ID training features."""
+
+    means: Tensor
+    precision: Tensor
+    bank: Tensor
+
+    @classmethod
+    def fit(cls, features: Tensor, labels: Tensor, num_classes: int) -> _FeatureStats:
+        f = features.double()
+        means = torch.stack([f[labels == c].mean(0) for c in range(num_classes)])
+        centred = f - means[labels]
+        cov = centred.T @ centred / len(f)
+        # A small ridge keeps the inverse stable for low-rank features (dead ReLU units).
+        ridge = (
+            1e-6 * cov.diagonal().mean() * torch.eye(len(cov), device=cov.device, dtype=cov.dtype)
+        )
+        return cls(means, torch.linalg.pinv(cov + ridge), F.normalize(features.float(), dim=1))
+
+
+def _mahalanobis(features: Tensor, stats: _FeatureStats) -> Tensor:
+    f = features.double()
+    dists = []
+    for mu in stats.means:
+        d = f - mu
+        dists.append(((d @ stats.precision) * d).sum(1))
+    return -torch.stack(dists, 1).min(1).values.float()
+
+
+def _knn(features: Tensor, stats: _FeatureStats, k: int = 50, chunk: int = 4096) -> Tensor:
+    """Sun et al. 2022: minus the distance to the k-th nearest normalised training feature."""
+    f = F.normalize(features.float(), dim=1)
+    k = min(k, len(stats.bank))
+    out = []
+    for start in range(0, len(f), chunk):
+        sims = f[start : start + chunk] @ stats.bank.T
+        kth = sims.topk(k, dim=1).values[:, -1]
+        out.append(-(2 - 2 * kth).clamp_min(0).sqrt())
+    return torch.cat(out)
+
+
+def _scores_from(
+    model: nn.Module,
+    images: Tensor,
+    scores: Sequence[str],
+    stats: _FeatureStats | None,
+    device: torch.device,
+) -> tuple[dict[str, np.ndarray], Tensor]:
+    logits, features = _logits_features(model, images, device)
+    out: dict[str, Tensor] = {}
+    for name in scores:
+        if name == "msp":
+            out[name] = logits.softmax(1).max(1).values
+        elif name == "energy":
+            out[name] = torch.logsumexp(logits, 1)
+        elif name == "maxlogit":
+            out[name] = logits.max(1).values
+        elif name == "odin":
+            out[name] = _odin(model, images, device)
+        elif name == "mahalanobis":
+            out[name] = _mahalanobis(features, stats)
+        elif name == "knn":
+            out[name] = _knn(features, stats)
+        else:
+            raise ValueError(f"Unknown score {name!r}; choose from {', '.join(ALL_SCORES)}.")
+    return {k: v.double().cpu().numpy() for k, v in out.items()}, logits
+
+
+def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, float]:
+    """AUROC, AUPR-In, AUPR-Out and FPR at 95% TPR, in percent; ID is the positive class and
+    higher scores mean more in-distribution."""
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    y = np.concatenate([np.ones(len(id_scores)), np.zeros(len(ood_scores))])
+    s = np.concatenate([id_scores, ood_scores])
+    s = np.nan_to_num(s, nan=-1e30, posinf=1e30, neginf=-1e30)
+    fpr, tpr, _ = roc_curve(y, s)
+    return {
+        "auroc": 100 * float(roc_auc_score(y, s)),
+        "aupr_in": 100 * float(average_precision_score(y, s)),
+        "aupr_out": 100 * float(average_precision_score(1 - y, -s)),
+        "fpr95": 100 * float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
+    }
+
+
+def evaluate_model(
+    model: nn.Module,
+    id_set: tuple[Tensor, Tensor],
+    ood_sets: dict[str, Tensor],
+    scores: Sequence[str] = ALL_SCORES,
+    *,
+    fit_set: tuple[Tensor, Tensor] | None = None,
+    num_classes: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """ID accuracy and OOD metrics of ``model`` (eval mode, left as it was).
+
+    Args:
+        model: The classifier.
+        id_set: ID ``(images, labels)``.
+        ood_sets: Name → OOD images.
+        scores: Score names (see :data:`ALL_SCORES`).
+        fit_set: ID training ``(images, labels)`` that Mahalanobis and KNN are fitted on.
+        num_classes: Number of classes (for Mahalanobis).
+        device: Where to compute.
+
+    Returns:
+        ``{"accuracy": %, "metrics": {score: {ood: {"auroc", "aupr_in", "aupr_out",
+        "fpr95"}}}}``.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        stats = None
+        if {"mahalanobis", "knn"} & set(scores):
+            if fit_set is None or num_classes is None:
+                raise ValueError("Mahalanobis and KNN need fit_set and num_classes.")
+            _, feats = _logits_features(model, fit_set[0], device)
+            stats = _FeatureStats.fit(feats, fit_set[1].to(device), num_classes)
+        id_scores, logits = _scores_from(model, id_set[0], scores, stats, device)
+        accuracy = 100 * float((logits.argmax(1).cpu() == id_set[1]).float().mean())
+        metrics: dict[str, dict[str, dict[str, float]]] = {s: {} for s in scores}
+        for name, images in ood_sets.items():
+            ood_scores, _ = _scores_from(model, images, scores, stats, device)
+            for s in scores:
+                metrics[s][name] = ood_metrics(id_scores[s], ood_scores[s])
+    finally:
+        model.train(was_training)
+    return {"accuracy": accuracy, "metrics": metrics}
+
+
+# ============================================================================ training
+def train_classifier(
+    model: nn.Module,
+    loader: TensorLoader,
+    *,
+    epochs: int,
+    lr: float = 0.05,
+    weight_decay: float = 5e-4,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[dict[str, float]]:
+    """Standard recipe: SGD (momentum 0.9, Nesterov), cosine per step to zero, cross-entropy.
+
+    ``on_epoch(epoch, record)`` is called after each epoch (1-based), e.g. to checkpoint.
+    """
+    device = torch.device(device)
+    model.to(device)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        total = correct = seen = 0.0
+        bar = tqdm(loader, desc=f"{desc} {epoch}/{epochs}", leave=False, disable=not progress)
+        for images, labels in bar:
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(labels)
+            correct += float((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+        record = {
+            "epoch": epoch,
+            "loss": total / seen,
+            "accuracy": 100 * correct / seen,
+            "time_s": time.perf_counter() - started,
+        }
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(epoch, record)
+    return history
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Save ``model.state_dict()`` as safetensors (no pickle)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load a safetensors state dict saved by :func:`save_checkpoint` into ``model``."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+    return model
+
+
+# ============================================================================ ξ recipes
+def _dense_ends(model: nn.Module) -> list[str]:
+    """The first and last maskable layers (stem and head): left dense by some ξ recipes."""
+    names = list(select_layers(model))
+    return [names[0], names[-1]]
+
+
+def xi_candidates(
+    model: nn.Module, loader: TensorLoader, seed: int, device: torch.device
+) -> dict[str, float]:
+    """Every ξ recipe the sweep tries, from the trained model (left unchanged).
+
+    * ``ref``: the paper's recipe, random mask keeping 96.5% of every conv/linear layer.
+    * ``ref_avg3``: the same, averaged over three random draws.
+    * ``dense_ends``: random 96.5% mask, stem and head left dense, three draws.
+    * ``keep99``: random mask keeping 99% of every layer, three draws.
+    * ``magnitude``: magnitude mask keeping 96.5% (prunes the smallest weights).
+    * ``train_x2`` / ``x4`` / ``x8``: multiples of the final training loss (eval mode).
+    """
+    est = dict(loader=loader, seed=seed, progress=False)
+    train_loss = mean_cross_entropy(model, loader, device=device)
+    out = {
+        "ref": estimate_loss_constraint(model, keep_ratio=0.965, **est),
+        "ref_avg3": estimate_loss_constraint(model, keep_ratio=0.965, draws=3, **est),
+        "dense_ends": estimate_loss_constraint(
+            model, keep_ratio=0.965, exclude=_dense_ends(model), draws=3, **est
+        ),
+        "keep99": estimate_loss_constraint(model, keep_ratio=0.99, draws=3, **est),
+        "magnitude": estimate_loss_constraint(model, keep_ratio=0.965, init="magnitude", **est),
+    }
+    for k in (2, 4, 8):
+        out[f"train_x{k}"] = k * train_loss
+    out["train_loss"] = train_loss
+    return out
+
+
+# ============================================================================ the sweep
+@dataclasses.dataclass(frozen=True)
+class FineTune:
+    """One fine-tune from the final checkpoint: ``xi`` names a ξ recipe, or ``"control"``."""
+
+    method: str  # "um" or "umap"
+    xi: str
+    lr: float
+    epochs: int = 10
+    mask_init: str = "random"  # UMAP's initial scores
+
+    @property
+    def name(self) -> str:
+        """A readable id, e.g. ``"um/train_x4/lr0.01/ep10"`` (see :func:`parse_finetune`)."""
+        init = "/mag" if self.mask_init == "magnitude" else ""
+        return f"{self.method}/{self.xi}/lr{self.lr:g}/ep{self.epochs}{init}"
+
+
+def parse_finetune(name: str) -> FineTune:
+    """Inverse of :attr:`FineTune.name`, e.g. ``"um/train_x4/lr0.01/ep10"``."""
+    method, xi, lr, epochs, *rest = name.split("/")
+    init = "magnitude" if rest == ["mag"] else "random"
+    return FineTune(method, xi, float(lr.removeprefix("lr")), int(epochs.removeprefix("ep")), init)
+
+
+def default_grid(quick: bool = False) -> list[FineTune]:
+    """The fine-tunes the sweep runs for every setting and seed, most important first (a run
+    with a deadline skips the tail of the list)."""
+    if quick:
+        return [
+            FineTune("um", "control", 0.01, 1),
+            FineTune("um", "ref", 0.01, 1),
+            FineTune("um", "train_x4", 0.01, 1),
+            FineTune("umap", "control", 0.1, 1),
+            FineTune("umap", "train_x4", 0.1, 1),
+        ]
+    um, umap = "um", "umap"
+    return [
+        # the library defaults and their controls
+        FineTune(um, "control", 0.01),
+        FineTune(um, "ref", 0.01),
+        FineTune(umap, "control", 0.1),
+        FineTune(umap, "ref", 0.1),
+        # ξ relative to the training loss
+        FineTune(um, "train_x4", 0.01),
+        FineTune(umap, "train_x4", 0.1),
+        # UMAP starting from a magnitude mask instead of a random one
+        FineTune(umap, "control", 0.1, mask_init="magnitude"),
+        FineTune(umap, "ref", 0.1, mask_init="magnitude"),
+        FineTune(umap, "train_x4", 0.1, mask_init="magnitude"),
+        # a higher fine-tune learning rate
+        FineTune(um, "control", 0.05),
+        FineTune(um, "ref", 0.05),
+        FineTune(um, "train_x4", 0.05),
+        # the other ξ recipes
+        FineTune(um, "dense_ends", 0.01),
+        FineTune(um, "train_x2", 0.01),
+        FineTune(um, "train_x8", 0.01),
+        FineTune(umap, "dense_ends", 0.1),
+        FineTune(umap, "train_x2", 0.1),
+        FineTune(um, "keep99", 0.01),
+        FineTune(um, "dense_ends", 0.05),
+        FineTune(um, "train_x2", 0.05),
+        FineTune(um, "train_x8", 0.05),
+        FineTune(umap, "train_x8", 0.1),
+        FineTune(um, "keep99", 0.05),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A model and how it is trained: ``"small_cnn"``, ``"resnet18"``, with optional
+    ``:noise=0.2`` (symmetric label noise on the training labels) and ``:epochs=N``."""
+
+    model: str
+    epochs: int
+    label_noise: float = 0.0
+    spec: str = ""
+
+    @classmethod
+    def parse(cls, spec: str) -> Setting:
+        """Read ``"model[:noise=R][:epochs=N]"``; ResNet-18 trains 20 epochs, others 25."""
+        model, *opts = spec.split(":")
+        kwargs: dict[str, Any] = {"epochs": {"resnet18": 20}.get(model, 25)}
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key == "noise":
+                kwargs["label_noise"] = float(value)
+            elif key == "epochs":
+                kwargs["epochs"] = int(value)
+            else:
+                raise ValueError(f"Unknown option {key!r} in setting {spec!r}.")
+        return cls(model=model, spec=spec, **kwargs)
+
+
+def _noisy(labels: Tensor, rate: float, num_classes: int, seed: int) -> Tensor:
+    if rate <= 0:
+        return labels
+    g = torch.Generator().manual_seed(10_000 + seed)
+    flip = torch.rand(len(labels), generator=g) < rate
+    # Symmetric noise to one of the *other* classes.
+    shift = torch.randint(1, num_classes, (len(labels),), generator=g)
+    return torch.where(flip, (labels + shift) % num_classes, labels)
+
+
+def run_seed(
+    setting: str,
+    seed: int,
+    out_dir: str | os.PathLike[str],
+    *,
+    data: dict[str, Any] | None = None,
+    dataset: str = "fashion-mnist",
+    train_size: int | None = None,
+    eval_cap: int | None = None,
+    grid: Sequence[FineTune] | None = None,
+    device: str = "cpu",
+    scores: Sequence[str] = ALL_SCORES,
+    fit_size: int = 10000,
+    checkpoints: str = "all",
+    deadline: float | None = None,
+    curve: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run one (setting, seed): training with per-epoch OOD metrics, ξ recipes, the fine-tune
+    grid. ``<out_dir>/seeds/<setting>_s<seed>.json`` is rewritten after every fine-tune, so an
+    interrupted run keeps what it finished; fine-tunes that would start after ``deadline``
+    (a ``time.time()`` value) are skipped. Returns the JSON content."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    out = pathlib.Path(out_dir)
+    (out / "seeds").mkdir(parents=True, exist_ok=True)
+    cfg = Setting.parse(setting)
+    grid = list(default_grid() if grid is None else grid)
+    if data is None:
+        data = load_benchmark_data(dataset, train_size=train_size, eval_cap=eval_cap)
+    k = data["num_classes"]
+    train_x = data["train"][0].to(dev)
+    train_y = _noisy(data["train"][1], cfg.label_noise, k, seed).to(dev)
+    fit_set = _subsample(data["train"][0], data["train"][1], fit_size, seed)  # clean labels
+    tag = f"{setting.replace(':', '_').replace('=', '')}_s{seed}"
+    json_path = out / "seeds" / f"{tag}.json"
+    ckpt_dir = out / "checkpoints" / tag
+    if checkpoints != "none":
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    def evaluate(model: nn.Module, which: str, score_names: Sequence[str]) -> dict[str, Any]:
+        id_key, ood_key = ("val", "val_ood") if which == "val" else ("test", "test_ood")
+        return evaluate_model(
+            model,
+            data[id_key],
+            data[ood_key],
+            score_names,
+            fit_set=fit_set,
+            num_classes=k,
+            device=dev,
+        )
+
+    # ---- 1. train to the end, OOD metrics per epoch
+    model = create_model(cfg.model, k).to(dev)
+    loader = TensorLoader(train_x, train_y, 128, shuffle=True, seed=seed)
+    with_curve, curve = curve, []
+
+    def on_epoch(epoch: int, record: dict[str, float]) -> None:
+        if checkpoints == "all" or (checkpoints == "final" and epoch == cfg.epochs):
+            save_checkpoint(model, ckpt_dir / f"epoch{epoch:03d}.safetensors")
+        if not with_curve:
+            curve.append(record)
+            return
+        curve.append(
+            record
+            | {
+                "test": evaluate(model, "test", ("energy", "msp")),
+                "val": evaluate(model, "val", ("energy", "msp")),
+            }
+        )
+
+    started = time.perf_counter()
+    train_classifier(
+        model,
+        loader,
+        epochs=cfg.epochs,
+        device=dev,
+        on_epoch=on_epoch,
+        progress=progress,
+        desc=f"{setting} s{seed}",
+    )
+    train_time = time.perf_counter() - started
+    final_state = copy.deepcopy(model.state_dict())
+
+    # ---- 2. ξ recipes from the final model (on the training data it was trained on)
+    xis = xi_candidates(model, TensorLoader(train_x, train_y, 1024, shuffle=False), seed, dev)
+    result: dict[str, Any] = {
+        "setting": setting,
+        "model": cfg.model,
+        "label_noise": cfg.label_noise,
+        "epochs": cfg.epochs,
+        "seed": seed,
+        "dataset": data["dataset"],
+        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        "train_size": len(train_y),
+        "train_time_s": train_time,
+        "curve": curve,
+        "xi": xis,
+        "skipped": [],
+        "runs": {
+            "final": {
+                "val": evaluate(model, "val", scores),
+                "test": evaluate(model, "test", scores),
+            }
+        },
+    }
+    json_path.write_text(json.dumps(result))
+
+    # ---- 3. fine-tunes from the final checkpoint
+    longest = 0.0
+    for ft in tqdm(grid, desc=f"{setting} s{seed} fine-tunes", disable=not progress):
+        if deadline is not None and time.time() + longest > deadline:
+            result["skipped"].append(ft.name)
+            continue
+        model.load_state_dict(final_state)
+        xi = CONTROL_XI if ft.xi == "control" else xis[ft.xi]
+        unleashed = OODUnleash(model, ft.method, mask_init=ft.mask_init, seed=seed)
+        t0 = time.perf_counter()
+        unleashed.fit(
+            TensorLoader(train_x, train_y, 128, shuffle=True, seed=seed + 1),
+            epochs=ft.epochs,
+            lr=ft.lr,
+            loss_constraint=xi,
+            progress=False,
+        )
+        fitted = unleashed.export()
+        if unleashed.masks_ is not None:
+            unleashed.masks_.detach()
+        result["runs"][ft.name] = {
+            "config": dataclasses.asdict(ft),
+            "xi_value": xi,
+            "time_s": time.perf_counter() - t0,
+            "history": unleashed.history_,
+            "val": evaluate(fitted, "val", scores),
+            "test": evaluate(fitted, "test", scores),
+        }
+        longest = max(longest, time.perf_counter() - t0)
+        json_path.write_text(json.dumps(result))
+    return result
+
+
+def _worker(args: tuple) -> str:
+    setting, seed, out_dir, kwargs = args
+    torch.set_num_threads(kwargs.pop("threads", 1))
+    run_seed(setting, seed, out_dir, **kwargs)
+    return f"{setting} s{seed}"
+
+
+def run_benchmark(
+    settings: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: str | os.PathLike[str],
+    *,
+    jobs: int = 1,
+    quick: bool = False,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Run every (setting, seed), ``jobs`` at a time in separate processes (one process
+    when ``jobs == 1``), then :func:`summarize`. Extra keyword arguments go to
+    :func:`run_seed`."""
+    started = time.perf_counter()
+    kwargs.setdefault("grid", default_grid(quick))
+    tasks = [(s, seed, str(out_dir), dict(kwargs)) for s in settings for seed in seeds]
+    if jobs <= 1:
+        for setting, seed, out, kw in tasks:
+            run_seed(setting, seed, out, **kw)
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # CUDA cannot be forked
+        for task in tasks:
+            task[3]["progress"] = False
+        with ctx.Pool(jobs) as pool:
+            for done in pool.imap_unordered(_worker, tasks):
+                print(f"done: {done}  ({time.perf_counter() - started:.0f} s)", flush=True)
+    return summarize(out_dir, wall_time_s=time.perf_counter() - started)
+
+
+# ============================================================================ summary
+def _mean_fpr(block: dict[str, Any], score: str = "energy") -> float:
+    sets = block["metrics"][score]
+    return float(np.mean([m["fpr95"] for m in sets.values()]))
+
+
+def _mean_auroc(block: dict[str, Any], score: str = "energy") -> float:
+    sets = block["metrics"][score]
+    return float(np.mean([m["auroc"] for m in sets.values()]))
+
+
+def _ms(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def _fmt(values: Sequence[float], digits: int = 1) -> str:
+    m, s = _ms(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+def _common_runs(rs: list[dict[str, Any]]) -> list[str]:
+    """Runs every seed finished (a deadline may have cut some seeds short)."""
+    return [n for n in rs[0]["runs"] if all(n in r["runs"] for r in rs)]
+
+
+def select_configs(per_seed: list[dict[str, Any]], max_acc_drop: float = 1.0) -> dict[str, str]:
+    """Validation-only choice per method: the fine-tune with the lowest mean (over seeds and
+    validation OOD sets) Energy FPR95 whose mean validation accuracy is within
+    ``max_acc_drop`` points of the final model's (if none is, the one with the highest
+    validation accuracy). Returns ``{"um": name, "umap": name, ...}`` plus the matching
+    controls (same method, learning rate, epochs and mask initialisation)."""
+    names = [n for n in _common_runs(per_seed) if n != "final"]
+    base_acc = np.mean([r["runs"]["final"]["val"]["accuracy"] for r in per_seed])
+    chosen: dict[str, str] = {}
+    for method in ("um", "umap"):
+        best, best_fpr, best_acc, most_acc = None, math.inf, None, -math.inf
+        for n in names:
+            cfg = per_seed[0]["runs"][n]["config"]
+            if cfg["method"] != method or cfg["xi"] == "control":
+                continue
+            acc = np.mean([r["runs"][n]["val"]["accuracy"] for r in per_seed])
+            fpr = np.mean([_mean_fpr(r["runs"][n]["val"]) for r in per_seed])
+            if acc >= base_acc - max_acc_drop and fpr < best_fpr:
+                best, best_fpr = n, fpr
+            if acc > most_acc:
+                best_acc, most_acc = n, acc
+        best = best or best_acc
+        if best is None:
+            continue
+        chosen[method] = best
+        cfg = per_seed[0]["runs"][best]["config"]
+        control = FineTune(
+            method, "control", cfg["lr"], cfg["epochs"], cfg.get("mask_init", "random")
+        ).name
+        if control in per_seed[0]["runs"]:
+            chosen[f"{method}_control"] = control
+    return chosen
+
+
+def summarize(out_dir: str | os.PathLike[str], wall_time_s: float | None = None) -> dict[str, Any]:
+    """Aggregate ``<out_dir>/seeds/*.json`` into ``results.json``, ``results.md`` and plots."""
+    out = pathlib.Path(out_dir)
+    files = sorted((out / "seeds").glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"No per-seed results under {out / 'seeds'}.")
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for f in files:
+        r = json.loads(f.read_text())
+        by_setting.setdefault(r["setting"], []).append(r)
+    summary: dict[str, Any] = {"wall_time_s": wall_time_s, "settings": {}}
+    md = ["# Benchmark results", ""]
+    if wall_time_s is not None:
+        md += [f"Wall time: {wall_time_s / 60:.1f} min.", ""]
+    for setting, rs in by_setting.items():
+        rs.sort(key=lambda r: r["seed"])
+        chosen = select_configs(rs)
+        s_sum = _summarize_setting(rs, chosen)
+        summary["settings"][setting] = s_sum
+        md += _setting_markdown(setting, rs, chosen, s_sum)
+        _plot_setting(out, setting, rs, chosen)
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    return summary
+
+
+def _rows(rs: list[dict[str, Any]], chosen: dict[str, str]) -> list[tuple[str, str]]:
+    rows = [("final model", "final")]
+    labels = {
+        "um_control": "control (plain CE, UM recipe)",
+        "um": "UM",
+        "umap_control": "control (plain CE, UMAP recipe)",
+        "umap": "UMAP",
+    }
+    rows += [(f"{labels[k]}: {chosen[k]}", chosen[k]) for k in labels if k in chosen]
+    default = FineTune("um", "ref", 0.01).name
+    if default in _common_runs(rs) and default not in chosen.values():
+        rows.append((f"UM, library default ({default})", default))
+    return rows
+
+
+def _summarize_setting(rs: list[dict[str, Any]], chosen: dict[str, str]) -> dict[str, Any]:
+    runs: dict[str, Any] = {}
+    for name in _common_runs(rs):
+        entry: dict[str, Any] = {}
+        for split in ("val", "test"):
+            blocks = [r["runs"][name][split] for r in rs]
+            scores = blocks[0]["metrics"]
+            entry[split] = {
+                "accuracy": _ms([b["accuracy"] for b in blocks]),
+                "metrics": {
+                    s: {
+                        ood: {
+                            m: _ms([b["metrics"][s][ood][m] for b in blocks])
+                            for m in scores[s][ood]
+                        }
+                        for ood in scores[s]
+                    }
+                    for s in scores
+                },
+                "mean_fpr95": {s: _ms([_mean_fpr(b, s) for b in blocks]) for s in scores},
+                "mean_auroc": {s: _ms([_mean_auroc(b, s) for b in blocks]) for s in scores},
+            }
+        runs[name] = entry
+    xis = {k: _ms([r["xi"][k] for r in rs]) for k in rs[0]["xi"]}
+    return {"seeds": [r["seed"] for r in rs], "chosen": chosen, "xi": xis, "runs": runs}
+
+
+def _setting_markdown(
+    setting: str, rs: list[dict[str, Any]], chosen: dict[str, str], s_sum: dict[str, Any]
+) -> list[str]:
+    seeds = ", ".join(str(r["seed"]) for r in rs)
+    r0 = rs[0]
+    md = [
+        f"## {setting} ({r0['dataset']}, {r0['epochs']} epochs, label noise "
+        f"{r0['label_noise']:g}, seeds {seeds}, device {r0['device']})",
+        "",
+        "ξ recipes (mean ± std over seeds): "
+        + ", ".join(f"{k} {_fmt([r['xi'][k] for r in rs], 4)}" for k in r0["xi"]),
+        "",
+        "### Test: Energy, per OOD set (AUROC / FPR95), mean over seeds",
+        "",
+    ]
+    oods = list(r0["runs"]["final"]["test"]["metrics"]["energy"])
+    md.append("| model | ID acc | " + " | ".join(oods) + " | mean AUROC | mean FPR95 |")
+    md.append("|---" * (len(oods) + 4) + "|")
+    for label, name in _rows(rs, chosen):
+        blocks = [r["runs"][name]["test"] for r in rs]
+        cells = []
+        for ood in oods:
+            a = np.mean([b["metrics"]["energy"][ood]["auroc"] for b in blocks])
+            f = np.mean([b["metrics"]["energy"][ood]["fpr95"] for b in blocks])
+            cells.append(f"{a:.1f} / {f:.1f}")
+        md.append(
+            f"| {label} | {_fmt([b['accuracy'] for b in blocks], 2)} | "
+            + " | ".join(cells)
+            + f" | {_fmt([_mean_auroc(b) for b in blocks])} | {_fmt([_mean_fpr(b) for b in blocks])} |"
+        )
+    scores = list(r0["runs"]["final"]["test"]["metrics"])
+    md += [
+        "",
+        "### Test: every score, mean over OOD sets (AUROC / FPR95), mean ± std over seeds",
+        "",
+        "| model | " + " | ".join(scores) + " |",
+        "|---" * (len(scores) + 1) + "|",
+    ]
+    for label, name in _rows(rs, chosen):
+        blocks = [r["runs"][name]["test"] for r in rs]
+        cells = [
+            f"{_fmt([_mean_auroc(b, s) for b in blocks])} / {_fmt([_mean_fpr(b, s) for b in blocks])}"
+            for s in scores
+        ]
+        md.append(f"| {label} | " + " | ".join(cells) + " |")
+    md += [
+        "",
+        "### Validation sweep (the only numbers choices were made on): Energy, mean over "
+        "validation OOD sets",
+        "",
+        "| fine-tune | ξ (mean) | val ID acc | val mean AUROC | val mean FPR95 | "
+        "final train-mode CE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in _common_runs(rs):
+        blocks = [r["runs"][name]["val"] for r in rs]
+        xi = "-" if name == "final" else f"{np.mean([r['runs'][name]['xi_value'] for r in rs]):.4f}"
+        ce = (
+            "-"
+            if name == "final"
+            else f"{np.mean([r['runs'][name]['history'][-1]['ce'] for r in rs]):.4f}"
+        )
+        mark = ""
+        if name in (chosen.get("um"), chosen.get("umap")):
+            mark = " **(chosen)**"
+        elif name in chosen.values():
+            mark = " (its control)"
+        md.append(
+            f"| {name}{mark} | {xi} | {_fmt([b['accuracy'] for b in blocks], 2)} | "
+            f"{_fmt([_mean_auroc(b) for b in blocks])} | {_fmt([_mean_fpr(b) for b in blocks])} | {ce} |"
+        )
+    md.append("")
+    return md
+
+
+def _plot_setting(
+    out: pathlib.Path, setting: str, rs: list[dict[str, Any]], chosen: dict[str, str]
+) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional
+        return
+    tag = setting.replace(":", "_").replace("=", "")
+    if all("test" in r["curve"][0] for r in rs):
+        _plot_curve(out, setting, tag, rs)
+    _plot_compare(out, setting, tag, rs, chosen, plt)
+
+
+def _plot_curve(out: pathlib.Path, setting: str, tag: str, rs: list[dict[str, Any]]) -> None:
+    import matplotlib.pyplot as plt
+
+    oods = list(rs[0]["curve"][0]["test"]["metrics"]["energy"])
+    epochs = [c["epoch"] for c in rs[0]["curve"]]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    for row, metric in enumerate(("auroc", "fpr95")):
+        for col, score in enumerate(("energy", "msp")):
+            ax = axes[row, col]
+            for ood in oods:
+                vals = np.array(
+                    [[c["test"]["metrics"][score][ood][metric] for c in r["curve"]] for r in rs]
+                )
+                m, s = vals.mean(0), vals.std(0)
+                ax.plot(epochs, m, label=ood)
+                ax.fill_between(epochs, m - s, m + s, alpha=0.2)
+            ax.set_title(f"{score} {metric.upper()} (test)")
+            ax.grid(alpha=0.3)
+            if row == 1:
+                ax.set_xlabel("training epoch")
+    acc = np.array([[c["test"]["accuracy"] for c in r["curve"]] for r in rs]).mean(0)
+    ax2 = axes[0, 0].twinx()
+    ax2.plot(epochs, acc, "k--", lw=1, label="ID test acc")
+    ax2.set_ylabel("ID acc (%)")
+    axes[0, 0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{setting}: OOD detection during training (mean ± std over {len(rs)} seeds)")
+    fig.tight_layout()
+    fig.savefig(out / f"curve_{tag}.png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_compare(
+    out: pathlib.Path,
+    setting: str,
+    tag: str,
+    rs: list[dict[str, Any]],
+    chosen: dict[str, str],
+    plt: Any,
+) -> None:
+    oods = list(rs[0]["runs"]["final"]["test"]["metrics"]["energy"])
+    rows = _rows(rs, chosen)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / len(rows)
+    x = np.arange(len(oods))
+    for i, (label, name) in enumerate(rows):
+        for ax, metric in zip(axes, ("auroc", "fpr95"), strict=True):
+            vals = np.array(
+                [
+                    [r["runs"][name]["test"]["metrics"]["energy"][o][metric] for o in oods]
+                    for r in rs
+                ]
+            )
+            ax.bar(
+                x + i * width,
+                vals.mean(0),
+                width,
+                yerr=vals.std(0),
+                label=label.split(":")[0],
+                capsize=2,
+            )
+    for ax, metric in zip(axes, ("AUROC", "FPR95"), strict=True):
+        ax.set_xticks(x + width * (len(rows) - 1) / 2, oods)
+        ax.set_title(f"Energy {metric} (test)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{setting}: final model vs control vs UM vs UMAP")
+    fig.tight_layout()
+    fig.savefig(out / f"compare_{tag}.png", dpi=110)
+    plt.close(fig)
