@@ -653,7 +653,8 @@ class HubMixin:
         ...     return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> data = DataLoader(TensorDataset(torch.randn(32, 1, 4, 4), torch.randint(0, 3, (32,))),
         ...                   batch_size=16)
-        >>> unleashed = OODUnleash(make_net(), "umap").fit(data, epochs=1, progress=False)
+        >>> unleashed = OODUnleash(make_net(), "umap").fit(data, epochs=1, loss_constraint=0.5,
+        ...                                                progress=False)
         >>> folder = tempfile.mkdtemp()
         >>> _ = unleashed.save_pretrained(folder)
         >>> again = OODUnleash.from_pretrained(folder, model=make_net)
@@ -766,10 +767,14 @@ class HubMixin:
             "format_version": FORMAT_VERSION,
             "oodunleash_version": _version(),
             "method": self.method,
-            "loss_constraint": float(self.loss_constraint_),
+            "loss_constraint": (
+                None if self.loss_constraint_ is None else float(self.loss_constraint_)
+            ),
             "keep_ratio": self.keep_ratio,
             "mask_mode": self.mask_mode,
             "mask_init": self.mask_init,
+            "constraint": self.constraint,
+            "constraint_factor": self.constraint_factor,
             "constraint_keep_ratio": self.constraint_keep_ratio,
             "seed": self.seed,
             "default_score": self.default_score,
@@ -938,7 +943,12 @@ class HubMixin:
         rows = [
             ("Architecture", f"`{arch}`" + (" (timm)" if is_timm else " (custom)")),
             ("Method", method_name.get(self.method, self.method)),
-            ("Loss constraint ξ", f"{config['loss_constraint']:.4g}"),
+            (
+                "Loss constraint ξ",
+                "none (plain cross-entropy control)"
+                if config["loss_constraint"] is None
+                else f"{config['loss_constraint']:.4g}",
+            ),
             ("Masked layers", f"{len(self.layer_names)}"),
             ("Default OOD score", f"`{self.default_score}`"),
         ]
@@ -1157,6 +1167,8 @@ class HubMixin:
             "keep_ratio": config.get("keep_ratio"),
             "mask_mode": config.get("mask_mode", "layer"),
             "mask_init": config.get("mask_init", "random"),
+            "constraint": config.get("constraint", "relative"),
+            "constraint_factor": config.get("constraint_factor", 4.0),
             "constraint_keep_ratio": config.get("constraint_keep_ratio", 0.965),
             "score": config.get("default_score", "energy"),
             "seed": config.get("seed", 0),
@@ -1177,7 +1189,8 @@ class HubMixin:
         if masks_info.get("storage") == "scores":
             unleashed.masks_ = _restore_masks(unleashed, folder, masks_info, where)
 
-        unleashed.loss_constraint_ = float(config["loss_constraint"])
+        xi = config["loss_constraint"]
+        unleashed.loss_constraint_ = None if xi is None else float(xi)
         training = config.get("training") or {}
         unleashed.history_ = list(training.get("history") or [])
         train_config = _restore_train_config(training.get("config"))

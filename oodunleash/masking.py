@@ -70,6 +70,9 @@ def _weighted_modules(model: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for name, module in model.named_modules():
         weight = module._parameters.get("weight")
+        # Lazy modules have no shape yet; masking them would freeze a placeholder.
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            continue
         if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
             found[name] = module
     return found
@@ -95,7 +98,7 @@ def select_layers(
         ValueError: if the selection matches nothing; the message lists the available layers.
 
     Example:
-        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(36, 3))
         >>> list(select_layers(net, exclude="2"))
         ['0']
     """
@@ -109,12 +112,6 @@ def select_layers(
         for name, module in candidates.items()
         if _matches(name, module, inc_globs, inc_types)
         and not _matches(name, module, exc_globs, exc_types)
-    }
-    # Lazy modules have no shape yet; masking them would freeze a placeholder.
-    chosen = {
-        n: m
-        for n, m in chosen.items()
-        if not isinstance(m._parameters["weight"], nn.parameter.UninitializedParameter)
     }
     if not chosen:
         available = ", ".join(f"{n} ({type(m).__name__})" for n, m in candidates.items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -79,6 +80,19 @@ def energy_oe_loss(
     energy_in = -torch.logsumexp(id_logits, dim=1)
     energy_out = -torch.logsumexp(outlier_logits, dim=1)
     return F.relu(energy_in - m_in).pow(2).mean() + F.relu(m_out - energy_out).pow(2).mean()
+
+
+def check_below_chance(loss_constraint: float | None, num_classes: int) -> None:
+    """ξ must lie below ``ln(num_classes)``, the cross-entropy of a uniform guess: flooding
+    around a higher level climbs *up* the loss and trains the model to be wrong."""
+    if loss_constraint is not None and loss_constraint >= math.log(num_classes):
+        raise ValueError(
+            f"The loss constraint ξ = {loss_constraint:.4g} is not below ln({num_classes}) = "
+            f"{math.log(num_classes):.4g}, the loss of a uniform guess over {num_classes} "
+            "classes; flooding towards it would train the model to be wrong. Pass a smaller "
+            "loss_constraint, or lower constraint_factor (the default recipe sets ξ to 4x the "
+            "training loss, too high for a model that fits its data this poorly)."
+        )
 
 
 @dataclass
@@ -273,6 +287,8 @@ def train(
                         logits = trained(images)
                     logits = check_logits(logits, images.shape[0]).float()
                     check_labels(labels, logits.shape[1])
+                    if epoch == 0 and step == 0:
+                        check_below_chance(loss_constraint, logits.shape[1])
                     id_logits = logits[:n_id]
                     ce = F.cross_entropy(id_logits, labels)
                     loss = flooding_loss(ce, loss_constraint)

@@ -9,7 +9,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .constraint import check_loss_constraint, estimate_loss_constraint
+from .constraint import (
+    check_loss_constraint,
+    estimate_loss_constraint,
+    relative_loss_constraint,
+)
 from .distributed import init_distributed, rank, shard_loader, sync_module
 from .evaluation import ScoringMixin
 from .hub import HubMixin
@@ -58,6 +62,13 @@ class OODUnleash(ScoringMixin, HubMixin):
         mask_mode: ``"layer"`` (each layer keeps ``keep_ratio``) or ``"model"`` (one
             threshold over all chosen layers on per-layer standardised scores).
         mask_init: Initial UMAP scores, ``"random"`` (reference) or ``"magnitude"``.
+        constraint: How :meth:`fit` sets ξ when none is given. ``"relative"`` (default):
+            ``constraint_factor`` x the model's mean ID training cross-entropy.
+            ``"masked"``: the paper's recipe, :meth:`estimate_loss_constraint` (the mean
+            training CE with a random ``1 - constraint_keep_ratio`` of each chosen layer
+            masked). The benchmark (``docs/benchmarks.md``) found the paper's recipe 20-26x the
+            training loss on small models, where it wrecked accuracy.
+        constraint_factor: See ``constraint`` (default 4).
         constraint_keep_ratio: Keep ratio of the random mask that estimates ξ (reference 0.965).
         score: Default OOD score used by :meth:`score` (see :func:`oodunleash.list_scores`).
         seed: Seeds the masks and the fine-tune; the same seed on CPU gives identical results.
@@ -67,7 +78,7 @@ class OODUnleash(ScoringMixin, HubMixin):
             scores) on non-timm models, when it cannot be found automatically.
 
     Attributes (after :meth:`fit`):
-        loss_constraint_: The ξ used.
+        loss_constraint_: The ξ used (``None`` after ``fit(flooding=False)``).
         history_: One dict per epoch: ``loss``, ``ce``, ``accuracy``,
             ``frac_below_constraint`` (fraction of batches whose CE was below ξ), ``lr``,
             ``time_s``.
@@ -81,7 +92,8 @@ class OODUnleash(ScoringMixin, HubMixin):
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
         >>> data = DataLoader(TensorDataset(torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))),
         ...                   batch_size=16)
-        >>> unleashed = OODUnleash(net, method="um").fit(data, epochs=1, progress=False)
+        >>> unleashed = OODUnleash(net, method="um").fit(data, epochs=1, loss_constraint=0.5,
+        ...                                                progress=False)
         >>> unleashed.score(torch.randn(5, 1, 4, 4)).shape
         torch.Size([5])
     """
@@ -96,6 +108,8 @@ class OODUnleash(ScoringMixin, HubMixin):
         keep_ratio: float | None = None,
         mask_mode: Literal["layer", "model"] = "layer",
         mask_init: Literal["random", "magnitude"] = "random",
+        constraint: Literal["relative", "masked"] = "relative",
+        constraint_factor: float = 4.0,
         constraint_keep_ratio: float = 0.965,
         score: str = "energy",
         seed: int = 0,
@@ -126,6 +140,10 @@ class OODUnleash(ScoringMixin, HubMixin):
             raise ValueError(f"mask_init must be 'random' or 'magnitude', got {mask_init!r}.")
         self.mask_mode = mask_mode
         self.mask_init = mask_init
+        if constraint not in ("relative", "masked"):
+            raise ValueError(f"constraint must be 'relative' or 'masked', got {constraint!r}.")
+        self.constraint = constraint
+        self.constraint_factor = constraint_factor
         self.constraint_keep_ratio = check_keep_ratio(constraint_keep_ratio)
         self.default_score = score
         self.seed = seed
@@ -156,7 +174,12 @@ class OODUnleash(ScoringMixin, HubMixin):
             )
 
     def __repr__(self) -> str:
-        state = f"ξ={self.loss_constraint_:.4g}" if self.is_fitted else "not fitted"
+        if not self.is_fitted:
+            state = "not fitted"
+        elif self.loss_constraint_ is None:
+            state = "fitted without flooding (control)"
+        else:
+            state = f"ξ={self.loss_constraint_:.4g}"
         return (
             f"OODUnleash({type(self.model).__name__}, method={self.method!r}, "
             f"layers={len(self.layer_names)}, keep_ratio={self.keep_ratio}, {state})"
@@ -207,6 +230,7 @@ class OODUnleash(ScoringMixin, HubMixin):
         lr: float | None = None,
         loss_constraint: float | None = None,
         *,
+        flooding: bool = True,
         optimizer: Any = "sgd",
         momentum: float = 0.9,
         weight_decay: float | None = None,
@@ -226,7 +250,12 @@ class OODUnleash(ScoringMixin, HubMixin):
             loader: ID training data yielding ``(images, labels)``.
             epochs: Fine-tune epochs (default 10).
             lr: Learning rate (default 0.01 for UM weights, 0.1 for UMAP scores).
-            loss_constraint: ξ. ``None`` estimates it with :meth:`estimate_loss_constraint`.
+            loss_constraint: ξ. ``None`` sets it by the ``constraint`` recipe (default: 4x the
+                model's training loss). It must stay below ``ln(classes)``, the loss of a
+                uniform guess: flooding above that trains the model to be wrong.
+            flooding: ``False`` runs the same fine-tune with plain cross-entropy and no ξ
+                (``loss_constraint_`` is then ``None``): the control that a UM/UMAP result
+                should be compared with, since a gain the control also gets is not UM's.
             optimizer: ``"sgd"`` (momentum 0.9, Nesterov), ``"adam"``, ``"adamw"`` or a
                 callable ``params -> Optimizer``.
             momentum: SGD momentum.
@@ -268,6 +297,11 @@ class OODUnleash(ScoringMixin, HubMixin):
             outlier_weight=outlier_weight,
         )
         if loss_constraint is not None:
+            if not flooding:
+                raise ValueError(
+                    "flooding=False runs plain cross-entropy, which has no ξ: drop "
+                    "loss_constraint, or keep flooding=True."
+                )
             loss_constraint = check_loss_constraint(loss_constraint)
         # Under torchrun / accelerate launch: join the process group, read one shard of the
         # data per rank, start every rank from rank 0's weights (docs/howto/distributed.md).
@@ -287,11 +321,16 @@ class OODUnleash(ScoringMixin, HubMixin):
             # Offset by the rank so that dropout differs between ranks (rank 0 = one process);
             # masks and ξ use their own seeded generators and agree on every rank.
             torch.manual_seed(self.seed + rank())
-            xi = (
-                loss_constraint
-                if loss_constraint is not None
-                else self.estimate_loss_constraint(loader, progress=progress)
-            )
+            if not flooding:
+                xi = None
+            elif loss_constraint is not None:
+                xi = loss_constraint
+            elif self.constraint == "masked":
+                xi = self.estimate_loss_constraint(loader, progress=progress)
+            else:
+                xi = relative_loss_constraint(
+                    self.model, loader, self.constraint_factor, progress=progress
+                )
             run = functools.partial(
                 train,
                 loader=loader,

@@ -55,13 +55,15 @@ def test_um_step_ascends_when_loss_is_below_constraint():
     loader = make_loader()
     # Pre-train so that CE is well below a large ξ, then one UM epoch must raise the CE.
     OODUnleash(model).fit(loader, epochs=5, lr=0.1, loss_constraint=1e-6, progress=False)
-    unleashed = OODUnleash(model).fit(loader, epochs=1, lr=0.05, loss_constraint=5.0, progress=False)
+    unleashed = OODUnleash(model).fit(
+        loader, epochs=1, lr=0.05, loss_constraint=1.0, progress=False
+    )
     history = unleashed.history_[0]
     assert history["frac_below_constraint"] == 1.0
     from oodunleash import mean_cross_entropy
 
     before = mean_cross_entropy(copy.deepcopy(model), loader)
-    OODUnleash(model).fit(loader, epochs=1, lr=0.05, loss_constraint=5.0, progress=False)
+    OODUnleash(model).fit(loader, epochs=1, lr=0.05, loss_constraint=1.0, progress=False)
     assert mean_cross_entropy(model, loader) > before
 
 
@@ -87,12 +89,52 @@ def test_loss_constraint_matches_hand_computation_and_leaves_model_untouched():
     assert type(model.conv) is nn.Conv2d
 
 
-def test_fit_estimates_constraint_when_not_given():
-    model = SmallNet()
+def test_fit_sets_constraint_by_recipe_when_not_given():
+    from oodunleash import mean_cross_entropy
+
     loader = make_loader()
-    expected = OODUnleash(model, seed=3).estimate_loss_constraint(loader, progress=False)
+    torch.manual_seed(0)
+    model = SmallNet()
+    OODUnleash(model).fit(loader, epochs=30, lr=0.1, flooding=False, progress=False)
+    state = params_of(model)
+    # default: 4x the model's own training loss (eval mode)
+    expected = 4 * mean_cross_entropy(model, loader)
     unleashed = OODUnleash(model, seed=3).fit(loader, epochs=1, progress=False)
     assert unleashed.loss_constraint_ == pytest.approx(expected)
+    # the paper's recipe: the masked-model estimate
+    model.load_state_dict(state)
+    masked = OODUnleash(model, seed=3, constraint="masked", constraint_keep_ratio=0.9)
+    expected = masked.estimate_loss_constraint(loader, progress=False)
+    masked.fit(loader, epochs=1, progress=False)
+    assert masked.loss_constraint_ == pytest.approx(expected)
+    with pytest.raises(ValueError, match="constraint must be 'relative' or 'masked'"):
+        OODUnleash(model, constraint="paper")
+
+
+def test_constraint_at_or_above_chance_is_refused_before_any_step():
+    model = SmallNet(classes=3)
+    before = params_of(model)
+    with pytest.raises(ValueError, match=r"not below ln\(3\) = 1\.099.*uniform guess"):
+        OODUnleash(model).fit(make_loader(), loss_constraint=1.2, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_flooding_false_is_the_plain_cross_entropy_control():
+    torch.manual_seed(0)
+    a = SmallNet()
+    b = copy.deepcopy(a)
+    loader = make_loader()
+    control = OODUnleash(a, seed=1).fit(loader, epochs=2, flooding=False, progress=False)
+    assert control.loss_constraint_ is None
+    assert "control" in repr(control)
+    assert control.history_[0]["frac_below_constraint"] == 0.0
+    # identical to flooding at a level no batch ever reaches (ce > ξ everywhere: descent)
+    tiny = OODUnleash(b, seed=1).fit(loader, epochs=2, loss_constraint=1e-9, progress=False)
+    for k, v in a.state_dict().items():
+        assert torch.allclose(v, b.state_dict()[k], atol=1e-6)
+    assert control.history_[-1]["ce"] == pytest.approx(tiny.history_[-1]["ce"], rel=1e-5)
+    with pytest.raises(ValueError, match="flooding=False"):
+        OODUnleash(a).fit(loader, loss_constraint=0.3, flooding=False, progress=False)
 
 
 # ---------------------------------------------------------------- UM
@@ -100,7 +142,9 @@ def test_um_trains_dense_weights_and_leaves_no_mask():
     model = SmallNet()
     keys = list(model.state_dict())
     before = params_of(model)
-    unleashed = OODUnleash(model, method="um").fit(make_loader(), epochs=2, progress=False)
+    unleashed = OODUnleash(model, method="um").fit(
+        make_loader(), epochs=2, loss_constraint=0.5, progress=False
+    )
     assert unleashed.masks_ is None
     assert list(model.state_dict()) == keys
     assert not any("_oodunleash_mask" in m.__dict__ for m in model.modules())
@@ -121,17 +165,21 @@ def test_same_seed_gives_identical_results():
     b_model = copy.deepcopy(a_model)
     loader = make_loader()
     shuffled = DataLoader(loader.dataset, batch_size=16, shuffle=True)
-    ua = OODUnleash(a_model, method="umap", seed=11).fit(shuffled, epochs=2, progress=False)
-    ub = OODUnleash(b_model, method="umap", seed=11).fit(shuffled, epochs=2, progress=False)
+    ua = OODUnleash(a_model, method="umap", seed=11).fit(shuffled, epochs=2, loss_constraint=0.5)
+    ub = OODUnleash(b_model, method="umap", seed=11).fit(shuffled, epochs=2, loss_constraint=0.5)
     for name in ua.masks_.layer_names:
         assert torch.equal(ua.masks_.layer_scores(name), ub.masks_.layer_scores(name))
     assert ua.history_[-1]["loss"] == ub.history_[-1]["loss"]
     with pytest.raises(ValueError, match="carries the UMAP mask"):
         OODUnleash(b_model)
     c_model = ub.export()
-    uc = OODUnleash(c_model, method="um", seed=2).fit(shuffled, epochs=1, progress=False)
+    uc = OODUnleash(c_model, method="um", seed=2).fit(
+        shuffled, epochs=1, loss_constraint=0.5, progress=False
+    )
     d_model = ub.export()
-    ud = OODUnleash(d_model, method="um", seed=2).fit(shuffled, epochs=1, progress=False)
+    ud = OODUnleash(d_model, method="um", seed=2).fit(
+        shuffled, epochs=1, loss_constraint=0.5, progress=False
+    )
     assert uc.history_[0]["loss"] == ud.history_[0]["loss"]
     assert all(torch.equal(v, d_model.state_dict()[k]) for k, v in c_model.state_dict().items())
 
@@ -141,7 +189,7 @@ def test_umap_freezes_weights_and_keeps_exact_fraction():
     model = SmallNet()
     before = params_of(model)
     unleashed = OODUnleash(model, method="umap", keep_ratio=0.75, exclude="fc")
-    unleashed.fit(make_loader(), epochs=2, freeze_norm_stats=True, progress=False)
+    unleashed.fit(make_loader(), epochs=2, loss_constraint=0.5, freeze_norm_stats=True)
     after = params_of(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN stats
     assert all(p.requires_grad for p in model.parameters())  # restored after fit
@@ -154,7 +202,7 @@ def test_umap_freezes_weights_and_keeps_exact_fraction():
 def test_umap_moves_norm_stats_unless_frozen():
     model = SmallNet()
     before = model.bn.running_mean.clone()
-    OODUnleash(model, method="umap").fit(make_loader(), epochs=1, progress=False)
+    OODUnleash(model, method="umap").fit(make_loader(), epochs=1, loss_constraint=0.5)
     assert not torch.equal(before, model.bn.running_mean)
 
 

@@ -76,7 +76,7 @@ def timm_um() -> OODUnleash:
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
     unleashed = OODUnleash(model, "um", layers=nn.Conv2d, exclude="stem.*", score="energy")
-    unleashed.fit(_loader(), epochs=1, progress=False)
+    unleashed.fit(_loader(), epochs=1, loss_constraint=0.9, progress=False)
     unleashed.fit_scores(_loader(), SCORES, progress=False)
     unleashed.evaluate(_loader(seed=3), {"noise": _ood_loader()}, SCORES, progress=False)
     return unleashed
