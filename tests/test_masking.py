@@ -110,7 +110,9 @@ def test_std_conv_standardises_the_masked_weight():
         out = model(x)
     w = conv._parameters["weight"] * masks.mask("0")
     w = F.batch_norm(w.reshape(1, 3, -1), None, None, training=True, momentum=0.0, eps=conv.eps)
-    expected = F.conv2d(x, w.reshape_as(conv._parameters["weight"]), conv.bias, padding=conv.padding)
+    expected = F.conv2d(
+        x, w.reshape_as(conv._parameters["weight"]), conv.bias, padding=conv.padding
+    )
     assert torch.allclose(out, expected, atol=1e-5)
 
 
