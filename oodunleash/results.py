@@ -58,7 +58,7 @@ class EvaluationResults:
         |---|---|---:|---:|---:|---:|
         | msp | noise | 83.33 | 91.67 | 83.33 | 50.00 |
         <BLANKLINE>
-        ID accuracy: 50.00%. ID positive; FPR95 = fraction of OOD accepted at 95% ID kept.
+        Metrics in %. ID accuracy: 50.00%. ID positive; FPR95 = fraction of OOD accepted at 95% ID kept.
     """
 
     metrics: dict[str, dict[str, dict[str, float]]]
@@ -214,7 +214,7 @@ class EvaluationResults:
             rule = f"ID positive; FPR95 = fraction of OOD accepted at {pct} ID kept."
         else:
             rule = f"OOD positive; FPR95 = fraction of ID rejected at {pct} OOD detected."
-        return f"ID accuracy: {acc}. {rule}"
+        return f"Metrics in %. ID accuracy: {acc}. {rule}"
 
     def to_markdown(self) -> str:
         """A markdown table (percentages)."""
