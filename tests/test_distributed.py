@@ -90,7 +90,7 @@ def test_fit_starts_the_process_group_from_torchrun_env(ranks):
 
 def test_only_rank_0_prints_progress(ranks):
     assert "UM 1/1" in ranks[0]["progress"]["stderr"]
-    assert "estimating ξ" in ranks[0]["progress"]["stderr"]
+    assert "training loss for ξ" in ranks[0]["progress"]["stderr"]
     assert ranks[1]["progress"]["stderr"] == ""
 
 
@@ -136,10 +136,11 @@ def test_gather_restores_dataset_order_and_drops_padding(ranks):
 
 # --------------------------------------------------------------------------- UM
 @pytest.mark.parametrize(
-    ("scenario", "xi", "below"), [("um_descent", 1e-3, 0.0), ("um_ascent", 20.0, 1.0)]
+    ("scenario", "xi", "fitted", "below"),
+    [("um_descent", 1e-3, False, 0.0), ("um_ascent", 1.05, True, 1.0)],
 )
-def test_um_equals_single_process_with_the_union_batch(ranks, scenario, xi, below):
-    single = worker.scenario_um(SINGLE_BATCH, xi)
+def test_um_equals_single_process_with_the_union_batch(ranks, scenario, xi, fitted, below):
+    single = worker.scenario_um(SINGLE_BATCH, xi, fitted=fitted)
     assert _max_diff(ranks[0][scenario]["state"], ranks[1][scenario]["state"]) == 0.0
     assert _max_diff(ranks[0][scenario]["state"], single["state"]) < ATOL_WEIGHTS
     for ddp_epoch, one_epoch in zip(_history(ranks[0][scenario]), _history(single), strict=True):
@@ -156,7 +157,7 @@ def _per_rank_flooding_reference(xi: float) -> dict[str, torch.Tensor]:
     5e-4, per-step cosine). An unshuffled DistributedSampler hands rank r the samples at
     positions r, r + 2, ... of each union batch.
     """
-    net = worker.make_net(seed=1)
+    net = worker.fitted_net()
     loader = DataLoader(worker.make_data(48, seed=1), batch_size=SINGLE_BATCH)
     optimizer = torch.optim.SGD(
         net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4
