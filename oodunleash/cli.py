@@ -39,8 +39,8 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--xi-factor",
         type=float,
-        default=4.0,
-        help="ξ as a multiple of the final training loss (default 4)",
+        default=2.0,
+        help="ξ as a multiple of the final training loss (default 2)",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
