@@ -34,6 +34,10 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
 
+# The built site in headless Chromium (apt-get install chromium): pages render, search works.
+browser-check: $(STAMP)
+	$(BIN)/python scripts/check_site.py
+
 test: $(STAMP) lint docs
 	$(BIN)/python -m pytest -q --doctest-modules oodunleash tests
 	$(BIN)/python -m pytest -q --markdown-docs -p no:cacheprovider docs README.md

@@ -702,9 +702,11 @@ class HubMixin:
             class_names: Names of the classes, in logit order (also timm's ``label_names``).
                 Default: ``self.class_names`` when set.
             base_model: Hub id of the model this one was fine-tuned from, for the model card.
-                Default for timm models: the ``hf_hub_id`` of their ``pretrained_cfg``.
+                Not guessed: timm fills ``pretrained_cfg["hf_hub_id"]`` whether or not
+                pretrained weights were loaded, so a model trained from scratch would claim a
+                base it never had.
             datasets: Hub ids of the training datasets, for the model card.
-            license: License id for the model card (default for timm: the source's license).
+            license: License id for the model card.
             card_data: More model-card metadata entries; they override the generated ones.
             model_card: Write ``README.md``.
             repo_id: The repo the usage snippet of the model card names.
@@ -908,12 +910,7 @@ class HubMixin:
         from huggingface_hub import ModelCardData
 
         model_info = config["model"]
-        source_cfg = getattr(self.model, "pretrained_cfg", None) or {}
         is_timm = timm_config is not None
-        if base_model is None and is_timm:
-            base_model = source_cfg.get("hf_hub_id")
-        if license is None and is_timm:
-            license = source_cfg.get("license")  # noqa: A001
         results = getattr(self, "last_results_", None)
         tags = ["ood-detection", "unleashing-mask", "oodunleash", self.method]
         if is_timm:

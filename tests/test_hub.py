@@ -417,7 +417,8 @@ def test_model_card(timm_um, tmp_path):
     meta = yaml.safe_load(front)
     assert meta["library_name"] == "oodunleash"
     assert {"ood-detection", "unleashing-mask", "timm"} <= set(meta["tags"])
-    assert meta["base_model"] == "timm/test_resnet.r160_in1k"
+    # trained from scratch: no base model is claimed (timm's hf_hub_id is set regardless)
+    assert "base_model" not in meta
     assert meta["datasets"] == ["fashion_mnist"]
     assert meta["license"] == "mit"  # card_data overrides
     assert "auroc" in meta["metrics"] and "fpr95" in meta["metrics"]
