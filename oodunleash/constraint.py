@@ -135,6 +135,17 @@ def estimate_loss_constraint(
 
     Returns:
         ξ as a Python float.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> data = [(torch.randn(32, 4), torch.randint(0, 3, (32,)))]
+        >>> before = [p.clone() for p in net.parameters()]
+        >>> xi = estimate_loss_constraint(net, data, keep_ratio=0.9, draws=2, progress=False)
+        >>> isinstance(xi, float), xi != mean_cross_entropy(net, data)
+        (True, True)
+        >>> all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # model unchanged
+        True
     """
     check_keep_ratio(keep_ratio)
     if draws < 1:

@@ -159,6 +159,19 @@ class ScoringMixin:
 
         Returns:
             ``self``.
+
+        Example:
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> from oodunleash import OODUnleash
+            >>> _ = torch.manual_seed(0)
+            >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+            >>> train_data = DataLoader(
+            ...     TensorDataset(torch.randn(32, 1, 4, 4), torch.randint(0, 3, (32,))), batch_size=16)
+            >>> unleashed = OODUnleash(net).fit_scores(train_data, ["knn", "msp"], progress=False)
+            >>> sorted(unleashed.fitted_scores_)
+            ['knn', 'msp']
+            >>> unleashed.score(torch.randn(5, 1, 4, 4), "knn").shape
+            torch.Size([5])
         """
         if scores is None:
             specs = list_scores()
@@ -199,6 +212,21 @@ class ScoringMixin:
             score: A registered name or an :class:`OODScore`; default the ``score`` given to
                 the constructor. Scores that learn from training data must have been fitted
                 with :meth:`fit_scores`.
+
+        Returns:
+            ``(batch,)`` scores, on the device of ``x``.
+
+        Example:
+            >>> from oodunleash import OODUnleash
+            >>> _ = torch.manual_seed(0)
+            >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+            >>> unleashed = OODUnleash(net)  # default score: "energy"
+            >>> x = torch.randn(5, 1, 4, 4)
+            >>> unleashed.score(x).shape
+            torch.Size([5])
+            >>> msp = unleashed.score(x, "msp")  # the maximum softmax probability
+            >>> bool(((msp > 0) & (msp <= 1)).all())
+            True
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a tensor batch of images, got {type(x).__name__}.")

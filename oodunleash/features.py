@@ -64,6 +64,16 @@ class LinearHead:
 
     @classmethod
     def from_module(cls, module: nn.Module) -> LinearHead:
+        """A detached copy of a linear layer's current weight and bias.
+
+        Args:
+            module: A layer with a ``weight`` (an ``nn.Linear``, or a masked layer, which
+                returns its masked weight) and an optional ``bias``. A weight of more than
+                two dimensions is flattened to ``(classes, dim)``.
+
+        Returns:
+            The head; its bias is zeros when ``module`` has none.
+        """
         weight = module.weight.detach()  # masked layers return their masked weight here
         bias = getattr(module, "bias", None)
         bias = bias.detach() if bias is not None else weight.new_zeros(weight.shape[0])
@@ -71,6 +81,7 @@ class LinearHead:
 
     @property
     def num_classes(self) -> int:
+        """The number of classes (output rows of :attr:`weight`)."""
         return self.weight.shape[0]
 
     def __call__(self, features: Tensor) -> Tensor:
@@ -146,6 +157,12 @@ class FeatureSet:
 
     @property
     def compute_device(self) -> torch.device:
+        """Where heavy computations on this set should run.
+
+        Returns:
+            :attr:`device` when set, else the device of the first per-sample tensor (or
+            ``images``) present, else the CPU.
+        """
         if self.device is not None:
             return torch.device(self.device)
         for name in (*PER_SAMPLE, "images"):

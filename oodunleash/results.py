@@ -116,10 +116,20 @@ class EvaluationResults:
     # ------------------------------------------------------------------ access
     @property
     def score_names(self) -> list[str]:
+        """The names of the evaluated scores, in evaluation order.
+
+        Returns:
+            The keys of :attr:`metrics`.
+        """
         return list(self.metrics)
 
     @property
     def ood_names(self) -> list[str]:
+        """The names of the OOD sets, in order of first appearance across scores.
+
+        Returns:
+            Every OOD set any score was evaluated on, each once.
+        """
         names: dict[str, None] = {}
         for per_ood in self.metrics.values():
             names.update(dict.fromkeys(per_ood))

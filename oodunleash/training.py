@@ -102,6 +102,18 @@ class TrainConfig:
     ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or a callable taking the parameters;
     ``schedule`` is ``"cosine"`` (per step, to zero), ``"constant"`` or a callable
     ``(optimizer, total_steps) -> scheduler`` stepped once per batch.
+
+    Example:
+        >>> TrainConfig(epochs=1, outlier_loss="energy").outlier_weight  # Energy-OE default
+        0.1
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+        >>> history = train(net, list(net.parameters()), data, loss_constraint=0.5,
+        ...                 config=TrainConfig(epochs=1), device=torch.device("cpu"),
+        ...                 progress=False)
+        >>> len(history), history[0]["epoch"]
+        (1, 1)
     """
 
     epochs: int = 10

@@ -77,13 +77,15 @@ class OODUnleash(ScoringMixin, HubMixin):
         feature_layer: Name of the submodule whose output is the pre-pool feature map (ASH
             scores) on non-timm models, when it cannot be found automatically.
 
-    Attributes (after :meth:`fit`):
-        loss_constraint_: The ξ used (``None`` after ``fit(flooding=False)``).
-        history_: One dict per epoch: ``loss``, ``ce``, ``accuracy``,
+    Attributes:
+        loss_constraint_: After :meth:`fit`: the ξ used (``None`` after
+            ``fit(flooding=False)``).
+        history_: After :meth:`fit`: one dict per epoch: ``loss``, ``ce``, ``accuracy``,
             ``frac_below_constraint`` (fraction of batches whose CE was below ξ), ``lr``,
             ``time_s``.
-        masks_: The learnt :class:`~oodunleash.masking.LayerMasks` (UMAP only, else ``None``).
-        train_config_: The :class:`~oodunleash.training.TrainConfig` used.
+        masks_: After :meth:`fit`: the learnt :class:`~oodunleash.masking.LayerMasks` (UMAP
+            only, else ``None``).
+        train_config_: After :meth:`fit`: the :class:`~oodunleash.training.TrainConfig` used.
 
     Example:
         >>> import torch
@@ -201,6 +203,23 @@ class OODUnleash(ScoringMixin, HubMixin):
 
         The model is left unchanged. See :func:`oodunleash.constraint.estimate_loss_constraint`.
         Under ``torchrun`` the estimate covers all ranks' data (see :meth:`fit`).
+
+        Example:
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> _ = torch.manual_seed(0)
+            >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+            >>> data = DataLoader(
+            ...     TensorDataset(torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))), batch_size=16)
+            >>> unleashed = OODUnleash(net)
+            >>> xi = unleashed.estimate_loss_constraint(data, progress=False)
+            >>> isinstance(xi, float), xi > 0
+            (True, True)
+            >>> xi == unleashed.estimate_loss_constraint(data, progress=False)  # seeded masks
+            True
+
+            On a trained model, pass it on with ``fit(loader, loss_constraint=xi)`` (or construct
+            with ``constraint="masked"``). This untrained toy's ξ is not below ln(3), so
+            :meth:`fit` would refuse it.
         """
         init_distributed()
         loader = shard_loader(loader)
@@ -281,6 +300,26 @@ class OODUnleash(ScoringMixin, HubMixin):
         plain ``DataLoader`` is given a ``DistributedSampler`` (``batch_size`` is then per rank),
         ξ is averaged over all ranks' data, only rank 0 shows progress, and the flooding term
         ``|CE − ξ|`` is taken per rank on its own batch. See ``docs/howto/distributed.md``.
+
+        Example:
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> _ = torch.manual_seed(0)
+            >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+            >>> data = DataLoader(
+            ...     TensorDataset(torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))), batch_size=16)
+            >>> unleashed = OODUnleash(net).fit(data, epochs=1, loss_constraint=0.5, progress=False)
+            >>> unleashed.is_fitted, unleashed.loss_constraint_, len(unleashed.history_)
+            (True, 0.5, 1)
+            >>> sorted(unleashed.history_[0])
+            ['accuracy', 'ce', 'epoch', 'frac_below_constraint', 'loss', 'lr', 'time_s']
+
+            This untrained toy has a high training loss: the default ξ (4x that loss) would not be
+            below ln(3) ≈ 1.10 and ``fit`` would refuse it, hence the explicit ξ above. The plain
+            fine-tune control needs no ξ:
+
+            >>> control = OODUnleash(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)))
+            >>> control.fit(data, epochs=1, flooding=False, progress=False).loss_constraint_ is None
+            True
         """
         defaults = METHOD_DEFAULTS[self.method]
         config = TrainConfig(
@@ -380,7 +419,23 @@ class OODUnleash(ScoringMixin, HubMixin):
     def export(self) -> nn.Module:
         """A plain copy of the unleashed model: same class as the input model, original
         ``state_dict`` keys, no mask machinery. UMAP masks are baked in (pruned weights are
-        exact zeros). The wrapper itself is left as it is."""
+        exact zeros). The wrapper itself is left as it is.
+
+        Example:
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> _ = torch.manual_seed(0)
+            >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+            >>> data = DataLoader(
+            ...     TensorDataset(torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))), batch_size=16)
+            >>> unleashed = OODUnleash(net, method="umap", keep_ratio=0.8)
+            >>> plain = unleashed.fit(data, epochs=1, loss_constraint=0.5, progress=False).export()
+            >>> type(plain) is nn.Sequential, plain is net
+            (True, False)
+            >>> plain.state_dict().keys() == net.state_dict().keys()
+            True
+            >>> bool((plain[3].weight == 0).any())  # pruned weights are exact zeros
+            True
+        """
         self._check_fitted("export()")
         if self.masks_ is not None:
             return self.masks_.baked_copy(self.model)

@@ -265,6 +265,8 @@ class KNN(OODScore):
 
     @property
     def effective_k(self) -> int:
+        """The neighbour actually used: ``max(1, round(k * f))``, where ``f`` is the fraction of
+        the fitted bank that was kept when it was saved and restored (1 after :meth:`fit`)."""
         return max(1, round(self.k * float(self.k_scale)))
 
     def score(self, data: FeatureSet) -> Tensor:
