@@ -341,23 +341,25 @@ class LayerMasks(nn.Module):
         layer is not, so it is always recomputed there.
         """
         scores = self.layer_scores(name).detach()
-        flat = scores.reshape(-1)
         sample = self._samples.get(name)
-        if sample is not None:
-            if sample.device != flat.device:
-                sample = self._samples[name] = sample.to(flat.device)
-            flat = flat[sample]
+        if sample is not None and sample.device != scores.device:
+            sample = self._samples[name] = sample.to(scores.device)
+        values = scores.reshape(-1) if sample is None else scores.reshape(-1)[sample]
         threshold = self._thresholds.get(name)
-        stale = (
-            threshold is None
-            or flat.is_cuda
-            or threshold.device != flat.device
-            or abs(float((flat >= threshold).float().mean()) - self.keep_ratio) > self.tolerance
-        )
-        if stale:
-            threshold = self._thresholds[name] = _threshold(flat, self.keep_ratio)
+        dropped = None
+        if scores.is_cuda or threshold is None or threshold.device != scores.device:
+            threshold = None
+        else:
+            below = values < threshold
+            kept = 1.0 - int(below.sum()) / values.numel()
+            if abs(kept - self.keep_ratio) > self.tolerance:
+                threshold = None
+            elif sample is None:  # the check compared every score: that is the mask
+                dropped = below.view_as(scores)
+        if threshold is None:
+            threshold = self._thresholds[name] = _threshold(values, self.keep_ratio)
             self.threshold_updates += 1
-        return scores < threshold
+        return scores < threshold if dropped is None else dropped
 
     def _model_wise_masks(self) -> dict[str, Tensor]:
         # Standardise per layer first: raw scores of different layers live on different scales
