@@ -356,3 +356,9 @@ def test_fit_releases_gradients():
     model = SmallNet()
     OODUnleash(model).fit(make_loader(), epochs=1, loss_constraint=0.5, progress=False)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_high_constraint_warns_before_training():
+    model = SmallNet(classes=3)
+    with pytest.warns(UserWarning, match="more than a quarter"):
+        OODUnleash(model).fit(make_loader(), epochs=1, loss_constraint=0.5, progress=False)
