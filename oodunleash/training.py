@@ -91,7 +91,7 @@ def check_below_chance(loss_constraint: float | None, num_classes: int) -> None:
     if loss_constraint is None:
         return
     chance = math.log(num_classes)
-    if 0.25 * chance < loss_constraint < chance:
+    if 0.25 * chance < loss_constraint < chance and is_main_process():
         warnings.warn(
             f"The loss constraint ξ = {loss_constraint:.4g} is more than a quarter of the "
             f"loss of a uniform guess (ln({num_classes}) = {chance:.4g}); flooding this high "
