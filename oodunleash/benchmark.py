@@ -13,9 +13,9 @@ Protocol (see ``docs/benchmarks.md``):
   constraint: plain cross-entropy. A gain the control also gets is not UM's gain.
 
 Each (setting, seed) pair runs in its own process (:func:`run_seed`) and writes one JSON file;
-:func:`summarize` aggregates them into ``results.json``, ``results.md`` and plots. Scores are
-computed here with small self-contained implementations so that one run does all its
-evaluations on the device the model lives on.
+:func:`summarize` aggregates them into ``results.json``, ``results.md`` and plots. Scores and
+metrics are the library's (:meth:`OODUnleash.evaluate`), computed on the device the model
+lives on.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .constraint import estimate_loss_constraint, mean_cross_entropy
 from .masking import select_layers
 from .models import create_model
+from .scores import get_score
 from .wrapper import OODUnleash
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "evaluate_model",
     "load_benchmark_data",
     "load_checkpoint",
-    "ood_metrics",
     "parse_finetune",
     "run_benchmark",
     "run_seed",
@@ -189,136 +189,20 @@ def load_benchmark_data(
 
 
 # ============================================================================ scores
-def _last_linear(model: nn.Module) -> nn.Linear:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("Feature-based scores need a model whose head is an nn.Linear.")
-    return linears[-1]
+#: The detectors :func:`evaluate_model` reports, with the benchmark's settings: ODIN with
+#: T = 1000 and ε = 0.0014 taken in the model's (normalised) input space, KNN with k = 50 on
+#: L2-normalised penultimate features, Mahalanobis with class means and one shared covariance.
+_SCORE_CONFIG: dict[str, dict[str, Any]] = {
+    "odin": {"temperature": 1000.0, "epsilon": 0.0014},
+    "knn": {"k": 50},
+}
 
 
-@torch.no_grad()
-def _logits_features(
-    model: nn.Module, images: Tensor, device: torch.device, batch_size: int = 1024
-) -> tuple[Tensor, Tensor]:
-    """Logits and penultimate features (the head's input) in eval mode."""
-    captured: list[Tensor] = []
-    hook = _last_linear(model).register_forward_pre_hook(
-        lambda _m, args: captured.append(args[0].detach().flatten(1).float())
-    )
-    logits = []
-    try:
-        for start in range(0, len(images), batch_size):
-            logits.append(model(images[start : start + batch_size].to(device)).float())
-    finally:
-        hook.remove()
-    return torch.cat(logits), torch.cat(captured)
-
-
-def _odin(
-    model: nn.Module,
-    images: Tensor,
-    device: torch.device,
-    temperature: float = 1000.0,
-    epsilon: float = 0.0014,
-    batch_size: int = 1024,
-) -> Tensor:
-    """ODIN (Liang et al. 2018): temperature-scaled MSP after a small input perturbation."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(device).requires_grad_(True)
-        logits = model(x).float() / temperature
-        loss = F.cross_entropy(logits, logits.argmax(1))
-        (grad,) = torch.autograd.grad(loss, x)
-        with torch.no_grad():
-            logits = model(x - epsilon * grad.sign()).float() / temperature
-            out.append(logits.softmax(1).max(1).values)
-    return torch.cat(out)
-
-
-@dataclasses.dataclass
-class _FeatureStats:
-    """What Mahalanobis and KNN need from the ID training features."""
-
-    means: Tensor
-    precision: Tensor
-    bank: Tensor
-
-    @classmethod
-    def fit(cls, features: Tensor, labels: Tensor, num_classes: int) -> _FeatureStats:
-        f = features.double()
-        means = torch.stack([f[labels == c].mean(0) for c in range(num_classes)])
-        centred = f - means[labels]
-        cov = centred.T @ centred / len(f)
-        # A small ridge keeps the inverse stable for low-rank features (dead ReLU units).
-        ridge = (
-            1e-6 * cov.diagonal().mean() * torch.eye(len(cov), device=cov.device, dtype=cov.dtype)
-        )
-        return cls(means, torch.linalg.pinv(cov + ridge), F.normalize(features.float(), dim=1))
-
-
-def _mahalanobis(features: Tensor, stats: _FeatureStats) -> Tensor:
-    f = features.double()
-    dists = []
-    for mu in stats.means:
-        d = f - mu
-        dists.append(((d @ stats.precision) * d).sum(1))
-    return -torch.stack(dists, 1).min(1).values.float()
-
-
-def _knn(features: Tensor, stats: _FeatureStats, k: int = 50, chunk: int = 4096) -> Tensor:
-    """Sun et al. 2022: minus the distance to the k-th nearest normalised training feature."""
-    f = F.normalize(features.float(), dim=1)
-    k = min(k, len(stats.bank))
-    out = []
-    for start in range(0, len(f), chunk):
-        sims = f[start : start + chunk] @ stats.bank.T
-        kth = sims.topk(k, dim=1).values[:, -1]
-        out.append(-(2 - 2 * kth).clamp_min(0).sqrt())
-    return torch.cat(out)
-
-
-def _scores_from(
-    model: nn.Module,
-    images: Tensor,
-    scores: Sequence[str],
-    stats: _FeatureStats | None,
-    device: torch.device,
-) -> tuple[dict[str, np.ndarray], Tensor]:
-    logits, features = _logits_features(model, images, device)
-    out: dict[str, Tensor] = {}
-    for name in scores:
-        if name == "msp":
-            out[name] = logits.softmax(1).max(1).values
-        elif name == "energy":
-            out[name] = torch.logsumexp(logits, 1)
-        elif name == "maxlogit":
-            out[name] = logits.max(1).values
-        elif name == "odin":
-            out[name] = _odin(model, images, device)
-        elif name == "mahalanobis":
-            out[name] = _mahalanobis(features, stats)
-        elif name == "knn":
-            out[name] = _knn(features, stats)
-        else:
-            raise ValueError(f"Unknown score {name!r}; choose from {', '.join(ALL_SCORES)}.")
-    return {k: v.double().cpu().numpy() for k, v in out.items()}, logits
-
-
-def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, float]:
-    """AUROC, AUPR-In, AUPR-Out and FPR at 95% TPR, in percent; ID is the positive class and
-    higher scores mean more in-distribution."""
-    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
-
-    y = np.concatenate([np.ones(len(id_scores)), np.zeros(len(ood_scores))])
-    s = np.concatenate([id_scores, ood_scores])
-    s = np.nan_to_num(s, nan=-1e30, posinf=1e30, neginf=-1e30)
-    fpr, tpr, _ = roc_curve(y, s)
-    return {
-        "auroc": 100 * float(roc_auc_score(y, s)),
-        "aupr_in": 100 * float(average_precision_score(y, s)),
-        "aupr_out": 100 * float(average_precision_score(1 - y, -s)),
-        "fpr95": 100 * float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
-    }
+def _batches(images: Tensor, labels: Tensor | None = None, batch_size: int = 1024) -> list[Any]:
+    """In-memory batches in order: images, or ``(images, labels)``."""
+    if labels is None:
+        return list(images.split(batch_size))
+    return list(zip(images.split(batch_size), labels.split(batch_size), strict=True))
 
 
 def evaluate_model(
@@ -329,9 +213,10 @@ def evaluate_model(
     *,
     fit_set: tuple[Tensor, Tensor] | None = None,
     num_classes: int | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """ID accuracy and OOD metrics of ``model`` (eval mode, left as it was).
+    """ID accuracy and OOD metrics of ``model`` (eval mode, left as it was), computed by the
+    library's detectors and metrics (:meth:`OODUnleash.evaluate`), in percent.
 
     Args:
         model: The classifier.
@@ -339,33 +224,36 @@ def evaluate_model(
         ood_sets: Name → OOD images.
         scores: Score names (see :data:`ALL_SCORES`).
         fit_set: ID training ``(images, labels)`` that Mahalanobis and KNN are fitted on.
-        num_classes: Number of classes (for Mahalanobis).
-        device: Where to compute.
+        num_classes: Number of classes; every one must appear in ``fit_set`` (Mahalanobis
+            keeps one mean per class).
+        device: Unused: the model is run where its parameters are (kept for callers).
 
     Returns:
         ``{"accuracy": %, "metrics": {score: {ood: {"auroc", "aupr_in", "aupr_out",
-        "fpr95"}}}}``.
+        "fpr95"}}}}``, every metric in percent (FPR95: OOD accepted at 95% ID kept).
     """
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    try:
-        stats = None
-        if {"mahalanobis", "knn"} & set(scores):
-            if fit_set is None or num_classes is None:
-                raise ValueError("Mahalanobis and KNN need fit_set and num_classes.")
-            _, feats = _logits_features(model, fit_set[0], device)
-            stats = _FeatureStats.fit(feats, fit_set[1].to(device), num_classes)
-        id_scores, logits = _scores_from(model, id_set[0], scores, stats, device)
-        accuracy = 100 * float((logits.argmax(1).cpu() == id_set[1]).float().mean())
-        metrics: dict[str, dict[str, dict[str, float]]] = {s: {} for s in scores}
-        for name, images in ood_sets.items():
-            ood_scores, _ = _scores_from(model, images, scores, stats, device)
-            for s in scores:
-                metrics[s][name] = ood_metrics(id_scores[s], ood_scores[s])
-    finally:
-        model.train(was_training)
-    return {"accuracy": accuracy, "metrics": metrics}
+    del device  # the library runs the model on its own device
+    fit_loader = None
+    if {"mahalanobis", "knn"} & set(scores):
+        if fit_set is None or num_classes is None:
+            raise ValueError("Mahalanobis and KNN need fit_set and num_classes.")
+        missing = set(range(num_classes)) - set(fit_set[1].tolist())
+        if missing:
+            raise ValueError(f"fit_set has no image of class(es) {sorted(missing)}.")
+        fit_loader = _batches(*fit_set)
+    detectors = [get_score(name, **_SCORE_CONFIG.get(name, {})) for name in scores]
+    results = OODUnleash(model).evaluate(
+        _batches(*id_set),
+        {name: _batches(images) for name, images in ood_sets.items()},
+        detectors,
+        fit_loader=fit_loader,
+        progress=False,
+    )
+    metrics = {
+        s: {o: {k: 100 * v for k, v in per_metric.items()} for o, per_metric in per_ood.items()}
+        for s, per_ood in results.metrics.items()
+    }
+    return {"accuracy": 100 * results.id_accuracy, "metrics": metrics}
 
 
 # ============================================================================ training
