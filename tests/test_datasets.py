@@ -614,3 +614,23 @@ def test_access_does_not_modify_stored_images(make) -> None:
     data.tensors()
     assert torch.equal(data[1][0], first) and torch.equal(data.data, before)
     assert torch.equal(make().data, before)  # the shared caches are untouched too
+
+
+def test_glyphs_ood_shape_range_determinism() -> None:
+    glyphs = ds.GlyphsOOD(n=16, seed=3, normalize=False)
+    assert len(glyphs) == 16
+    image, label = glyphs[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32 and label == -1
+    raw = glyphs.data
+    assert raw.min() >= 0.0 and raw.max() <= 1.0
+    per_image = raw.flatten(1)
+    assert bool((per_image.amax(1) > 0.3).all())  # every image shows a glyph
+    assert bool((per_image.mean(1) < 0.6).all())  # ...on a dark background
+    assert torch.equal(ds.GlyphsOOD(n=16, seed=3, normalize=False).data, raw)
+    assert not torch.equal(ds.GlyphsOOD(n=16, seed=4, normalize=False).data, raw)
+    normalized = ds.GlyphsOOD(n=16, seed=3).tensors()[0]
+    expected = (raw.unsqueeze(1) - ds.FASHION_MNIST_MEAN) / ds.FASHION_MNIST_STD
+    assert torch.allclose(normalized, expected, atol=1e-5)
+    assert "GlyphsOOD" in ds.__all__
+    with pytest.raises(ValueError):
+        ds.GlyphsOOD(n=-1)
