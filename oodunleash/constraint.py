@@ -35,7 +35,7 @@ def check_loss_constraint(value: float) -> float:
             f"loss_constraint (ξ) must be a positive number (a mean cross-entropy), got "
             f"{value!r}. Leave it as None to estimate it from the training data."
         )
-    if value != value or value == float("inf"):
+    if value == float("inf"):  # NaN already failed the > 0 test
         raise ValueError(f"loss_constraint (ξ) must be finite, got {value!r}.")
     return float(value)
 

@@ -14,7 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -248,8 +248,8 @@ def train(
     """
     check_distributed_sampler(loader)
     if outlier_loader is not None and config.outlier_loss is None:
-        config.outlier_loss = "oe"
-        config.__post_init__()
+        # A copy: the caller's config stays as given.
+        config = replace(config, outlier_loss="oe")
     try:
         steps_per_epoch = len(loader)  # type: ignore[arg-type]
     except TypeError:
@@ -329,8 +329,8 @@ def train(
                             )
                         loss = loss + config.outlier_weight * out_term
                     # Decided jointly: a rank raising alone would leave the others hanging.
+                    # The handler below restores the last good state before this propagates.
                     if any_rank(not bool(torch.isfinite(loss)), device):
-                        module.load_state_dict(good_state)
                         raise TrainingDivergedError(
                             f"The loss became {float(loss.detach())} at epoch {epoch + 1}, batch {step + 1}"
                             f"{' (on at least one rank)' if is_distributed() else ''}. "
