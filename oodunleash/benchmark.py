@@ -341,7 +341,7 @@ def xi_candidates(
     * ``dense_ends``: random 96.5% mask, stem and head left dense, three draws.
     * ``keep99``: random mask keeping 99% of every layer, three draws.
     * ``magnitude``: magnitude mask keeping 96.5% (prunes the smallest weights).
-    * ``train_x2`` / ``x4`` / ``x8``: multiples of the final training loss (eval mode).
+    * ``train_x2`` / ``x3`` / ``x4`` / ``x8``: multiples of the final training loss (eval mode).
     """
     est = dict(loader=loader, seed=seed, progress=False)
     train_loss = mean_cross_entropy(model, loader, device=device)
@@ -354,7 +354,7 @@ def xi_candidates(
         "keep99": estimate_loss_constraint(model, keep_ratio=0.99, draws=3, **est),
         "magnitude": estimate_loss_constraint(model, keep_ratio=0.965, init="magnitude", **est),
     }
-    for k in (2, 4, 8):
+    for k in (2, 3, 4, 8):
         out[f"train_x{k}"] = k * train_loss
     out["train_loss"] = train_loss
     return out
@@ -738,9 +738,9 @@ def _rows(rs: list[dict[str, Any]], chosen: dict[str, str]) -> list[tuple[str, s
         "umap": "UMAP",
     }
     rows += [(f"{labels[k]}: {chosen[k]}", chosen[k]) for k in labels if k in chosen]
-    default = FineTune("um", "ref", 0.01).name
-    if default in _common_runs(rs) and default not in chosen.values():
-        rows.append((f"UM, library default ({default})", default))
+    paper = FineTune("um", "ref", 0.01).name
+    if paper in _common_runs(rs) and paper not in chosen.values():
+        rows.append((f"UM, the paper's ξ recipe ({paper})", paper))
     return rows
 
 

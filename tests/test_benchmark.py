@@ -1,0 +1,150 @@
+"""The benchmark's own logic: grid names, settings, label noise, ξ recipes, validation-only
+selection, and a tiny end-to-end run on scikit-learn's digits."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from oodunleash.benchmark import (
+    FineTune,
+    Setting,
+    TensorLoader,
+    _noisy,
+    default_grid,
+    load_benchmark_data,
+    parse_finetune,
+    run_benchmark,
+    select_configs,
+    train_classifier,
+    xi_candidates,
+)
+from oodunleash.constraint import mean_cross_entropy
+from oodunleash.models import create_model
+
+
+@pytest.mark.parametrize("ft", default_grid() + default_grid(quick=True))
+def test_finetune_names_round_trip(ft):
+    assert parse_finetune(ft.name) == ft
+
+
+def test_finetune_name_marks_magnitude_init():
+    ft = FineTune("umap", "train_x3", 0.1, 10, mask_init="magnitude")
+    assert ft.name == "umap/train_x3/lr0.1/ep10/mag"
+
+
+def test_setting_parse_defaults_and_options():
+    assert Setting.parse("resnet18").epochs == 20
+    cfg = Setting.parse("small_cnn:noise=0.2:epochs=40")
+    assert (cfg.model, cfg.label_noise, cfg.epochs) == ("small_cnn", 0.2, 40)
+    with pytest.raises(ValueError, match="Unknown option 'lr'"):
+        Setting.parse("small_cnn:lr=0.1")
+
+
+def test_label_noise_flips_to_another_class_at_the_rate():
+    labels = torch.arange(20_000) % 6
+    assert torch.equal(_noisy(labels, 0.0, 6, seed=0), labels)
+    noisy = _noisy(labels, 0.2, 6, seed=0)
+    flipped = noisy != labels
+    assert 0.18 < flipped.float().mean() < 0.22
+    assert noisy.min() >= 0 and noisy.max() <= 5
+    # Same seed, same noise; another seed, other flips.
+    assert torch.equal(noisy, _noisy(labels, 0.2, 6, seed=0))
+    assert not torch.equal(noisy, _noisy(labels, 0.2, 6, seed=1))
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    torch.manual_seed(0)
+    data = load_benchmark_data("digits", eval_cap=200)
+    x, y = data["train"]
+    model = create_model("small_cnn", data["num_classes"])
+    train_classifier(model, TensorLoader(x, y, 64, shuffle=True, seed=0), epochs=3, progress=False)
+    return model, TensorLoader(x, y, 512, shuffle=False)
+
+
+def test_xi_candidates_are_consistent(digits_model):
+    model, loader = digits_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    xis = xi_candidates(model, loader, seed=0, device=torch.device("cpu"))
+    train_loss = mean_cross_entropy(model, loader)
+    assert xis["train_loss"] == pytest.approx(train_loss, rel=1e-5)
+    for k in (2, 3, 4, 8):
+        assert xis[f"train_x{k}"] == pytest.approx(k * train_loss, rel=1e-5)
+    # Masking out weights at random can only cost loss on average; the model is unchanged.
+    for name in ("ref", "ref_avg3", "dense_ends", "keep99"):
+        assert math.isfinite(xis[name]) and xis[name] > 0.5 * train_loss, name
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _seed_result(runs: dict[str, tuple[float, float]]) -> dict:
+    """A per-seed JSON as run_seed writes it: name -> (val accuracy, val FPR95 on one set)."""
+
+    def block(acc: float, fpr: float) -> dict:
+        return {"accuracy": acc, "metrics": {"energy": {"near": {"fpr95": fpr, "auroc": 50.0}}}}
+
+    out = {"runs": {}}
+    for name, (acc, fpr) in runs.items():
+        entry = {"val": block(acc, fpr)}
+        if name != "final":
+            entry["config"] = parse_finetune(name).__dict__
+        out["runs"][name] = entry
+    return out
+
+
+def test_select_configs_takes_lowest_fpr_within_the_accuracy_budget():
+    seeds = [
+        _seed_result(
+            {
+                "final": (95.0, 60.0),
+                "um/control/lr0.01/ep10": (95.0, 61.0),
+                "um/train_x3/lr0.01/ep10": (94.2, 40.0),  # within 1 point: chosen
+                "um/train_x4/lr0.01/ep10": (93.5, 30.0),  # better FPR, too costly
+                "umap/control/lr0.1/ep10": (94.0, 45.0),
+                "umap/train_x4/lr0.1/ep10": (92.0, 20.0),  # nothing within budget:
+                "umap/train_x3/lr0.1/ep10": (93.0, 50.0),  # the most accurate is the fallback
+            }
+        )
+    ]
+    chosen = select_configs(seeds)
+    assert chosen == {
+        "um": "um/train_x3/lr0.01/ep10",
+        "um_control": "um/control/lr0.01/ep10",
+        "umap": "umap/train_x3/lr0.1/ep10",
+        "umap_control": "umap/control/lr0.1/ep10",
+    }
+    # A looser budget admits the stronger, costlier fine-tune.
+    assert select_configs(seeds, max_acc_drop=2.0)["um"] == "um/train_x4/lr0.01/ep10"
+
+
+@pytest.mark.slow
+def test_run_benchmark_quick_end_to_end(tmp_path):
+    # "magnitude" gives ξ close to the training loss: below ln(6) even for a 2-epoch model.
+    grid = [FineTune("um", "control", 0.01, 1), FineTune("um", "magnitude", 0.01, 1)]
+    summary = run_benchmark(
+        ["small_cnn:epochs=2"],
+        [0],
+        tmp_path,
+        dataset="digits",
+        eval_cap=300,
+        grid=grid,
+        checkpoints="final",
+        scores=("msp", "energy"),
+        progress=False,
+    )
+    per_seed = json.loads((tmp_path / "seeds" / "small_cnn_epochs2_s0.json").read_text())
+    assert set(per_seed["runs"]) == {"final"} | {ft.name for ft in grid}
+    assert len(per_seed["curve"]) == 2
+    assert (tmp_path / "checkpoints" / "small_cnn_epochs2_s0" / "epoch002.safetensors").is_file()
+    fine = per_seed["runs"]["um/magnitude/lr0.01/ep1"]
+    assert fine["xi_value"] == pytest.approx(per_seed["xi"]["magnitude"])
+    for block in ("val", "test"):
+        assert 0 <= fine[block]["accuracy"] <= 100
+        assert set(fine[block]["metrics"]) == {"msp", "energy"}
+    assert "small_cnn:epochs=2" in summary["settings"]
+    md = (tmp_path / "results.md").read_text()
+    assert "um/magnitude/lr0.01/ep1" in md and "final model" in md
