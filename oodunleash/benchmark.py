@@ -481,12 +481,15 @@ def run_seed(
     checkpoints: str = "all",
     deadline: float | None = None,
     curve: bool = True,
+    resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run one (setting, seed): training with per-epoch OOD metrics, ξ recipes, the fine-tune
     grid. ``<out_dir>/seeds/<setting>_s<seed>.json`` is rewritten after every fine-tune, so an
     interrupted run keeps what it finished; fine-tunes that would start after ``deadline``
-    (a ``time.time()`` value) are skipped. Returns the JSON content."""
+    (a ``time.time()`` value) are skipped. With ``resume``, an earlier run's JSON and final
+    checkpoint (``checkpoints="all"`` or ``"final"``) replace training, and only the fine-tunes
+    that JSON lacks are run. Returns the JSON content."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     out = pathlib.Path(out_dir)
@@ -517,8 +520,26 @@ def run_seed(
             device=dev,
         )
 
-    # ---- 1. train to the end, OOD metrics per epoch
     model = create_model(cfg.model, k).to(dev)
+    final_ckpt = ckpt_dir / f"epoch{cfg.epochs:03d}.safetensors"
+    if resume:
+        result, final_state = _resume(json_path, final_ckpt, model)
+        _run_grid(
+            result,
+            grid,
+            final_state,
+            model,
+            train_x,
+            train_y,
+            evaluate,
+            json_path,
+            seed,
+            deadline,
+            progress,
+        )
+        return result
+
+    # ---- 1. train to the end, OOD metrics per epoch
     loader = TensorLoader(train_x, train_y, 128, shuffle=True, seed=seed)
     with_curve, curve = curve, []
 
@@ -574,8 +595,64 @@ def run_seed(
     json_path.write_text(json.dumps(result))
 
     # ---- 3. fine-tunes from the final checkpoint
+    _run_grid(
+        result,
+        grid,
+        final_state,
+        model,
+        train_x,
+        train_y,
+        evaluate,
+        json_path,
+        seed,
+        deadline,
+        progress,
+    )
+    return result
+
+
+def _resume(
+    json_path: pathlib.Path, final_ckpt: pathlib.Path, model: nn.Module
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """An earlier run's results and its final model, loaded into ``model``."""
+    missing = [str(p) for p in (json_path, final_ckpt) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Cannot resume: {', '.join(missing)} not found. Resuming needs the earlier run's "
+            "JSON and its final checkpoint (run it with --checkpoints final or all)."
+        )
+    result = json.loads(json_path.read_text())
+    load_checkpoint(model, final_ckpt)
+    return result, copy.deepcopy(model.state_dict())
+
+
+def _run_grid(
+    result: dict[str, Any],
+    grid: Sequence[FineTune],
+    final_state: dict[str, Tensor],
+    model: nn.Module,
+    train_x: Tensor,
+    train_y: Tensor,
+    evaluate: Callable[[nn.Module, str, Sequence[str]], dict[str, Any]],
+    json_path: pathlib.Path,
+    seed: int,
+    deadline: float | None,
+    progress: bool,
+) -> None:
+    """Every fine-tune of ``grid`` not yet in ``result``, each from ``final_state``; the JSON
+    is rewritten after each."""
+    scores = list(result["runs"]["final"]["test"]["metrics"])
+    xis = result["xi"]
     longest = 0.0
-    for ft in tqdm(grid, desc=f"{setting} s{seed} fine-tunes", disable=not progress):
+    todo = [ft for ft in grid if ft.name not in result["runs"]]
+    unknown = sorted({ft.xi for ft in todo} - set(xis) - {"control"})
+    if unknown:
+        raise ValueError(
+            f"No ξ recipe {unknown} in {json_path} (it has {sorted(xis)}): that run predates "
+            "them. Use one of those, or start a fresh run in another --out."
+        )
+    desc = f"{result['setting']} s{seed} fine-tunes"
+    for ft in tqdm(todo, desc=desc, disable=not progress):
         if deadline is not None and time.time() + longest > deadline:
             result["skipped"].append(ft.name)
             continue
@@ -602,8 +679,9 @@ def run_seed(
             "test": evaluate(fitted, "test", scores),
         }
         longest = max(longest, time.perf_counter() - t0)
+        # A fine-tune an earlier, deadline-cut run skipped is no longer missing.
+        result["skipped"] = [n for n in result["skipped"] if n not in result["runs"]]
         json_path.write_text(json.dumps(result))
-    return result
 
 
 def _worker(args: tuple) -> str:

@@ -89,6 +89,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--no-curve", action="store_true", help="skip the per-epoch OOD evaluation")
     bench.add_argument(
+        "--resume",
+        action="store_true",
+        help="start from an earlier run in --out (its per-seed JSON and final checkpoint) and "
+        "run only the fine-tunes it lacks",
+    )
+    bench.add_argument(
         "--summarize-only",
         action="store_true",
         help="only aggregate existing <out>/seeds/*.json",
@@ -129,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoints=args.checkpoints,
             eval_cap=args.eval_cap,
             curve=not args.no_curve,
+            resume=args.resume,
             **({"grid": [parse_finetune(g) for g in args.grid]} if args.grid else {}),
             deadline=None if args.time_budget is None else time.time() + args.time_budget,
         )

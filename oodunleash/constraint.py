@@ -21,11 +21,17 @@ from .distributed import all_reduce_sum, is_main_process, real_samples
 from .masking import LayerMasks, LayerSelector, check_keep_ratio
 
 __all__ = [
+    "DEFAULT_CONSTRAINT_FACTOR",
     "check_loss_constraint",
     "estimate_loss_constraint",
     "mean_cross_entropy",
     "relative_loss_constraint",
 ]
+
+
+#: The library's default ξ, as a multiple of the model's own training loss. Chosen on the
+#: Fashion-MNIST benchmark's validation split (``docs/benchmarks.md``).
+DEFAULT_CONSTRAINT_FACTOR: float = 4.0
 
 
 def check_loss_constraint(value: float) -> float:
@@ -172,7 +178,7 @@ def estimate_loss_constraint(
 def relative_loss_constraint(
     model: nn.Module,
     loader: Iterable,
-    factor: float = 4.0,
+    factor: float = DEFAULT_CONSTRAINT_FACTOR,
     *,
     device: torch.device | str | None = None,
     max_batches: int | None = None,

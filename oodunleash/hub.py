@@ -38,6 +38,7 @@ from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save as _save_safetensors
 from torch import Tensor, nn
 
+from .constraint import DEFAULT_CONSTRAINT_FACTOR
 from .distributed import is_main_process
 from .masking import LayerMasks, topk_mask
 from .training import TrainConfig
@@ -1165,7 +1166,7 @@ class HubMixin:
             "mask_mode": config.get("mask_mode", "layer"),
             "mask_init": config.get("mask_init", "random"),
             "constraint": config.get("constraint", "relative"),
-            "constraint_factor": config.get("constraint_factor", 4.0),
+            "constraint_factor": config.get("constraint_factor", DEFAULT_CONSTRAINT_FACTOR),
             "constraint_keep_ratio": config.get("constraint_keep_ratio", 0.965),
             "score": config.get("default_score", "energy"),
             "seed": config.get("seed", 0),

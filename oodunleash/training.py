@@ -95,7 +95,7 @@ def check_below_chance(loss_constraint: float | None, num_classes: int) -> None:
         warnings.warn(
             f"The loss constraint ξ = {loss_constraint:.4g} is more than a quarter of the "
             f"loss of a uniform guess (ln({num_classes}) = {chance:.4g}); flooding this high "
-            "usually costs ID accuracy. The default recipe (4x the training loss) assumes a "
+            "usually costs ID accuracy. The default recipe (a multiple of the training loss) assumes a "
             "model trained to a low training loss; pass a smaller loss_constraint or "
             "constraint_factor if this one is not.",
             stacklevel=3,
@@ -105,8 +105,8 @@ def check_below_chance(loss_constraint: float | None, num_classes: int) -> None:
             f"The loss constraint ξ = {loss_constraint:.4g} is not below ln({num_classes}) = "
             f"{math.log(num_classes):.4g}, the loss of a uniform guess over {num_classes} "
             "classes; flooding towards it would train the model to be wrong. Pass a smaller "
-            "loss_constraint, or lower constraint_factor (the default recipe sets ξ to 4x the "
-            "training loss, too high for a model that fits its data this poorly)."
+            "loss_constraint, or lower constraint_factor (the default recipe sets ξ to a multiple "
+            "of the training loss, too high for a model that fits its data this poorly)."
         )
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .constraint import (
+    DEFAULT_CONSTRAINT_FACTOR,
     check_loss_constraint,
     estimate_loss_constraint,
     relative_loss_constraint,
@@ -111,7 +112,7 @@ class OODUnleash(ScoringMixin, HubMixin):
         mask_mode: Literal["layer", "model"] = "layer",
         mask_init: Literal["random", "magnitude"] = "random",
         constraint: Literal["relative", "masked"] = "relative",
-        constraint_factor: float = 4.0,
+        constraint_factor: float = DEFAULT_CONSTRAINT_FACTOR,
         constraint_keep_ratio: float = 0.965,
         score: str = "energy",
         seed: int = 0,

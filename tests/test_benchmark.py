@@ -148,3 +148,40 @@ def test_run_benchmark_quick_end_to_end(tmp_path):
     assert "small_cnn:epochs=2" in summary["settings"]
     md = (tmp_path / "results.md").read_text()
     assert "um/magnitude/lr0.01/ep1" in md and "final model" in md
+
+    # Resuming adds the missing fine-tunes to the same final model, keeping what was done.
+    extra = FineTune("umap", "control", 0.1, 1)
+    run_benchmark(
+        ["small_cnn:epochs=2"],
+        [0],
+        tmp_path,
+        dataset="digits",
+        eval_cap=300,
+        grid=[*grid, extra],
+        resume=True,
+        progress=False,
+    )
+    resumed = json.loads((tmp_path / "seeds" / "small_cnn_epochs2_s0.json").read_text())
+    assert set(resumed["runs"]) == set(per_seed["runs"]) | {extra.name}
+    for name, run in per_seed["runs"].items():
+        assert resumed["runs"][name] == run, name
+    assert resumed["train_time_s"] == per_seed["train_time_s"]
+    assert set(resumed["runs"][extra.name]["test"]["metrics"]) == {"msp", "energy"}
+    with pytest.raises(ValueError, match=r"No ξ recipe \['nope'\]"):
+        run_benchmark(
+            ["small_cnn:epochs=2"],
+            [0],
+            tmp_path,
+            dataset="digits",
+            eval_cap=300,
+            grid=[FineTune("um", "nope", 0.01, 1)],
+            resume=True,
+            progress=False,
+        )
+
+
+def test_resume_without_an_earlier_run_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Cannot resume.*--checkpoints final"):
+        run_benchmark(
+            ["small_cnn:epochs=2"], [0], tmp_path, dataset="digits", eval_cap=50, resume=True
+        )
