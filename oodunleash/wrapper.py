@@ -69,7 +69,7 @@ class OODUnleash(ScoringMixin, HubMixin):
             training CE with a random ``1 - constraint_keep_ratio`` of each chosen layer
             masked). The benchmark (``docs/benchmarks.md``) found the paper's recipe 20-26x the
             training loss on small models, where it wrecked accuracy.
-        constraint_factor: See ``constraint`` (default 4).
+        constraint_factor: See ``constraint`` (default 3).
         constraint_keep_ratio: Keep ratio of the random mask that estimates ξ (reference 0.965).
         score: Default OOD score used by :meth:`score` (see :func:`oodunleash.list_scores`).
         seed: Seeds the masks and the fine-tune; the same seed on CPU gives identical results.
@@ -270,7 +270,7 @@ class OODUnleash(ScoringMixin, HubMixin):
             loader: ID training data yielding ``(images, labels)``.
             epochs: Fine-tune epochs (default 10).
             lr: Learning rate (default 0.01 for UM weights, 0.1 for UMAP scores).
-            loss_constraint: ξ. ``None`` sets it by the ``constraint`` recipe (default: 4x the
+            loss_constraint: ξ. ``None`` sets it by the ``constraint`` recipe (default: 3x the
                 model's training loss). It must stay below ``ln(classes)``, the loss of a
                 uniform guess: flooding above that trains the model to be wrong.
             flooding: ``False`` runs the same fine-tune with plain cross-entropy and no ξ
@@ -314,7 +314,7 @@ class OODUnleash(ScoringMixin, HubMixin):
             >>> sorted(unleashed.history_[0])
             ['accuracy', 'ce', 'epoch', 'frac_below_constraint', 'loss', 'lr', 'time_s']
 
-            This untrained toy has a high training loss: the default ξ (4x that loss) would not be
+            This untrained toy has a high training loss: the default ξ (3x that loss) would not be
             below ln(3) ≈ 1.10 and ``fit`` would refuse it, hence the explicit ξ above. The plain
             fine-tune control needs no ξ:
 

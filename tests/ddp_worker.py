@@ -98,7 +98,7 @@ def scenario_gather(batch: int) -> dict[str, Any]:
 def fitted_net() -> nn.Module:
     """``make_net(seed=1)`` trained a little on ``make_data(48, seed=1)`` (full-batch SGD, no
     DDP: the same on every rank). Flooding from above needs a trained model: ξ must lie below
-    ln(3), the loss of a uniform guess, and the default recipe sets it to 4x the training
+    ln(3), the loss of a uniform guess, and the default recipe sets it to 3x the training
     loss."""
     net = make_net(seed=1)
     x, y, _ = make_data(48, seed=1).tensors
