@@ -521,80 +521,66 @@ def run_seed(
         )
 
     model = create_model(cfg.model, k).to(dev)
-    final_ckpt = ckpt_dir / f"epoch{cfg.epochs:03d}.safetensors"
     if resume:
+        final_ckpt = ckpt_dir / f"epoch{cfg.epochs:03d}.safetensors"
         result, final_state = _resume(json_path, final_ckpt, model)
-        _run_grid(
-            result,
-            grid,
-            final_state,
+    else:
+        # ---- 1. train to the end, OOD metrics per epoch
+        loader = TensorLoader(train_x, train_y, 128, shuffle=True, seed=seed)
+        with_curve, curve = curve, []
+
+        def on_epoch(epoch: int, record: dict[str, float]) -> None:
+            if checkpoints == "all" or (checkpoints == "final" and epoch == cfg.epochs):
+                save_checkpoint(model, ckpt_dir / f"epoch{epoch:03d}.safetensors")
+            if not with_curve:
+                curve.append(record)
+                return
+            curve.append(
+                record
+                | {
+                    "test": evaluate(model, "test", ("energy", "msp")),
+                    "val": evaluate(model, "val", ("energy", "msp")),
+                }
+            )
+
+        started = time.perf_counter()
+        train_classifier(
             model,
-            train_x,
-            train_y,
-            evaluate,
-            json_path,
-            seed,
-            deadline,
-            progress,
+            loader,
+            epochs=cfg.epochs,
+            device=dev,
+            on_epoch=on_epoch,
+            progress=progress,
+            desc=f"{setting} s{seed}",
         )
-        return result
+        train_time = time.perf_counter() - started
+        final_state = copy.deepcopy(model.state_dict())
 
-    # ---- 1. train to the end, OOD metrics per epoch
-    loader = TensorLoader(train_x, train_y, 128, shuffle=True, seed=seed)
-    with_curve, curve = curve, []
+        # ---- 2. ξ recipes from the final model (on the training data it was trained on)
+        xis = xi_candidates(model, TensorLoader(train_x, train_y, 1024, shuffle=False), seed, dev)
+        result: dict[str, Any] = {
+            "setting": setting,
+            "model": cfg.model,
+            "label_noise": cfg.label_noise,
+            "epochs": cfg.epochs,
+            "seed": seed,
+            "dataset": data["dataset"],
+            "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+            "train_size": len(train_y),
+            "train_time_s": train_time,
+            "curve": curve,
+            "xi": xis,
+            "skipped": [],
+            "runs": {
+                "final": {
+                    "val": evaluate(model, "val", scores),
+                    "test": evaluate(model, "test", scores),
+                }
+            },
+        }
+        json_path.write_text(json.dumps(result))
 
-    def on_epoch(epoch: int, record: dict[str, float]) -> None:
-        if checkpoints == "all" or (checkpoints == "final" and epoch == cfg.epochs):
-            save_checkpoint(model, ckpt_dir / f"epoch{epoch:03d}.safetensors")
-        if not with_curve:
-            curve.append(record)
-            return
-        curve.append(
-            record
-            | {
-                "test": evaluate(model, "test", ("energy", "msp")),
-                "val": evaluate(model, "val", ("energy", "msp")),
-            }
-        )
-
-    started = time.perf_counter()
-    train_classifier(
-        model,
-        loader,
-        epochs=cfg.epochs,
-        device=dev,
-        on_epoch=on_epoch,
-        progress=progress,
-        desc=f"{setting} s{seed}",
-    )
-    train_time = time.perf_counter() - started
-    final_state = copy.deepcopy(model.state_dict())
-
-    # ---- 2. ξ recipes from the final model (on the training data it was trained on)
-    xis = xi_candidates(model, TensorLoader(train_x, train_y, 1024, shuffle=False), seed, dev)
-    result: dict[str, Any] = {
-        "setting": setting,
-        "model": cfg.model,
-        "label_noise": cfg.label_noise,
-        "epochs": cfg.epochs,
-        "seed": seed,
-        "dataset": data["dataset"],
-        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
-        "train_size": len(train_y),
-        "train_time_s": train_time,
-        "curve": curve,
-        "xi": xis,
-        "skipped": [],
-        "runs": {
-            "final": {
-                "val": evaluate(model, "val", scores),
-                "test": evaluate(model, "test", scores),
-            }
-        },
-    }
-    json_path.write_text(json.dumps(result))
-
-    # ---- 3. fine-tunes from the final checkpoint
+    # ---- 3. fine-tunes from the final checkpoint (those an earlier run lacks, on resume)
     _run_grid(
         result,
         grid,
