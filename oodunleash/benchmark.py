@@ -581,53 +581,8 @@ def run_seed(
         json_path.write_text(json.dumps(result))
 
     # ---- 3. fine-tunes from the final checkpoint (those an earlier run lacks, on resume)
-    _run_grid(
-        result,
-        grid,
-        final_state,
-        model,
-        train_x,
-        train_y,
-        evaluate,
-        json_path,
-        seed,
-        deadline,
-        progress,
-    )
-    return result
-
-
-def _resume(
-    json_path: pathlib.Path, final_ckpt: pathlib.Path, model: nn.Module
-) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """An earlier run's results and its final model, loaded into ``model``."""
-    missing = [str(p) for p in (json_path, final_ckpt) if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"Cannot resume: {', '.join(missing)} not found. Resuming needs the earlier run's "
-            "JSON and its final checkpoint (run it with --checkpoints final or all)."
-        )
-    result = json.loads(json_path.read_text())
-    load_checkpoint(model, final_ckpt)
-    return result, copy.deepcopy(model.state_dict())
-
-
-def _run_grid(
-    result: dict[str, Any],
-    grid: Sequence[FineTune],
-    final_state: dict[str, Tensor],
-    model: nn.Module,
-    train_x: Tensor,
-    train_y: Tensor,
-    evaluate: Callable[[nn.Module, str, Sequence[str]], dict[str, Any]],
-    json_path: pathlib.Path,
-    seed: int,
-    deadline: float | None,
-    progress: bool,
-) -> None:
-    """Every fine-tune of ``grid`` not yet in ``result``, each from ``final_state``; the JSON
-    is rewritten after each."""
-    scores = list(result["runs"]["final"]["test"]["metrics"])
+    # A resumed run keeps the scores it was started with.
+    run_scores = list(result["runs"]["final"]["test"]["metrics"])
     xis = result["xi"]
     longest = 0.0
     todo = [ft for ft in grid if ft.name not in result["runs"]]
@@ -661,13 +616,29 @@ def _run_grid(
             "xi_value": xi,
             "time_s": time.perf_counter() - t0,
             "history": unleashed.history_,
-            "val": evaluate(fitted, "val", scores),
-            "test": evaluate(fitted, "test", scores),
+            "val": evaluate(fitted, "val", run_scores),
+            "test": evaluate(fitted, "test", run_scores),
         }
         longest = max(longest, time.perf_counter() - t0)
         # A fine-tune an earlier, deadline-cut run skipped is no longer missing.
         result["skipped"] = [n for n in result["skipped"] if n not in result["runs"]]
         json_path.write_text(json.dumps(result))
+    return result
+
+
+def _resume(
+    json_path: pathlib.Path, final_ckpt: pathlib.Path, model: nn.Module
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """An earlier run's results and its final model, loaded into ``model``."""
+    missing = [str(p) for p in (json_path, final_ckpt) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Cannot resume: {', '.join(missing)} not found. Resuming needs the earlier run's "
+            "JSON and its final checkpoint (run it with --checkpoints final or all)."
+        )
+    result = json.loads(json_path.read_text())
+    load_checkpoint(model, final_ckpt)
+    return result, copy.deepcopy(model.state_dict())
 
 
 def _worker(args: tuple) -> str:

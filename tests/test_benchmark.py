@@ -121,21 +121,25 @@ def test_select_configs_takes_lowest_fpr_within_the_accuracy_budget():
     assert select_configs(seeds, max_acc_drop=2.0)["um"] == "um/train_x4/lr0.01/ep10"
 
 
+def _tiny_run(out, grid, **kwargs):
+    """A 2-epoch small CNN on digits, one seed, capped evaluation sets."""
+    return run_benchmark(
+        ["small_cnn:epochs=2"],
+        [0],
+        out,
+        dataset="digits",
+        eval_cap=300,
+        grid=grid,
+        progress=False,
+        **kwargs,
+    )
+
+
 @pytest.mark.slow
 def test_run_benchmark_quick_end_to_end(tmp_path):
     # "magnitude" gives ξ close to the training loss: below ln(6) even for a 2-epoch model.
     grid = [FineTune("um", "control", 0.01, 1), FineTune("um", "magnitude", 0.01, 1)]
-    summary = run_benchmark(
-        ["small_cnn:epochs=2"],
-        [0],
-        tmp_path,
-        dataset="digits",
-        eval_cap=300,
-        grid=grid,
-        checkpoints="final",
-        scores=("msp", "energy"),
-        progress=False,
-    )
+    summary = _tiny_run(tmp_path, grid, checkpoints="final", scores=("msp", "energy"))
     per_seed = json.loads((tmp_path / "seeds" / "small_cnn_epochs2_s0.json").read_text())
     assert set(per_seed["runs"]) == {"final"} | {ft.name for ft in grid}
     assert len(per_seed["curve"]) == 2
@@ -151,16 +155,7 @@ def test_run_benchmark_quick_end_to_end(tmp_path):
 
     # Resuming adds the missing fine-tunes to the same final model, keeping what was done.
     extra = FineTune("umap", "control", 0.1, 1)
-    run_benchmark(
-        ["small_cnn:epochs=2"],
-        [0],
-        tmp_path,
-        dataset="digits",
-        eval_cap=300,
-        grid=[*grid, extra],
-        resume=True,
-        progress=False,
-    )
+    _tiny_run(tmp_path, [*grid, extra], resume=True)
     resumed = json.loads((tmp_path / "seeds" / "small_cnn_epochs2_s0.json").read_text())
     assert set(resumed["runs"]) == set(per_seed["runs"]) | {extra.name}
     for name, run in per_seed["runs"].items():
@@ -168,20 +163,9 @@ def test_run_benchmark_quick_end_to_end(tmp_path):
     assert resumed["train_time_s"] == per_seed["train_time_s"]
     assert set(resumed["runs"][extra.name]["test"]["metrics"]) == {"msp", "energy"}
     with pytest.raises(ValueError, match=r"No ξ recipe \['nope'\]"):
-        run_benchmark(
-            ["small_cnn:epochs=2"],
-            [0],
-            tmp_path,
-            dataset="digits",
-            eval_cap=300,
-            grid=[FineTune("um", "nope", 0.01, 1)],
-            resume=True,
-            progress=False,
-        )
+        _tiny_run(tmp_path, [FineTune("um", "nope", 0.01, 1)], resume=True)
 
 
 def test_resume_without_an_earlier_run_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="Cannot resume.*--checkpoints final"):
-        run_benchmark(
-            ["small_cnn:epochs=2"], [0], tmp_path, dataset="digits", eval_cap=50, resume=True
-        )
+        _tiny_run(tmp_path, default_grid(quick=True), resume=True)
