@@ -60,6 +60,7 @@ __all__ = [
     "summarize",
     "train_classifier",
     "xi_candidates",
+    "xi_value",
 ]
 
 #: OOD scores the benchmark reports (higher = more in-distribution).
@@ -370,19 +371,55 @@ class FineTune:
     lr: float
     epochs: int = 10
     mask_init: str = "random"  # UMAP's initial scores
+    keep_ratio: float | None = None  # UMAP's kept fraction (None: the library default)
 
     @property
     def name(self) -> str:
-        """A readable id, e.g. ``"um/train_x4/lr0.01/ep10"`` (see :func:`parse_finetune`)."""
+        """A readable id, e.g. ``"um/train_x4/lr0.01/ep10"`` or
+        ``"umap/train_x3/lr0.1/ep10/mag/keep0.9"`` (see :func:`parse_finetune`)."""
         init = "/mag" if self.mask_init == "magnitude" else ""
-        return f"{self.method}/{self.xi}/lr{self.lr:g}/ep{self.epochs}{init}"
+        keep = "" if self.keep_ratio is None else f"/keep{self.keep_ratio:g}"
+        return f"{self.method}/{self.xi}/lr{self.lr:g}/ep{self.epochs}{init}{keep}"
+
+    def control(self) -> FineTune:
+        """The same fine-tune without the constraint (plain cross-entropy)."""
+        return dataclasses.replace(self, xi="control")
 
 
 def parse_finetune(name: str) -> FineTune:
-    """Inverse of :attr:`FineTune.name`, e.g. ``"um/train_x4/lr0.01/ep10"``."""
-    method, xi, lr, epochs, *rest = name.split("/")
-    init = "magnitude" if rest == ["mag"] else "random"
-    return FineTune(method, xi, float(lr.removeprefix("lr")), int(epochs.removeprefix("ep")), init)
+    """Inverse of :attr:`FineTune.name`, e.g. ``"umap/train_x3/lr0.1/ep10/keep0.9"``."""
+    method, xi, lr, epochs, *options = name.split("/")
+    init, keep = "random", None
+    for option in options:
+        if option == "mag":
+            init = "magnitude"
+        elif option.startswith("keep"):
+            keep = float(option.removeprefix("keep"))
+        else:
+            raise ValueError(
+                f"Unknown option {option!r} in fine-tune {name!r}: use 'mag' (magnitude-"
+                "initialised UMAP scores) or 'keep<ratio>' (UMAP keep ratio, e.g. keep0.9)."
+            )
+    return FineTune(
+        method, xi, float(lr.removeprefix("lr")), int(epochs.removeprefix("ep")), init, keep
+    )
+
+
+def xi_value(xis: dict[str, float], recipe: str) -> float | None:
+    """The ξ a recipe gives: a stored value, ``train_x<k>`` for any multiple ``k`` of the
+    stored training loss (e.g. ``train_x2.5``), :data:`CONTROL_XI` for ``"control"``; ``None``
+    when ``xis`` has neither."""
+    if recipe == "control":
+        return CONTROL_XI
+    if recipe in xis:
+        return xis[recipe]
+    factor = recipe.removeprefix("train_x")
+    if factor != recipe and "train_loss" in xis:
+        try:
+            return float(factor) * xis["train_loss"]
+        except ValueError:
+            return None
+    return None
 
 
 def default_grid(quick: bool = False) -> list[FineTune]:
@@ -586,11 +623,12 @@ def run_seed(
     xis = result["xi"]
     longest = 0.0
     todo = [ft for ft in grid if ft.name not in result["runs"]]
-    unknown = sorted({ft.xi for ft in todo} - set(xis) - {"control"})
+    unknown = sorted({ft.xi for ft in todo if xi_value(xis, ft.xi) is None})
     if unknown:
         raise ValueError(
             f"No ξ recipe {unknown} in {json_path} (it has {sorted(xis)}): that run predates "
-            "them. Use one of those, or start a fresh run in another --out."
+            "them. Use one of those (or train_x<k> for any multiple k of its train_loss), or "
+            "start a fresh run in another --out."
         )
     desc = f"{result['setting']} s{seed} fine-tunes"
     for ft in tqdm(todo, desc=desc, disable=not progress):
@@ -598,8 +636,10 @@ def run_seed(
             result["skipped"].append(ft.name)
             continue
         model.load_state_dict(final_state)
-        xi = CONTROL_XI if ft.xi == "control" else xis[ft.xi]
-        unleashed = OODUnleash(model, ft.method, mask_init=ft.mask_init, seed=seed)
+        xi = xi_value(xis, ft.xi)
+        unleashed = OODUnleash(
+            model, ft.method, mask_init=ft.mask_init, keep_ratio=ft.keep_ratio, seed=seed
+        )
         t0 = time.perf_counter()
         unleashed.fit(
             TensorLoader(train_x, train_y, 128, shuffle=True, seed=seed + 1),
@@ -709,7 +749,7 @@ def select_configs(per_seed: list[dict[str, Any]], max_acc_drop: float = 1.0) ->
     validation OOD sets) Energy FPR95 whose mean validation accuracy is within
     ``max_acc_drop`` points of the final model's (if none is, the one with the highest
     validation accuracy). Returns ``{"um": name, "umap": name, ...}`` plus the matching
-    controls (same method, learning rate, epochs and mask initialisation)."""
+    controls (the same fine-tune with ``xi="control"``)."""
     names = [n for n in _common_runs(per_seed) if n != "final"]
     base_acc = np.mean([r["runs"]["final"]["val"]["accuracy"] for r in per_seed])
     chosen: dict[str, str] = {}
@@ -729,10 +769,7 @@ def select_configs(per_seed: list[dict[str, Any]], max_acc_drop: float = 1.0) ->
         if best is None:
             continue
         chosen[method] = best
-        cfg = per_seed[0]["runs"][best]["config"]
-        control = FineTune(
-            method, "control", cfg["lr"], cfg["epochs"], cfg.get("mask_init", "random")
-        ).name
+        control = parse_finetune(best).control().name
         if control in per_seed[0]["runs"]:
             chosen[f"{method}_control"] = control
     return chosen

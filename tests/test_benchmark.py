@@ -21,6 +21,7 @@ from oodunleash.benchmark import (
     select_configs,
     train_classifier,
     xi_candidates,
+    xi_value,
 )
 from oodunleash.constraint import mean_cross_entropy
 from oodunleash.models import create_model
@@ -34,6 +35,26 @@ def test_finetune_names_round_trip(ft):
 def test_finetune_name_marks_magnitude_init():
     ft = FineTune("umap", "train_x3", 0.1, 10, mask_init="magnitude")
     assert ft.name == "umap/train_x3/lr0.1/ep10/mag"
+
+
+def test_finetune_name_marks_keep_ratio_and_round_trips():
+    ft = FineTune("umap", "train_x2.5", 0.05, 10, mask_init="magnitude", keep_ratio=0.9)
+    assert ft.name == "umap/train_x2.5/lr0.05/ep10/mag/keep0.9"
+    assert parse_finetune(ft.name) == ft
+    assert ft.control() == FineTune("umap", "control", 0.05, 10, "magnitude", 0.9)
+    with pytest.raises(ValueError, match="Unknown option 'fast'.*keep<ratio>"):
+        parse_finetune("umap/control/lr0.1/ep10/fast")
+
+
+def test_xi_value_derives_any_multiple_of_the_training_loss():
+    xis = {"ref": 0.9, "train_x3": 0.3, "train_loss": 0.1}
+    assert xi_value(xis, "ref") == 0.9
+    assert xi_value(xis, "train_x3") == 0.3
+    assert xi_value(xis, "train_x2.5") == pytest.approx(0.25)
+    assert xi_value(xis, "control") < 1e-9
+    assert xi_value(xis, "dense_ends") is None
+    assert xi_value(xis, "train_xbig") is None
+    assert xi_value({"ref": 0.9}, "train_x2") is None  # no training loss stored
 
 
 def test_setting_parse_defaults_and_options():
@@ -121,6 +142,23 @@ def test_select_configs_takes_lowest_fpr_within_the_accuracy_budget():
     assert select_configs(seeds, max_acc_drop=2.0)["um"] == "um/train_x4/lr0.01/ep10"
 
 
+def test_select_configs_pairs_a_variant_with_its_own_control():
+    seeds = [
+        _seed_result(
+            {
+                "final": (95.0, 60.0),
+                "umap/control/lr0.1/ep10": (94.5, 40.0),
+                "umap/train_x3/lr0.1/ep10": (93.0, 30.0),  # too costly
+                "umap/control/lr0.05/ep10/keep0.9": (94.8, 50.0),
+                "umap/train_x3/lr0.05/ep10/keep0.9": (94.6, 35.0),
+            }
+        )
+    ]
+    chosen = select_configs(seeds)
+    assert chosen["umap"] == "umap/train_x3/lr0.05/ep10/keep0.9"
+    assert chosen["umap_control"] == "umap/control/lr0.05/ep10/keep0.9"
+
+
 def _tiny_run(out, grid, **kwargs):
     """A 2-epoch small CNN on digits, one seed, capped evaluation sets."""
     return run_benchmark(
@@ -154,7 +192,8 @@ def test_run_benchmark_quick_end_to_end(tmp_path):
     assert "um/magnitude/lr0.01/ep1" in md and "final model" in md
 
     # Resuming adds the missing fine-tunes to the same final model, keeping what was done.
-    extra = FineTune("umap", "control", 0.1, 1)
+    # A ξ multiple the first run never stored is derived from its training loss.
+    extra = FineTune("umap", "train_x0.5", 0.1, 1, keep_ratio=0.9)
     _tiny_run(tmp_path, [*grid, extra], resume=True)
     resumed = json.loads((tmp_path / "seeds" / "small_cnn_epochs2_s0.json").read_text())
     assert set(resumed["runs"]) == set(per_seed["runs"]) | {extra.name}
@@ -162,6 +201,10 @@ def test_run_benchmark_quick_end_to_end(tmp_path):
         assert resumed["runs"][name] == run, name
     assert resumed["train_time_s"] == per_seed["train_time_s"]
     assert set(resumed["runs"][extra.name]["test"]["metrics"]) == {"msp", "energy"}
+    assert resumed["runs"][extra.name]["config"]["keep_ratio"] == 0.9
+    assert resumed["runs"][extra.name]["xi_value"] == pytest.approx(
+        0.5 * per_seed["xi"]["train_loss"]
+    )
     with pytest.raises(ValueError, match=r"No ξ recipe \['nope'\]"):
         _tiny_run(tmp_path, [FineTune("um", "nope", 0.01, 1)], resume=True)
 
