@@ -561,6 +561,11 @@ def run_seed(
     if resume:
         final_ckpt = ckpt_dir / f"epoch{cfg.epochs:03d}.safetensors"
         result, final_state = _resume(json_path, final_ckpt, model)
+        if result["train_size"] != len(train_y):
+            raise ValueError(
+                f"Cannot resume {json_path}: it was trained on {result['train_size']} images, "
+                f"this run loads {len(train_y)}. Pass the earlier run's --train-size."
+            )
     else:
         # ---- 1. train to the end, OOD metrics per epoch
         loader = TensorLoader(train_x, train_y, 128, shuffle=True, seed=seed)

@@ -207,6 +207,9 @@ def test_run_benchmark_quick_end_to_end(tmp_path):
     )
     with pytest.raises(ValueError, match=r"No ξ recipe \['nope'\]"):
         _tiny_run(tmp_path, [FineTune("um", "nope", 0.01, 1)], resume=True)
+    # Resuming on other training data would fine-tune on images the model never saw.
+    with pytest.raises(ValueError, match="trained on .* images.*--train-size"):
+        _tiny_run(tmp_path, grid, resume=True, train_size=200)
 
 
 def test_resume_without_an_earlier_run_says_what_is_missing(tmp_path):
