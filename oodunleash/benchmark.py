@@ -559,8 +559,7 @@ def run_seed(
 
     model = create_model(cfg.model, k).to(dev)
     if resume:
-        final_ckpt = ckpt_dir / f"epoch{cfg.epochs:03d}.safetensors"
-        result, final_state = _resume(json_path, final_ckpt, model)
+        result, final_state = _resume(json_path, _checkpoint_path(ckpt_dir, cfg.epochs), model)
         if result["train_size"] != len(train_y):
             raise ValueError(
                 f"Cannot resume {json_path}: it was trained on {result['train_size']} images, "
@@ -573,7 +572,7 @@ def run_seed(
 
         def on_epoch(epoch: int, record: dict[str, float]) -> None:
             if checkpoints == "all" or (checkpoints == "final" and epoch == cfg.epochs):
-                save_checkpoint(model, ckpt_dir / f"epoch{epoch:03d}.safetensors")
+                save_checkpoint(model, _checkpoint_path(ckpt_dir, epoch))
             if not with_curve:
                 curve.append(record)
                 return
@@ -669,6 +668,11 @@ def run_seed(
         result["skipped"] = [n for n in result["skipped"] if n not in result["runs"]]
         json_path.write_text(json.dumps(result))
     return result
+
+
+def _checkpoint_path(ckpt_dir: pathlib.Path, epoch: int) -> pathlib.Path:
+    """Where training saves the checkpoint of ``epoch``, and where ``--resume`` reads it."""
+    return ckpt_dir / f"epoch{epoch:03d}.safetensors"
 
 
 def _resume(
