@@ -667,6 +667,8 @@ def run_seed(
         # A fine-tune an earlier, deadline-cut run skipped is no longer missing.
         result["skipped"] = [n for n in result["skipped"] if n not in result["runs"]]
         json_path.write_text(json.dumps(result))
+    # Fine-tunes skipped after the last finished one are recorded too.
+    json_path.write_text(json.dumps(result))
     return result
 
 
@@ -751,6 +753,31 @@ def _fmt(values: Sequence[float], digits: int = 1) -> str:
 def _common_runs(rs: list[dict[str, Any]]) -> list[str]:
     """Runs every seed finished (a deadline may have cut some seeds short)."""
     return [n for n in rs[0]["runs"] if all(n in r["runs"] for r in rs)]
+
+
+def _partial_runs(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs only some seeds finished (a deadline, or resumes with different grids), each
+    compared with the final model *of the same seeds*, so that no seed's luck is compared
+    with another's."""
+    common = set(_common_runs(rs))
+    names = [n for r in rs for n in r["runs"] if n not in common]
+    rows = []
+    for name in dict.fromkeys(names):
+        have = [r for r in rs if name in r["runs"]]
+        row: dict[str, Any] = {"name": name, "seeds": [r["seed"] for r in have]}
+        for split in ("val", "test"):
+            runs = [r["runs"][name][split] for r in have]
+            finals = [r["runs"]["final"][split] for r in have]
+            row[split] = {
+                "accuracy_change": _ms(
+                    [a["accuracy"] - f["accuracy"] for a, f in zip(runs, finals, strict=True)]
+                ),
+                "mean_auroc": _ms([_mean_auroc(b) for b in runs]),
+                "mean_fpr95": _ms([_mean_fpr(b) for b in runs]),
+                "final_mean_fpr95": _ms([_mean_fpr(b) for b in finals]),
+            }
+        rows.append(row)
+    return rows
 
 
 def select_configs(per_seed: list[dict[str, Any]], max_acc_drop: float = 1.0) -> dict[str, str]:
@@ -849,7 +876,13 @@ def _summarize_setting(rs: list[dict[str, Any]], chosen: dict[str, str]) -> dict
             }
         runs[name] = entry
     xis = {k: _ms([r["xi"][k] for r in rs]) for k in rs[0]["xi"]}
-    return {"seeds": [r["seed"] for r in rs], "chosen": chosen, "xi": xis, "runs": runs}
+    return {
+        "seeds": [r["seed"] for r in rs],
+        "chosen": chosen,
+        "xi": xis,
+        "runs": runs,
+        "partial_runs": _partial_runs(rs),
+    }
 
 
 def _setting_markdown(
@@ -924,6 +957,29 @@ def _setting_markdown(
             f"{_fmt([_mean_auroc(b) for b in blocks])} | {_fmt([_mean_fpr(b) for b in blocks])} | {ce} |"
         )
     md.append("")
+    if s_sum["partial_runs"]:
+        md += [
+            "### Fine-tunes only some seeds finished: Energy, each against the final model of "
+            "the same seeds",
+            "",
+            "| fine-tune | seeds | val acc change | val mean FPR95 (final → run) | "
+            "test acc change | test mean AUROC | test mean FPR95 (final → run) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+
+        def ms(pair: tuple[float, float], digits: int = 1) -> str:
+            return f"{pair[0]:+.{digits}f} ± {pair[1]:.{digits}f}"
+
+        for row in s_sum["partial_runs"]:
+            val, test = row["val"], row["test"]
+            md.append(
+                f"| {row['name']} | {', '.join(map(str, row['seeds']))} | "
+                f"{ms(val['accuracy_change'], 2)} | {val['final_mean_fpr95'][0]:.1f} → "
+                f"{val['mean_fpr95'][0]:.1f} | {ms(test['accuracy_change'], 2)} | "
+                f"{test['mean_auroc'][0]:.1f} | {test['final_mean_fpr95'][0]:.1f} → "
+                f"{test['mean_fpr95'][0]:.1f} ± {test['mean_fpr95'][1]:.1f} |"
+            )
+        md.append("")
     return md
 
 

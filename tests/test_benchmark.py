@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
 
+from oodunleash import benchmark
 from oodunleash.benchmark import (
     FineTune,
     Setting,
@@ -159,6 +161,37 @@ def test_select_configs_pairs_a_variant_with_its_own_control():
     assert chosen["umap_control"] == "umap/control/lr0.05/ep10/keep0.9"
 
 
+def _scored_seed(seed: int, runs: dict[str, tuple[float, float]]) -> dict:
+    """A per-seed JSON with val and test blocks: name -> (accuracy, FPR95 on one OOD set)."""
+
+    def block(acc: float, fpr: float) -> dict:
+        return {"accuracy": acc, "metrics": {"energy": {"near": {"fpr95": fpr, "auroc": 90.0}}}}
+
+    return {
+        "seed": seed,
+        "runs": {n: {"val": block(*v), "test": block(*v)} for n, v in runs.items()},
+    }
+
+
+def test_partial_runs_compare_with_the_final_model_of_the_same_seeds():
+    rs = [
+        _scored_seed(0, {"final": (95.0, 60.0), "um/control/lr0.01/ep10": (94.0, 50.0)}),
+        _scored_seed(1, {"final": (93.0, 20.0), "umap/control/lr0.1/ep10": (92.5, 10.0)}),
+        _scored_seed(2, {"final": (94.0, 40.0), "umap/control/lr0.1/ep10": (93.0, 30.0)}),
+    ]
+    rows = {row["name"]: row for row in benchmark._partial_runs(rs)}
+    assert set(rows) == {"um/control/lr0.01/ep10", "umap/control/lr0.1/ep10"}
+    umap = rows["umap/control/lr0.1/ep10"]
+    assert umap["seeds"] == [1, 2]
+    # The baseline is the final model of seeds 1 and 2; seed 0's stays out.
+    assert umap["test"]["final_mean_fpr95"][0] == pytest.approx(30.0)
+    assert umap["test"]["mean_fpr95"][0] == pytest.approx(20.0)
+    assert umap["test"]["accuracy_change"][0] == pytest.approx(-0.75)
+    assert rows["um/control/lr0.01/ep10"]["val"]["accuracy_change"] == (pytest.approx(-1.0), 0.0)
+    # A run every seed finished is not partial.
+    assert benchmark._partial_runs(rs[1:]) == []
+
+
 def _tiny_run(out, grid, **kwargs):
     """A 2-epoch small CNN on digits, one seed, capped evaluation sets."""
     return run_benchmark(
@@ -205,6 +238,11 @@ def test_run_benchmark_quick_end_to_end(tmp_path):
     assert resumed["runs"][extra.name]["xi_value"] == pytest.approx(
         0.5 * per_seed["xi"]["train_loss"]
     )
+    # Past its deadline, a run records what it skipped, even after its last finished fine-tune.
+    late = FineTune("um", "train_x0.5", 0.01, 1)
+    _tiny_run(tmp_path, [*grid, extra, late], resume=True, deadline=time.time() - 1)
+    cut = json.loads((tmp_path / "seeds" / "small_cnn_epochs2_s0.json").read_text())
+    assert cut["skipped"] == [late.name] and late.name not in cut["runs"]
     with pytest.raises(ValueError, match=r"No ξ recipe \['nope'\]"):
         _tiny_run(tmp_path, [FineTune("um", "nope", 0.01, 1)], resume=True)
     # Resuming on other training data would fine-tune on images the model never saw.
