@@ -755,6 +755,40 @@ def _common_runs(rs: list[dict[str, Any]]) -> list[str]:
     return [n for n in rs[0]["runs"] if all(n in r["runs"] for r in rs)]
 
 
+def _paired(
+    rs: list[dict[str, Any]], name: str, split: str
+) -> tuple[list[int], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The seeds that finished run ``name``, its ``split`` results and their final model's."""
+    have = [r for r in rs if name in r["runs"]]
+    return (
+        [r["seed"] for r in have],
+        [r["runs"][name][split] for r in have],
+        [r["runs"]["final"][split] for r in have],
+    )
+
+
+def tradeoff(rs: list[dict[str, Any]], split: str = "test") -> list[dict[str, Any]]:
+    """Each fine-tune's ID accuracy change (points) and relative change of the mean Energy
+    FPR95 (%), against the final model of the same seed, as ``(mean, std)`` over the seeds
+    that finished it. The issue's target is accuracy change ≥ −1 and FPR95 change ≤ −25%."""
+    names = dict.fromkeys(n for r in rs for n in r["runs"] if n != "final")
+    points = []
+    for name in names:
+        seeds, runs, finals = _paired(rs, name, split)
+        pairs = list(zip(runs, finals, strict=True))
+        points.append(
+            {
+                "name": name,
+                "seeds": seeds,
+                "accuracy_change": _ms([a["accuracy"] - f["accuracy"] for a, f in pairs]),
+                "fpr95_change_pct": _ms(
+                    [100 * (_mean_fpr(a) / _mean_fpr(f) - 1) for a, f in pairs]
+                ),
+            }
+        )
+    return points
+
+
 def _partial_runs(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs only some seeds finished (a deadline, or resumes with different grids), each
     compared with the final model *of the same seeds*, so that no seed's luck is compared
@@ -763,11 +797,9 @@ def _partial_runs(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     names = [n for r in rs for n in r["runs"] if n not in common]
     rows = []
     for name in dict.fromkeys(names):
-        have = [r for r in rs if name in r["runs"]]
-        row: dict[str, Any] = {"name": name, "seeds": [r["seed"] for r in have]}
+        row: dict[str, Any] = {"name": name}
         for split in ("val", "test"):
-            runs = [r["runs"][name][split] for r in have]
-            finals = [r["runs"]["final"][split] for r in have]
+            row["seeds"], runs, finals = _paired(rs, name, split)
             row[split] = {
                 "accuracy_change": _ms(
                     [a["accuracy"] - f["accuracy"] for a, f in zip(runs, finals, strict=True)]
@@ -997,6 +1029,7 @@ def _plot_setting(
     if all("test" in r["curve"][0] for r in rs):
         _plot_curve(out, setting, tag, rs)
     _plot_compare(out, setting, tag, rs, chosen, plt)
+    _plot_tradeoff(out, setting, tag, rs, plt)
 
 
 def _plot_curve(out: pathlib.Path, setting: str, tag: str, rs: list[dict[str, Any]]) -> None:
@@ -1070,4 +1103,55 @@ def _plot_compare(
     fig.suptitle(f"{setting}: final model vs control vs UM vs UMAP")
     fig.tight_layout(rect=(0, 0.04 * math.ceil(len(rows) / ncol), 1, 1))
     fig.savefig(out / f"compare_{tag}.png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_tradeoff(
+    out: pathlib.Path, setting: str, tag: str, rs: list[dict[str, Any]], plt: Any
+) -> None:
+    points = tradeoff(rs)
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colours = {"um": "tab:blue", "umap": "tab:orange"}
+    for p in points:
+        cfg = parse_finetune(p["name"])
+        (x, dx), (y, dy) = p["accuracy_change"], p["fpr95_change_pct"]
+        control = cfg.xi == "control"
+        ax.errorbar(
+            x,
+            y,
+            xerr=dx,
+            yerr=dy,
+            fmt="s" if control else "o",
+            mfc="white" if control else colours[cfg.method],
+            color=colours[cfg.method],
+            capsize=2,
+            lw=0.8,
+        )
+        label = p["name"].replace("/ep10", "").replace("/lr0.01", "").replace("/lr0.1", "")
+        ax.annotate(
+            f"{label} (n={len(p['seeds'])})",
+            (x, y),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
+    # The target: within 1 point of accuracy, FPR95 down by a quarter or more.
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    x1, y0 = max(x1, 0.2), min(y0, -30.0)
+    ax.fill_between([-1.0, x1], y0, -25.0, color="tab:green", alpha=0.1, lw=0, label="target")
+    ax.set_xlim(min(x0, -1.2), x1)
+    ax.set_ylim(y0, max(y1, 5.0))
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_xlabel("ID test accuracy change (points), against the final model of the same seed")
+    ax.set_ylabel("mean Energy FPR95 change (%), test")
+    ax.set_title(
+        f"{setting}: fine-tunes, mean ± std over seeds "
+        "(filled: flooding; hollow square: its plain-CE control)",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / f"tradeoff_{tag}.png", dpi=110)
     plt.close(fig)

@@ -192,6 +192,20 @@ def test_partial_runs_compare_with_the_final_model_of_the_same_seeds():
     assert benchmark._partial_runs(rs[1:]) == []
 
 
+def test_tradeoff_pairs_each_seed_with_its_own_final_model():
+    rs = [
+        _scored_seed(0, {"final": (95.0, 60.0), "um/train_x3/lr0.01/ep10": (94.0, 30.0)}),
+        _scored_seed(1, {"final": (93.0, 20.0), "um/train_x3/lr0.01/ep10": (93.0, 20.0)}),
+        _scored_seed(2, {"final": (94.0, 40.0)}),
+    ]
+    (point,) = benchmark.tradeoff(rs)
+    assert point["name"] == "um/train_x3/lr0.01/ep10" and point["seeds"] == [0, 1]
+    # Seed 0 halves its FPR95 at −1 point, seed 1 changes nothing: means −25% and −0.5.
+    assert point["fpr95_change_pct"][0] == pytest.approx(-25.0)
+    assert point["accuracy_change"][0] == pytest.approx(-0.5)
+    assert point["fpr95_change_pct"][1] == pytest.approx(math.sqrt(2) * 25.0)
+
+
 def _tiny_run(out, grid, **kwargs):
     """A 2-epoch small CNN on digits, one seed, capped evaluation sets."""
     return run_benchmark(
@@ -221,6 +235,7 @@ def test_run_benchmark_quick_end_to_end(tmp_path):
         assert 0 <= fine[block]["accuracy"] <= 100
         assert set(fine[block]["metrics"]) == {"msp", "energy"}
     assert "small_cnn:epochs=2" in summary["settings"]
+    assert (tmp_path / "tradeoff_small_cnn_epochs2.png").is_file()
     md = (tmp_path / "results.md").read_text()
     assert "um/magnitude/lr0.01/ep1" in md and "final model" in md
 
