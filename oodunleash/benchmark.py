@@ -921,10 +921,12 @@ def _setting_markdown(
     setting: str, rs: list[dict[str, Any]], chosen: dict[str, str], s_sum: dict[str, Any]
 ) -> list[str]:
     seeds = ", ".join(str(r["seed"]) for r in rs)
+    # Seeds run on different machines can be summarised together (the same protocol).
+    devices = ", ".join(dict.fromkeys(r["device"] for r in rs))
     r0 = rs[0]
     md = [
         f"## {setting} ({r0['dataset']}, {r0['epochs']} epochs, label noise "
-        f"{r0['label_noise']:g}, seeds {seeds}, device {r0['device']})",
+        f"{r0['label_noise']:g}, seeds {seeds}, device {devices})",
         "",
         "ξ recipes (mean ± std over seeds): "
         + ", ".join(f"{k} {_fmt([r['xi'][k] for r in rs], 4)}" for k in r0["xi"]),
