@@ -10,13 +10,19 @@ from .hub import HubError
 from .masking import LayerMasks, select_layers, topk_mask
 from .results import EvaluationResults
 from .scores import OODScore, get_score, list_scores, register_score
-from .training import TrainConfig, TrainingDivergedError, flooding_loss
+from .training import (
+    LossConstraintTooHighError,
+    TrainConfig,
+    TrainingDivergedError,
+    flooding_loss,
+)
 from .wrapper import NotFittedError, OODUnleash
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LayerMasks",
+    "LossConstraintTooHighError",
     "NotFittedError",
     "OODUnleash",
     "TrainConfig",

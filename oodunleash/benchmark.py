@@ -40,6 +40,7 @@ from .constraint import estimate_loss_constraint, mean_cross_entropy
 from .masking import select_layers
 from .models import create_model
 from .scores import get_score
+from .training import LossConstraintTooHighError
 from .wrapper import OODUnleash
 
 __all__ = [
@@ -626,7 +627,7 @@ def run_seed(
     run_scores = list(result["runs"]["final"]["test"]["metrics"])
     xis = result["xi"]
     longest = 0.0
-    todo = [ft for ft in grid if ft.name not in result["runs"]]
+    todo = [ft for ft in grid if ft.name not in result["runs"] | result.get("refused", {})]
     unknown = sorted({ft.xi for ft in todo if xi_value(xis, ft.xi) is None})
     if unknown:
         raise ValueError(
@@ -645,13 +646,20 @@ def run_seed(
             model, ft.method, mask_init=ft.mask_init, keep_ratio=ft.keep_ratio, seed=seed
         )
         t0 = time.perf_counter()
-        unleashed.fit(
-            TensorLoader(train_x, train_y, 128, shuffle=True, seed=seed + 1),
-            epochs=ft.epochs,
-            lr=ft.lr,
-            loss_constraint=xi,
-            progress=False,
-        )
+        try:
+            unleashed.fit(
+                TensorLoader(train_x, train_y, 128, shuffle=True, seed=seed + 1),
+                epochs=ft.epochs,
+                lr=ft.lr,
+                loss_constraint=xi,
+                progress=False,
+            )
+        except LossConstraintTooHighError as err:
+            # Refused before any step (a ξ recipe too high for this model): the rest of the
+            # grid still runs, and the refusal is part of the results.
+            result.setdefault("refused", {})[ft.name] = str(err)
+            json_path.write_text(json.dumps(result))
+            continue
         fitted = unleashed.export()
         if unleashed.masks_ is not None:
             unleashed.masks_.detach()
@@ -931,9 +939,18 @@ def _setting_markdown(
         "ξ recipes (mean ± std over seeds): "
         + ", ".join(f"{k} {_fmt([r['xi'][k] for r in rs], 4)}" for k in r0["xi"]),
         "",
-        "### Test: Energy, per OOD set (AUROC / FPR95), mean over seeds",
-        "",
     ]
+    refused: dict[str, list[str]] = {}
+    for r in rs:
+        for name in r.get("refused", {}):
+            refused.setdefault(name, []).append(str(r["seed"]))
+    if refused:
+        md += [
+            "Refused before any step (ξ at or above the loss of a uniform guess): "
+            + ", ".join(f"{n} (seeds {', '.join(s)})" for n, s in refused.items()),
+            "",
+        ]
+    md += ["### Test: Energy, per OOD set (AUROC / FPR95), mean over seeds", ""]
     oods = list(r0["runs"]["final"]["test"]["metrics"]["energy"])
     md.append("| model | ID acc | " + " | ".join(oods) + " | mean AUROC | mean FPR95 |")
     md.append("|---" * (len(oods) + 4) + "|")

@@ -50,6 +50,11 @@ class TrainingDivergedError(FloatingPointError):
     """The loss became NaN or infinite; the weights were restored to the last good epoch."""
 
 
+class LossConstraintTooHighError(ValueError):
+    """ξ is at or above ``ln(num_classes)``, the loss of a uniform guess. Raised before any
+    training step, so the model is unchanged; a sweep can catch it and go on."""
+
+
 def flooding_loss(ce: Tensor, level: float | None) -> Tensor:
     """The flooding objective ``|ce − level| + level``.
 
@@ -101,7 +106,7 @@ def check_below_chance(loss_constraint: float | None, num_classes: int) -> None:
             stacklevel=3,
         )
     if loss_constraint >= math.log(num_classes):
-        raise ValueError(
+        raise LossConstraintTooHighError(
             f"The loss constraint ξ = {loss_constraint:.4g} is not below ln({num_classes}) = "
             f"{math.log(num_classes):.4g}, the loss of a uniform guess over {num_classes} "
             "classes; flooding towards it would train the model to be wrong. Pass a smaller "

@@ -258,6 +258,18 @@ def test_run_benchmark_quick_end_to_end(tmp_path):
     _tiny_run(tmp_path, [*grid, extra, late], resume=True, deadline=time.time() - 1)
     cut = json.loads((tmp_path / "seeds" / "small_cnn_epochs2_s0.json").read_text())
     assert cut["skipped"] == [late.name] and late.name not in cut["runs"]
+    # A ξ the library refuses (100x the loss of a 2-epoch model is above ln 6) is recorded,
+    # and the rest of the grid still runs.
+    too_high = FineTune("um", "train_x100", 0.01, 1)
+    after = FineTune("um", "train_x0.25", 0.01, 1)
+    _tiny_run(tmp_path, [too_high, after], resume=True)
+    refused = json.loads((tmp_path / "seeds" / "small_cnn_epochs2_s0.json").read_text())
+    assert "not below ln(6)" in refused["refused"][too_high.name]
+    assert too_high.name not in refused["runs"] and after.name in refused["runs"]
+    assert (
+        f"Refused before any step (ξ at or above the loss of a uniform guess): "
+        f"{too_high.name} (seeds 0)" in (tmp_path / "results.md").read_text()
+    )
     with pytest.raises(ValueError, match=r"No ξ recipe \['nope'\]"):
         _tiny_run(tmp_path, [FineTune("um", "nope", 0.01, 1)], resume=True)
     # Resuming on other training data would fine-tune on images the model never saw.

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from oodunleash import NotFittedError, OODUnleash, TrainingDivergedError, flooding_loss
+from oodunleash import (
+    LossConstraintTooHighError,
+    NotFittedError,
+    OODUnleash,
+    TrainingDivergedError,
+    flooding_loss,
+)
 from oodunleash.masking import LayerMasks, topk_mask
 
 
@@ -114,7 +120,8 @@ def test_fit_sets_constraint_by_recipe_when_not_given():
 def test_constraint_at_or_above_chance_is_refused_before_any_step():
     model = SmallNet(classes=3)
     before = params_of(model)
-    with pytest.raises(ValueError, match=r"not below ln\(3\) = 1\.099.*uniform guess"):
+    # Its own class (a ValueError), so that a sweep can catch it and go on.
+    with pytest.raises(LossConstraintTooHighError, match=r"not below ln\(3\) = 1\.099.*uniform"):
         OODUnleash(model).fit(make_loader(), loss_constraint=1.2, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
