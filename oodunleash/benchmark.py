@@ -1103,11 +1103,14 @@ def _plot_compare(
                     for r in rs
                 ]
             )
+            mean, std = vals.mean(0), vals.std(0)
             ax.bar(
                 x + i * width,
-                vals.mean(0),
+                mean,
                 width,
-                yerr=vals.std(0),
+                # ± std, cut at the metric's range (a percentage): a bar near 0 or 100 does
+                # not get an error bar past it.
+                yerr=np.stack([np.minimum(std, mean), np.minimum(std, 100 - mean)]),
                 label=label.split(":")[0],
                 capsize=2,
             )
