@@ -34,6 +34,7 @@ from .distributed import (
 )
 
 __all__ = [
+    "LossConstraintTooHighError",
     "TrainConfig",
     "TrainingDivergedError",
     "energy_oe_loss",
