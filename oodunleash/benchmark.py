@@ -521,13 +521,15 @@ def run_seed(
     curve: bool = True,
     resume: bool = False,
     progress: bool = True,
+    report: bool = False,
 ) -> dict[str, Any]:
     """Run one (setting, seed): training with per-epoch OOD metrics, ξ recipes, the fine-tune
     grid. ``<out_dir>/seeds/<setting>_s<seed>.json`` is rewritten after every fine-tune, so an
     interrupted run keeps what it finished; fine-tunes that would start after ``deadline``
     (a ``time.time()`` value) are skipped. With ``resume``, an earlier run's JSON and final
     checkpoint (``checkpoints="all"`` or ``"final"``) replace training, and only the fine-tunes
-    that JSON lacks are run. Returns the JSON content."""
+    that JSON lacks are run. ``report`` prints a line per finished stage (for parallel runs,
+    where progress bars from several processes would interleave). Returns the JSON content."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     out = pathlib.Path(out_dir)
@@ -543,6 +545,11 @@ def run_seed(
     tag = f"{setting.replace(':', '_').replace('=', '')}_s{seed}"
     json_path = out / "seeds" / f"{tag}.json"
     ckpt_dir = out / "checkpoints" / tag
+
+    def say(message: str) -> None:
+        if report:
+            print(f"{setting} s{seed}: {message}", flush=True)
+
     if checkpoints != "none":
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
@@ -596,6 +603,7 @@ def run_seed(
             desc=f"{setting} s{seed}",
         )
         train_time = time.perf_counter() - started
+        say(f"trained {cfg.epochs} epochs in {train_time:.0f} s")
         final_state = copy.deepcopy(model.state_dict())
 
         # ---- 2. ξ recipes from the final model (on the training data it was trained on)
@@ -639,6 +647,7 @@ def run_seed(
     for ft in tqdm(todo, desc=desc, disable=not progress):
         if deadline is not None and time.time() + longest > deadline:
             result["skipped"].append(ft.name)
+            say(f"skipped {ft.name} (time budget)")
             continue
         model.load_state_dict(final_state)
         xi = xi_value(xis, ft.xi)
@@ -659,6 +668,7 @@ def run_seed(
             # grid still runs, and the refusal is part of the results.
             result.setdefault("refused", {})[ft.name] = str(err)
             json_path.write_text(json.dumps(result))
+            say(f"refused {ft.name}: ξ = {xi:.4g} is not below ln({k})")
             continue
         fitted = unleashed.export()
         if unleashed.masks_ is not None:
@@ -672,6 +682,15 @@ def run_seed(
             "test": evaluate(fitted, "test", run_scores),
         }
         longest = max(longest, time.perf_counter() - t0)
+        if report:
+            run = result["runs"][ft.name]
+            score = "energy" if "energy" in run_scores else run_scores[0]
+            say(
+                f"{ft.name} in {run['time_s']:.0f} s: test accuracy "
+                f"{run['test']['accuracy']:.2f}, mean {score} FPR95 "
+                f"{_mean_fpr(run['test'], score):.1f} (final model "
+                f"{_mean_fpr(result['runs']['final']['test'], score):.1f})"
+            )
         # A fine-tune an earlier, deadline-cut run skipped is no longer missing.
         result["skipped"] = [n for n in result["skipped"] if n not in result["runs"]]
         json_path.write_text(json.dumps(result))
@@ -731,6 +750,7 @@ def run_benchmark(
         ctx = mp.get_context("spawn")  # CUDA cannot be forked
         for task in tasks:
             task[3]["progress"] = False
+            task[3]["report"] = True
         with ctx.Pool(jobs) as pool:
             for done in pool.imap_unordered(_worker, tasks):
                 print(f"done: {done}  ({time.perf_counter() - started:.0f} s)", flush=True)

@@ -221,7 +221,7 @@ def _tiny_run(out, grid, **kwargs):
 
 
 @pytest.mark.slow
-def test_run_benchmark_quick_end_to_end(tmp_path):
+def test_run_benchmark_quick_end_to_end(tmp_path, capsys):
     # "magnitude" gives ξ close to the training loss: below ln(6) even for a 2-epoch model.
     grid = [FineTune("um", "control", 0.01, 1), FineTune("um", "magnitude", 0.01, 1)]
     summary = _tiny_run(tmp_path, grid, checkpoints="final", scores=("msp", "energy"))
@@ -262,7 +262,11 @@ def test_run_benchmark_quick_end_to_end(tmp_path):
     # and the rest of the grid still runs.
     too_high = FineTune("um", "train_x100", 0.01, 1)
     after = FineTune("um", "train_x0.25", 0.01, 1)
-    _tiny_run(tmp_path, [too_high, after], resume=True)
+    capsys.readouterr()
+    _tiny_run(tmp_path, [too_high, after], resume=True, report=True)
+    said = capsys.readouterr().out
+    assert f"small_cnn:epochs=2 s0: refused {too_high.name}: ξ = " in said
+    assert f"small_cnn:epochs=2 s0: {after.name} in " in said and "mean energy FPR95" in said
     refused = json.loads((tmp_path / "seeds" / "small_cnn_epochs2_s0.json").read_text())
     assert "not below ln(6)" in refused["refused"][too_high.name]
     assert too_high.name not in refused["runs"] and after.name in refused["runs"]
