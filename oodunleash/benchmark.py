@@ -59,6 +59,7 @@ __all__ = [
     "save_checkpoint",
     "select_configs",
     "summarize",
+    "tradeoff",
     "train_classifier",
     "xi_candidates",
     "xi_value",
@@ -644,9 +645,14 @@ def run_seed(
             "start a fresh run in another --out."
         )
     desc = f"{result['setting']} s{seed} fine-tunes"
+
+    def save() -> None:
+        json_path.write_text(json.dumps(result))
+
     for ft in tqdm(todo, desc=desc, disable=not progress):
         if deadline is not None and time.time() + longest > deadline:
             result["skipped"].append(ft.name)
+            save()
             say(f"skipped {ft.name} (time budget)")
             continue
         model.load_state_dict(final_state)
@@ -667,7 +673,7 @@ def run_seed(
             # Refused before any step (a ξ recipe too high for this model): the rest of the
             # grid still runs, and the refusal is part of the results.
             result.setdefault("refused", {})[ft.name] = str(err)
-            json_path.write_text(json.dumps(result))
+            save()
             say(f"refused {ft.name}: ξ = {xi:.4g} is not below ln({k})")
             continue
         fitted = unleashed.export()
@@ -693,9 +699,7 @@ def run_seed(
             )
         # A fine-tune an earlier, deadline-cut run skipped is no longer missing.
         result["skipped"] = [n for n in result["skipped"] if n not in result["runs"]]
-        json_path.write_text(json.dumps(result))
-    # Fine-tunes skipped after the last finished one are recorded too.
-    json_path.write_text(json.dumps(result))
+        save()
     return result
 
 
@@ -795,6 +799,13 @@ def _paired(
     )
 
 
+def _accuracy_change(
+    runs: list[dict[str, Any]], finals: list[dict[str, Any]]
+) -> tuple[float, float]:
+    """Mean ± std over seeds of each run's accuracy minus its own seed's final model's."""
+    return _ms([a["accuracy"] - f["accuracy"] for a, f in zip(runs, finals, strict=True)])
+
+
 def tradeoff(rs: list[dict[str, Any]], split: str = "test") -> list[dict[str, Any]]:
     """Each fine-tune's ID accuracy change (points) and relative change of the mean Energy
     FPR95 (%), against the final model of the same seed, as ``(mean, std)`` over the seeds
@@ -803,15 +814,15 @@ def tradeoff(rs: list[dict[str, Any]], split: str = "test") -> list[dict[str, An
     points = []
     for name in names:
         seeds, runs, finals = _paired(rs, name, split)
-        pairs = list(zip(runs, finals, strict=True))
+        fpr_changes = [
+            100 * (_mean_fpr(a) / _mean_fpr(f) - 1) for a, f in zip(runs, finals, strict=True)
+        ]
         points.append(
             {
                 "name": name,
                 "seeds": seeds,
-                "accuracy_change": _ms([a["accuracy"] - f["accuracy"] for a, f in pairs]),
-                "fpr95_change_pct": _ms(
-                    [100 * (_mean_fpr(a) / _mean_fpr(f) - 1) for a, f in pairs]
-                ),
+                "accuracy_change": _accuracy_change(runs, finals),
+                "fpr95_change_pct": _ms(fpr_changes),
             }
         )
     return points
@@ -829,9 +840,7 @@ def _partial_runs(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for split in ("val", "test"):
             row["seeds"], runs, finals = _paired(rs, name, split)
             row[split] = {
-                "accuracy_change": _ms(
-                    [a["accuracy"] - f["accuracy"] for a, f in zip(runs, finals, strict=True)]
-                ),
+                "accuracy_change": _accuracy_change(runs, finals),
                 "mean_auroc": _ms([_mean_auroc(b) for b in runs]),
                 "mean_fpr95": _ms([_mean_fpr(b) for b in runs]),
                 "final_mean_fpr95": _ms([_mean_fpr(b) for b in finals]),
