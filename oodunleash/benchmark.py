@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .constraint import estimate_loss_constraint, mean_cross_entropy
+from .constraint import DEFAULT_CONSTRAINT_FACTOR, estimate_loss_constraint, mean_cross_entropy
 from .masking import select_layers
 from .models import create_model
 from .scores import get_score
 from .training import LossConstraintTooHighError
-from .wrapper import OODUnleash
+from .wrapper import METHOD_DEFAULTS, OODUnleash
 
 __all__ = [
     "ALL_SCORES",
@@ -383,6 +383,16 @@ class FineTune:
         keep = "" if self.keep_ratio is None else f"/keep{self.keep_ratio:g}"
         return f"{self.method}/{self.xi}/lr{self.lr:g}/ep{self.epochs}{init}{keep}"
 
+    @property
+    def short_name(self) -> str:
+        """:attr:`name` without the learning rate and epochs where they are the library's
+        defaults for the method (:data:`~oodunleash.wrapper.METHOD_DEFAULTS`), for plot
+        labels: ``"umap/train_x3/keep0.9"``."""
+        defaults = METHOD_DEFAULTS[self.method]
+        parts = self.name.split("/")
+        drop = {f"lr{defaults['lr']:g}", f"ep{defaults['epochs']}"}
+        return "/".join(parts[:2] + [p for p in parts[2:] if p not in drop])
+
     def control(self) -> FineTune:
         """The same fine-tune without the constraint (plain cross-entropy)."""
         return dataclasses.replace(self, xi="control")
@@ -426,45 +436,47 @@ def xi_value(xis: dict[str, float], recipe: str) -> float | None:
 
 def default_grid(quick: bool = False) -> list[FineTune]:
     """The fine-tunes the sweep runs for every setting and seed, most important first (a run
-    with a deadline skips the tail of the list)."""
+    with a deadline skips the tail of the list): the library's defaults and their controls,
+    then the variants measured in ``docs/benchmarks.md``."""
+    um, umap = "um", "umap"
+    default_xi = f"train_x{DEFAULT_CONSTRAINT_FACTOR:g}"
     if quick:
         return [
-            FineTune("um", "control", 0.01, 1),
-            FineTune("um", "ref", 0.01, 1),
-            FineTune("um", "train_x4", 0.01, 1),
-            FineTune("umap", "control", 0.1, 1),
-            FineTune("umap", "train_x4", 0.1, 1),
+            FineTune(um, "control", 0.01, 1),
+            FineTune(um, default_xi, 0.01, 1),
+            FineTune(umap, "control", 0.1, 1),
+            FineTune(umap, default_xi, 0.1, 1),
         ]
-    um, umap = "um", "umap"
     return [
-        # the library defaults and their controls
+        # the library defaults (ξ a multiple of the training loss, keep 80%) and their controls
         FineTune(um, "control", 0.01),
-        FineTune(um, "ref", 0.01),
+        FineTune(um, default_xi, 0.01),
         FineTune(umap, "control", 0.1),
-        FineTune(umap, "ref", 0.1),
-        # ξ relative to the training loss
+        FineTune(umap, default_xi, 0.1),
+        # UMAP keeping 90% of each layer
+        FineTune(umap, "control", 0.1, keep_ratio=0.9),
+        FineTune(umap, default_xi, 0.1, keep_ratio=0.9),
+        FineTune(umap, "train_x2.5", 0.1, keep_ratio=0.9),
+        # other multiples of the training loss
+        FineTune(um, "train_x2", 0.01),
         FineTune(um, "train_x4", 0.01),
+        FineTune(umap, "train_x2", 0.1),
         FineTune(umap, "train_x4", 0.1),
+        # the paper's recipe: a random mask keeping 96.5% of every layer
+        FineTune(um, "ref", 0.01),
+        FineTune(umap, "ref", 0.1),
         # UMAP starting from a magnitude mask instead of a random one
         FineTune(umap, "control", 0.1, mask_init="magnitude"),
-        FineTune(umap, "ref", 0.1, mask_init="magnitude"),
-        FineTune(umap, "train_x4", 0.1, mask_init="magnitude"),
+        FineTune(umap, default_xi, 0.1, mask_init="magnitude"),
         # a higher fine-tune learning rate
         FineTune(um, "control", 0.05),
-        FineTune(um, "ref", 0.05),
-        FineTune(um, "train_x4", 0.05),
-        # the other ξ recipes
+        FineTune(um, default_xi, 0.05),
+        # the other masked-model ξ recipes
         FineTune(um, "dense_ends", 0.01),
-        FineTune(um, "train_x2", 0.01),
-        FineTune(um, "train_x8", 0.01),
         FineTune(umap, "dense_ends", 0.1),
-        FineTune(umap, "train_x2", 0.1),
         FineTune(um, "keep99", 0.01),
-        FineTune(um, "dense_ends", 0.05),
-        FineTune(um, "train_x2", 0.05),
-        FineTune(um, "train_x8", 0.05),
-        FineTune(umap, "train_x8", 0.1),
-        FineTune(um, "keep99", 0.05),
+        FineTune(um, "magnitude", 0.01),
+        FineTune(um, "train_x8", 0.01),
     ]
 
 
@@ -1180,9 +1192,8 @@ def _plot_tradeoff(
             capsize=2,
             lw=0.8,
         )
-        label = p["name"].replace("/ep10", "").replace("/lr0.01", "").replace("/lr0.1", "")
         ax.annotate(
-            f"{label} (n={len(p['seeds'])})",
+            f"{cfg.short_name} (n={len(p['seeds'])})",
             (x, y),
             fontsize=7,
             xytext=(4, 3),

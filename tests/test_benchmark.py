@@ -25,7 +25,7 @@ from oodunleash.benchmark import (
     xi_candidates,
     xi_value,
 )
-from oodunleash.constraint import mean_cross_entropy
+from oodunleash.constraint import DEFAULT_CONSTRAINT_FACTOR, mean_cross_entropy
 from oodunleash.models import create_model
 
 
@@ -37,6 +37,32 @@ def test_finetune_names_round_trip(ft):
 def test_finetune_name_marks_magnitude_init():
     ft = FineTune("umap", "train_x3", 0.1, 10, mask_init="magnitude")
     assert ft.name == "umap/train_x3/lr0.1/ep10/mag"
+
+
+def test_short_name_drops_only_the_method_defaults():
+    assert FineTune("umap", "train_x3", 0.1, 10, keep_ratio=0.9).short_name == (
+        "umap/train_x3/keep0.9"
+    )
+    assert FineTune("um", "control", 0.01, 10).short_name == "um/control"
+    # Not a default for this method, or only a prefix of one: kept.
+    assert FineTune("um", "train_x3", 0.1, 100).short_name == "um/train_x3/lr0.1/ep100"
+    assert FineTune("umap", "train_x3", 0.15, 10).short_name == "umap/train_x3/lr0.15"
+
+
+def test_default_grid_starts_with_the_library_defaults_and_their_controls():
+    # A run cut short by its time budget must still test what the library does by default.
+    default_xi = f"train_x{DEFAULT_CONSTRAINT_FACTOR:g}"
+    first = [ft.name for ft in default_grid()[:4]]
+    assert first == [
+        "um/control/lr0.01/ep10",
+        f"um/{default_xi}/lr0.01/ep10",
+        "umap/control/lr0.1/ep10",
+        f"umap/{default_xi}/lr0.1/ep10",
+    ]
+    assert default_xi in {ft.xi for ft in default_grid(quick=True)}
+    # Every fine-tune with a constraint has its control somewhere in the grid.
+    names = {ft.name for ft in default_grid()}
+    assert all(ft.control().name in names for ft in default_grid())
 
 
 def test_finetune_name_marks_keep_ratio_and_round_trips():
