@@ -581,6 +581,12 @@ def run_seed(
     model = create_model(cfg.model, k).to(dev)
     if resume:
         result, final_state = _resume(json_path, _checkpoint_path(ckpt_dir, cfg.epochs), model)
+        # Fine-tuning on other data than the model was trained on would measure nothing.
+        if result["dataset"] != data["dataset"]:
+            raise ValueError(
+                f"Cannot resume {json_path}: it was trained on {result['dataset']!r}, this run "
+                f"loads {data['dataset']!r}. Pass the earlier run's --dataset."
+            )
         if result["train_size"] != len(train_y):
             raise ValueError(
                 f"Cannot resume {json_path}: it was trained on {result['train_size']} images, "

@@ -305,6 +305,13 @@ def test_run_benchmark_quick_end_to_end(tmp_path, capsys):
     # Resuming on other training data would fine-tune on images the model never saw.
     with pytest.raises(ValueError, match="trained on .* images.*--train-size"):
         _tiny_run(tmp_path, grid, resume=True, train_size=200)
+    # ... or on another data set; the refused resume leaves the saved results as they were.
+    json_path = tmp_path / "seeds" / "small_cnn_epochs2_s0.json"
+    relabelled = json.loads(json_path.read_text()) | {"dataset": "fashion-mnist"}
+    json_path.write_text(json.dumps(relabelled))
+    with pytest.raises(ValueError, match="trained on 'fashion-mnist'.*'digits'.*--dataset"):
+        _tiny_run(tmp_path, [*grid, late], resume=True)
+    assert json.loads(json_path.read_text()) == relabelled
 
 
 def test_resume_without_an_earlier_run_says_what_is_missing(tmp_path):
