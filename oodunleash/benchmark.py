@@ -374,14 +374,23 @@ class FineTune:
     epochs: int = 10
     mask_init: str = "random"  # UMAP's initial scores
     keep_ratio: float | None = None  # UMAP's kept fraction (None: the library default)
+    dense_ends: bool = False  # UMAP leaves the stem and the head unmasked
+
+    def __post_init__(self) -> None:
+        if self.dense_ends and self.method != "umap":
+            raise ValueError(
+                f"Dense ends ('/ends') apply to UMAP's mask only; {self.method!r} fine-tunes "
+                "every weight. Drop '/ends' or use method 'umap'."
+            )
 
     @property
     def name(self) -> str:
         """A readable id, e.g. ``"um/train_x4/lr0.01/ep10"`` or
-        ``"umap/train_x3/lr0.1/ep10/mag/keep0.9"`` (see :func:`parse_finetune`)."""
+        ``"umap/train_x3/lr0.1/ep10/mag/keep0.9/ends"`` (see :func:`parse_finetune`)."""
         init = "/mag" if self.mask_init == "magnitude" else ""
         keep = "" if self.keep_ratio is None else f"/keep{self.keep_ratio:g}"
-        return f"{self.method}/{self.xi}/lr{self.lr:g}/ep{self.epochs}{init}{keep}"
+        ends = "/ends" if self.dense_ends else ""
+        return f"{self.method}/{self.xi}/lr{self.lr:g}/ep{self.epochs}{init}{keep}{ends}"
 
     @property
     def short_name(self) -> str:
@@ -401,19 +410,22 @@ class FineTune:
 def parse_finetune(name: str) -> FineTune:
     """Inverse of :attr:`FineTune.name`, e.g. ``"umap/train_x3/lr0.1/ep10/keep0.9"``."""
     method, xi, lr, epochs, *options = name.split("/")
-    init, keep = "random", None
+    init, keep, ends = "random", None, False
     for option in options:
         if option == "mag":
             init = "magnitude"
         elif option.startswith("keep"):
             keep = float(option.removeprefix("keep"))
+        elif option == "ends":
+            ends = True
         else:
             raise ValueError(
                 f"Unknown option {option!r} in fine-tune {name!r}: use 'mag' (magnitude-"
-                "initialised UMAP scores) or 'keep<ratio>' (UMAP keep ratio, e.g. keep0.9)."
+                "initialised UMAP scores), 'keep<ratio>' (UMAP keep ratio, e.g. keep0.9) or "
+                "'ends' (UMAP leaves the first and last layer dense)."
             )
     return FineTune(
-        method, xi, float(lr.removeprefix("lr")), int(epochs.removeprefix("ep")), init, keep
+        method, xi, float(lr.removeprefix("lr")), int(epochs.removeprefix("ep")), init, keep, ends
     )
 
 
@@ -676,7 +688,12 @@ def run_seed(
         model.load_state_dict(final_state)
         xi = xi_value(xis, ft.xi)
         unleashed = OODUnleash(
-            model, ft.method, mask_init=ft.mask_init, keep_ratio=ft.keep_ratio, seed=seed
+            model,
+            ft.method,
+            exclude=_dense_ends(model) if ft.dense_ends else None,
+            mask_init=ft.mask_init,
+            keep_ratio=ft.keep_ratio,
+            seed=seed,
         )
         t0 = time.perf_counter()
         try:

@@ -70,8 +70,16 @@ def test_finetune_name_marks_keep_ratio_and_round_trips():
     assert ft.name == "umap/train_x2.5/lr0.05/ep10/mag/keep0.9"
     assert parse_finetune(ft.name) == ft
     assert ft.control() == FineTune("umap", "control", 0.05, 10, "magnitude", 0.9)
-    with pytest.raises(ValueError, match="Unknown option 'fast'.*keep<ratio>"):
+    with pytest.raises(ValueError, match="Unknown option 'fast'.*keep<ratio>.*'ends'"):
         parse_finetune("umap/control/lr0.1/ep10/fast")
+
+
+def test_finetune_name_marks_dense_ends_for_umap_only():
+    ft = parse_finetune("umap/train_x3/lr0.1/ep10/keep0.9/ends")
+    assert ft.dense_ends and ft.keep_ratio == 0.9 and ft.name.endswith("/keep0.9/ends")
+    assert ft.control().dense_ends
+    with pytest.raises(ValueError, match="UMAP's mask only.*Drop '/ends'"):
+        parse_finetune("um/train_x3/lr0.01/ep10/ends")
 
 
 def test_xi_value_derives_any_multiple_of_the_training_loss():
@@ -267,7 +275,7 @@ def test_run_benchmark_quick_end_to_end(tmp_path, capsys):
 
     # Resuming adds the missing fine-tunes to the same final model, keeping what was done.
     # A ξ multiple the first run never stored is derived from its training loss.
-    extra = FineTune("umap", "train_x0.5", 0.1, 1, keep_ratio=0.9)
+    extra = FineTune("umap", "train_x0.5", 0.1, 1, keep_ratio=0.9, dense_ends=True)
     _tiny_run(tmp_path, [*grid, extra], resume=True)
     resumed = json.loads((tmp_path / "seeds" / "small_cnn_epochs2_s0.json").read_text())
     assert set(resumed["runs"]) == set(per_seed["runs"]) | {extra.name}
@@ -276,6 +284,7 @@ def test_run_benchmark_quick_end_to_end(tmp_path, capsys):
     assert resumed["train_time_s"] == per_seed["train_time_s"]
     assert set(resumed["runs"][extra.name]["test"]["metrics"]) == {"msp", "energy"}
     assert resumed["runs"][extra.name]["config"]["keep_ratio"] == 0.9
+    assert resumed["runs"][extra.name]["config"]["dense_ends"] is True
     assert resumed["runs"][extra.name]["xi_value"] == pytest.approx(
         0.5 * per_seed["xi"]["train_loss"]
     )
