@@ -364,6 +364,11 @@ def xi_candidates(
 
 
 # ============================================================================ the sweep
+#: UMAP's layer choices in a grid name: every maskable layer, all but the first and last
+#: ("/ends"), the last one only ("/head") or the first one only ("/stem").
+MASKED_LAYERS = ("all", "ends", "head", "stem")
+
+
 @dataclasses.dataclass(frozen=True)
 class FineTune:
     """One fine-tune from the final checkpoint: ``xi`` names a ξ recipe, or ``"control"``."""
@@ -374,14 +379,25 @@ class FineTune:
     epochs: int = 10
     mask_init: str = "random"  # UMAP's initial scores
     keep_ratio: float | None = None  # UMAP's kept fraction (None: the library default)
-    dense_ends: bool = False  # UMAP leaves the stem and the head unmasked
+    masked: str = "all"  # UMAP's masked layers, one of MASKED_LAYERS
 
     def __post_init__(self) -> None:
-        if self.dense_ends and self.method != "umap":
+        if self.masked not in MASKED_LAYERS:
+            raise ValueError(f"masked must be one of {sorted(MASKED_LAYERS)}, got {self.masked!r}.")
+        if self.masked != "all" and self.method != "umap":
             raise ValueError(
-                f"Dense ends ('/ends') apply to UMAP's mask only; {self.method!r} fine-tunes "
-                "every weight. Drop '/ends' or use method 'umap'."
+                f"'/{self.masked}' chooses the layers of UMAP's mask; {self.method!r} "
+                f"fine-tunes every weight. Drop '/{self.masked}' or use method 'umap'."
             )
+
+    def exclude(self, model: nn.Module) -> list[str] | None:
+        """The layers of ``model`` this fine-tune leaves unmasked (``None``: none)."""
+        if self.masked == "all":
+            return None
+        if self.masked == "ends":
+            return _dense_ends(model)
+        names = list(select_layers(model))
+        return names[:-1] if self.masked == "head" else names[1:]
 
     @property
     def name(self) -> str:
@@ -389,8 +405,8 @@ class FineTune:
         ``"umap/train_x3/lr0.1/ep10/mag/keep0.9/ends"`` (see :func:`parse_finetune`)."""
         init = "/mag" if self.mask_init == "magnitude" else ""
         keep = "" if self.keep_ratio is None else f"/keep{self.keep_ratio:g}"
-        ends = "/ends" if self.dense_ends else ""
-        return f"{self.method}/{self.xi}/lr{self.lr:g}/ep{self.epochs}{init}{keep}{ends}"
+        layers = "" if self.masked == "all" else f"/{self.masked}"
+        return f"{self.method}/{self.xi}/lr{self.lr:g}/ep{self.epochs}{init}{keep}{layers}"
 
     @property
     def short_name(self) -> str:
@@ -410,22 +426,23 @@ class FineTune:
 def parse_finetune(name: str) -> FineTune:
     """Inverse of :attr:`FineTune.name`, e.g. ``"umap/train_x3/lr0.1/ep10/keep0.9"``."""
     method, xi, lr, epochs, *options = name.split("/")
-    init, keep, ends = "random", None, False
+    init, keep, masked = "random", None, "all"
     for option in options:
         if option == "mag":
             init = "magnitude"
         elif option.startswith("keep"):
             keep = float(option.removeprefix("keep"))
-        elif option == "ends":
-            ends = True
+        elif option in MASKED_LAYERS:
+            masked = option
         else:
             raise ValueError(
                 f"Unknown option {option!r} in fine-tune {name!r}: use 'mag' (magnitude-"
-                "initialised UMAP scores), 'keep<ratio>' (UMAP keep ratio, e.g. keep0.9) or "
-                "'ends' (UMAP leaves the first and last layer dense)."
+                "initialised UMAP scores), 'keep<ratio>' (UMAP keep ratio, e.g. keep0.9), "
+                "'ends' (UMAP leaves the first and last layer dense), 'head' or 'stem' (UMAP "
+                "masks only the last or only the first layer)."
             )
     return FineTune(
-        method, xi, float(lr.removeprefix("lr")), int(epochs.removeprefix("ep")), init, keep, ends
+        method, xi, float(lr.removeprefix("lr")), int(epochs.removeprefix("ep")), init, keep, masked
     )
 
 
@@ -690,7 +707,7 @@ def run_seed(
         unleashed = OODUnleash(
             model,
             ft.method,
-            exclude=_dense_ends(model) if ft.dense_ends else None,
+            exclude=ft.exclude(model),
             mask_init=ft.mask_init,
             keep_ratio=ft.keep_ratio,
             seed=seed,

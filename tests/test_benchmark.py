@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 from oodunleash import benchmark
 from oodunleash.benchmark import (
@@ -74,12 +75,22 @@ def test_finetune_name_marks_keep_ratio_and_round_trips():
         parse_finetune("umap/control/lr0.1/ep10/fast")
 
 
-def test_finetune_name_marks_dense_ends_for_umap_only():
-    ft = parse_finetune("umap/train_x3/lr0.1/ep10/keep0.9/ends")
-    assert ft.dense_ends and ft.keep_ratio == 0.9 and ft.name.endswith("/keep0.9/ends")
-    assert ft.control().dense_ends
-    with pytest.raises(ValueError, match="UMAP's mask only.*Drop '/ends'"):
+def test_finetune_names_choose_umaps_masked_layers():
+    ends = parse_finetune("umap/train_x3/lr0.1/ep10/keep0.9/ends")
+    assert ends.masked == "ends" and ends.keep_ratio == 0.9 and ends.name.endswith("/keep0.9/ends")
+    assert ends.control().masked == "ends"
+    head = parse_finetune("umap/control/lr0.1/ep10/head")
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2)
+    )
+    assert ends.exclude(net) == ["0", "4"]
+    assert head.exclude(net) == ["0", "2"]
+    assert parse_finetune("umap/train_x3/lr0.1/ep10/stem").exclude(net) == ["2", "4"]
+    assert parse_finetune("umap/control/lr0.1/ep10").exclude(net) is None
+    with pytest.raises(ValueError, match="layers of UMAP's mask.*Drop '/ends'"):
         parse_finetune("um/train_x3/lr0.01/ep10/ends")
+    with pytest.raises(ValueError, match="masked must be one of"):
+        FineTune("umap", "control", 0.1, masked="tail")
 
 
 def test_xi_value_derives_any_multiple_of_the_training_loss():
@@ -275,7 +286,7 @@ def test_run_benchmark_quick_end_to_end(tmp_path, capsys):
 
     # Resuming adds the missing fine-tunes to the same final model, keeping what was done.
     # A ξ multiple the first run never stored is derived from its training loss.
-    extra = FineTune("umap", "train_x0.5", 0.1, 1, keep_ratio=0.9, dense_ends=True)
+    extra = FineTune("umap", "train_x0.5", 0.1, 1, keep_ratio=0.9, masked="ends")
     _tiny_run(tmp_path, [*grid, extra], resume=True)
     resumed = json.loads((tmp_path / "seeds" / "small_cnn_epochs2_s0.json").read_text())
     assert set(resumed["runs"]) == set(per_seed["runs"]) | {extra.name}
@@ -284,7 +295,7 @@ def test_run_benchmark_quick_end_to_end(tmp_path, capsys):
     assert resumed["train_time_s"] == per_seed["train_time_s"]
     assert set(resumed["runs"][extra.name]["test"]["metrics"]) == {"msp", "energy"}
     assert resumed["runs"][extra.name]["config"]["keep_ratio"] == 0.9
-    assert resumed["runs"][extra.name]["config"]["dense_ends"] is True
+    assert resumed["runs"][extra.name]["config"]["masked"] == "ends"
     assert resumed["runs"][extra.name]["xi_value"] == pytest.approx(
         0.5 * per_seed["xi"]["train_loss"]
     )
