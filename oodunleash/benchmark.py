@@ -226,7 +226,8 @@ def evaluate_model(
         id_set: ID ``(images, labels)``.
         ood_sets: Name → OOD images.
         scores: Score names (see :data:`ALL_SCORES`).
-        fit_set: ID training ``(images, labels)`` that Mahalanobis and KNN are fitted on.
+        fit_set: ID training ``(images, labels)`` that the scores which learn from ID data
+            (Mahalanobis, KNN, ReAct, DICE, ...) are fitted on.
         num_classes: Number of classes; every one must appear in ``fit_set`` (Mahalanobis
             keeps one mean per class).
         device: Unused: the model is run where its parameters are (kept for callers).
@@ -236,15 +237,18 @@ def evaluate_model(
         "fpr95"}}}}``, every metric in percent (FPR95: OOD accepted at 95% ID kept).
     """
     del device  # the library runs the model on its own device
+    detectors = [get_score(name, **_SCORE_CONFIG.get(name, {})) for name in scores]
+    fitted = [d.name for d in detectors if d.needs_fit]
     fit_loader = None
-    if {"mahalanobis", "knn"} & set(scores):
+    if fitted:
         if fit_set is None or num_classes is None:
-            raise ValueError("Mahalanobis and KNN need fit_set and num_classes.")
+            raise ValueError(
+                f"The scores {fitted} learn from ID training data: pass fit_set and num_classes."
+            )
         missing = set(range(num_classes)) - set(fit_set[1].tolist())
-        if missing:
+        if missing and any("labels" in d.requires for d in detectors):
             raise ValueError(f"fit_set has no image of class(es) {sorted(missing)}.")
         fit_loader = _batches(*fit_set)
-    detectors = [get_score(name, **_SCORE_CONFIG.get(name, {})) for name in scores]
     results = OODUnleash(model).evaluate(
         _batches(*id_set),
         {name: _batches(images) for name, images in ood_sets.items()},
@@ -796,6 +800,9 @@ def run_benchmark(
     :func:`run_seed`."""
     started = time.perf_counter()
     kwargs.setdefault("grid", default_grid(quick))
+    for name in kwargs.get("scores", ()):
+        get_score(name)  # an unknown name fails here, not after hours of training
+
     tasks = [(s, seed, str(out_dir), dict(kwargs)) for s in settings for seed in seeds]
     if jobs <= 1:
         for setting, seed, out, kw in tasks:

@@ -87,6 +87,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fine-tunes to run instead of the default grid, e.g. um/train_x4/lr0.01/ep10",
     )
+    bench.add_argument(
+        "--scores",
+        nargs="+",
+        default=None,
+        help="OOD scores to report (default: msp energy maxlogit odin mahalanobis knn); any "
+        "registered name, e.g. react dice. A resumed run keeps the scores it started with",
+    )
     bench.add_argument("--no-curve", action="store_true", help="skip the per-epoch OOD evaluation")
     bench.add_argument(
         "--resume",
@@ -137,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             curve=not args.no_curve,
             resume=args.resume,
             **({"grid": [parse_finetune(g) for g in args.grid]} if args.grid else {}),
+            **({"scores": args.scores} if args.scores else {}),
             deadline=None if args.time_budget is None else time.time() + args.time_budget,
         )
     print(f"Results: {args.out}/results.md")

@@ -149,6 +149,40 @@ def test_xi_candidates_are_consistent(digits_model):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_evaluate_model_fits_every_score_that_learns_from_id_data():
+    torch.manual_seed(0)
+    data = load_benchmark_data("digits", eval_cap=200)
+    model = create_model("small_cnn", data["num_classes"])
+    ood = {"noise": data["test_ood"]["gaussian"]}
+    # DICE and ReAct learn from ID training data, as Mahalanobis and KNN do.
+    with pytest.raises(ValueError, match=r"\['react', 'dice'\] learn from ID training data"):
+        benchmark.evaluate_model(model, data["test"], ood, ("energy", "react", "dice"))
+    fit_set = (data["train"][0][:300], data["train"][1][:300])
+    k = data["num_classes"]
+    out = benchmark.evaluate_model(
+        model, data["test"], ood, ("react", "dice"), fit_set=fit_set, num_classes=k
+    )
+    assert set(out["metrics"]) == {"react", "dice"}
+    assert 0 <= out["metrics"]["dice"]["noise"]["fpr95"] <= 100
+    # Mahalanobis keeps a mean per class: a fit set missing a class is refused.
+    one_class = fit_set[1] == fit_set[1][0]
+    with pytest.raises(ValueError, match="fit_set has no image of class"):
+        benchmark.evaluate_model(
+            model,
+            data["test"],
+            ood,
+            ("mahalanobis",),
+            fit_set=(fit_set[0][one_class], fit_set[1][one_class]),
+            num_classes=k,
+        )
+
+
+def test_run_benchmark_rejects_an_unknown_score_before_training(tmp_path):
+    with pytest.raises(ValueError, match="Unknown OOD score 'energi'.*Registered scores"):
+        _tiny_run(tmp_path, default_grid(quick=True), scores=("energy", "energi"))
+    assert not (tmp_path / "seeds").exists()
+
+
 def _seed_result(runs: dict[str, tuple[float, float]]) -> dict:
     """A per-seed JSON as run_seed writes it: name -> (val accuracy, val FPR95 on one set)."""
 
