@@ -1,4 +1,4 @@
-"""Cost of a UM and a UMAP training step relative to a plain PyTorch step (CPU).
+"""Cost of a UM and a UMAP training step relative to a plain PyTorch step (CPU or GPU).
 
 For each model and input size the three sides run interleaved (plain, UM, UMAP, plain, ...) so
 that drifts in machine load hit all of them alike; a ratio is the median over repeats of the
@@ -11,6 +11,10 @@ target after several optimizer steps.
 
     python examples/benchmark_speed.py            # ~3 minutes on 2 idle cores
     python examples/benchmark_speed.py --quick    # ~1 minute
+    python examples/benchmark_speed.py --device cuda   # adds a 32 px, batch-128 row
+
+It also times the k-th-value selection behind a mask threshold, ``kthvalue`` against a sort,
+on the chosen device (the library sorts on CUDA, where ``kthvalue`` of one long row is slow).
 """
 
 from __future__ import annotations
@@ -25,7 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from oodunleash import OODUnleash
-from oodunleash.masking import LayerMasks
+from oodunleash.masking import LayerMasks, _kth_smallest
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def plain_epoch(model, batches, lr=0.01):
@@ -51,12 +60,16 @@ def library_epoch(model, batches, method):
     return unleashed.history_[0]["time_s"] / len(batches)
 
 
-def measure(name, size, batch, steps, repeats):
+def measure(name, size, batch, steps, repeats, device="cpu"):
     kwargs = {"img_size": size} if "vit" in name else {}
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).to(device)
     batches = [
-        (torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))) for _ in range(steps)
+        (
+            torch.randn(batch, 3, size, size, device=device),
+            torch.randint(0, 10, (batch,), device=device),
+        )
+        for _ in range(steps)
     ]
     plain_epoch(model, batches[:1])  # warm-up: allocator, oneDNN primitives
     times = {"plain": [], "um": [], "umap": []}
@@ -73,6 +86,28 @@ def measure(name, size, batch, steps, repeats):
             u / p for u, p in zip(times["umap"], times["plain"], strict=True)
         ),
     }
+
+
+def selection_times(device: torch.device, repeats: int = 20) -> list[tuple[int, float, float]]:
+    """Median seconds of one k-th-value selection by ``kthvalue`` and by a sort, for the
+    sampled threshold (131,072 scores) and for the largest resnet18 layer (2.4M weights)."""
+    rows = []
+    for n in (131072, 2359296):
+        values = torch.rand(n, device=device)
+        k = n - round(0.8 * n) + 1
+        times = {}
+        for by_sort in (False, True):
+            _kth_smallest(values, k, by_sort=by_sort)  # warm-up
+            runs = []
+            for _ in range(repeats):
+                _sync(device)
+                start = time.perf_counter()
+                _kth_smallest(values, k, by_sort=by_sort)
+                _sync(device)
+                runs.append(time.perf_counter() - start)
+            times[by_sort] = statistics.median(runs)
+        rows.append((n, times[False], times[True]))
+    return rows
 
 
 def kept_fraction_drift(steps: int = 20) -> tuple[float, float]:
@@ -102,7 +137,9 @@ def kept_fraction_drift(steps: int = 20) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
     steps, repeats = (2, 3) if args.quick else (6, 7)
     configs = [
         ("resnet18", 224, 8),
@@ -110,7 +147,11 @@ def main() -> None:
         ("vit_tiny_patch16_224", 224, 8),
         ("vit_tiny_patch16_224", 64, 32),
     ]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    if device.type == "cuda":
+        # Small images and large batches: where the mask's per-step work weighs most on a GPU.
+        configs.append(("resnet18", 32, 128))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     print(
         f"steps per epoch {steps}, repeats {repeats} (interleaved); plain: median s/step; "
         "ratios: median over repeats of (library step / plain step) in the same repeat\n"
@@ -118,13 +159,17 @@ def main() -> None:
     print("| model | px | batch | plain s/step | UM ratio | UMAP ratio | UMAP target |")
     print("|---|---|---|---|---|---|---|")
     for name, size, batch in configs:
-        med = measure(name, size, batch, steps, repeats)
+        med = measure(name, size, batch, steps, repeats, device)
         target = 1.2 if size >= 224 else 1.5
         print(
             f"| {name} | {size} | {batch} | {med['plain']:.3f} | {med['um']:.3f} "
             f"| {med['umap']:.3f} | <= {target} |",
             flush=True,
         )
+    print("\n| values | kthvalue s | sort s | kthvalue / sort |")
+    print("|---|---|---|---|")
+    for n, select_s, sort_s in selection_times(device):
+        print(f"| {n} | {select_s:.6f} | {sort_s:.6f} | {select_s / sort_s:.2f} |", flush=True)
     n_steps = 10 if args.quick else 30
     drift, recomputed = kept_fraction_drift(n_steps)
     print(

@@ -141,8 +141,8 @@ def topk_mask(scores: Tensor, keep_ratio: float) -> Tensor:
     k = num_kept(n, keep_ratio)
     if k == n:
         return torch.ones_like(scores)
-    # kthvalue is exact and much faster than a sort; the (n-k+1)-th smallest is the k-th largest.
-    threshold = flat.kthvalue(n - k + 1).values
+    # The (n-k+1)-th smallest is the k-th largest.
+    threshold = _kth_smallest(flat, n - k + 1)
     keep = flat > threshold
     missing = k - int(keep.sum())
     if missing > 0:
@@ -151,10 +151,29 @@ def topk_mask(scores: Tensor, keep_ratio: float) -> Tensor:
     return keep.view_as(scores).to(scores.dtype)
 
 
+def _kth_smallest(values: Tensor, k: int, *, by_sort: bool | None = None) -> Tensor:
+    """The ``k``-th smallest entry (1-based) of a 1-D tensor, as a 0-d tensor on its device.
+
+    On CPU ``kthvalue`` (a quickselect, linear time) is much faster than a sort. On CUDA it is
+    the other way round: ``kthvalue`` of a single long row runs a radix select in one thread
+    block, reported 20x slower than sorting the row (pytorch/pytorch#75599), so a CUDA tensor
+    is sorted. ``by_sort`` forces either way (``None``: sort on CUDA only).
+
+    Example:
+        >>> _kth_smallest(torch.tensor([0.3, 0.1, 0.4, 0.2]), 2)
+        tensor(0.2000)
+    """
+    if by_sort is None:
+        by_sort = values.is_cuda
+    if by_sort:
+        return values.sort().values[k - 1]
+    return values.kthvalue(k).values
+
+
 def _threshold(values: Tensor, keep_ratio: float) -> Tensor:
     """The score at or above which ``keep_ratio`` of ``values`` lie (the k-th largest)."""
     m = values.numel()
-    return values.kthvalue(m - num_kept(m, keep_ratio) + 1).values
+    return _kth_smallest(values, m - num_kept(m, keep_ratio) + 1)
 
 
 class _MaskedWeight(torch.autograd.Function):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm.layers import StdConv2d
 from torch import nn
 
-from oodunleash.masking import LayerMasks, num_kept, select_layers, topk_mask
+from oodunleash.masking import LayerMasks, _kth_smallest, num_kept, select_layers, topk_mask
 
 
 class Tiny(nn.Module):
@@ -34,6 +34,18 @@ def test_topk_mask_keeps_exactly_k(n, keep):
     assert int(mask.sum()) == k
     if k < n:  # every kept score is at least every dropped one
         assert scores[mask.bool()].min() >= scores[~mask.bool()].max()
+
+
+@pytest.mark.parametrize("values", [torch.randn(1001), torch.randint(0, 5, (300,)).float()])
+def test_kth_smallest_by_sort_matches_kthvalue(values):
+    # CUDA takes the sort path (kthvalue is slow there); both must give the same order statistic,
+    # ties included.
+    ordered = values.sort().values
+    for k in (1, 2, len(values) // 2, len(values) - 1, len(values)):
+        by_select = _kth_smallest(values, k, by_sort=False)
+        by_sort = _kth_smallest(values, k, by_sort=True)
+        assert by_select.dim() == by_sort.dim() == 0
+        assert by_select == by_sort == ordered[k - 1]
 
 
 def test_topk_mask_handles_ties():
