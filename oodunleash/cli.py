@@ -91,8 +91,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--scores",
         nargs="+",
         default=None,
-        help="OOD scores to report (default: msp energy maxlogit odin mahalanobis knn); any "
-        "registered name, e.g. react dice. A resumed run keeps the scores it started with",
+        help="OOD scores to report (default: oodunleash.benchmark.ALL_SCORES); any registered "
+        "name, e.g. vim gradnorm. A resumed run keeps the scores it started with",
     )
     bench.add_argument("--no-curve", action="store_true", help="skip the per-epoch OOD evaluation")
     bench.add_argument(

@@ -1,0 +1,103 @@
+"""Post-hoc ReAct and DICE on the benchmark's final small-CNN models, with and without UM.
+
+ReAct (clip the penultimate activations) and DICE (drop the head weights with the smallest
+contributions) try to make the Energy score a better OOD detector without any training; UM
+tries the same by fine-tuning. This script measures both on the models of an earlier
+``oodunleash benchmark --checkpoints final`` run (its per-seed JSON and
+``checkpoints/small_cnn_s<seed>/epoch025.safetensors``):
+
+* the final model with Energy, ReAct (90th percentile) and DICE at 50%, 70% and 90% sparsity,
+  on the validation and the test split (choose the sparsity on validation);
+* with ``--um``, the same scores after UM with ξ = 3x the stored training loss, fine-tuned
+  exactly as the benchmark's ``um/train_x3/lr0.01/ep10`` row (same seeds, same loader), so its
+  Energy numbers can be checked against that row.
+
+Scores that learn from ID data are fitted on the benchmark's 10,000 training images of the
+seed. Results go to ``<out>/posthoc_s<seed>.json`` (``um_posthoc_s<seed>.json`` with ``--um``).
+
+    OODUNLEASH_FASHION_MNIST=/usr/share/datasets/fashion-mnist \\
+    python examples/posthoc_scores.py --run runs/cpu3 --seeds 0 1 2 [--um]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+import torch
+
+from oodunleash import OODUnleash
+from oodunleash.benchmark import (
+    TensorLoader,
+    _batches,
+    _subsample,
+    load_benchmark_data,
+    load_checkpoint,
+)
+from oodunleash.models import create_model
+from oodunleash.scores import get_score
+
+#: label -> (registered score, its settings)
+SCORES = {
+    "energy": ("energy", {}),
+    "react": ("react", {"percentile": 90.0}),
+    "dice0.5": ("dice", {"sparsity": 0.5}),
+    "dice0.7": ("dice", {"sparsity": 0.7}),
+    "dice0.9": ("dice", {"sparsity": 0.9}),
+}
+
+
+def evaluate(model, data, fit_set, split):
+    """Percent metrics of every score in SCORES on one split, and the ID accuracy."""
+    ood = {ood_name: _batches(images) for ood_name, images in data[f"{split}_ood"].items()}
+    out = {}
+    for label, (name, config) in SCORES.items():
+        # One call per label: the DICE variants share the registry name "dice".
+        detector = get_score(name, **config)
+        result = OODUnleash(model).evaluate(
+            _batches(*data[split]), ood, [detector], fit_loader=_batches(*fit_set), progress=False
+        )
+        (metrics,) = result.metrics.values()
+        out[label] = {o: {k: 100 * v for k, v in m.items()} for o, m in metrics.items()}
+    out["accuracy"] = 100 * result.id_accuracy
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="an earlier benchmark --out folder")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--um", action="store_true", help="fine-tune with UM 3x first")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    run = pathlib.Path(args.run)
+    data = load_benchmark_data("fashion-mnist")
+    for seed in args.seeds:
+        result = json.loads((run / "seeds" / f"small_cnn_s{seed}.json").read_text())
+        torch.manual_seed(seed)  # as run_seed does before building the model
+        model = create_model("small_cnn", data["num_classes"])
+        load_checkpoint(model, run / "checkpoints" / f"small_cnn_s{seed}" / "epoch025.safetensors")
+        if args.um:
+            OODUnleash(model, "um", seed=seed).fit(
+                TensorLoader(*data["train"], 128, shuffle=True, seed=seed + 1),
+                epochs=10,
+                lr=0.01,
+                loss_constraint=3 * result["xi"]["train_loss"],
+                progress=False,
+            )
+        fit_set = _subsample(*data["train"], 10000, seed)
+        out = {split: evaluate(model, data, fit_set, split) for split in ("val", "test")}
+        name = f"{'um_' if args.um else ''}posthoc_s{seed}.json"
+        (run / name).write_text(json.dumps(out))
+        fpr = {
+            k: round(np.mean([m["fpr95"] for m in v.values()]), 1)
+            for k, v in out["test"].items()
+            if k != "accuracy"
+        }
+        print(f"seed {seed}: test accuracy {out['test']['accuracy']:.2f}, mean FPR95 {fpr}")
+
+
+if __name__ == "__main__":
+    main()
