@@ -257,9 +257,10 @@ def evaluate_model(
             raise ValueError(
                 f"The scores {fitted} learn from ID training data: pass fit_set and num_classes."
             )
-        missing = set(range(num_classes)) - set(fit_set[1].tolist())
-        if missing and any("labels" in d.requires for d in detectors):
-            raise ValueError(f"fit_set has no image of class(es) {sorted(missing)}.")
+        if any("labels" in d.requires for d in detectors):  # e.g. Mahalanobis' class means
+            missing = set(range(num_classes)) - set(fit_set[1].tolist())
+            if missing:
+                raise ValueError(f"fit_set has no image of class(es) {sorted(missing)}.")
         fit_loader = _batches(*fit_set)
     results = OODUnleash(model).evaluate(
         _batches(*id_set),

@@ -141,8 +141,7 @@ def topk_mask(scores: Tensor, keep_ratio: float) -> Tensor:
     k = num_kept(n, keep_ratio)
     if k == n:
         return torch.ones_like(scores)
-    # The (n-k+1)-th smallest is the k-th largest.
-    threshold = _kth_smallest(flat, n - k + 1)
+    threshold = _threshold(flat, keep_ratio)
     keep = flat > threshold
     missing = k - int(keep.sum())
     if missing > 0:
