@@ -11,18 +11,23 @@ target after several optimizer steps.
 
     python examples/benchmark_speed.py            # ~3 minutes on 2 idle cores
     python examples/benchmark_speed.py --quick    # ~1 minute
-    python examples/benchmark_speed.py --device cuda   # adds a 32 px, batch-128 row
+    python examples/benchmark_speed.py --device cuda   # adds 32 px batch-128 and 224 px batch-64 rows
 
 It also times the k-th-value selection behind a mask threshold, ``kthvalue`` against a sort,
 on the chosen device (the library sorts on CUDA, where ``kthvalue`` of one long row is slow).
+On CUDA the UMAP step is also timed with one sort per layer (the column "UMAP, per-layer
+sort"), the way the library selected thresholds before it batched them into one sort.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
+from collections.abc import Iterator
+from unittest import mock
 
 import timm
 import torch
@@ -60,6 +65,13 @@ def library_epoch(model, batches, method):
     return unleashed.history_[0]["time_s"] / len(batches)
 
 
+@contextlib.contextmanager
+def per_layer_selection() -> Iterator[None]:
+    """Training-time thresholds selected layer by layer (on CUDA the library batches them)."""
+    with mock.patch.object(LayerMasks, "_can_batch", lambda self: False):
+        yield
+
+
 def measure(name, size, batch, steps, repeats, device="cpu"):
     kwargs = {"img_size": size} if "vit" in name else {}
     torch.manual_seed(0)
@@ -72,20 +84,22 @@ def measure(name, size, batch, steps, repeats, device="cpu"):
         for _ in range(steps)
     ]
     plain_epoch(model, batches[:1])  # warm-up: allocator, oneDNN primitives
-    times = {"plain": [], "um": [], "umap": []}
+    sides = ["um", "umap"] + (["umap_per_layer"] if torch.device(device).type == "cuda" else [])
+    times = {side: [] for side in ["plain", *sides]}
     for _ in range(repeats):
         # Every side on a fresh copy of the same model, so none gains from warm buffers.
         times["plain"].append(plain_epoch(copy.deepcopy(model), batches))
         times["um"].append(library_epoch(model, batches, "um"))
         times["umap"].append(library_epoch(model, batches, "umap"))
+        if "umap_per_layer" in times:
+            with per_layer_selection():
+                times["umap_per_layer"].append(library_epoch(model, batches, "umap"))
     # Ratios paired within a repeat cancel slow drifts in machine load; then the median.
-    return {
-        "plain": statistics.median(times["plain"]),
-        "um": statistics.median(u / p for u, p in zip(times["um"], times["plain"], strict=True)),
-        "umap": statistics.median(
-            u / p for u, p in zip(times["umap"], times["plain"], strict=True)
-        ),
+    ratios = {
+        side: statistics.median(s / p for s, p in zip(times[side], times["plain"], strict=True))
+        for side in sides
     }
+    return {"plain": statistics.median(times["plain"]), **ratios}
 
 
 def selection_times(device: torch.device, repeats: int = 20) -> list[tuple[int, float, float]]:
@@ -141,6 +155,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     steps, repeats = (2, 3) if args.quick else (6, 7)
+    if device.type == "cuda" and not args.quick:
+        # GPU steps are short: more of them, so the first step's one-off work (cuDNN's choice of
+        # algorithms, moving the threshold samples to the device) does not pass for per-step cost.
+        steps, repeats = 30, 5
     configs = [
         ("resnet18", 224, 8),
         ("resnet18", 64, 32),
@@ -148,22 +166,27 @@ def main() -> None:
         ("vit_tiny_patch16_224", 64, 32),
     ]
     if device.type == "cuda":
-        # Small images and large batches: where the mask's per-step work weighs most on a GPU.
-        configs.append(("resnet18", 32, 128))
+        # Small images with a large batch, and a batch that keeps the GPU busy.
+        configs += [("resnet18", 32, 128), ("resnet18", 224, 64)]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     print(
         f"steps per epoch {steps}, repeats {repeats} (interleaved); plain: median s/step; "
         "ratios: median over repeats of (library step / plain step) in the same repeat\n"
     )
-    print("| model | px | batch | plain s/step | UM ratio | UMAP ratio | UMAP target |")
-    print("|---|---|---|---|---|---|---|")
+    per_layer_column = device.type == "cuda"
+    print(
+        "| model | px | batch | plain s/step | UM ratio | UMAP ratio | UMAP target |"
+        + (" UMAP, per-layer sort |" if per_layer_column else "")
+    )
+    print("|---|---|---|---|---|---|---|" + ("---|" if per_layer_column else ""))
     for name, size, batch in configs:
         med = measure(name, size, batch, steps, repeats, device)
         target = 1.2 if size >= 224 else 1.5
         print(
-            f"| {name} | {size} | {batch} | {med['plain']:.3f} | {med['um']:.3f} "
-            f"| {med['umap']:.3f} | <= {target} |",
+            f"| {name} | {size} | {batch} | {med['plain']:.4f} | {med['um']:.3f} "
+            f"| {med['umap']:.3f} | <= {target} |"
+            + (f" {med['umap_per_layer']:.3f} |" if per_layer_column else ""),
             flush=True,
         )
     print("\n| values | kthvalue s | sort s | kthvalue / sort |")

@@ -288,6 +288,7 @@ class LayerMasks(nn.Module):
         #: How many training-time thresholds were (re)computed; see :meth:`_training_drop`.
         self.threshold_updates = 0
         self._cache: dict[str, tuple[tuple, Tensor]] = {}
+        self._batch_plan: tuple[torch.device, Tensor, Tensor] | None = None
         generator = torch.Generator().manual_seed(seed)
         for name, module in self._layers.items():
             weight = module._parameters["weight"]
@@ -319,10 +320,10 @@ class LayerMasks(nn.Module):
         return any(_MASK_ATTR in m.__dict__ for m in self._layers.values())
 
     # ---------------------------------------------------------------- the masks
-    def _cache_key(self, name: str, exact: bool) -> tuple:
+    def _cache_key(self, name: str, exact: bool, scores: Tensor | None = None) -> tuple:
         if self.mode == "model":
             return (exact,) + tuple((s._version, s.data_ptr()) for s in self.scores.values())
-        s = self.layer_scores(name)
+        s = self.layer_scores(name) if scores is None else scores
         return (exact, s._version, s.data_ptr())
 
     def mask(self, name: str, exact: bool = True) -> Tensor:
@@ -330,9 +331,13 @@ class LayerMasks(nn.Module):
         scores = self.layer_scores(name)
         return (~self._dropped(name, exact)).to(scores.dtype)
 
-    def _dropped(self, name: str, exact: bool) -> Tensor:
-        """Bool tensor of the pruned positions, recomputed only when the scores change."""
-        key = self._cache_key(name, exact)
+    def _dropped(self, name: str, exact: bool, scores: Tensor | None = None) -> Tensor:
+        """Bool tensor of the pruned positions, recomputed only when the scores change.
+
+        ``scores``, if given, is layer ``name``'s score tensor: this runs for every masked layer
+        in every forward pass, where looking it up again costs more than the check itself."""
+        scores = self.layer_scores(name) if scores is None else scores
+        key = self._cache_key(name, exact, scores)
         cached = self._cache.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -341,12 +346,18 @@ class LayerMasks(nn.Module):
             for layer, m in masks.items():
                 self._cache[layer] = (key, m == 0)
             return self._cache[name][1]
-        scores = self.layer_scores(name)
-        dropped = topk_mask(scores, self.keep_ratio) == 0 if exact else self._training_drop(name)
+        if not exact and scores.is_cuda and self._can_batch():
+            for layer, layer_dropped in self._training_drops_batched().items():
+                self._cache[layer] = (self._cache_key(layer, exact), layer_dropped)
+            return self._cache[name][1]
+        if exact:
+            dropped = topk_mask(scores, self.keep_ratio) == 0
+        else:
+            dropped = self._training_drop(name, scores)
         self._cache[name] = (key, dropped)
         return dropped
 
-    def _training_drop(self, name: str) -> Tensor:
+    def _training_drop(self, name: str, scores: Tensor | None = None) -> Tensor:
         """Approximate top-k mask for training steps.
 
         On small inputs the exact threshold of every layer, recomputed after every optimizer
@@ -358,7 +369,7 @@ class LayerMasks(nn.Module):
         and a sum instead of a selection). On GPUs the selection is cheap and a host sync per
         layer is not, so it is always recomputed there.
         """
-        scores = self.layer_scores(name).detach()
+        scores = (self.layer_scores(name) if scores is None else scores).detach()
         sample = self._samples.get(name)
         if sample is not None and sample.device != scores.device:
             sample = self._samples[name] = sample.to(scores.device)
@@ -379,6 +390,55 @@ class LayerMasks(nn.Module):
             self.threshold_updates += 1
         return scores < threshold if dropped is None else dropped
 
+    def _can_batch(self) -> bool:
+        """Whether all layers' scores share one device and dtype (one tensor can hold them)."""
+        first = next(iter(self.scores.values()))
+        return len(self.scores) > 1 and all(
+            s.device == first.device and s.dtype == first.dtype for s in self.scores.values()
+        )
+
+    def _training_drops_batched(self) -> dict[str, Tensor]:
+        """The training-time masks of every layer at once, equal to :meth:`_training_drop`
+        recomputing each threshold (what it does on GPUs).
+
+        On a GPU a small training step is bound by the host launching kernels, not by the
+        device running them, and one sort per layer was half of what UMAP added to a step
+        (``examples/benchmark_speed.py --device cuda``). Here every layer's sample is gathered
+        into one row of a ``(layers, sample)`` matrix, padded with +inf, and a single batched
+        sort gives all thresholds. The cost is one transient copy of all scores.
+        """
+        scores = [self.layer_scores(name).detach() for name in self._layers]
+        device = scores[0].device
+        if self._batch_plan is None or self._batch_plan[0] != device:
+            self._batch_plan = (device, *self._batch_index(device))
+        _, index, kth = self._batch_plan
+        sentinel = torch.full((1,), math.inf, device=device, dtype=scores[0].dtype)
+        flat = torch.cat([s.reshape(-1) for s in scores] + [sentinel])
+        thresholds = flat[index].sort(dim=1).values.gather(1, kth).squeeze(1)
+        self.threshold_updates += len(scores)
+        return {
+            name: s < thresholds[i]
+            for i, (name, s) in enumerate(zip(self._layers, scores, strict=True))
+        }
+
+    def _batch_index(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Row ``i`` indexes layer ``i``'s threshold sample (or all its scores) in the
+        concatenation of all scores, padded with the index of a final +inf entry; ``kth``
+        holds each row's 0-based position of the threshold after sorting."""
+        sizes = [self.layer_scores(name).numel() for name in self._layers]
+        width = max(
+            len(self._samples.get(n, range(m))) for n, m in zip(self._layers, sizes, strict=True)
+        )
+        sentinel = sum(sizes)
+        rows, kth, offset = [], [], 0
+        for name, m in zip(self._layers, sizes, strict=True):
+            row = self._samples.get(name, torch.arange(m)).cpu() + offset
+            n = row.numel()
+            kth.append(n - num_kept(n, self.keep_ratio))
+            rows.append(torch.cat([row, torch.full((width - n,), sentinel, dtype=row.dtype)]))
+            offset += m
+        return torch.stack(rows).to(device), torch.tensor(kth, device=device).unsqueeze(1)
+
     def _model_wise_masks(self) -> dict[str, Tensor]:
         # Standardise per layer first: raw scores of different layers live on different scales
         # (the random init follows fan-in), so one raw threshold would prune some layers away.
@@ -397,7 +457,7 @@ class LayerMasks(nn.Module):
         """``weight * mask`` for layer ``name``, differentiable in the scores."""
         scores = self.layer_scores(name)
         exact = not (training and torch.is_grad_enabled())
-        dropped = self._dropped(name, exact)
+        dropped = self._dropped(name, exact, scores)
         if torch.is_grad_enabled() and (scores.requires_grad or weight.requires_grad):
             return _MaskedWeight.apply(weight, scores, dropped)
         return weight.masked_fill(dropped, 0)

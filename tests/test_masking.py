@@ -182,6 +182,21 @@ def test_training_mask_uses_sampled_threshold_within_half_a_percent():
     assert int(masks.mask("0", exact=True).sum()) == num_kept(500_000, 0.8)
 
 
+@pytest.mark.parametrize("keep", [0.8, 0.9, 0.35])
+def test_batched_training_masks_equal_per_layer_selection(keep):
+    # GPUs select every layer's threshold in one batched sort; it must give the masks the
+    # per-layer path gives when it recomputes (sampled and unsampled layers, one-weight rows).
+    model = nn.Sequential(nn.Linear(40, 30), nn.Linear(30, 20), nn.Linear(20, 1, bias=False))
+    masks = LayerMasks(model, keep_ratio=keep, seed=1, sample_size=500)
+    assert set(masks._samples) == {"0", "1"}  # 1200 and 600 weights are sampled, 20 are not
+    batched = masks._training_drops_batched()
+    for name in masks.layer_names:
+        assert torch.equal(batched[name], masks._training_drop(name)), name
+    with torch.no_grad():  # an optimizer step moves scores; the batched result follows
+        masks.layer_scores("1").mul_(-1)
+    assert torch.equal(masks._training_drops_batched()["1"], masks._training_drop("1"))
+
+
 def test_magnitude_init_keeps_largest_weights_and_seed_reproduces():
     model = Tiny()
     masks = LayerMasks(model, keep_ratio=0.5, init="magnitude")
