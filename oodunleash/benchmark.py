@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._files import write_atomic
 from .constraint import DEFAULT_CONSTRAINT_FACTOR, estimate_loss_constraint, mean_cross_entropy
 from .masking import select_layers
 from .models import create_model
@@ -329,11 +330,11 @@ def train_classifier(
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Save ``model.state_dict()`` as safetensors (no pickle)."""
-    from safetensors.torch import save_file
+    """Save ``model.state_dict()`` as safetensors (no pickle), atomically."""
+    from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    write_atomic(path, save(state))
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
@@ -693,7 +694,7 @@ def run_seed(
                 }
             },
         }
-        json_path.write_text(json.dumps(result))
+        write_atomic(json_path, json.dumps(result))
 
     # ---- 3. fine-tunes from the final checkpoint (those an earlier run lacks, on resume)
     # A resumed run keeps the scores it was started with.
@@ -711,7 +712,7 @@ def run_seed(
     desc = f"{result['setting']} s{seed} fine-tunes"
 
     def save() -> None:
-        json_path.write_text(json.dumps(result))
+        write_atomic(json_path, json.dumps(result))
 
     for ft in tqdm(todo, desc=desc, disable=not progress):
         if deadline is not None and time.time() + longest > deadline:
@@ -821,16 +822,38 @@ def run_benchmark(
         for setting, seed, out, kw in tasks:
             run_seed(setting, seed, out, **kw)
     else:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")  # CUDA cannot be forked
         for task in tasks:
             task[3]["progress"] = False
             task[3]["report"] = True
-        with ctx.Pool(jobs) as pool:
-            for done in pool.imap_unordered(_worker, tasks):
-                print(f"done: {done}  ({time.perf_counter() - started:.0f} s)", flush=True)
+        for done in _in_processes(_worker, tasks, jobs):
+            print(f"done: {done}  ({time.perf_counter() - started:.0f} s)", flush=True)
     return summarize(out_dir, wall_time_s=time.perf_counter() - started)
+
+
+def _in_processes(func: Callable[[Any], Any], tasks: Sequence[Any], jobs: int) -> Iterator[Any]:
+    """Yield ``func(task)`` for every task as ``jobs`` spawned processes finish them.
+
+    The workers stop with this process: on an exception, Ctrl-C, or a SIGTERM (the signal a
+    scheduler or ``kill`` sends), which is turned into ``SystemExit`` so that the pool is
+    terminated instead of left running. Whatever a worker saved before stays, since results
+    and checkpoints are written atomically.
+    """
+    import multiprocessing as mp
+    import signal
+    import threading
+
+    def exit_on_sigterm(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signals need the main thread
+        previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        with mp.get_context("spawn").Pool(jobs) as pool:  # spawn: CUDA cannot be forked
+            yield from pool.imap_unordered(func, tasks)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ============================================================================ summary
@@ -973,8 +996,8 @@ def summarize(out_dir: str | os.PathLike[str], wall_time_s: float | None = None)
         summary["settings"][setting] = s_sum
         md += _setting_markdown(setting, rs, chosen, s_sum)
         _plot_setting(out, setting, rs, chosen)
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
-    (out / "results.md").write_text("\n".join(md) + "\n")
+    write_atomic(out / "results.json", json.dumps(summary, indent=1))
+    write_atomic(out / "results.md", "\n".join(md) + "\n")
     return summary
 
 

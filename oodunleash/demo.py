@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ._files import write_atomic
 from .benchmark import (
     CONTROL_XI,
     TensorLoader,
@@ -174,8 +175,8 @@ def run_demo(
         "curve": curve,
         "results": results,
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
-    (out / "results.md").write_text(table + "\n")
+    write_atomic(out / "results.json", json.dumps(summary, indent=1))
+    write_atomic(out / "results.md", table + "\n")
     _plots(out, curve, results)
     print(f"Wrote {out}/results.json, results.md, curve.png, compare.png ({wall:.0f} s)")
     return summary

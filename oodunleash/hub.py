@@ -38,6 +38,7 @@ from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save as _save_safetensors
 from torch import Tensor, nn
 
+from ._files import write_atomic
 from .constraint import DEFAULT_CONSTRAINT_FACTOR
 from .distributed import is_main_process
 from .masking import LayerMasks, topk_mask
@@ -252,14 +253,6 @@ def _tensors_for_saving(state: Mapping[str, Any], what: str) -> dict[str, Tensor
         seen.add(ident)
         out[key] = tensor
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Write beside the target, then rename: an interrupted save never leaves a half-written file
-    # under the real name.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict:
@@ -823,7 +816,7 @@ class HubMixin:
                 with contextlib.suppress(FileNotFoundError):
                     (folder / name).unlink()  # stale file of an earlier, different checkpoint
         for name in sorted(blobs, key=lambda n: n == CONFIG_NAME):
-            _write_atomic(folder / name, blobs[name])
+            write_atomic(folder / name, blobs[name])
         return folder
 
     @staticmethod

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ._files import write_atomic
 from .metrics import METRICS, Positive, average_metrics, ood_metrics
 
 __all__ = ["EvaluationResults"]
@@ -180,7 +181,7 @@ class EvaluationResults:
         """JSON text of :meth:`to_dict`; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(include_scores), indent=2)
         if path is not None:
-            pathlib.Path(path).write_text(text)
+            write_atomic(path, text)
         return text
 
     @classmethod

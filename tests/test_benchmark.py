@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -371,3 +375,51 @@ def test_run_benchmark_quick_end_to_end(tmp_path, capsys):
 def test_resume_without_an_earlier_run_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="Cannot resume.*--checkpoints final"):
         _tiny_run(tmp_path, default_grid(quick=True), resume=True)
+
+
+_SLEEPING_POOL = """
+import os, sys, time
+from oodunleash.benchmark import _in_processes
+
+def sleeper(task):
+    open(os.path.join(sys.argv[1], f"{os.getpid()}.pid"), "w").close()
+    time.sleep(120)
+    return task
+
+if __name__ == "__main__":
+    for _ in _in_processes(sleeper, [0, 1], jobs=2):
+        pass
+"""
+
+
+def _running(pid: int) -> bool:
+    try:  # a zombie has exited; only its parent has not collected it yet
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_to_a_parallel_run_stops_its_workers(tmp_path):
+    # `kill` (or a job scheduler) on `oodunleash benchmark --jobs N` used to leave the N
+    # workers training on, unseen, until they finished.
+    script = tmp_path / "pool.py"
+    script.write_text(_SLEEPING_POOL)
+    pids_dir = tmp_path / "pids"
+    pids_dir.mkdir()
+    parent = subprocess.Popen([sys.executable, str(script), str(pids_dir)])
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(pids_dir.iterdir())) < 2:
+            assert parent.poll() is None, "the pool script exited before its workers started"
+            assert time.monotonic() < deadline, "the workers did not start in 120 s"
+            time.sleep(0.2)
+        workers = [int(p.stem) for p in pids_dir.iterdir()]
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_running(pid) for pid in workers)
+    finally:
+        parent.kill()

@@ -1,0 +1,30 @@
+import pathlib
+
+import pytest
+
+from oodunleash._files import write_atomic
+
+
+def test_write_atomic_replaces_text_and_bytes(tmp_path):
+    target = tmp_path / "seed.json"
+    write_atomic(target, "first")
+    write_atomic(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert [p.name for p in tmp_path.iterdir()] == ["seed.json"]
+
+
+def test_interrupted_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "seed.json"
+    write_atomic(target, "hours of results")
+
+    real_write_text = pathlib.Path.write_text
+
+    def fail_midway(self, data, *args, **kwargs):
+        real_write_text(self, data[:3], *args, **kwargs)  # part of the file is on disk...
+        raise KeyboardInterrupt  # ...when Ctrl-C (or a full disk) stops the write
+
+    monkeypatch.setattr(pathlib.Path, "write_text", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, "new results")
+    assert target.read_text() == "hours of results"
+    assert [p.name for p in tmp_path.iterdir()] == ["seed.json"]
