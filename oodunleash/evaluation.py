@@ -26,10 +26,14 @@ from .scores import OODScore, ScoreNotFittedError, get_score, list_scores, resol
 if TYPE_CHECKING:
     from .wrapper import OODUnleash
 
-__all__ = ["ScoreSpec", "ScoringMixin"]
+__all__ = ["ScoreSpec", "ScoreSpecs", "ScoringMixin"]
 
 #: A score: a registered name (see :func:`oodunleash.list_scores`) or an :class:`OODScore`.
 ScoreSpec = str | OODScore
+
+#: One score, several, or ``{label: score}`` to run variants of one score side by side
+#: (``{"dice_50": DICE(0.5), "dice_90": DICE(0.9)}``); results are keyed by the labels.
+ScoreSpecs = ScoreSpec | Sequence[ScoreSpec] | Mapping[str, ScoreSpec]
 
 #: Requirements served from the batch during the pass instead of the cache.
 _BATCHWISE = frozenset({"gradients", "feature_maps"})
@@ -102,29 +106,51 @@ class ScoringMixin:
         return param.device if param is not None else torch.device("cpu")
 
     @staticmethod
-    def _specs(scores: ScoreSpec | Sequence[ScoreSpec]) -> list[ScoreSpec]:
+    def _labelled_specs(scores: ScoreSpecs) -> list[tuple[str | None, ScoreSpec]]:
+        """``(label, spec)`` pairs; the label is ``None`` where the score's name serves."""
         if isinstance(scores, str | OODScore):
-            return [scores]
-        specs = list(scores)
-        if not specs:
+            return [(None, scores)]
+        if isinstance(scores, Mapping):
+            bad = [label for label in scores if not isinstance(label, str) or not label]
+            if bad:
+                raise TypeError(f"Score labels must be non-empty strings, got {bad!r}.")
+            pairs: list[tuple[str | None, ScoreSpec]] = list(scores.items())
+        else:
+            pairs = [(None, spec) for spec in scores]
+        if not pairs:
             raise ValueError("scores is empty: name at least one score (see list_scores()).")
-        return specs
+        return pairs
 
-    def _instances(self, scores: ScoreSpec | Sequence[ScoreSpec] | None) -> dict[str, OODScore]:
+    def _resolve(self, scores: ScoreSpecs, *, reuse_fitted: bool) -> dict[str, OODScore]:
+        """``{label: instance}``. With ``reuse_fitted``, a name or label that
+        :meth:`fit_scores` stored resolves to that fitted instance."""
+        out: dict[str, OODScore] = {}
+        fitted = self.fitted_scores_ if reuse_fitted else {}
+        for label, spec in self._labelled_specs(scores):
+            if not isinstance(spec, str):
+                instance = resolve_score(spec)
+            elif label in fitted:
+                instance = fitted[label]
+            elif spec in fitted:  # a name, or a label given to fit_scores
+                instance = fitted[spec]
+            else:
+                instance = get_score(spec)
+                instance = fitted.get(instance.name, instance)
+            key = label or instance.name
+            if key in out:
+                raise ValueError(
+                    f"Two scores are named {key!r}, so one would hide the other's results. "
+                    f"Label them with a dict, e.g. {{'{key}_a': ..., '{key}_b': ...}}."
+                )
+            out[key] = instance
+        return out
+
+    def _instances(self, scores: ScoreSpecs | None) -> dict[str, OODScore]:
         """Instances to evaluate: fitted ones where ``fit_scores`` made them, new ones else."""
         if scores is None:
-            specs = [self.default_score, *self.fitted_scores_]
-        else:
-            specs = self._specs(scores)
-        out: dict[str, OODScore] = {}
-        for spec in specs:
-            if isinstance(spec, str):
-                fresh = get_score(spec)
-                instance = self.fitted_scores_.get(fresh.name, fresh)
-            else:
-                instance = resolve_score(spec)
-            out[instance.name] = instance
-        return out
+            default = self._resolve(self.default_score, reuse_fitted=True)
+            return default | self.fitted_scores_
+        return self._resolve(scores, reuse_fitted=True)
 
     @staticmethod
     def _check_ready(instances: Mapping[str, OODScore]) -> None:
@@ -140,7 +166,7 @@ class ScoringMixin:
     def fit_scores(
         self,
         loader: Iterable,
-        scores: ScoreSpec | Sequence[ScoreSpec] | None = None,
+        scores: ScoreSpecs | None = None,
         *,
         max_batches: int | None = None,
         progress: bool = True,
@@ -151,9 +177,10 @@ class ScoringMixin:
         Args:
             loader: ID training data, ``(images, labels)`` batches (labels are needed by
                 Mahalanobis, Relative Mahalanobis and SHE).
-            scores: Names or :class:`OODScore` instances (fitted in place); default every
-                registered score (and the constructor's ``score`` if it is an instance). Scores
-                that need no fitting are stored as they are.
+            scores: Names or :class:`OODScore` instances (fitted in place), or
+                ``{label: score}`` to keep variants of one score apart (they are stored under
+                the labels); default every registered score (and the constructor's ``score``
+                if it is an instance). Scores that need no fitting are stored as they are.
             max_batches: Use only this many batches (e.g. a subset of a large training set).
             progress: Show a progress bar.
 
@@ -174,15 +201,10 @@ class ScoringMixin:
             torch.Size([5])
         """
         if scores is None:
-            specs = list_scores()
-            if isinstance(self.default_score, OODScore):
-                specs.append(self.default_score)
-        else:
-            specs = self._specs(scores)
-        instances = {}
-        for spec in specs:
-            instance = get_score(spec) if isinstance(spec, str) else resolve_score(spec)
-            instances[instance.name] = instance
+            scores = {name: name for name in list_scores()}
+            if isinstance(self.default_score, OODScore):  # it replaces its registered namesake
+                scores[self.default_score.name] = self.default_score
+        instances = self._resolve(scores, reuse_fitted=False)
         to_fit = [s for s in instances.values() if s.needs_fit]
         if to_fit:
             needs = set().union(*(s.requires for s in to_fit))
@@ -278,7 +300,7 @@ class ScoringMixin:
         self,
         id_loader: Iterable,
         ood_loaders: Mapping[str, Iterable] | Iterable,
-        scores: ScoreSpec | Sequence[ScoreSpec] | None = None,
+        scores: ScoreSpecs | None = None,
         *,
         fit_loader: Iterable | None = None,
         positive: Positive = "id",
@@ -294,8 +316,10 @@ class ScoringMixin:
         Args:
             id_loader: ID test data (``(images, labels)`` for the ID accuracy, or images).
             ood_loaders: ``{name: loader}``, or one loader (named ``"ood"``).
-            scores: Names or :class:`OODScore` instances. Default: the constructor's ``score``
-                plus every score fitted with :meth:`fit_scores`.
+            scores: Names or :class:`OODScore` instances, or ``{label: score}`` to compare
+                variants of one score in the same pass (results are keyed by the labels).
+                Default: the constructor's ``score`` plus every score fitted with
+                :meth:`fit_scores`.
             fit_loader: ID training data; when given, scores not fitted yet are fitted first.
             positive: FPR95 convention: ``"id"`` (default; fraction of OOD accepted when 95% of
                 ID is kept, as in the Unleashing Mask paper) or ``"ood"`` (fraction of ID
@@ -329,7 +353,7 @@ class ScoringMixin:
             raise ValueError("ood_loaders is empty: pass {'name': loader, ...}.")
         instances = self._instances(scores)
         if fit_loader is not None:
-            unfitted = [s for s in instances.values() if not s.is_fitted]
+            unfitted = {n: s for n, s in instances.items() if not s.is_fitted}
             if unfitted:
                 self.fit_scores(fit_loader, unfitted, max_batches=max_batches, progress=progress)
                 instances = {n: self.fitted_scores_.get(n, s) for n, s in instances.items()}

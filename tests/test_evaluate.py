@@ -124,6 +124,47 @@ def test_one_forward_pass_per_batch(digits):
     assert calls[0] == 3 * batches  # ODIN: its own forward, backward-forward and re-forward
 
 
+def test_labelled_variants_of_one_score_share_one_pass(digits):
+    model = copy.deepcopy(digits.model)
+    unleashed = OODUnleash(model)
+    variants = {f"dice_{p}": get_score("dice", sparsity=p / 100) for p in (50, 70, 90)}
+    unleashed.fit_scores(digits.train, variants, progress=False)
+    assert set(unleashed.fitted_scores_) == set(variants)
+    assert unleashed.fitted_scores_["dice_70"].sparsity == 0.7
+
+    calls = count_forwards(model)
+    labels = {**variants, "plain energy": "energy"}
+    results = unleashed.evaluate(digits.test, {"noise": digits.noise}, labels, progress=False)
+    assert calls[0] == len(digits.test) + len(digits.noise)
+    assert set(results.to_dict()) - {"id_accuracy"} == set(labels)
+    for label in variants:  # each label holds its own variant, also when scored by label
+        direct = unleashed.score(digits.test_images, label)
+        assert torch.allclose(direct, torch.from_numpy(results.id_scores[label]).float())
+    assert not torch.allclose(
+        torch.from_numpy(results.id_scores["dice_50"]),
+        torch.from_numpy(results.id_scores["dice_90"]),
+    )
+
+    # Unfitted labelled variants are fitted under their labels when fit_loader is given.
+    fresh = OODUnleash(digits.model).evaluate(
+        digits.test, digits.dark, {"d": get_score("dice", sparsity=0.5)}, fit_loader=digits.train
+    )
+    assert torch.allclose(
+        torch.from_numpy(fresh.id_scores["d"]), torch.from_numpy(results.id_scores["dice_50"])
+    )
+
+
+def test_two_scores_with_one_name_are_refused(digits, fitted):
+    # A list keys results by score name: the second DICE would silently replace the first.
+    twins = [get_score("dice", sparsity=0.5), get_score("dice", sparsity=0.9)]
+    with pytest.raises(ValueError, match=r"Two scores are named 'dice'.*Label them with a dict"):
+        fitted.evaluate(digits.test, digits.dark, twins, progress=False)
+    with pytest.raises(ValueError, match="Two scores are named 'dice'"):
+        OODUnleash(digits.model).fit_scores(digits.train, twins, progress=False)
+    with pytest.raises(TypeError, match="Score labels must be non-empty strings"):
+        fitted.evaluate(digits.test, digits.dark, {"": "msp"}, progress=False)
+
+
 @pytest.mark.parametrize("name", ["vim", "knn", "ash_s", "odin", "mahalanobis", "msp"])
 def test_score_equals_the_evaluation_pass(digits, fitted, name):
     results = fitted.evaluate(digits.test, digits.dark, scores=[name], progress=False)
