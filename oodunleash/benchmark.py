@@ -398,15 +398,22 @@ class FineTune:
     mask_init: str = "random"  # UMAP's initial scores
     keep_ratio: float | None = None  # UMAP's kept fraction (None: the library default)
     masked: str = "all"  # UMAP's masked layers, one of MASKED_LAYERS
+    mask_mode: str = "layer"  # UMAP: "layer" (each layer keeps keep_ratio) or "model"
 
     def __post_init__(self) -> None:
         if self.masked not in MASKED_LAYERS:
             raise ValueError(f"masked must be one of {sorted(MASKED_LAYERS)}, got {self.masked!r}.")
-        if self.masked != "all" and self.method != "umap":
-            raise ValueError(
-                f"'/{self.masked}' chooses the layers of UMAP's mask; {self.method!r} "
-                f"fine-tunes every weight. Drop '/{self.masked}' or use method 'umap'."
-            )
+        if self.mask_mode not in ("layer", "model"):
+            raise ValueError(f"mask_mode must be 'layer' or 'model', got {self.mask_mode!r}.")
+        for option, is_set in (
+            (self.masked, self.masked != "all"),
+            ("model", self.mask_mode == "model"),
+        ):
+            if is_set and self.method != "umap":
+                raise ValueError(
+                    f"'/{option}' configures UMAP's mask; {self.method!r} fine-tunes every "
+                    f"weight. Drop '/{option}' or use method 'umap'."
+                )
 
     def exclude(self, model: nn.Module) -> list[str] | None:
         """The layers of ``model`` this fine-tune leaves unmasked (``None``: none)."""
@@ -424,7 +431,8 @@ class FineTune:
         init = "/mag" if self.mask_init == "magnitude" else ""
         keep = "" if self.keep_ratio is None else f"/keep{self.keep_ratio:g}"
         layers = "" if self.masked == "all" else f"/{self.masked}"
-        return f"{self.method}/{self.xi}/lr{self.lr:g}/ep{self.epochs}{init}{keep}{layers}"
+        mode = "/model" if self.mask_mode == "model" else ""
+        return f"{self.method}/{self.xi}/lr{self.lr:g}/ep{self.epochs}{init}{keep}{layers}{mode}"
 
     @property
     def short_name(self) -> str:
@@ -444,10 +452,12 @@ class FineTune:
 def parse_finetune(name: str) -> FineTune:
     """Inverse of :attr:`FineTune.name`, e.g. ``"umap/train_x3/lr0.1/ep10/keep0.9"``."""
     method, xi, lr, epochs, *options = name.split("/")
-    init, keep, masked = "random", None, "all"
+    init, keep, masked, mode = "random", None, "all", "layer"
     for option in options:
         if option == "mag":
             init = "magnitude"
+        elif option == "model":
+            mode = "model"
         elif option.startswith("keep"):
             keep = float(option.removeprefix("keep"))
         elif option in MASKED_LAYERS:
@@ -457,10 +467,18 @@ def parse_finetune(name: str) -> FineTune:
                 f"Unknown option {option!r} in fine-tune {name!r}: use 'mag' (magnitude-"
                 "initialised UMAP scores), 'keep<ratio>' (UMAP keep ratio, e.g. keep0.9), "
                 "'ends' (UMAP leaves the first and last layer dense), 'head' or 'stem' (UMAP "
-                "masks only the last or only the first layer)."
+                "masks only the last or only the first layer), 'model' (one UMAP threshold "
+                "for the whole model, mask_mode='model')."
             )
     return FineTune(
-        method, xi, float(lr.removeprefix("lr")), int(epochs.removeprefix("ep")), init, keep, masked
+        method,
+        xi,
+        float(lr.removeprefix("lr")),
+        int(epochs.removeprefix("ep")),
+        init,
+        keep,
+        masked,
+        mode,
     )
 
 
@@ -728,6 +746,7 @@ def run_seed(
             exclude=ft.exclude(model),
             mask_init=ft.mask_init,
             keep_ratio=ft.keep_ratio,
+            mask_mode=ft.mask_mode,
             seed=seed,
         )
         t0 = time.perf_counter()

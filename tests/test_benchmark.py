@@ -91,10 +91,22 @@ def test_finetune_names_choose_umaps_masked_layers():
     assert head.exclude(net) == ["0", "2"]
     assert parse_finetune("umap/train_x3/lr0.1/ep10/stem").exclude(net) == ["2", "4"]
     assert parse_finetune("umap/control/lr0.1/ep10").exclude(net) is None
-    with pytest.raises(ValueError, match="layers of UMAP's mask.*Drop '/ends'"):
+    with pytest.raises(ValueError, match="configures UMAP's mask.*Drop '/ends'"):
         parse_finetune("um/train_x3/lr0.01/ep10/ends")
     with pytest.raises(ValueError, match="masked must be one of"):
         FineTune("umap", "control", 0.1, masked="tail")
+
+
+def test_finetune_names_choose_one_threshold_for_the_whole_model():
+    ft = parse_finetune("umap/train_x3/lr0.1/ep10/keep0.9/ends/model")
+    assert (ft.mask_mode, ft.masked, ft.keep_ratio) == ("model", "ends", 0.9)
+    assert ft.name == "umap/train_x3/lr0.1/ep10/keep0.9/ends/model"
+    assert ft.control().mask_mode == "model"
+    assert parse_finetune("umap/control/lr0.1/ep10").mask_mode == "layer"
+    with pytest.raises(ValueError, match="configures UMAP's mask.*Drop '/model'"):
+        parse_finetune("um/train_x3/lr0.01/ep10/model")
+    with pytest.raises(ValueError, match="mask_mode must be 'layer' or 'model'"):
+        FineTune("umap", "control", 0.1, mask_mode="global")
 
 
 def test_xi_value_derives_any_multiple_of_the_training_loss():
@@ -324,7 +336,7 @@ def test_run_benchmark_quick_end_to_end(tmp_path, capsys):
 
     # Resuming adds the missing fine-tunes to the same final model, keeping what was done.
     # A ξ multiple the first run never stored is derived from its training loss.
-    extra = FineTune("umap", "train_x0.5", 0.1, 1, keep_ratio=0.9, masked="ends")
+    extra = FineTune("umap", "train_x0.5", 0.1, 1, keep_ratio=0.9, masked="ends", mask_mode="model")
     _tiny_run(tmp_path, [*grid, extra], resume=True)
     resumed = json.loads((tmp_path / "seeds" / "small_cnn_epochs2_s0.json").read_text())
     assert set(resumed["runs"]) == set(per_seed["runs"]) | {extra.name}
@@ -334,6 +346,7 @@ def test_run_benchmark_quick_end_to_end(tmp_path, capsys):
     assert set(resumed["runs"][extra.name]["test"]["metrics"]) == {"msp", "energy"}
     assert resumed["runs"][extra.name]["config"]["keep_ratio"] == 0.9
     assert resumed["runs"][extra.name]["config"]["masked"] == "ends"
+    assert resumed["runs"][extra.name]["config"]["mask_mode"] == "model"
     assert resumed["runs"][extra.name]["xi_value"] == pytest.approx(
         0.5 * per_seed["xi"]["train_loss"]
     )
