@@ -21,6 +21,11 @@ seed. Results go to ``<run>/posthoc_s<seed>.json`` (``um_posthoc_s<seed>.json`` 
 
     OODUNLEASH_FASHION_MNIST=/usr/share/datasets/fashion-mnist \\
     python examples/posthoc_scores.py --run runs/cpu3 --seeds 0 1 2 [--um | --control]
+
+``--summarize`` reads those files from one or more runs instead, over the seeds that every
+variant has (or ``--seeds``), prints a table of means and draws a bar chart:
+
+    python examples/posthoc_scores.py --summarize --run runs/cpu3 runs/cpu6 --plot posthoc.png
 """
 
 from __future__ import annotations
@@ -66,16 +71,90 @@ def evaluate(unleashed, data, split):
     return out
 
 
+#: file prefix -> what the scores were computed on
+VARIANTS = {"": "final model", "um_": "UM 3x", "control_": "UM's control (plain CE)"}
+
+
+def summarize(runs: list[pathlib.Path], seeds: list[int] | None, plot: str | None) -> None:
+    """Means over seeds of the test metrics in the runs' result files: a table, and a plot."""
+    found = {
+        prefix: {
+            int(path.stem.rsplit("_s", 1)[1]): json.loads(path.read_text())["test"]
+            for run in runs
+            for path in run.glob(f"{prefix}posthoc_s*.json")
+            if path.name.startswith(f"{prefix}posthoc_s")
+        }
+        for prefix in VARIANTS
+    }
+    found = {prefix: by_seed for prefix, by_seed in found.items() if by_seed}
+    if not found:
+        raise SystemExit(
+            f"No posthoc_s*.json in {', '.join(map(str, runs))}: run the script first."
+        )
+    if seeds is None:
+        seeds = sorted(set.intersection(*(set(by_seed) for by_seed in found.values())))
+    missing = {
+        VARIANTS[p]: sorted(set(seeds) - set(b)) for p, b in found.items() if set(seeds) - set(b)
+    }
+    if not seeds or missing:
+        raise SystemExit(f"No seeds that every variant has, or some are missing: {missing}.")
+    print(f"Test, seeds {seeds}: mean over OOD sets, then mean ± std over seeds\n")
+    print("| scores on | score | ID acc | mean AUROC | mean FPR95 | near-OOD FPR95 |")
+    print("|---|---|---|---|---|---|")
+    bars: dict[str, dict[str, tuple[float, float]]] = {}
+    for prefix, by_seed in found.items():
+        rows = [by_seed[seed] for seed in seeds]
+        for label in SCORES:
+            fpr = [np.mean([m["fpr95"] for m in r[label].values()]) for r in rows]
+            auroc = [np.mean([m["auroc"] for m in r[label].values()]) for r in rows]
+            near = [r[label]["near"]["fpr95"] for r in rows]
+            acc = [r["accuracy"] for r in rows]
+            bars.setdefault(VARIANTS[prefix], {})[label] = (np.mean(fpr), np.std(fpr, ddof=1))
+            print(
+                f"| {VARIANTS[prefix]} | {label} | {np.mean(acc):.2f} | {np.mean(auroc):.1f} "
+                f"| {np.mean(fpr):.1f} ± {np.std(fpr, ddof=1):.1f} | {np.mean(near):.1f} |"
+            )
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7.5, 3.8))
+        width = 0.8 / len(bars)
+        for i, (variant, by_score) in enumerate(bars.items()):
+            x = np.arange(len(SCORES)) + (i - (len(bars) - 1) / 2) * width
+            means, stds = zip(*(by_score[label] for label in SCORES), strict=True)
+            ax.bar(x, means, width, yerr=stds, capsize=3, label=variant)
+        ax.set_xticks(np.arange(len(SCORES)), list(SCORES))
+        ax.set_ylabel("mean FPR95 over OOD sets (%, lower is better)")
+        ax.set_title(f"Small CNN, Fashion-MNIST, test, seeds {seeds[0]}-{seeds[-1]}")
+        ax.set_ylim(0, 1.25 * max(m + sd for by in bars.values() for m, sd in by.values()))
+        ax.legend(frameon=False, ncols=len(bars), loc="upper center")
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+        print(f"\nWrote {plot}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="an earlier benchmark --out folder")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--run", nargs="+", required=True, help="earlier benchmark --out folders")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2")
     first = parser.add_mutually_exclusive_group()
     first.add_argument("--um", action="store_true", help="fine-tune with UM 3x first")
     first.add_argument("--control", action="store_true", help="the same fine-tune, plain CE")
+    first.add_argument("--summarize", action="store_true", help="tabulate earlier results")
+    parser.add_argument("--plot", help="with --summarize: save a bar chart here")
     args = parser.parse_args()
+    runs = [pathlib.Path(r) for r in args.run]
+    if args.summarize:
+        summarize(runs, args.seeds, args.plot)
+        return
+    if len(runs) > 1:
+        parser.error("give one --run to compute results in (several only with --summarize)")
     torch.set_num_threads(1)
-    run = pathlib.Path(args.run)
+    run = runs[0]
+    args.seeds = args.seeds or [0, 1, 2]
     data = load_benchmark_data("fashion-mnist")
     for seed in args.seeds:
         result = json.loads((run / "seeds" / f"small_cnn_s{seed}.json").read_text())
