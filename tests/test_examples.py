@@ -1,0 +1,49 @@
+"""The reporting parts of the example scripts (their heavy parts are benchmarks, run by hand)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(fpr: float, accuracy: float) -> dict:
+    metrics = {"auroc": 90.0, "fpr95": fpr}
+    scores = {label: {"near": dict(metrics), "noise": dict(metrics)} for label in SCORE_LABELS}
+    return {"val": {**scores, "accuracy": accuracy}, "test": {**scores, "accuracy": accuracy}}
+
+
+posthoc = _load("posthoc_scores")
+SCORE_LABELS = list(posthoc.SCORES)
+
+
+def test_posthoc_summary_means_over_the_seeds_every_variant_has(tmp_path, capsys):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        run.mkdir()
+    (runs[0] / "posthoc_s0.json").write_text(json.dumps(_result(40.0, 94.0)))
+    (runs[1] / "posthoc_s1.json").write_text(json.dumps(_result(60.0, 95.0)))
+    (runs[0] / "um_posthoc_s0.json").write_text(json.dumps(_result(10.0, 93.0)))
+    (runs[1] / "um_posthoc_s1.json").write_text(json.dumps(_result(20.0, 94.0)))
+    (runs[1] / "um_posthoc_s2.json").write_text(json.dumps(_result(90.0, 90.0)))  # no final
+    chart = tmp_path / "chart.png"
+    posthoc.summarize(runs, None, str(chart))
+    out = capsys.readouterr().out
+    assert "seeds [0, 1]" in out
+    assert "| final model | energy | 94.50 | 90.0 | 50.0 ± 14.1 | 50.0 |" in out
+    assert "| UM 3x | dice0.7 | 93.50 | 90.0 | 15.0 ± 7.1 | 15.0 |" in out
+    assert "control" not in out  # no such files: that variant is left out
+    assert chart.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match=r"some are missing: \{'final model': \[2\]\}"):
+        posthoc.summarize(runs, [1, 2], None)
