@@ -1,10 +1,11 @@
-"""Post-hoc ReAct and DICE on the benchmark's final small-CNN models, with and without UM.
+"""Post-hoc ReAct and DICE on a benchmark's final models, with and without UM.
 
 ReAct (clip the penultimate activations) and DICE (drop the head weights with the smallest
 contributions) try to make the Energy score a better OOD detector without any training; UM
 tries the same by fine-tuning. This script measures both on the models of an earlier
-``oodunleash benchmark --checkpoints final`` run (its per-seed JSON and
-``checkpoints/small_cnn_s<seed>/epoch025.safetensors``):
+``oodunleash benchmark --checkpoints final`` run (its per-seed JSON and final checkpoint,
+``checkpoints/<setting>_s<seed>/epoch<epochs>.safetensors``; ``--setting`` picks the model,
+``small_cnn`` by default, and the run's training-set size is read from its JSON):
 
 * the final model with Energy, ReAct (90th percentile) and DICE at 50%, 70% and 90% sparsity,
   on the validation and the test split (choose the sparsity on validation);
@@ -16,7 +17,7 @@ tries the same by fine-tuning. This script measures both on the models of an ear
   gain after UM is UM's doing or any fine-tune's.
 
 Scores that learn from ID data are fitted on the benchmark's 10,000 training images of the
-seed. Results go to ``<run>/posthoc_s<seed>.json`` (``um_posthoc_s<seed>.json`` with ``--um``,
+seed (the same subsample the benchmark fits its scores on). Results go to ``<run>/posthoc_s<seed>.json`` (``um_posthoc_s<seed>.json`` with ``--um``,
 ``control_posthoc_s<seed>.json`` with ``--control``).
 
     OODUNLEASH_FASHION_MNIST=/usr/share/datasets/fashion-mnist \\
@@ -75,7 +76,9 @@ def evaluate(unleashed, data, split):
 VARIANTS = {"": "final model", "um_": "UM 3x", "control_": "UM's control (plain CE)"}
 
 
-def summarize(runs: list[pathlib.Path], seeds: list[int] | None, plot: str | None) -> None:
+def summarize(
+    runs: list[pathlib.Path], seeds: list[int] | None, plot: str | None, title: str = "small_cnn"
+) -> None:
     """Means over seeds of the test metrics in the runs' result files: a table, and a plot."""
     found = {
         prefix: {
@@ -128,7 +131,7 @@ def summarize(runs: list[pathlib.Path], seeds: list[int] | None, plot: str | Non
             ax.bar(x, means, width, yerr=stds, capsize=3, label=variant)
         ax.set_xticks(np.arange(len(SCORES)), list(SCORES))
         ax.set_ylabel("mean FPR95 over OOD sets (%, lower is better)")
-        ax.set_title(f"Small CNN, Fashion-MNIST, test, seeds {seeds[0]}-{seeds[-1]}")
+        ax.set_title(f"{title}, Fashion-MNIST, test, seeds {', '.join(map(str, seeds))}")
         ax.set_ylim(0, 1.25 * max(m + sd for by in bars.values() for m, sd in by.values()))
         ax.legend(frameon=False, ncols=len(bars), loc="upper center")
         fig.tight_layout()
@@ -140,6 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", nargs="+", required=True, help="earlier benchmark --out folders")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2")
+    parser.add_argument("--setting", default="small_cnn", help="the benchmark setting run")
     first = parser.add_mutually_exclusive_group()
     first.add_argument("--um", action="store_true", help="fine-tune with UM 3x first")
     first.add_argument("--control", action="store_true", help="the same fine-tune, plain CE")
@@ -148,19 +152,23 @@ def main() -> None:
     args = parser.parse_args()
     runs = [pathlib.Path(r) for r in args.run]
     if args.summarize:
-        summarize(runs, args.seeds, args.plot)
+        summarize(runs, args.seeds, args.plot, args.setting)
         return
     if len(runs) > 1:
         parser.error("give one --run to compute results in (several only with --summarize)")
     torch.set_num_threads(1)
     run = runs[0]
     args.seeds = args.seeds or [0, 1, 2]
-    data = load_benchmark_data("fashion-mnist")
+    data = None
     for seed in args.seeds:
-        result = json.loads((run / "seeds" / f"small_cnn_s{seed}.json").read_text())
+        tag = f"{args.setting}_s{seed}"
+        result = json.loads((run / "seeds" / f"{tag}.json").read_text())
+        if data is None:  # the training subsample the run used, so the fit set matches too
+            data = load_benchmark_data("fashion-mnist", train_size=result["train_size"])
         torch.manual_seed(seed)  # as run_seed does before building the model
-        model = create_model("small_cnn", data["num_classes"])
-        load_checkpoint(model, run / "checkpoints" / f"small_cnn_s{seed}" / "epoch025.safetensors")
+        model = create_model(result["model"], data["num_classes"])
+        epochs = result["epochs"]
+        load_checkpoint(model, run / "checkpoints" / tag / f"epoch{epochs:03d}.safetensors")
         if args.um or args.control:
             OODUnleash(model, "um", seed=seed).fit(
                 TensorLoader(*data["train"], 128, shuffle=True, seed=seed + 1),
