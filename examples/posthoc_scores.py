@@ -43,6 +43,8 @@ from oodunleash.benchmark import (
     CONTROL_XI,
     TensorLoader,
     _batches,
+    _fmt,
+    _ms,
     _subsample,
     load_benchmark_data,
     load_checkpoint,
@@ -112,10 +114,10 @@ def summarize(
             auroc = [np.mean([m["auroc"] for m in r[label].values()]) for r in rows]
             near = [r[label]["near"]["fpr95"] for r in rows]
             acc = [r["accuracy"] for r in rows]
-            bars.setdefault(VARIANTS[prefix], {})[label] = (np.mean(fpr), np.std(fpr, ddof=1))
+            bars.setdefault(VARIANTS[prefix], {})[label] = _ms(fpr)
             print(
                 f"| {VARIANTS[prefix]} | {label} | {np.mean(acc):.2f} | {np.mean(auroc):.1f} "
-                f"| {np.mean(fpr):.1f} ± {np.std(fpr, ddof=1):.1f} | {np.mean(near):.1f} |"
+                f"| {_fmt(fpr)} | {np.mean(near):.1f} |"
             )
     if plot:
         import matplotlib
