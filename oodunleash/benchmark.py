@@ -399,6 +399,7 @@ class FineTune:
     keep_ratio: float | None = None  # UMAP's kept fraction (None: the library default)
     masked: str = "all"  # UMAP's masked layers, one of MASKED_LAYERS
     mask_mode: str = "layer"  # UMAP: "layer" (each layer keeps keep_ratio) or "model"
+    train_norms: bool = False  # UMAP: also train the normalisation layers' scale and shift
 
     def __post_init__(self) -> None:
         if self.masked not in MASKED_LAYERS:
@@ -408,10 +409,11 @@ class FineTune:
         for option, is_set in (
             (self.masked, self.masked != "all"),
             ("model", self.mask_mode == "model"),
+            ("norms", self.train_norms),
         ):
             if is_set and self.method != "umap":
                 raise ValueError(
-                    f"'/{option}' configures UMAP's mask; {self.method!r} fine-tunes every "
+                    f"'/{option}' is a UMAP option; {self.method!r} fine-tunes every "
                     f"weight. Drop '/{option}' or use method 'umap'."
                 )
 
@@ -432,7 +434,11 @@ class FineTune:
         keep = "" if self.keep_ratio is None else f"/keep{self.keep_ratio:g}"
         layers = "" if self.masked == "all" else f"/{self.masked}"
         mode = "/model" if self.mask_mode == "model" else ""
-        return f"{self.method}/{self.xi}/lr{self.lr:g}/ep{self.epochs}{init}{keep}{layers}{mode}"
+        norms = "/norms" if self.train_norms else ""
+        return (
+            f"{self.method}/{self.xi}/lr{self.lr:g}/ep{self.epochs}"
+            f"{init}{keep}{layers}{mode}{norms}"
+        )
 
     @property
     def short_name(self) -> str:
@@ -452,10 +458,12 @@ class FineTune:
 def parse_finetune(name: str) -> FineTune:
     """Inverse of :attr:`FineTune.name`, e.g. ``"umap/train_x3/lr0.1/ep10/keep0.9"``."""
     method, xi, lr, epochs, *options = name.split("/")
-    init, keep, masked, mode = "random", None, "all", "layer"
+    init, keep, masked, mode, norms = "random", None, "all", "layer", False
     for option in options:
         if option == "mag":
             init = "magnitude"
+        elif option == "norms":
+            norms = True
         elif option == "model":
             mode = "model"
         elif option.startswith("keep"):
@@ -468,7 +476,8 @@ def parse_finetune(name: str) -> FineTune:
                 "initialised UMAP scores), 'keep<ratio>' (UMAP keep ratio, e.g. keep0.9), "
                 "'ends' (UMAP leaves the first and last layer dense), 'head' or 'stem' (UMAP "
                 "masks only the last or only the first layer), 'model' (one UMAP threshold "
-                "for the whole model, mask_mode='model')."
+                "for the whole model, mask_mode='model'), 'norms' (UMAP also trains the "
+                "normalisation layers' scale and shift)."
             )
     return FineTune(
         method,
@@ -479,6 +488,7 @@ def parse_finetune(name: str) -> FineTune:
         keep,
         masked,
         mode,
+        norms,
     )
 
 
@@ -756,6 +766,7 @@ def run_seed(
                 epochs=ft.epochs,
                 lr=ft.lr,
                 loss_constraint=xi,
+                train_norms=ft.train_norms,
                 progress=False,
             )
         except LossConstraintTooHighError as err:

@@ -147,6 +147,7 @@ class TrainConfig:
     amp: bool = False
     max_grad_norm: float | None = None
     freeze_norm_stats: bool = False
+    train_norms: bool = False  # UMAP: read by OODUnleash when it picks the trained parameters
     outlier_loss: Literal["oe", "energy"] | None = None
     outlier_weight: float | None = None
     energy_margins: tuple[float, float] = (-25.0, -7.0)

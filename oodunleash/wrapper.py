@@ -48,6 +48,25 @@ class _MaskedNetwork(nn.Module):
         return self.model(x)
 
 
+#: Normalisation layers whose affine parameters ``fit(train_norms=True)`` trains.
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def _norm_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The scale and shift parameters of ``model``'s normalisation layers."""
+    return [
+        p
+        for m in model.modules()
+        if isinstance(m, _NORM_TYPES)
+        for p in m.parameters(recurse=False)
+    ]
+
+
 class OODUnleash(ScoringMixin, HubMixin):
     """Unleashing Mask for any image classifier.
 
@@ -258,6 +277,7 @@ class OODUnleash(ScoringMixin, HubMixin):
         amp: bool = False,
         max_grad_norm: float | None = None,
         freeze_norm_stats: bool = False,
+        train_norms: bool = False,
         outlier_loader: Iterable | None = None,
         outlier_loss: Literal["oe", "energy"] | None = None,
         outlier_weight: float | None = None,
@@ -286,6 +306,10 @@ class OODUnleash(ScoringMixin, HubMixin):
             max_grad_norm: Clip gradients to this norm.
             freeze_norm_stats: Keep BatchNorm running statistics fixed during the fine-tune
                 (UMAP otherwise moves them although the weights are frozen).
+            train_norms: UMAP: also train the affine parameters (scale and shift) of the
+                normalisation layers (BatchNorm, LayerNorm, GroupNorm, ...) with the scores.
+                The reference freezes every weight; the benchmark page reports what this
+                changes. UM trains them anyway, so it refuses this option.
             outlier_loader: Auxiliary outliers for outlier exposure (labels ignored).
             outlier_loss: ``"oe"`` (weight 0.5) or ``"energy"`` (Energy-OE, margins −25/−7,
                 weight 0.1). Default ``"oe"`` when an outlier loader is given.
@@ -333,9 +357,22 @@ class OODUnleash(ScoringMixin, HubMixin):
             amp=amp,
             max_grad_norm=max_grad_norm,
             freeze_norm_stats=freeze_norm_stats,
+            train_norms=train_norms,
             outlier_loss=outlier_loss or ("oe" if outlier_loader is not None else None),
             outlier_weight=outlier_weight,
         )
+        if train_norms and self.method != "umap":
+            raise ValueError(
+                "train_norms applies to UMAP, which freezes the weights; UM already trains "
+                "every parameter, normalisation layers included. Drop train_norms, or use "
+                "method='umap'."
+            )
+        if train_norms and not _norm_affine_parameters(self.model):
+            raise ValueError(
+                "train_norms=True, but the model has no normalisation layer with affine "
+                "parameters (BatchNorm, LayerNorm, GroupNorm, ...): there is nothing to train "
+                "besides the scores. Drop train_norms."
+            )
         if loss_constraint is not None:
             if not flooding:
                 raise ValueError(
@@ -380,7 +417,10 @@ class OODUnleash(ScoringMixin, HubMixin):
                 outlier_loader=outlier_loader,
                 progress=progress,
             )
-            history = self._fit_um(run) if self.method == "um" else self._fit_umap(run)
+            if self.method == "um":
+                history = self._fit_um(run)
+            else:
+                history = self._fit_umap(run, train_norms=train_norms)
         self.loss_constraint_ = xi
         self.history_ = history
         self.train_config_ = config
@@ -391,7 +431,9 @@ class OODUnleash(ScoringMixin, HubMixin):
         params = [p for p in self.model.parameters() if p.requires_grad]
         return run(self.model, params, desc="UM")
 
-    def _fit_umap(self, run: Callable[..., list[dict[str, float]]]) -> list[dict[str, float]]:
+    def _fit_umap(
+        self, run: Callable[..., list[dict[str, float]]], *, train_norms: bool = False
+    ) -> list[dict[str, float]]:
         masks = LayerMasks(
             self.model,
             self.layers,
@@ -404,9 +446,15 @@ class OODUnleash(ScoringMixin, HubMixin):
         frozen = {p: p.requires_grad for p in self.model.parameters()}
         for p in frozen:
             p.requires_grad_(False)
+        params = list(masks.parameters())
+        if train_norms:
+            norm_params = _norm_affine_parameters(self.model)
+            for p in norm_params:
+                p.requires_grad_(True)
+            params += norm_params
         masks.attach()
         try:
-            history = run(_MaskedNetwork(self.model, masks), list(masks.parameters()), desc="UMAP")
+            history = run(_MaskedNetwork(self.model, masks), params, desc="UMAP")
         except BaseException:
             masks.detach()  # never leave the user's model half-masked
             raise

@@ -91,7 +91,7 @@ def test_finetune_names_choose_umaps_masked_layers():
     assert head.exclude(net) == ["0", "2"]
     assert parse_finetune("umap/train_x3/lr0.1/ep10/stem").exclude(net) == ["2", "4"]
     assert parse_finetune("umap/control/lr0.1/ep10").exclude(net) is None
-    with pytest.raises(ValueError, match="configures UMAP's mask.*Drop '/ends'"):
+    with pytest.raises(ValueError, match="is a UMAP option.*Drop '/ends'"):
         parse_finetune("um/train_x3/lr0.01/ep10/ends")
     with pytest.raises(ValueError, match="masked must be one of"):
         FineTune("umap", "control", 0.1, masked="tail")
@@ -103,10 +103,20 @@ def test_finetune_names_choose_one_threshold_for_the_whole_model():
     assert ft.name == "umap/train_x3/lr0.1/ep10/keep0.9/ends/model"
     assert ft.control().mask_mode == "model"
     assert parse_finetune("umap/control/lr0.1/ep10").mask_mode == "layer"
-    with pytest.raises(ValueError, match="configures UMAP's mask.*Drop '/model'"):
+    with pytest.raises(ValueError, match="is a UMAP option.*Drop '/model'"):
         parse_finetune("um/train_x3/lr0.01/ep10/model")
     with pytest.raises(ValueError, match="mask_mode must be 'layer' or 'model'"):
         FineTune("umap", "control", 0.1, mask_mode="global")
+
+
+def test_finetune_names_train_the_norm_layers():
+    ft = parse_finetune("umap/train_x3/lr0.1/ep10/keep0.9/model/norms")
+    assert ft.train_norms and ft.mask_mode == "model"
+    assert ft.name == "umap/train_x3/lr0.1/ep10/keep0.9/model/norms"
+    assert ft.control().train_norms
+    assert not parse_finetune("umap/control/lr0.1/ep10").train_norms
+    with pytest.raises(ValueError, match="is a UMAP option.*Drop '/norms'"):
+        parse_finetune("um/train_x3/lr0.01/ep10/norms")
 
 
 def test_xi_value_derives_any_multiple_of_the_training_loss():

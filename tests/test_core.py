@@ -206,6 +206,29 @@ def test_umap_freezes_weights_and_keeps_exact_fraction():
     assert torch.equal(exported.fc.weight, model.fc.weight)
 
 
+def test_umap_train_norms_trains_only_the_norm_affine_and_the_scores():
+    model = SmallNet()
+    before = params_of(model)
+    unleashed = OODUnleash(model, method="umap", keep_ratio=0.75, exclude="fc")
+    unleashed.fit(make_loader(), epochs=2, loss_constraint=0.5, train_norms=True)
+    after = params_of(unleashed.export())
+    assert not torch.equal(before["bn.weight"], after["bn.weight"])
+    assert not torch.equal(before["bn.bias"], after["bn.bias"])
+    assert torch.equal(before["fc.weight"], after["fc.weight"])  # weights stay frozen
+    kept = after["conv.weight"] != 0
+    assert torch.equal(after["conv.weight"][kept], before["conv.weight"][kept])
+    assert unleashed.train_config_.train_norms
+    assert all(p.requires_grad for p in model.parameters())  # restored after fit
+
+
+def test_train_norms_is_refused_where_it_has_no_meaning():
+    with pytest.raises(ValueError, match="train_norms applies to UMAP.*method='umap'"):
+        OODUnleash(SmallNet(), method="um").fit(make_loader(), train_norms=True)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with pytest.raises(ValueError, match="no normalisation layer.*Drop train_norms"):
+        OODUnleash(plain, method="umap").fit(make_loader(), train_norms=True)
+
+
 def test_umap_moves_norm_stats_unless_frozen():
     model = SmallNet()
     before = model.bn.running_mean.clone()
