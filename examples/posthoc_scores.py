@@ -42,14 +42,13 @@ from oodunleash import OODUnleash
 from oodunleash.benchmark import (
     CONTROL_XI,
     TensorLoader,
-    _batches,
-    _fmt,
-    _ms,
-    _subsample,
+    in_batches,
     load_benchmark_data,
     load_checkpoint,
+    subsample,
 )
 from oodunleash.models import create_model
+from oodunleash.results import format_mean_std, mean_std, save_figure
 from oodunleash.scores import get_score
 
 #: label -> detector; the labels keep the three DICE variants apart in one evaluation pass
@@ -64,8 +63,8 @@ SCORES = {
 
 def evaluate(unleashed, data, split):
     """Percent metrics of every score in SCORES on one split, and the ID accuracy."""
-    ood = {ood_name: _batches(images) for ood_name, images in data[f"{split}_ood"].items()}
-    result = unleashed.evaluate(_batches(*data[split]), ood, SCORES, progress=False)
+    ood = {ood_name: in_batches(images) for ood_name, images in data[f"{split}_ood"].items()}
+    result = unleashed.evaluate(in_batches(*data[split]), ood, SCORES, progress=False)
     out = {
         label: {o: {k: 100 * v for k, v in m.items()} for o, m in metrics.items()}
         for label, metrics in result.metrics.items()
@@ -114,10 +113,10 @@ def summarize(
             auroc = [np.mean([m["auroc"] for m in r[label].values()]) for r in rows]
             near = [r[label]["near"]["fpr95"] for r in rows]
             acc = [r["accuracy"] for r in rows]
-            bars.setdefault(VARIANTS[prefix], {})[label] = _ms(fpr)
+            bars.setdefault(VARIANTS[prefix], {})[label] = mean_std(fpr)
             print(
                 f"| {VARIANTS[prefix]} | {label} | {np.mean(acc):.2f} | {np.mean(auroc):.1f} "
-                f"| {_fmt(fpr)} | {np.mean(near):.1f} |"
+                f"| {format_mean_std(fpr)} | {np.mean(near):.1f} |"
             )
     if plot:
         import matplotlib
@@ -137,7 +136,7 @@ def summarize(
         ax.set_ylim(0, 1.25 * max(m + sd for by in bars.values() for m, sd in by.values()))
         ax.legend(frameon=False, ncols=len(bars), loc="upper center")
         fig.tight_layout()
-        fig.savefig(plot, dpi=110)
+        save_figure(fig, plot, dpi=110)
         print(f"\nWrote {plot}")
 
 
@@ -181,7 +180,7 @@ def main() -> None:
                 progress=False,
             )
         unleashed = OODUnleash(model)
-        unleashed.fit_scores(_batches(*_subsample(*data["train"], 10000, seed)), SCORES)
+        unleashed.fit_scores(in_batches(*subsample(*data["train"], 10000, seed)), SCORES)
         out = {split: evaluate(unleashed, data, split) for split in ("val", "test")}
         prefix = "um_" if args.um else "control_" if args.control else ""
         name = f"{prefix}posthoc_s{seed}.json"

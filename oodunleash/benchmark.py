@@ -40,6 +40,7 @@ from ._files import write_atomic
 from .constraint import DEFAULT_CONSTRAINT_FACTOR, estimate_loss_constraint, mean_cross_entropy
 from .masking import select_layers
 from .models import create_model
+from .results import format_mean_std, mean_std, save_figure
 from .scores import get_score
 from .training import LossConstraintTooHighError
 from .wrapper import METHOD_DEFAULTS, OODUnleash
@@ -52,6 +53,7 @@ __all__ = [
     "TensorLoader",
     "default_grid",
     "evaluate_model",
+    "in_batches",
     "load_benchmark_data",
     "load_checkpoint",
     "parse_finetune",
@@ -59,6 +61,7 @@ __all__ = [
     "run_seed",
     "save_checkpoint",
     "select_configs",
+    "subsample",
     "summarize",
     "tradeoff",
     "train_classifier",
@@ -123,7 +126,8 @@ def _tensors(dataset: Any) -> tuple[Tensor, Tensor]:
     return torch.stack(images), torch.as_tensor(labels)
 
 
-def _subsample(images: Tensor, labels: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
+def subsample(images: Tensor, labels: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded random ``n`` of the samples (all of them when ``n`` is ``None`` or too big)."""
     if n is None or n >= len(labels):
         return images, labels
     idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
@@ -175,18 +179,18 @@ def load_benchmark_data(
         test_far = ds.ood_sets("digits", n=ood_size, seed=0)
     else:
         raise ValueError(f"dataset must be 'fashion-mnist' or 'digits', got {dataset!r}.")
-    val_near = _subsample(val_near, torch.zeros(len(val_near)), ood_size, split_seed + 1)[0]
+    val_near = subsample(val_near, torch.zeros(len(val_near)), ood_size, split_seed + 1)[0]
     # Same generators, another seed: disjoint images for validation.
     val_far = {
         "photos": _tensors(ds.SamplePhotoCrops(ood_size, seed=1))[0],
         "gaussian": _tensors(ds.NoiseOOD("gaussian", ood_size, seed=1))[0],
         "uniform": _tensors(ds.NoiseOOD("uniform", ood_size, seed=1))[0],
     }
-    train = _subsample(*_tensors(splits["train"]), train_size, split_seed)
+    train = subsample(*_tensors(splits["train"]), train_size, split_seed)
 
     def cap(images: Tensor, labels: Tensor | None = None) -> Any:
         dummy = torch.zeros(len(images)) if labels is None else labels
-        x, y = _subsample(images, dummy, eval_cap, split_seed + 2)
+        x, y = subsample(images, dummy, eval_cap, split_seed + 2)
         return x if labels is None else (x, y)
 
     return {
@@ -214,7 +218,7 @@ _SCORE_CONFIG: dict[str, dict[str, Any]] = {
 }
 
 
-def _batches(images: Tensor, labels: Tensor | None = None, batch_size: int = 1024) -> list[Any]:
+def in_batches(images: Tensor, labels: Tensor | None = None, batch_size: int = 1024) -> list[Any]:
     """In-memory batches in order: images, or ``(images, labels)``."""
     if labels is None:
         return list(images.split(batch_size))
@@ -262,10 +266,10 @@ def evaluate_model(
             missing = set(range(num_classes)) - set(fit_set[1].tolist())
             if missing:
                 raise ValueError(f"fit_set has no image of class(es) {sorted(missing)}.")
-        fit_loader = _batches(*fit_set)
+        fit_loader = in_batches(*fit_set)
     results = OODUnleash(model).evaluate(
-        _batches(*id_set),
-        {name: _batches(images) for name, images in ood_sets.items()},
+        in_batches(*id_set),
+        {name: in_batches(images) for name, images in ood_sets.items()},
         detectors,
         fit_loader=fit_loader,
         progress=False,
@@ -629,7 +633,7 @@ def run_seed(
     k = data["num_classes"]
     train_x = data["train"][0].to(dev)
     train_y = _noisy(data["train"][1], cfg.label_noise, k, seed).to(dev)
-    fit_set = _subsample(data["train"][0], data["train"][1], fit_size, seed)  # clean labels
+    fit_set = subsample(data["train"][0], data["train"][1], fit_size, seed)  # clean labels
     tag = f"{setting.replace(':', '_').replace('=', '')}_s{seed}"
     json_path = out / "seeds" / f"{tag}.json"
     ckpt_dir = out / "checkpoints" / tag
@@ -897,16 +901,6 @@ def _mean_auroc(block: dict[str, Any], score: str = "energy") -> float:
     return float(np.mean([m["auroc"] for m in sets.values()]))
 
 
-def _ms(values: Sequence[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-
-
-def _fmt(values: Sequence[float], digits: int = 1) -> str:
-    m, s = _ms(values)
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
-
-
 def _common_runs(rs: list[dict[str, Any]]) -> list[str]:
     """Runs every seed finished (a deadline may have cut some seeds short)."""
     return [n for n in rs[0]["runs"] if all(n in r["runs"] for r in rs)]
@@ -928,7 +922,7 @@ def _accuracy_change(
     runs: list[dict[str, Any]], finals: list[dict[str, Any]]
 ) -> tuple[float, float]:
     """Mean ± std over seeds of each run's accuracy minus its own seed's final model's."""
-    return _ms([a["accuracy"] - f["accuracy"] for a, f in zip(runs, finals, strict=True)])
+    return mean_std([a["accuracy"] - f["accuracy"] for a, f in zip(runs, finals, strict=True)])
 
 
 def tradeoff(rs: list[dict[str, Any]], split: str = "test") -> list[dict[str, Any]]:
@@ -947,7 +941,7 @@ def tradeoff(rs: list[dict[str, Any]], split: str = "test") -> list[dict[str, An
                 "name": name,
                 "seeds": seeds,
                 "accuracy_change": _accuracy_change(runs, finals),
-                "fpr95_change_pct": _ms(fpr_changes),
+                "fpr95_change_pct": mean_std(fpr_changes),
             }
         )
     return points
@@ -966,9 +960,9 @@ def _partial_runs(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["seeds"], runs, finals = _paired(rs, name, split)
             row[split] = {
                 "accuracy_change": _accuracy_change(runs, finals),
-                "mean_auroc": _ms([_mean_auroc(b) for b in runs]),
-                "mean_fpr95": _ms([_mean_fpr(b) for b in runs]),
-                "final_mean_fpr95": _ms([_mean_fpr(b) for b in finals]),
+                "mean_auroc": mean_std([_mean_auroc(b) for b in runs]),
+                "mean_fpr95": mean_std([_mean_fpr(b) for b in runs]),
+                "final_mean_fpr95": mean_std([_mean_fpr(b) for b in finals]),
             }
         rows.append(row)
     return rows
@@ -1054,22 +1048,22 @@ def _summarize_setting(rs: list[dict[str, Any]], chosen: dict[str, str]) -> dict
             blocks = [r["runs"][name][split] for r in rs]
             scores = blocks[0]["metrics"]
             entry[split] = {
-                "accuracy": _ms([b["accuracy"] for b in blocks]),
+                "accuracy": mean_std([b["accuracy"] for b in blocks]),
                 "metrics": {
                     s: {
                         ood: {
-                            m: _ms([b["metrics"][s][ood][m] for b in blocks])
+                            m: mean_std([b["metrics"][s][ood][m] for b in blocks])
                             for m in scores[s][ood]
                         }
                         for ood in scores[s]
                     }
                     for s in scores
                 },
-                "mean_fpr95": {s: _ms([_mean_fpr(b, s) for b in blocks]) for s in scores},
-                "mean_auroc": {s: _ms([_mean_auroc(b, s) for b in blocks]) for s in scores},
+                "mean_fpr95": {s: mean_std([_mean_fpr(b, s) for b in blocks]) for s in scores},
+                "mean_auroc": {s: mean_std([_mean_auroc(b, s) for b in blocks]) for s in scores},
             }
         runs[name] = entry
-    xis = {k: _ms([r["xi"][k] for r in rs]) for k in rs[0]["xi"]}
+    xis = {k: mean_std([r["xi"][k] for r in rs]) for k in rs[0]["xi"]}
     return {
         "seeds": [r["seed"] for r in rs],
         "chosen": chosen,
@@ -1091,7 +1085,7 @@ def _setting_markdown(
         f"{r0['label_noise']:g}, seeds {seeds}, device {devices})",
         "",
         "ξ recipes (mean ± std over seeds): "
-        + ", ".join(f"{k} {_fmt([r['xi'][k] for r in rs], 4)}" for k in r0["xi"]),
+        + ", ".join(f"{k} {format_mean_std([r['xi'][k] for r in rs], 4)}" for k in r0["xi"]),
         "",
     ]
     refused: dict[str, list[str]] = {}
@@ -1116,9 +1110,9 @@ def _setting_markdown(
             f = np.mean([b["metrics"]["energy"][ood]["fpr95"] for b in blocks])
             cells.append(f"{a:.1f} / {f:.1f}")
         md.append(
-            f"| {label} | {_fmt([b['accuracy'] for b in blocks], 2)} | "
+            f"| {label} | {format_mean_std([b['accuracy'] for b in blocks], 2)} | "
             + " | ".join(cells)
-            + f" | {_fmt([_mean_auroc(b) for b in blocks])} | {_fmt([_mean_fpr(b) for b in blocks])} |"
+            + f" | {format_mean_std([_mean_auroc(b) for b in blocks])} | {format_mean_std([_mean_fpr(b) for b in blocks])} |"
         )
     scores = list(r0["runs"]["final"]["test"]["metrics"])
     md += [
@@ -1131,7 +1125,7 @@ def _setting_markdown(
     for label, name in _rows(rs, chosen):
         blocks = [r["runs"][name]["test"] for r in rs]
         cells = [
-            f"{_fmt([_mean_auroc(b, s) for b in blocks])} / {_fmt([_mean_fpr(b, s) for b in blocks])}"
+            f"{format_mean_std([_mean_auroc(b, s) for b in blocks])} / {format_mean_std([_mean_fpr(b, s) for b in blocks])}"
             for s in scores
         ]
         md.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -1158,8 +1152,8 @@ def _setting_markdown(
         elif name in chosen.values():
             mark = " (its control)"
         md.append(
-            f"| {name}{mark} | {xi} | {_fmt([b['accuracy'] for b in blocks], 2)} | "
-            f"{_fmt([_mean_auroc(b) for b in blocks])} | {_fmt([_mean_fpr(b) for b in blocks])} | {ce} |"
+            f"| {name}{mark} | {xi} | {format_mean_std([b['accuracy'] for b in blocks], 2)} | "
+            f"{format_mean_std([_mean_auroc(b) for b in blocks])} | {format_mean_std([_mean_fpr(b) for b in blocks])} | {ce} |"
         )
     md.append("")
     if s_sum["partial_runs"]:
@@ -1232,7 +1226,7 @@ def _plot_curve(out: pathlib.Path, setting: str, tag: str, rs: list[dict[str, An
     axes[0, 0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{setting}: OOD detection during training (mean ± std over {len(rs)} seeds)")
     fig.tight_layout()
-    fig.savefig(out / f"curve_{tag}.png", dpi=110)
+    save_figure(fig, out / f"curve_{tag}.png", dpi=110)
     plt.close(fig)
 
 
@@ -1278,7 +1272,7 @@ def _plot_compare(
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle(f"{setting}: final model vs control vs UM vs UMAP")
     fig.tight_layout(rect=(0, 0.04 * math.ceil(len(rows) / ncol), 1, 1))
-    fig.savefig(out / f"compare_{tag}.png", dpi=110)
+    save_figure(fig, out / f"compare_{tag}.png", dpi=110)
     plt.close(fig)
 
 
@@ -1328,5 +1322,5 @@ def _plot_tradeoff(
     )
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / f"tradeoff_{tag}.png", dpi=110)
+    save_figure(fig, out / f"tradeoff_{tag}.png", dpi=110)
     plt.close(fig)

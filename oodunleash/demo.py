@@ -27,6 +27,7 @@ from .benchmark import (
 )
 from .constraint import mean_cross_entropy
 from .models import SmallCNN
+from .results import save_figure
 from .wrapper import OODUnleash
 
 __all__ = ["DEMO_SCORES", "run_demo"]
@@ -218,7 +219,7 @@ def _plots(out: pathlib.Path, curve: list[dict[str, Any]], results: dict[str, An
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "curve.png", dpi=100)
+    save_figure(fig, out / "curve.png", dpi=100)
     plt.close(fig)
 
     oods = list(next(iter(results.values()))["metrics"]["energy"])
@@ -236,5 +237,5 @@ def _plots(out: pathlib.Path, curve: list[dict[str, Any]], results: dict[str, An
     # Outside the axes: FPR95 bars reach 100%, so no corner inside is reliably empty.
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=100)
+    save_figure(fig, out / "compare.png", dpi=100)
     plt.close(fig)

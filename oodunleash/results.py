@@ -3,6 +3,7 @@ tables (text and markdown), JSON and plots (matplotlib, the ``plots`` extra)."""
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -14,7 +15,7 @@ import numpy as np
 from ._files import write_atomic
 from .metrics import METRICS, Positive, average_metrics, ood_metrics
 
-__all__ = ["EvaluationResults"]
+__all__ = ["EvaluationResults", "format_mean_std", "mean_std", "save_figure"]
 
 #: Keys of :meth:`EvaluationResults.to_dict` that are not score names.
 RESERVED_KEYS = ("id_accuracy", "raw_scores")
@@ -30,6 +31,38 @@ def _plt():
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("Plotting needs matplotlib: pip install 'oodunleash[plots]'.") from err
     return plt
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``, as in papers' "mean ± std over seeds"
+    tables; 0 for a single value).
+
+    Example:
+        >>> mean_std([30.0, 34.0, 38.0])
+        (34.0, 4.0)
+    """
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def format_mean_std(values: Sequence[float], digits: int = 1) -> str:
+    """``"mean ± std"`` of ``values`` (:func:`mean_std`), or just the value when there is one.
+
+    Example:
+        >>> format_mean_std([30.0, 34.0, 38.0]), format_mean_std([0.5], digits=2)
+        ('34.0 ± 4.0', '0.50')
+    """
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+def save_figure(figure: Any, path: str | pathlib.Path, **savefig_kwargs: Any) -> None:
+    """``figure.savefig(path, ...)`` written atomically: an interrupted save leaves the old
+    image, never a truncated one. The format follows the file's suffix (PNG by default)."""
+    path = pathlib.Path(path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+    write_atomic(path, buffer.getvalue())
 
 
 @dataclass
