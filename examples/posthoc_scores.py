@@ -14,14 +14,20 @@ tries the same by fine-tuning. This script measures both on the models of an ear
   Energy numbers can be checked against that row;
 * with ``--control``, the same after that fine-tune without the constraint (plain
   cross-entropy, the benchmark's ``um/control/lr0.01/ep10`` row): whether a post-hoc score's
-  gain after UM is UM's doing or any fine-tune's.
+  gain after UM is UM's doing or any fine-tune's;
+* with ``--finetune NAME``, the same after any fine-tune of the benchmark's grid, e.g.
+  ``umap/train_x3/lr0.1/ep10/keep0.9/model/norms`` (``--um`` and ``--control`` are
+  ``um/train_x3/lr0.01/ep10`` and ``um/control/lr0.01/ep10``).
 
 Scores that learn from ID data are fitted on the benchmark's 10,000 training images of the
-seed (the same subsample the benchmark fits its scores on). Results go to ``<run>/posthoc_s<seed>.json`` (``um_posthoc_s<seed>.json`` with ``--um``,
-``control_posthoc_s<seed>.json`` with ``--control``).
+seed (the same subsample the benchmark fits its scores on). Results go to
+``<run>/posthoc_s<seed>.json`` (``um_posthoc_s<seed>.json`` with ``--um``,
+``control_posthoc_s<seed>.json`` with ``--control``, the fine-tune's name with ``_`` for
+``/`` before ``_posthoc`` with ``--finetune``).
 
     OODUNLEASH_FASHION_MNIST=/usr/share/datasets/fashion-mnist \\
     python examples/posthoc_scores.py --run runs/cpu3 --seeds 0 1 2 [--um | --control]
+    python examples/posthoc_scores.py --run runs/cpu3 --finetune umap/train_x3/lr0.1/ep10/keep0.9/model
 
 ``--summarize`` reads those files from one or more runs instead, over the seeds that every
 variant has (or ``--seeds``), prints a table of means and draws a bar chart:
@@ -34,18 +40,19 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 
 import numpy as np
 import torch
 
 from oodunleash import OODUnleash
 from oodunleash.benchmark import (
-    CONTROL_XI,
-    TensorLoader,
     in_batches,
     load_benchmark_data,
     load_checkpoint,
+    parse_finetune,
     subsample,
+    xi_value,
 )
 from oodunleash.models import create_model
 from oodunleash.results import format_mean_std, mean_std, save_figure
@@ -73,23 +80,35 @@ def evaluate(unleashed, data, split):
     return out
 
 
-#: file prefix -> what the scores were computed on
+#: file prefix -> what the scores were computed on; other prefixes are fine-tune names
 VARIANTS = {"": "final model", "um_": "UM 3x", "control_": "UM's control (plain CE)"}
+#: the fine-tunes behind --um and --control, with their file prefixes
+SHORTCUTS = {"um_": "um/train_x3/lr0.01/ep10", "control_": "um/control/lr0.01/ep10"}
+
+
+def file_prefix(finetune: str | None) -> str:
+    """Result-file prefix of a fine-tune name (``""`` for the final model)."""
+    if finetune is None:
+        return ""
+    short = {name: prefix for prefix, name in SHORTCUTS.items()}
+    return short.get(finetune, finetune.replace("/", "_") + "_")
 
 
 def summarize(
     runs: list[pathlib.Path], seeds: list[int] | None, plot: str | None, title: str = "small_cnn"
 ) -> None:
     """Means over seeds of the test metrics in the runs' result files: a table, and a plot."""
-    found = {
-        prefix: {
-            int(path.stem.rsplit("_s", 1)[1]): json.loads(path.read_text())["test"]
-            for run in runs
-            for path in run.glob(f"{prefix}posthoc_s*.json")
-            if path.name.startswith(f"{prefix}posthoc_s")
-        }
-        for prefix in VARIANTS
-    }
+    found: dict[str, dict[int, dict]] = {prefix: {} for prefix in VARIANTS}
+    labels = dict(VARIANTS)
+    for run in runs:
+        for path in sorted(run.glob("*posthoc_s*.json")):
+            match = re.fullmatch(r"(.*)posthoc_s(\d+)\.json", path.name)
+            if match is None:
+                continue
+            content = json.loads(path.read_text())
+            prefix = match[1]
+            found.setdefault(prefix, {})[int(match[2])] = content["test"]
+            labels.setdefault(prefix, content.get("finetune") or prefix)
     found = {prefix: by_seed for prefix, by_seed in found.items() if by_seed}
     if not found:
         raise SystemExit(
@@ -98,7 +117,7 @@ def summarize(
     if seeds is None:
         seeds = sorted(set.intersection(*(set(by_seed) for by_seed in found.values())))
     missing = {
-        VARIANTS[p]: sorted(set(seeds) - set(b)) for p, b in found.items() if set(seeds) - set(b)
+        labels[p]: sorted(set(seeds) - set(b)) for p, b in found.items() if set(seeds) - set(b)
     }
     if not seeds or missing:
         raise SystemExit(f"No seeds that every variant has, or some are missing: {missing}.")
@@ -113,9 +132,9 @@ def summarize(
             auroc = [np.mean([m["auroc"] for m in r[label].values()]) for r in rows]
             near = [r[label]["near"]["fpr95"] for r in rows]
             acc = [r["accuracy"] for r in rows]
-            bars.setdefault(VARIANTS[prefix], {})[label] = mean_std(fpr)
+            bars.setdefault(labels[prefix], {})[label] = mean_std(fpr)
             print(
-                f"| {VARIANTS[prefix]} | {label} | {np.mean(acc):.2f} | {np.mean(auroc):.1f} "
+                f"| {labels[prefix]} | {label} | {np.mean(acc):.2f} | {np.mean(auroc):.1f} "
                 f"| {format_mean_std(fpr)} | {np.mean(near):.1f} |"
             )
     if plot:
@@ -148,6 +167,7 @@ def main() -> None:
     first = parser.add_mutually_exclusive_group()
     first.add_argument("--um", action="store_true", help="fine-tune with UM 3x first")
     first.add_argument("--control", action="store_true", help="the same fine-tune, plain CE")
+    first.add_argument("--finetune", help="any benchmark fine-tune first, by its grid name")
     first.add_argument("--summarize", action="store_true", help="tabulate earlier results")
     parser.add_argument("--plot", help="with --summarize: save a bar chart here")
     args = parser.parse_args()
@@ -157,6 +177,10 @@ def main() -> None:
         return
     if len(runs) > 1:
         parser.error("give one --run to compute results in (several only with --summarize)")
+    shortcut = "um_" if args.um else "control_" if args.control else None
+    finetune = SHORTCUTS[shortcut] if shortcut else args.finetune
+    if finetune is not None:
+        parse_finetune(finetune)  # a bad name fails before any model loads
     torch.set_num_threads(1)
     run = runs[0]
     args.seeds = args.seeds or [0, 1, 2]
@@ -170,21 +194,15 @@ def main() -> None:
         model = create_model(result["model"], data["num_classes"])
         epochs = result["epochs"]
         load_checkpoint(model, run / "checkpoints" / tag / f"epoch{epochs:03d}.safetensors")
-        if args.um or args.control:
-            OODUnleash(model, "um", seed=seed).fit(
-                TensorLoader(*data["train"], 128, shuffle=True, seed=seed + 1),
-                epochs=10,
-                lr=0.01,
-                # The benchmark's control floods at 1e-12: plain cross-entropy, same numbers.
-                loss_constraint=CONTROL_XI if args.control else 3 * result["xi"]["train_loss"],
-                progress=False,
-            )
+        if finetune is not None:
+            ft = parse_finetune(finetune)
+            xi = xi_value(result["xi"], ft.xi)
+            model = ft.fit(model, data["train"], xi, seed).export()
         unleashed = OODUnleash(model)
         unleashed.fit_scores(in_batches(*subsample(*data["train"], 10000, seed)), SCORES)
         out = {split: evaluate(unleashed, data, split) for split in ("val", "test")}
-        prefix = "um_" if args.um else "control_" if args.control else ""
-        name = f"{prefix}posthoc_s{seed}.json"
-        (run / name).write_text(json.dumps(out))
+        out["finetune"] = finetune
+        (run / f"{file_prefix(finetune)}posthoc_s{seed}.json").write_text(json.dumps(out))
         fpr = {
             k: round(np.mean([m["fpr95"] for m in v.values()]), 1)
             for k, v in out["test"].items()

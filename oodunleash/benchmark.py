@@ -458,6 +458,31 @@ class FineTune:
         """The same fine-tune without the constraint (plain cross-entropy)."""
         return dataclasses.replace(self, xi="control")
 
+    def fit(
+        self, model: nn.Module, train: tuple[Tensor, Tensor], xi: float, seed: int
+    ) -> OODUnleash:
+        """Run this fine-tune on ``model`` (in place) as the benchmark does: ``train`` images
+        and labels in shuffled batches of 128 (seeded by ``seed + 1``), the given ξ
+        (:func:`xi_value`). Returns the fitted :class:`~oodunleash.OODUnleash`; UMAP's masks
+        are still attached to ``model``."""
+        unleashed = OODUnleash(
+            model,
+            self.method,
+            exclude=self.exclude(model),
+            mask_init=self.mask_init,
+            keep_ratio=self.keep_ratio,
+            mask_mode=self.mask_mode,
+            seed=seed,
+        )
+        return unleashed.fit(
+            TensorLoader(*train, 128, shuffle=True, seed=seed + 1),
+            epochs=self.epochs,
+            lr=self.lr,
+            loss_constraint=xi,
+            train_norms=self.train_norms,
+            progress=False,
+        )
+
 
 def parse_finetune(name: str) -> FineTune:
     """Inverse of :attr:`FineTune.name`, e.g. ``"umap/train_x3/lr0.1/ep10/keep0.9"``."""
@@ -754,25 +779,9 @@ def run_seed(
             continue
         model.load_state_dict(final_state)
         xi = xi_value(xis, ft.xi)
-        unleashed = OODUnleash(
-            model,
-            ft.method,
-            exclude=ft.exclude(model),
-            mask_init=ft.mask_init,
-            keep_ratio=ft.keep_ratio,
-            mask_mode=ft.mask_mode,
-            seed=seed,
-        )
         t0 = time.perf_counter()
         try:
-            unleashed.fit(
-                TensorLoader(train_x, train_y, 128, shuffle=True, seed=seed + 1),
-                epochs=ft.epochs,
-                lr=ft.lr,
-                loss_constraint=xi,
-                train_norms=ft.train_norms,
-                progress=False,
-            )
+            unleashed = ft.fit(model, (train_x, train_y), xi, seed)
         except LossConstraintTooHighError as err:
             # Refused before any step (a ξ recipe too high for this model): the rest of the
             # grid still runs, and the refusal is part of the results.

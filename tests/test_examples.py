@@ -47,3 +47,19 @@ def test_posthoc_summary_means_over_the_seeds_every_variant_has(tmp_path, capsys
     assert chart.stat().st_size > 10_000
     with pytest.raises(SystemExit, match=r"some are missing: \{'final model': \[2\]\}"):
         posthoc.summarize(runs, [1, 2], None)
+
+
+def test_posthoc_files_of_any_finetune_are_summarised_under_its_name(tmp_path, capsys):
+    name = "umap/train_x3/lr0.1/ep10/keep0.9/model/norms"
+    prefix = posthoc.file_prefix(name)
+    assert prefix == "umap_train_x3_lr0.1_ep10_keep0.9_model_norms_"
+    assert posthoc.file_prefix("um/train_x3/lr0.01/ep10") == "um_"  # --um's file names
+    assert posthoc.file_prefix(None) == ""
+    (tmp_path / "posthoc_s0.json").write_text(json.dumps(_result(40.0, 94.0)))
+    umap = {**_result(12.0, 93.5), "finetune": name}
+    (tmp_path / f"{prefix}posthoc_s0.json").write_text(json.dumps(umap))
+    (tmp_path / "posthoc_summary.json").write_text("{}")  # not a per-seed file: ignored
+    posthoc.summarize([tmp_path], None, None)
+    out = capsys.readouterr().out
+    assert f"| {name} | energy | 93.50 | 90.0 | 12.0 | 12.0 |" in out
+    assert "| final model | energy | 94.00 |" in out
