@@ -206,7 +206,7 @@ def scenario_umap(batch: int) -> dict[str, Any]:
             seen.append(module.weight.detach() != 0)
 
     hook = big.register_forward_pre_hook(record)
-    unleashed = OODUnleash(net, method="umap", keep_ratio=0.5, seed=5).fit(
+    unleashed = OODUnleash(net, method="umap", keep_ratio=0.5, mask_mode="layer", seed=5).fit(
         loader, epochs=2, lr=0.1, loss_constraint=1e-3, progress=False
     )
     hook.remove()

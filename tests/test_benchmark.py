@@ -17,6 +17,8 @@ from torch import nn
 
 from oodunleash import benchmark
 from oodunleash.benchmark import (
+    CONTROL_XI,
+    REFERENCE_KEEP_RATIO,
     FineTune,
     Setting,
     TensorLoader,
@@ -32,6 +34,7 @@ from oodunleash.benchmark import (
 )
 from oodunleash.constraint import DEFAULT_CONSTRAINT_FACTOR, mean_cross_entropy
 from oodunleash.models import create_model
+from oodunleash.wrapper import METHOD_DEFAULTS
 
 
 @pytest.mark.parametrize("ft", default_grid() + default_grid(quick=True))
@@ -61,13 +64,34 @@ def test_default_grid_starts_with_the_library_defaults_and_their_controls():
     assert first == [
         "um/control/lr0.01/ep10",
         f"um/{default_xi}/lr0.01/ep10",
-        "umap/control/lr0.1/ep10",
-        f"umap/{default_xi}/lr0.1/ep10",
+        "umap/control/lr0.1/ep10/keep0.9/model/norms",
+        f"umap/{default_xi}/lr0.1/ep10/keep0.9/model/norms",
     ]
+    umap_defaults = METHOD_DEFAULTS["umap"]
+    for ft in default_grid()[2:4] + default_grid(quick=True)[2:]:
+        assert (ft.keep_ratio, ft.mask_mode, ft.train_norms) == (
+            umap_defaults["keep_ratio"],
+            umap_defaults["mask_mode"],
+            umap_defaults["train_norms"],
+        )
     assert default_xi in {ft.xi for ft in default_grid(quick=True)}
     # Every fine-tune with a constraint has its control somewhere in the grid.
     names = {ft.name for ft in default_grid()}
     assert all(ft.control().name in names for ft in default_grid())
+
+
+def test_a_grid_name_keeps_its_meaning_when_library_defaults_change():
+    # "umap/.../ep1" was recorded with the reference's mask (keep 80% per layer, norms
+    # frozen); it must not silently become the library's newer UMAP default.
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2)
+    )
+    train = (torch.randn(32, 1, 4, 4), torch.randint(0, 2, (32,)))
+    unleashed = parse_finetune("umap/control/lr0.1/ep1").fit(net, train, CONTROL_XI, seed=0)
+    assert unleashed.keep_ratio == REFERENCE_KEEP_RATIO == 0.8
+    assert unleashed.mask_mode == "layer"
+    assert not unleashed.train_config_.train_norms
+    assert METHOD_DEFAULTS["umap"]["keep_ratio"] != REFERENCE_KEEP_RATIO
 
 
 def test_finetune_name_marks_keep_ratio_and_round_trips():

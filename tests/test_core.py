@@ -196,7 +196,9 @@ def test_umap_freezes_weights_and_keeps_exact_fraction():
     model = SmallNet()
     before = params_of(model)
     unleashed = OODUnleash(model, method="umap", keep_ratio=0.75, exclude="fc")
-    unleashed.fit(make_loader(), epochs=2, loss_constraint=0.5, freeze_norm_stats=True)
+    unleashed.fit(
+        make_loader(), epochs=2, loss_constraint=0.5, freeze_norm_stats=True, train_norms=False
+    )
     after = params_of(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN stats
     assert all(p.requires_grad for p in model.parameters())  # restored after fit
@@ -219,6 +221,22 @@ def test_umap_train_norms_trains_only_the_norm_affine_and_the_scores():
     assert torch.equal(after["conv.weight"][kept], before["conv.weight"][kept])
     assert unleashed.train_config_.train_norms
     assert all(p.requires_grad for p in model.parameters())  # restored after fit
+
+
+def test_umap_defaults_one_threshold_keeping_90_percent_with_trainable_norms():
+    model = SmallNet()
+    bn_weight = model.bn.weight.detach().clone()
+    unleashed = OODUnleash(model, method="umap", exclude="fc")
+    assert (unleashed.keep_ratio, unleashed.mask_mode) == (0.9, "model")
+    unleashed.fit(make_loader(), epochs=1, loss_constraint=0.5, progress=False)
+    assert unleashed.train_config_.train_norms
+    assert not torch.equal(model.bn.weight, bn_weight)
+    # A model without normalisation layers is fine by default: there is just nothing to train.
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    plain_fit = OODUnleash(plain, method="umap").fit(make_loader(), epochs=1, loss_constraint=0.5)
+    assert not plain_fit.train_config_.train_norms
+    um = OODUnleash(SmallNet()).fit(make_loader(), epochs=1, loss_constraint=0.5)
+    assert not um.train_config_.train_norms
 
 
 def test_train_norms_is_refused_where_it_has_no_meaning():
@@ -250,7 +268,7 @@ def test_timm_families_umap_export_loads_into_fresh_model(name, kwargs, size):
     model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs)
     keys = list(model.state_dict())
     loader = make_loader(n=8, batch=4, size=size, channels=3)
-    unleashed = OODUnleash(model, method="umap", keep_ratio=0.8)
+    unleashed = OODUnleash(model, method="umap", keep_ratio=0.8, mask_mode="layer")
     unleashed.fit(loader, epochs=1, lr=0.1, loss_constraint=0.5, progress=False)
     assert list(model.state_dict()) == keys
     x = torch.randn(2, 3, size, size)

@@ -50,4 +50,5 @@ def test_small_cnn_works_with_umap():
     unleashed = OODUnleash(net, method="umap").fit(
         data, epochs=1, loss_constraint=0.5, schedule="constant", progress=False
     )
-    assert 0.15 < unleashed.sparsity() < 0.25
+    # The UMAP default keeps 90% of the masked weights, under one threshold for the model.
+    assert unleashed.sparsity() == pytest.approx(0.1, abs=0.01)
