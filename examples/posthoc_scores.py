@@ -179,8 +179,8 @@ def main() -> None:
         parser.error("give one --run to compute results in (several only with --summarize)")
     shortcut = "um_" if args.um else "control_" if args.control else None
     finetune = SHORTCUTS[shortcut] if shortcut else args.finetune
-    if finetune is not None:
-        parse_finetune(finetune)  # a bad name fails before any model loads
+    # Parsed before any model loads, so that a bad name fails at once.
+    ft = parse_finetune(finetune) if finetune is not None else None
     torch.set_num_threads(1)
     run = runs[0]
     args.seeds = args.seeds or [0, 1, 2]
@@ -194,9 +194,13 @@ def main() -> None:
         model = create_model(result["model"], data["num_classes"])
         epochs = result["epochs"]
         load_checkpoint(model, run / "checkpoints" / tag / f"epoch{epochs:03d}.safetensors")
-        if finetune is not None:
-            ft = parse_finetune(finetune)
+        if ft is not None:
             xi = xi_value(result["xi"], ft.xi)
+            if xi is None:  # else fit would fall back to its default ξ without a word
+                raise SystemExit(
+                    f"No ξ recipe {ft.xi!r} in {tag}.json (it has {sorted(result['xi'])}); "
+                    "use one of those, 'control', or train_x<k>."
+                )
             model = ft.fit(model, data["train"], xi, seed).export()
         unleashed = OODUnleash(model)
         unleashed.fit_scores(in_batches(*subsample(*data["train"], 10000, seed)), SCORES)
