@@ -375,15 +375,15 @@ class OODUnleash(ScoringMixin, HubMixin):
                 "every parameter, normalisation layers included. Drop train_norms, or use "
                 "method='umap'."
             )
-        has_norms = bool(_norm_affine_parameters(self.model))
-        if train_norms and not has_norms:
+        norm_params = _norm_affine_parameters(self.model)
+        if train_norms and not norm_params:
             raise ValueError(
                 "train_norms=True, but the model has no normalisation layer with affine "
                 "parameters (BatchNorm, LayerNorm, GroupNorm, ...): there is nothing to train "
                 "besides the scores. Drop train_norms."
             )
         if train_norms is None:
-            train_norms = defaults["train_norms"] and has_norms
+            train_norms = defaults["train_norms"] and bool(norm_params)
         config = TrainConfig(
             epochs=defaults["epochs"] if epochs is None else epochs,
             lr=defaults["lr"] if lr is None else lr,
@@ -445,7 +445,7 @@ class OODUnleash(ScoringMixin, HubMixin):
             if self.method == "um":
                 history = self._fit_um(run)
             else:
-                history = self._fit_umap(run, train_norms=config.train_norms)
+                history = self._fit_umap(run, norm_params if config.train_norms else [])
         self.loss_constraint_ = xi
         self.history_ = history
         self.train_config_ = config
@@ -457,8 +457,9 @@ class OODUnleash(ScoringMixin, HubMixin):
         return run(self.model, params, desc="UM")
 
     def _fit_umap(
-        self, run: Callable[..., list[dict[str, float]]], *, train_norms: bool = False
+        self, run: Callable[..., list[dict[str, float]]], norm_params: list[nn.Parameter]
     ) -> list[dict[str, float]]:
+        """Train the mask scores, and ``norm_params`` with them (the weights stay frozen)."""
         masks = LayerMasks(
             self.model,
             self.layers,
@@ -471,14 +472,11 @@ class OODUnleash(ScoringMixin, HubMixin):
         frozen = {p: p.requires_grad for p in self.model.parameters()}
         for p in frozen:
             p.requires_grad_(False)
-        params = list(masks.parameters())
-        if train_norms:
-            norm_params = _norm_affine_parameters(self.model)
-            for p in norm_params:
-                p.requires_grad_(True)
-            params += norm_params
+        for p in norm_params:
+            p.requires_grad_(True)
         masks.attach()
         try:
+            params = list(masks.parameters()) + norm_params
             history = run(_MaskedNetwork(self.model, masks), params, desc="UMAP")
         except BaseException:
             masks.detach()  # never leave the user's model half-masked
