@@ -1014,7 +1014,9 @@ def select_configs(per_seed: list[dict[str, Any]], max_acc_drop: float = 1.0) ->
             continue
         chosen[method] = best
         control = parse_finetune(best).control().name
-        if control in per_seed[0]["runs"]:
+        # Only a control every seed finished: one a time budget skipped on some seeds would
+        # be compared over other seeds than the fine-tune (it is listed as a partial run).
+        if control in names:
             chosen[f"{method}_control"] = control
     return chosen
 

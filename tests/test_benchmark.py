@@ -290,6 +290,15 @@ def test_select_configs_pairs_a_variant_with_its_own_control():
     assert chosen["umap_control"] == "umap/control/lr0.05/ep10/keep0.9"
 
 
+def test_select_configs_leaves_out_a_control_some_seeds_skipped():
+    runs = {"final": (95.0, 60.0), "umap/train_x3/lr0.1/ep10": (94.5, 30.0)}
+    seeds = [
+        _seed_result({**runs, "umap/control/lr0.1/ep10": (94.5, 40.0)}),
+        _seed_result(runs),  # the time budget skipped this seed's control
+    ]
+    assert select_configs(seeds) == {"umap": "umap/train_x3/lr0.1/ep10"}
+
+
 def _scored_seed(seed: int, runs: dict[str, tuple[float, float]]) -> dict:
     """A per-seed JSON with val and test blocks: name -> (accuracy, FPR95 on one OOD set)."""
 
