@@ -43,6 +43,7 @@ from oodunleash.benchmark import (
 )
 from oodunleash.datasets import GlyphsOOD
 from oodunleash.models import create_model
+from oodunleash.results import write_atomic
 
 RUNS = {
     "control": dict(flooding=False),
@@ -138,10 +139,11 @@ def main() -> None:
     )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(
-        json.dumps({"results": results, "runs": info, "wall_s": wall, "args": vars(args)})
+    write_atomic(
+        out / "results.json",
+        json.dumps({"results": results, "runs": info, "wall_s": wall, "args": vars(args)}),
     )
-    (out / "results.md").write_text(md + "\n")
+    write_atomic(out / "results.md", md + "\n")
     print(md)
 
 

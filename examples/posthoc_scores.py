@@ -55,7 +55,7 @@ from oodunleash.benchmark import (
     xi_value,
 )
 from oodunleash.models import create_model
-from oodunleash.results import format_mean_std, mean_std, save_figure
+from oodunleash.results import format_mean_std, mean_std, save_figure, write_atomic
 from oodunleash.scores import get_score
 
 #: label -> detector; the labels keep the three DICE variants apart in one evaluation pass
@@ -206,7 +206,7 @@ def main() -> None:
         unleashed.fit_scores(in_batches(*subsample(*data["train"], 10000, seed)), SCORES)
         out = {split: evaluate(unleashed, data, split) for split in ("val", "test")}
         out["finetune"] = finetune
-        (run / f"{file_prefix(finetune)}posthoc_s{seed}.json").write_text(json.dumps(out))
+        write_atomic(run / f"{file_prefix(finetune)}posthoc_s{seed}.json", json.dumps(out))
         fpr = {
             k: round(np.mean([m["fpr95"] for m in v.values()]), 1)
             for k, v in out["test"].items()

@@ -15,7 +15,7 @@ import numpy as np
 from ._files import write_atomic
 from .metrics import METRICS, Positive, average_metrics, ood_metrics
 
-__all__ = ["EvaluationResults", "format_mean_std", "mean_std", "save_figure"]
+__all__ = ["EvaluationResults", "format_mean_std", "mean_std", "save_figure", "write_atomic"]
 
 #: Keys of :meth:`EvaluationResults.to_dict` that are not score names.
 RESERVED_KEYS = ("id_accuracy", "raw_scores")

@@ -74,14 +74,18 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
-def _norm_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The scale and shift parameters of ``model``'s normalisation layers."""
-    return [
+def _norm_affine_parameters(model: nn.Module) -> tuple[list[nn.Parameter], int]:
+    """The trainable scale and shift parameters of ``model``'s normalisation layers, and how
+    many such parameters the caller froze (``requires_grad=False``): those stay frozen, as
+    UM leaves them."""
+    params = [
         p
         for m in model.modules()
         if isinstance(m, _NORM_TYPES)
         for p in m.parameters(recurse=False)
     ]
+    trainable = [p for p in params if p.requires_grad]
+    return trainable, len(params) - len(trainable)
 
 
 class OODUnleash(ScoringMixin, HubMixin):
@@ -329,7 +333,8 @@ class OODUnleash(ScoringMixin, HubMixin):
                 (UMAP otherwise moves them although the weights are frozen).
             train_norms: UMAP: also train the affine parameters (scale and shift) of the
                 normalisation layers (BatchNorm, LayerNorm, GroupNorm, ...) with the scores.
-                Default: on for UMAP when the model has such layers. The reference freezes
+                Default: on for UMAP when the model has such layers. Parameters you froze
+                (``requires_grad=False``) stay frozen, as with UM. The reference freezes
                 every weight (``False``); the benchmark page reports what this changes. UM
                 trains them anyway, so it refuses ``True``.
             outlier_loader: Auxiliary outliers for outlier exposure (labels ignored).
@@ -375,8 +380,15 @@ class OODUnleash(ScoringMixin, HubMixin):
                 "every parameter, normalisation layers included. Drop train_norms, or use "
                 "method='umap'."
             )
-        norm_params = _norm_affine_parameters(self.model)
+        norm_params, frozen_norms = _norm_affine_parameters(self.model)
         if train_norms and not norm_params:
+            if frozen_norms:
+                raise ValueError(
+                    f"train_norms=True, but all {frozen_norms} scale/shift parameters of the "
+                    "model's normalisation layers have requires_grad=False, and fit leaves "
+                    "frozen parameters frozen. Unfreeze the ones to train "
+                    "(param.requires_grad_(True)), or drop train_norms."
+                )
             raise ValueError(
                 "train_norms=True, but the model has no normalisation layer with affine "
                 "parameters (BatchNorm, LayerNorm, GroupNorm, ...): there is nothing to train "

@@ -223,6 +223,25 @@ def test_umap_train_norms_trains_only_the_norm_affine_and_the_scores():
     assert all(p.requires_grad for p in model.parameters())  # restored after fit
 
 
+def test_umap_train_norms_leaves_norm_parameters_the_user_froze_frozen():
+    model = SmallNet()
+    model.bn.bias.requires_grad_(False)
+    before = params_of(model)
+    unleashed = OODUnleash(model, method="umap", exclude="fc")
+    unleashed.fit(make_loader(), epochs=2, loss_constraint=0.5, train_norms=True)
+    after = params_of(unleashed.export())
+    assert not torch.equal(before["bn.weight"], after["bn.weight"])
+    assert torch.equal(before["bn.bias"], after["bn.bias"])
+    assert not model.bn.bias.requires_grad and model.bn.weight.requires_grad
+    # With every norm parameter frozen, the default trains none and True is refused.
+    frozen = SmallNet()
+    frozen.bn.requires_grad_(False)
+    refit = OODUnleash(frozen, method="umap", exclude="fc")
+    assert not refit.fit(make_loader(), epochs=1, loss_constraint=0.5).train_config_.train_norms
+    with pytest.raises(ValueError, match="all 2 scale/shift.*requires_grad=False.*requires_grad_"):
+        refit.fit(make_loader(), epochs=1, loss_constraint=0.5, train_norms=True)
+
+
 def test_umap_defaults_one_threshold_keeping_90_percent_with_trainable_norms():
     model = SmallNet()
     bn_weight = model.bn.weight.detach().clone()
