@@ -1298,6 +1298,28 @@ def _plot_compare(
     plt.close(fig)
 
 
+def _label_points(
+    ax: Any, xy: list[tuple[float, float]], labels: list[str], fontsize: float = 7
+) -> None:
+    """Label each point just above and right of it, moving a label down by a line while it
+    would overlap one already placed: a fine-tune and its control often land on one spot."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for (x, y), label in zip(xy, labels, strict=True):
+        offset = 3.0
+        while True:
+            text = ax.annotate(
+                label, (x, y), fontsize=fontsize, xytext=(4, offset), textcoords="offset points"
+            )
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed) or offset < -60 * fontsize:
+                break
+            text.remove()
+            offset -= 1.4 * fontsize
+        placed.append(box)
+
+
 def _plot_tradeoff(
     out: pathlib.Path, setting: str, tag: str, rs: list[dict[str, Any]], plt: Any
 ) -> None:
@@ -1321,19 +1343,17 @@ def _plot_tradeoff(
             capsize=2,
             lw=0.8,
         )
-        ax.annotate(
-            f"{cfg.short_name} (n={len(p['seeds'])})",
-            (x, y),
-            fontsize=7,
-            xytext=(4, 3),
-            textcoords="offset points",
-        )
     # The target: within 1 point of accuracy, FPR95 down by a quarter or more.
     (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
     x1, y0 = max(x1, 0.2), min(y0, -30.0)
     ax.fill_between([-1.0, x1], y0, -25.0, color="tab:green", alpha=0.1, lw=0, label="target")
     ax.set_xlim(min(x0, -1.2), x1)
     ax.set_ylim(y0, max(y1, 5.0))
+    _label_points(
+        ax,
+        [(p["accuracy_change"][0], p["fpr95_change_pct"][0]) for p in points],
+        [f"{parse_finetune(p['name']).short_name} (n={len(p['seeds'])})" for p in points],
+    )
     ax.legend(loc="upper left", fontsize=8)
     ax.set_xlabel("ID test accuracy change (points), against the final model of the same seed")
     ax.set_ylabel("mean Energy FPR95 change (%), test")

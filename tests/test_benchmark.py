@@ -344,6 +344,25 @@ def test_tradeoff_pairs_each_seed_with_its_own_final_model():
     assert point["fpr95_change_pct"][1] == pytest.approx(math.sqrt(2) * 25.0)
 
 
+def test_tradeoff_labels_of_points_on_one_spot_do_not_overlap():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.set_xlim(-1, 1)
+    ax.set_ylim(-30, 5)
+    names = ["umap/train_x3/lr0.1/ep10 (n=6)", "umap/control/lr0.1/ep10 (n=6)", "um (n=3)"]
+    benchmark._label_points(ax, [(0.0, -14.0), (0.01, -14.1), (0.5, 0.0)], names)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    plt.close(fig)
+    assert [t.get_text() for t in ax.texts] == names
+    assert not boxes[0].overlaps(boxes[1])
+    # A label with room keeps its place just above its point.
+    assert ax.texts[2].xyann == (4, 3.0)
+
+
 def _tiny_run(out, grid, **kwargs):
     """A 2-epoch small CNN on digits, one seed, capped evaluation sets."""
     return run_benchmark(
