@@ -98,7 +98,7 @@ def um_vs_umap(ax: plt.Axes, rng: np.random.Generator) -> None:
     weights = rng.normal(size=(n, n))
     um = weights + 0.35 * rng.normal(size=(n, n))
     mask = np.ones(n * n)
-    mask[rng.permutation(n * n)[: round(0.2 * n * n)]] = 0  # keep 80%
+    mask[rng.permutation(n * n)[: round(0.1 * n * n)]] = 0  # keep 90%, the default
     umap = np.where(mask.reshape(n, n) == 1, weights, np.nan)
     cmap = plt.get_cmap("RdBu_r").copy()
     cmap.set_bad("white")
@@ -106,7 +106,7 @@ def um_vs_umap(ax: plt.Axes, rng: np.random.Generator) -> None:
     for offset, values, label in (
         (0, weights, "trained\nweights"),
         (n + 2, um, "UM: every\nweight moves"),
-        (2 * n + 4, umap, "UMAP: weights frozen,\n20% masked out"),
+        (2 * n + 4, umap, "UMAP: weights frozen,\n10% masked out"),
     ):
         ax.imshow(
             values,
