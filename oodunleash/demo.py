@@ -79,7 +79,7 @@ def run_demo(
     print(
         f"Dataset: {dataset}" + ("" if dataset == "fashion-mnist" else " (Fashion-MNIST not found)")
     )
-    # In the benchmark (docs/benchmarks.md) the ξ that helped this CNN was about 0.2: 4x a
+    # In the benchmark (docs/benchmarks.md) the ξ that helped this CNN was 0.15-0.2: 3-4x a
     # converged training loss of 0.05. The demo's briefly trained model ends near 0.12, where
     # 4x (ξ 0.49-0.70 in drafts) cut ID accuracy by 13-18 points; 2x lands near 0.2. A small
     # subset trained longer fits its training set better than a larger one trained briefly.
