@@ -1328,8 +1328,10 @@ def _plot_tradeoff(
         return
     fig, ax = plt.subplots(figsize=(8, 5.5))
     colours = {"um": "tab:blue", "umap": "tab:orange"}
+    labels = []
     for p in points:
         cfg = parse_finetune(p["name"])
+        labels.append(f"{cfg.short_name} (n={len(p['seeds'])})")
         (x, dx), (y, dy) = p["accuracy_change"], p["fpr95_change_pct"]
         control = cfg.xi == "control"
         ax.errorbar(
@@ -1349,11 +1351,8 @@ def _plot_tradeoff(
     ax.fill_between([-1.0, x1], y0, -25.0, color="tab:green", alpha=0.1, lw=0, label="target")
     ax.set_xlim(min(x0, -1.2), x1)
     ax.set_ylim(y0, max(y1, 5.0))
-    _label_points(
-        ax,
-        [(p["accuracy_change"][0], p["fpr95_change_pct"][0]) for p in points],
-        [f"{parse_finetune(p['name']).short_name} (n={len(p['seeds'])})" for p in points],
-    )
+    # Labels go on after the limits are final, so that their overlaps are measured as drawn.
+    _label_points(ax, [(p["accuracy_change"][0], p["fpr95_change_pct"][0]) for p in points], labels)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_xlabel("ID test accuracy change (points), against the final model of the same seed")
     ax.set_ylabel("mean Energy FPR95 change (%), test")
