@@ -5,16 +5,39 @@
 first line of its docstring. The table is built from the installed package at build time, so it
 never lags behind ``__init__.py``; a name whose documentation page is missing makes the link
 unresolvable, which ``mkdocs build --strict`` reports.
+
+``<!-- benchmark-table -->`` is replaced by the benchmark's results table, built from
+``docs/data/benchmark_summary.json`` (the one place its headline numbers are written): one row
+per model and method, the change in mean FPR95 computed from the before and after values, a
+link to the experiment-log section that measured it, and each row's command below the table.
+``tests/test_benchmark_table.py`` checks the table and the numbers the README quotes against
+that file.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
+import pathlib
+import posixpath
 import re
 from typing import Any
 
 MARKER = "<!-- exports-table -->"
+BENCHMARK_MARKER = "<!-- benchmark-table -->"
+DOCS_DIR = pathlib.Path(__file__).resolve().parent.parent / "docs"
+BENCHMARK_SUMMARY = DOCS_DIR / "data" / "benchmark_summary.json"
+BENCHMARK_COLUMNS = (
+    "Model (training images)",
+    "Method",
+    "Seeds",
+    "Mean FPR95",
+    "Change",
+    "ID accuracy (points)",
+    "Beats its control?",
+    "Measured in",
+)
 SPHINX_ROLE = re.compile(r":[a-z]+:`(?P<tilde>~?)(?P<target>[^`]+)`")
 
 #: Modules with a page in the API reference, in the order a name is looked up.
@@ -73,7 +96,80 @@ def exports_table() -> str:
     return "\n".join(rows)
 
 
+def _signed(value: float, digits: int) -> str:
+    """``value`` with its sign, a typographic minus, ``digits`` decimals; zero unsigned."""
+    text = f"{abs(value):.{digits}f}"
+    if float(text) == 0:
+        return text
+    return ("−" if value < 0 else "+") + text
+
+
+def fpr95_change(row: dict[str, Any]) -> str:
+    """The relative change of the mean FPR95, in whole percent: ``"−41%"``."""
+    before, after = row["fpr95_before"], row["fpr95_after"]
+    return _signed(round(100 * (after - before) / before), 0) + "%"
+
+
+def accuracy_change(row: dict[str, Any]) -> str:
+    """The change of ID accuracy in points, or the row's note where no single value exists."""
+    if row["accuracy_change"] is None:
+        return row["accuracy_detail"]
+    return _signed(row["accuracy_change"], 2)
+
+
+def load_benchmark_summary(path: pathlib.Path = BENCHMARK_SUMMARY) -> dict[str, Any]:
+    return json.loads(path.read_text("utf8"))
+
+
+def _page_title(docs_dir: pathlib.Path, page: str) -> str:
+    for line in (docs_dir / page).read_text("utf8").splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    raise ValueError(f"{page} has no '# ' title")
+
+
+def benchmark_table(
+    summary: dict[str, Any], page_dir: str = "", docs_dir: pathlib.Path = DOCS_DIR
+) -> str:
+    """The results table and, folded below it, the command behind each row.
+
+    ``page_dir`` is the directory (relative to ``docs/``) of the page the table goes into, so
+    that the links to the experiment log resolve from there.
+    """
+    rows = ["| " + " | ".join(BENCHMARK_COLUMNS) + " |", "|" + "---|" * len(BENCHMARK_COLUMNS)]
+    commands = []
+    for row in summary["rows"]:
+        source = row["source"]
+        link = posixpath.relpath(source["page"], page_dir or ".") + "#" + source["anchor"]
+        verdict = row["beats_control"]
+        cells = [
+            f"{row['model']} ({row['data'].removesuffix(' images')})",
+            row["method"],
+            row["seeds"],
+            f"{row['fpr95_before']:.1f} → {row['fpr95_after']:.1f}",
+            fpr95_change(row),
+            accuracy_change(row),
+            f"{'**yes**' if verdict == 'yes' else verdict} ({row['control_detail']})",
+            f"[{_page_title(docs_dir, source['page'])}]({link})",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+        commands.append(
+            f"    - {row['model']}, {row['data']}, {row['method']}: `{source['command']}`"
+        )
+    folded = '??? info "The command behind each row"\n\n' + "\n".join(commands)
+    return "\n".join(rows) + "\n\n" + folded
+
+
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, exports_table())
+    if BENCHMARK_MARKER in markdown:
+        page = kwargs.get("page")
+        page_dir = posixpath.dirname(page.file.src_uri) if page is not None else ""
+        config = kwargs.get("config")
+        docs_dir = pathlib.Path(config["docs_dir"]) if config is not None else DOCS_DIR
+        table = benchmark_table(
+            load_benchmark_summary(docs_dir / "data" / "benchmark_summary.json"), page_dir, docs_dir
+        )
+        markdown = markdown.replace(BENCHMARK_MARKER, table)
     return markdown
