@@ -40,21 +40,24 @@ BENCHMARK_COLUMNS = (
 )
 SPHINX_ROLE = re.compile(r":[a-z]+:`(?P<tilde>~?)(?P<target>[^`]+)`")
 
+
+def _api_modules(root: pathlib.Path = DOCS_DIR.parent) -> tuple[str, ...]:
+    """The modules the API reference renders (``::: module`` in ``docs/api/*.md``), in the
+    order of the site's navigation, the package page itself left out. Read from the pages, so
+    a module that moves only needs its page moved."""
+    nav = re.findall(r"api/([\w-]+)\.md", (root / "mkdocs.yml").read_text("utf8"))
+    pages = sorted((root / "docs" / "api").glob("*.md"))
+    pages.sort(key=lambda page: nav.index(page.stem) if page.stem in nav else len(nav))
+    found = [
+        name
+        for page in pages
+        for name in re.findall(r"^::: (\S+)", page.read_text("utf8"), flags=re.MULTILINE)
+    ]
+    return tuple(dict.fromkeys(name for name in found if name != "oodunleash"))
+
+
 #: Modules with a page in the API reference, in the order a name is looked up.
-DOCUMENTED = (
-    "oodunleash.wrapper",
-    "oodunleash.constraint",
-    "oodunleash.masking",
-    "oodunleash.training",
-    "oodunleash.scores",
-    "oodunleash.features",
-    "oodunleash.metrics",
-    "oodunleash.results",
-    "oodunleash.evaluation",
-    "oodunleash.hub",
-    "oodunleash.datasets",
-    "oodunleash.distributed",
-)
+DOCUMENTED = _api_modules()
 
 
 def _documented_path(name: str, obj: Any) -> str | None:
