@@ -6,26 +6,31 @@ first line of its docstring. The table is built from the installed package at bu
 never lags behind ``__init__.py``; a name whose documentation page is missing makes the link
 unresolvable, which ``mkdocs build --strict`` reports.
 
-``<!-- benchmark-table -->`` is replaced by the benchmark's results table, built from
-``docs/data/benchmark_summary.json`` (the one place its headline numbers are written): one row
-per model and method, the change in mean FPR95 computed from the before and after values, a
-link to the experiment-log section that measured it, and each row's command below the table.
-``tests/test_benchmark_table.py`` checks the table and the numbers the README quotes against
-that file.
+Between ``<!-- benchmark-table -->`` and ``<!-- /benchmark-table -->`` goes the benchmark's
+results table, built from ``docs/data/benchmark_summary.json`` (the one place its headline
+numbers are written): one row per model and method, the change in mean FPR95 computed from the
+before and after values, a link to the experiment-log section that measured it, and each row's
+command below the table. The site renders it at build time from the JSON, whatever the page
+holds; ``python scripts/mkdocs_hooks.py`` also writes it into the page, so that it reads on
+GitHub, and ``tests/test_benchmark_table.py`` fails while the page, or a number the README
+quotes, disagrees with the JSON.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import json
 import pathlib
 import posixpath
 import re
+import sys
 from typing import Any
 
 MARKER = "<!-- exports-table -->"
 BENCHMARK_MARKER = "<!-- benchmark-table -->"
+BENCHMARK_END = "<!-- /benchmark-table -->"
 DOCS_DIR = pathlib.Path(__file__).resolve().parent.parent / "docs"
 BENCHMARK_SUMMARY = DOCS_DIR / "data" / "benchmark_summary.json"
 BENCHMARK_COLUMNS = (
@@ -137,7 +142,8 @@ def benchmark_table(
     """The results table and, folded below it, the command behind each row.
 
     ``page_dir`` is the directory (relative to ``docs/``) of the page the table goes into, so
-    that the links to the experiment log resolve from there.
+    that the links to the experiment log resolve from there. Plain Markdown and a ``<details>``
+    element, so the table reads the same on the site and on GitHub.
     """
     rows = ["| " + " | ".join(BENCHMARK_COLUMNS) + " |", "|" + "---|" * len(BENCHMARK_COLUMNS)]
     commands = []
@@ -156,23 +162,69 @@ def benchmark_table(
             f"[{_page_title(docs_dir, source['page'])}]({link})",
         ]
         rows.append("| " + " | ".join(cells) + " |")
-        commands.append(
-            f"    - {row['model']}, {row['data']}, {row['method']}: `{source['command']}`"
+        commands.append(f"- {row['model']}, {row['data']}, {row['method']}: `{source['command']}`")
+    folded = [
+        '<details class="info" markdown>',
+        "<summary>The command behind each row</summary>",
+        "",
+        *commands,
+        "",
+        "</details>",
+    ]
+    return "\n".join(rows) + "\n\n" + "\n".join(folded)
+
+
+def fill_benchmark_tables(
+    markdown: str, page_dir: str = "", docs_dir: pathlib.Path = DOCS_DIR
+) -> str:
+    """Every region of ``markdown`` from a ``<!-- benchmark-table -->`` line to a
+    ``<!-- /benchmark-table -->`` line, its content replaced by :func:`benchmark_table`."""
+    start = re.compile(rf"^{re.escape(BENCHMARK_MARKER)}$", re.M)
+    if not start.search(markdown):
+        return markdown
+    table = benchmark_table(
+        load_benchmark_summary(docs_dir / "data" / "benchmark_summary.json"), page_dir, docs_dir
+    )
+    region = re.compile(
+        rf"^{re.escape(BENCHMARK_MARKER)}$.*?^{re.escape(BENCHMARK_END)}$", re.S | re.M
+    )
+    if len(region.findall(markdown)) != len(start.findall(markdown)):
+        raise ValueError(
+            f"{BENCHMARK_MARKER} without its closing {BENCHMARK_END} on a line of its own"
         )
-    folded = '??? info "The command behind each row"\n\n' + "\n".join(commands)
-    return "\n".join(rows) + "\n\n" + folded
+    filled = f"{BENCHMARK_MARKER}\n\n{table}\n\n{BENCHMARK_END}"
+    return region.sub(lambda _: filled, markdown)
 
 
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, exports_table())
-    if BENCHMARK_MARKER in markdown:
-        page = kwargs.get("page")
-        page_dir = posixpath.dirname(page.file.src_uri) if page is not None else ""
-        config = kwargs.get("config")
-        docs_dir = pathlib.Path(config["docs_dir"]) if config is not None else DOCS_DIR
-        table = benchmark_table(
-            load_benchmark_summary(docs_dir / "data" / "benchmark_summary.json"), page_dir, docs_dir
-        )
-        markdown = markdown.replace(BENCHMARK_MARKER, table)
-    return markdown
+    page, config = kwargs.get("page"), kwargs.get("config")
+    page_dir = posixpath.dirname(page.file.src_uri) if page is not None else ""
+    docs_dir = pathlib.Path(config["docs_dir"]) if config is not None else DOCS_DIR
+    return fill_benchmark_tables(markdown, page_dir, docs_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python scripts/mkdocs_hooks.py [--check]``: write the benchmark table into the pages
+    that hold its markers, so that it reads on GitHub too (the site renders it either way).
+    ``--check`` writes nothing and fails when a page is out of date."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--check", action="store_true", help="fail if a page is out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for path in sorted(DOCS_DIR.rglob("*.md")):
+        text = path.read_text("utf8")
+        page_dir = posixpath.dirname(path.relative_to(DOCS_DIR).as_posix())
+        filled = fill_benchmark_tables(text, page_dir)
+        if filled != text:
+            stale.append(path)
+            if not args.check:
+                path.write_text(filled, "utf8")
+    for path in stale:
+        print(f"{'out of date' if args.check else 'updated'}: {path.relative_to(DOCS_DIR.parent)}")
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

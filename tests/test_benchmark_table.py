@@ -106,16 +106,45 @@ def _table_rows(markdown: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[1:]]
 
 
-def test_page_includes_the_generated_table_once_and_quotes_no_numbers_itself() -> None:
+def _outside_generated_region(text: str) -> str:
+    hooks = _hooks()
+    before, _, rest = text.partition(hooks.BENCHMARK_MARKER)
+    return before + rest.partition(hooks.BENCHMARK_END)[2]
+
+
+def test_page_holds_the_table_generated_from_the_json_and_no_numbers_of_its_own() -> None:
+    hooks = _hooks()
     text = PAGE.read_text("utf8")
-    assert text.count(_hooks().BENCHMARK_MARKER) == 1
-    assert not QUOTE.search(text), "numbers belong in docs/data/benchmark_summary.json"
+    assert text.count(hooks.BENCHMARK_MARKER) == text.count(hooks.BENCHMARK_END) == 1
+    assert hooks.fill_benchmark_tables(text) == text, (
+        "docs/benchmarks.md is out of date with docs/data/benchmark_summary.json: "
+        "run python scripts/mkdocs_hooks.py"
+    )
+    assert not QUOTE.search(_outside_generated_region(text)), (
+        "numbers belong in docs/data/benchmark_summary.json"
+    )
+
+
+def test_site_build_replaces_a_stale_table() -> None:
+    hooks = _hooks()
+    stale = f"# Page\n\n{hooks.BENCHMARK_MARKER}\n| old | 99.9 → 0.1 |\n{hooks.BENCHMARK_END}\n"
+    rendered = hooks.on_page_markdown(stale)
+    assert "99.9 → 0.1" not in rendered
+    assert all(
+        f"{row['fpr95_before']:.1f} → {row['fpr95_after']:.1f}" in rendered for row in _rows()
+    )
+    assert rendered.startswith("# Page\n") and rendered.rstrip().endswith(hooks.BENCHMARK_END)
+
+
+def test_an_unclosed_table_marker_is_an_error() -> None:
+    hooks = _hooks()
+    with pytest.raises(ValueError, match="without its closing"):
+        hooks.fill_benchmark_tables(f"{hooks.BENCHMARK_MARKER}\n| table |\n")
 
 
 def test_rendered_table_matches_the_json() -> None:
     hooks = _hooks()
     rendered = hooks.on_page_markdown(PAGE.read_text("utf8"))
-    assert hooks.BENCHMARK_MARKER not in rendered
     table = _table_rows(rendered)
     rows = _rows()
     assert len(table) == len(rows)
