@@ -45,9 +45,12 @@ README_ROWS = {
     "small_cnn_um",
     "small_cnn_umap",
     "small_cnn_dice",
+    "small_cnn_knn",
     "small_cnn_um_dice",
     "resnet18_12k_um",
     "resnet18_12k_react",
+    "resnet18_12k_knn",
+    "resnet18_full_knn",
     "resnet18_full_um",
     "resnet18_full_umap",
 }
