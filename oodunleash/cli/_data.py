@@ -74,6 +74,11 @@ def labelled_folder(path: str | os.PathLike[str], flag: str) -> Any:
     from torchvision.datasets import ImageFolder
 
     folder = _check_dir(path, flag)
+    if not any(folder.iterdir()):
+        raise UsageError(
+            f"{flag} {path}: the directory is empty; it must hold one sub-folder "
+            "of images per class."
+        )
     try:
         return ImageFolder(str(folder))
     except FileNotFoundError as exc:

@@ -8,7 +8,6 @@ import io
 import sys
 from collections.abc import Sequence
 
-
 from .._files import write_atomic
 from ..scores import get_score, list_scores
 from ..wrapper import OODUnleash

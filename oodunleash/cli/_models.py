@@ -107,7 +107,9 @@ def _timm_model(name: str, checkpoint: str | None, num_classes: int | None) -> n
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name}*")[:5]
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.8)
         hint = f" Close names: {', '.join(close)}." if close else ""
         raise UsageError(
             f"Unknown model {name!r}: not a timm architecture, an hf-hub: id or a checkpoint "
