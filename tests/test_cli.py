@@ -8,6 +8,7 @@ commands do with files, flags and exit codes, not detection quality.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import pathlib
@@ -332,8 +333,10 @@ def test_tune_saves_the_best(data, tmp_path, capsys):
             str(data / "val"),
             "--ood-dir",
             f"loose={data / 'ood_loose'}",
+            "--epochs",
+            "1",
             "--time-budget",
-            "20",
+            "30",
             "--json",
             str(report),
             "--out",
@@ -343,8 +346,24 @@ def test_tune_saves_the_best(data, tmp_path, capsys):
     )
     assert code == 0, err
     assert "Best: " in stdout
-    assert json.loads(report.read_text())
-    assert OODUnleash.from_pretrained(out).is_fitted
+    assert json.loads(report.read_text())["best_name"] in stdout
+    if "Saved: " in stdout:  # a fine-tune won (else the unchanged model did, and is kept)
+        assert OODUnleash.from_pretrained(out).model.num_classes == 2
+
+
+# --------------------------------------------------------------------------- demo / benchmark
+def test_bench_commands_take_the_bench_package_first(monkeypatch):
+    import types
+
+    from oodunleash.cli import _bench
+
+    bench = types.ModuleType("oodunleash.bench")
+    bench.run_demo = lambda *a, **k: "bench"
+    monkeypatch.setitem(sys.modules, "oodunleash.bench", bench)
+    assert _bench._bench("demo", "run_demo") == [bench.run_demo]
+    monkeypatch.setitem(sys.modules, "oodunleash.bench", None)  # no bench package: old modules
+    (summarize,) = _bench._bench("benchmark", "summarize")
+    assert summarize is importlib.import_module("oodunleash.benchmark").summarize
 
 
 # --------------------------------------------------------------------------- bad input

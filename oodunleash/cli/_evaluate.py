@@ -95,7 +95,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["path", "score"])
-    writer.writerows((path, f"{value:.6g}") for path, value in rows)
+    writer.writerows((path, f"{value:.8g}") for path, value in rows)
     if args.out:
         write_atomic(args.out, text.getvalue())
         print(f"Scores of {len(rows)} images ({name}): {args.out}", file=sys.stderr)

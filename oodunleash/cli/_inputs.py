@@ -23,9 +23,11 @@ def device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(name)
+        kind = torch.device(name).type
     except (RuntimeError, ValueError):
         raise UsageError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, mps).") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this PyTorch sees no CUDA device; use --device cpu.")
     return name
 
 

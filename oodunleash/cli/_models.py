@@ -168,7 +168,13 @@ def resolve_model(
                 "weights."
             )
         if folder.is_dir():
-            unleashed = OODUnleash.from_pretrained(folder)
+            try:
+                unleashed = OODUnleash.from_pretrained(folder)
+            except TypeError as exc:  # a custom architecture needs its class, which JSON lacks
+                raise UsageError(
+                    f"MODEL {spec}: {exc} The command line rebuilds timm architectures only; "
+                    "load this one in Python: OODUnleash.from_pretrained(folder, model=...)."
+                ) from None
             return ResolvedModel(unleashed.model, unleashed, str(folder))
         return _hub_model(spec[len(_HUB_PREFIX) :])
     if folder.exists() or os.sep in spec or spec.startswith("."):

@@ -75,7 +75,6 @@ def _add_training(sub: argparse._SubParsersAction, parents: list) -> None:
         + EXIT_CODES_HELP,
     )
     fit.add_argument("--method", choices=("um", "umap"), default="um")
-    fit.add_argument("--epochs", type=_positive_int, help="default 10")
     fit.add_argument("--lr", type=float, help="default 0.01 (UM) or 0.1 (UMAP)")
     fit.add_argument("--loss-constraint", type=float, metavar="XI", help="ξ (default: 3x the CE)")
     fit.add_argument("--keep-ratio", type=float, help="UMAP: fraction of weights kept")
@@ -106,6 +105,7 @@ def _add_training(sub: argparse._SubParsersAction, parents: list) -> None:
         parser.add_argument(
             "--val-dir", required=parser is tune, metavar="DIR", help="ID validation images"
         )
+        parser.add_argument("--epochs", type=_positive_int, help="fine-tune epochs (default 10)")
         parser.add_argument("--seed", type=int, default=0)
         parser.set_defaults(handler=handler)
 

@@ -139,6 +139,22 @@ def _tune_function() -> Callable[..., Any]:
     return tune
 
 
+def _save_best(result: Any, args: argparse.Namespace, classes: list[str], config: dict) -> None:
+    from ..wrapper import NotFittedError
+
+    try:
+        folder = save_checkpoint(result.best, args.out, class_names=classes, preprocessing=config)
+    except NotFittedError:
+        # The unchanged model won and this version saves fitted wrappers only.
+        score = result.best.default_score
+        print(
+            f"Nothing saved: the unchanged model won ({result.best_name}); keep using MODEL as it "
+            f"is, with `--score {getattr(score, 'name', score)}`."
+        )
+        return
+    print(f"Saved: {folder}")
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     """Search fine-tune settings on ``--train-dir``, pick by ``--val-dir`` (and OOD sets)."""
     tune = _tune_function()
@@ -146,6 +162,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     resolved, config, transform = _inputs.load_model(args, num_classes=len(train.classes))
     _check_classes(resolved.model, train.classes, "--train-dir")
     oods = _inputs.ood_loaders(args.ood_dir, transform, args)
+    # Options of newer tune() versions, passed only where accepted.
+    options = {"epochs": args.epochs, "progress": _inputs.progress(args), "verbose": False}
+    accepted = inspect.signature(tune).parameters
     result = tune(
         resolved.model,
         _inputs.labelled_loader(train, transform, args, shuffle=True),
@@ -154,6 +173,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         max_accuracy_drop=args.max_accuracy_drop,
         seed=args.seed,
         time_budget=args.time_budget,
+        **{k: v for k, v in options.items() if k in accepted and v is not None},
     )
     print(result.to_markdown())
     print(f"Best: {result.best_name}")
@@ -163,6 +183,5 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.plot:
         result.plot(args.plot)
         print(f"Plot: {args.plot}")
-    folder = save_checkpoint(result.best, args.out, class_names=train.classes, preprocessing=config)
-    print(f"Saved: {folder}")
+    _save_best(result, args, train.classes, config)
     return 0
