@@ -289,6 +289,24 @@ def test_push_then_score_from_the_hub(checkpoint, data, hub, capsys):
     _assert_same_scores(remote, local)
 
 
+def test_a_plain_timm_repo_on_the_hub_is_a_model(checkpoint, data, hub, tmp_path, capsys):
+    from huggingface_hub import HfApi
+    from timm.models import save_for_hf
+
+    model = OODUnleash.from_pretrained(checkpoint).model
+    folder = tmp_path / "plain"
+    save_for_hf(model, str(folder), safe_serialization=True)
+    api = HfApi(token=TOKEN)
+    api.create_repo("me/plain")
+    api.upload_folder(repo_id="me/plain", folder_path=folder)
+
+    inputs = [str(data / "ood_loose")]
+    _, local, _ = run(["score", *_model_args(str(checkpoint)), *inputs], capsys)
+    code, remote, err = run(["score", *_model_args("hf-hub:me/plain"), *inputs], capsys)
+    assert code == 0, err
+    _assert_same_scores(remote, local)
+
+
 def test_push_failures_are_one_line(checkpoint, data, hub, monkeypatch, capsys):
     code, _, err = run(["push", str(data / "train"), "me/x"], capsys)
     assert code == 2 and "not a checkpoint folder" in err
