@@ -65,27 +65,22 @@ def _model_args(model: str, *extra: str) -> list[str]:
     return [model, *PREPROCESSING, "--no-progress", "--batch-size", "4", *extra]
 
 
+def _dirs(data: pathlib.Path, train: str = "train", val: str | None = "val") -> list[str]:
+    """``--train-dir`` (and ``--val-dir``) flags for sub-folders of ``data``."""
+    flags = ["--train-dir", str(data / train)]
+    return flags + (["--val-dir", str(data / val)] if val else [])
+
+
+#: A 1-epoch fine-tune with a ξ the random test model can reach.
+QUICK_FIT = ["--epochs", "1", "--loss-constraint", "0.1"]
+
+
 @pytest.fixture(scope="module")
 def checkpoint(data, tmp_path_factory) -> pathlib.Path:
     """A UM checkpoint folder written by ``oodunleash fit``."""
     out = tmp_path_factory.mktemp("ckpt") / "unleashed"
     torch.manual_seed(0)
-    code = main(
-        [
-            "fit",
-            *_model_args(MODEL),
-            "--train-dir",
-            str(data / "train"),
-            "--val-dir",
-            str(data / "val"),
-            "--epochs",
-            "1",
-            "--loss-constraint",
-            "0.1",
-            "--out",
-            str(out),
-        ]
-    )
+    code = main(["fit", *_model_args(MODEL), *_dirs(data), *QUICK_FIT, "--out", str(out)])
     assert code == 0
     return out
 
@@ -153,24 +148,9 @@ def test_fit_saves_the_model_with_its_preprocessing(checkpoint, capsys):
 
 def test_fit_umap_prints_a_summary_and_prunes(data, tmp_path, capsys):
     out = tmp_path / "umap"
+    umap = ["--method", "umap", "--keep-ratio", "0.5", "--out", str(out)]
     code, stdout, err = run(
-        [
-            "fit",
-            *_model_args(MODEL),
-            "--train-dir",
-            str(data / "train"),
-            "--method",
-            "umap",
-            "--keep-ratio",
-            "0.5",
-            "--epochs",
-            "1",
-            "--loss-constraint",
-            "0.1",
-            "--out",
-            str(out),
-        ],
-        capsys,
+        ["fit", *_model_args(MODEL), *_dirs(data, val=None), *QUICK_FIT, *umap], capsys
     )
     assert code == 0, err
     assert stdout.startswith("UMAP: ξ=0.1, last epoch CE")
@@ -323,14 +303,7 @@ def test_tune_reports_a_missing_tune_function(data, monkeypatch, capsys):
     monkeypatch.delattr(oodunleash, "tune", raising=False)
     monkeypatch.setitem(sys.modules, "oodunleash.tune", None)  # nor the module
     code, _, err = run(
-        [
-            "tune",
-            *_model_args(MODEL),
-            "--train-dir",
-            str(data / "train"),
-            "--val-dir",
-            str(data / "val"),
-        ],
+        ["tune", *_model_args(MODEL), *_dirs(data)],
         capsys,
     )
     assert code == 2 and "no tune()" in err
@@ -345,10 +318,7 @@ def test_tune_saves_the_best(data, tmp_path, capsys):
         [
             "tune",
             *_model_args(MODEL),
-            "--train-dir",
-            str(data / "train"),
-            "--val-dir",
-            str(data / "val"),
+            *_dirs(data),
             "--ood-dir",
             f"loose={data / 'ood_loose'}",
             "--epochs",
@@ -393,7 +363,7 @@ def _bad_cases(data: pathlib.Path, checkpoint: pathlib.Path) -> dict[str, tuple[
             "no such directory",
         ),
         "empty train dir": (
-            ["fit", *_model_args(MODEL), "--train-dir", str(data / "empty")],
+            ["fit", *_model_args(MODEL), *_dirs(data, "empty", None)],
             "empty",
         ),
         "empty ood dir": (
@@ -426,14 +396,7 @@ def _bad_cases(data: pathlib.Path, checkpoint: pathlib.Path) -> dict[str, tuple[
             "does not fit",
         ),
         "val classes differ": (
-            [
-                "fit",
-                *_model_args(MODEL),
-                "--train-dir",
-                str(data / "train"),
-                "--val-dir",
-                str(data / "ood_nested"),
-            ],
+            ["fit", *_model_args(MODEL), *_dirs(data, val="ood_nested")],
             "must match",
         ),
         "bad std": (
@@ -494,7 +457,7 @@ def test_malformed_ood_dir_is_a_usage_error(data, capsys):
 def test_runtime_failure_exits_1(data, capsys):
     # A random model's training loss is far above ln(2): the default ξ recipe refuses it.
     code, _, err = run(
-        ["fit", *_model_args(MODEL), "--train-dir", str(data / "train"), "--epochs", "1"],
+        ["fit", *_model_args(MODEL), *_dirs(data, val=None), "--epochs", "1"],
         capsys,
     )
     assert code == 1, err
