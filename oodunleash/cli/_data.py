@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 #: The preprocessing entries a checkpoint records (what ``save_pretrained`` accepts).
-RECORDED_KEYS = ("input_size", "mean", "std", "interpolation")
+RECORDED_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 
 
 def preprocessing(

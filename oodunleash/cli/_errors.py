@@ -27,10 +27,15 @@ def exit_code(error: BaseException) -> int:
     """The exit code for an error that ends a command."""
     if isinstance(error, UsageError):
         return EXIT_USAGE
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
     from .. import HubError
 
-    # Checkpoint errors that describe the input (no such folder, not a checkpoint, altered file,
-    # weights that do not fit) are bad input; the Hub's auth and connection errors are failures.
+    # Checkpoint errors that describe the input (no such folder or repo, not a checkpoint, an
+    # altered file, weights that do not fit) are bad input; the Hub's auth and connection
+    # errors are failures.
     if isinstance(error, HubError) and isinstance(error, FileNotFoundError | ValueError):
+        return EXIT_USAGE
+    if isinstance(error, RepositoryNotFoundError | RevisionNotFoundError):
         return EXIT_USAGE
     return EXIT_FAILURE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
 
@@ -10,42 +11,65 @@ from ._errors import UsageError
 
 __all__ = ["cmd_push"]
 
+_MODEL_CARD = "README.md"
+
 
 class PushError(RuntimeError):
     """The Hub refused or failed the upload (exit 1)."""
 
 
-def _checkpoint_files(folder: Path) -> list[str]:
-    """The files of the checkpoint in ``folder`` (its config lists them), checked present."""
-    from ..hub import CONFIG_NAME, TIMM_CONFIG_NAME
+def _checkpoint_file_names() -> tuple[str, ...]:
+    """Every file name a checkpoint may hold, its config's first, bar the model card.
 
+    Read from ``oodunleash.checkpoint``, or from ``oodunleash.hub`` where that package does not
+    exist (yet)."""
+    try:
+        names = importlib.import_module("oodunleash.checkpoint")
+    except ModuleNotFoundError as exc:
+        if exc.name != "oodunleash.checkpoint":
+            raise
+        names = importlib.import_module("oodunleash.hub")
+    return tuple(
+        getattr(names, constant)
+        for constant in (
+            "CONFIG_NAME",
+            "WEIGHTS_NAME",
+            "TIMM_CONFIG_NAME",
+            "SCORES_NAME",
+            "MASKS_NAME",
+        )
+    )
+
+
+def _files_to_upload(folder: Path, known: tuple[str, ...]) -> list[str]:
+    """The checkpoint files in ``folder`` (its config lists them, all present) and its card."""
+    config_name = known[0]
     if not folder.is_dir():
         raise UsageError(f"DIR {folder}: no such directory.")
-    config_path = folder / CONFIG_NAME
+    config_path = folder / config_name
     if not config_path.is_file():
         raise UsageError(
-            f"DIR {folder}: no {CONFIG_NAME}, so not a checkpoint folder. Write one with "
+            f"DIR {folder}: no {config_name}, so not a checkpoint folder. Write one with "
             "`oodunleash fit --out DIR` or OODUnleash.save_pretrained(DIR)."
         )
     try:
-        listed = json.loads(config_path.read_text())["files"]
+        listed = list(json.loads(config_path.read_text())["files"])
     except (ValueError, KeyError, TypeError):
-        raise UsageError(f"DIR {folder}: {CONFIG_NAME} is unreadable or lists no files.") from None
+        raise UsageError(f"DIR {folder}: {config_name} is unreadable or lists no files.") from None
     missing = [name for name in listed if not (folder / name).is_file()]
     if missing:
         raise UsageError(f"DIR {folder}: the checkpoint is incomplete, {missing} missing.")
-    extras = [n for n in (TIMM_CONFIG_NAME, "README.md") if (folder / n).is_file()]
-    return sorted({CONFIG_NAME, *listed, *extras})
+    present = [name for name in (*known, _MODEL_CARD) if (folder / name).is_file()]
+    return sorted({*listed, *present} & {*known, _MODEL_CARD})
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     """Upload the checkpoint files of DIR to REPO_ID (created when missing), in one commit."""
     from huggingface_hub import HfApi, get_token
 
-    from ..hub import CONFIG_NAME, MASKS_NAME, SCORES_NAME, TIMM_CONFIG_NAME, WEIGHTS_NAME
-
     folder = Path(args.dir).expanduser()
-    files = _checkpoint_files(folder)
+    known = _checkpoint_file_names()
+    files = _files_to_upload(folder, known)
     token = args.token or get_token()
     if not token:
         raise PushError(
@@ -63,7 +87,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             allow_patterns=files,
             # Files of an earlier checkpoint that this one lacks (e.g. UMAP masks) would
             # otherwise stay next to it.
-            delete_patterns=[CONFIG_NAME, WEIGHTS_NAME, TIMM_CONFIG_NAME, SCORES_NAME, MASKS_NAME],
+            delete_patterns=list(known),
             revision=args.revision,
             commit_message=args.commit_message or f"Upload {folder.name} with oodunleash",
         )

@@ -29,13 +29,15 @@ def save_checkpoint(
     """``save_pretrained`` to ``out``, recording ``preprocessing`` where timm's
     ``resolve_data_config`` reads it back from the reloaded model.
 
-    Passes ``input_size``/``mean``/``std``/``interpolation`` to ``save_pretrained`` when it takes
-    them; older versions copy the model's timm ``pretrained_cfg`` into the checkpoint, so the
-    values are set there first.
+    Passes ``input_size``/``mean``/``std``/``interpolation``/``crop_pct`` to ``save_pretrained``
+    when it takes them; older versions copy the model's timm ``pretrained_cfg`` into the
+    checkpoint, so the values are set there first.
     """
     recorded = {k: preprocessing[k] for k in _data.RECORDED_KEYS if k in preprocessing}
     accepted = inspect.signature(unleashed.save_pretrained).parameters
-    if all(k in accepted for k in recorded):
+    if set(recorded) <= set(accepted) or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()
+    ):
         return unleashed.save_pretrained(out, class_names=class_names, **recorded)
     cfg = getattr(unleashed.model, "pretrained_cfg", None)
     if isinstance(cfg, dict):
