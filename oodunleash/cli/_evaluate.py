@@ -23,11 +23,7 @@ def _check_scores(
     """Known score names, each either fitted already or fittable from ``--fit-dir``."""
     unfitted = []
     for name in names:
-        try:
-            score = get_score(name)
-        except ValueError as exc:
-            raise UsageError(f"{flag} {name}: {exc}") from None
-        if score.needs_fit and name not in unleashed.fitted_scores_:
+        if _inputs.check_score(name, flag).needs_fit and name not in unleashed.fitted_scores_:
             unfitted.append(name)
     if unfitted and fit_dir is None:
         raise UsageError(

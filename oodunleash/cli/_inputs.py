@@ -9,11 +9,12 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from ..scores import OODScore, get_score
 from . import _data
 from ._errors import UsageError
 from ._models import ResolvedModel, resolve_model
 
-__all__ = ["device", "labelled_loader", "load_model", "ood_loaders", "progress"]
+__all__ = ["check_score", "device", "labelled_loader", "load_model", "ood_loaders", "progress"]
 
 
 def device(name: str) -> str:
@@ -29,6 +30,14 @@ def device(name: str) -> str:
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: this PyTorch sees no CUDA device; use --device cpu.")
     return name
+
+
+def check_score(name: str, flag: str) -> OODScore:
+    """A new instance of the registered score ``name``; an unknown name is a usage error."""
+    try:
+        return get_score(name)
+    except ValueError as exc:
+        raise UsageError(f"{flag} {name}: {exc}") from None
 
 
 def progress(args: argparse.Namespace) -> bool:

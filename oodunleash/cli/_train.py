@@ -104,9 +104,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
     show = _inputs.progress(args)
     train_loader = _inputs.labelled_loader(train, transform, args, shuffle=True)
     val_loader = _inputs.labelled_loader(val, transform, args) if val is not None else None
-    unleashed = OODUnleash(
-        resolved.model, args.method, keep_ratio=args.keep_ratio, seed=args.seed, score=args.score
-    )
+    _inputs.check_score(args.score, "--score")
+    try:
+        unleashed = OODUnleash(
+            resolved.model,
+            args.method,
+            keep_ratio=args.keep_ratio,
+            seed=args.seed,
+            score=args.score,
+        )
+    except ValueError as exc:  # a flag out of range, e.g. --keep-ratio
+        raise UsageError(str(exc)) from None
     before = _accuracy(unleashed, val_loader, show, "val before") if val_loader else None
     start = time.perf_counter()
     unleashed.fit(
