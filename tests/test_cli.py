@@ -436,6 +436,7 @@ def _bad_cases(data: pathlib.Path, checkpoint: pathlib.Path) -> dict[str, tuple[
         "bad std",
         "missing image",
         "not a checkpoint folder",
+        "keep ratio out of range",
     ],
 )
 def test_bad_input_exits_2_with_one_line(case, data, checkpoint, capsys):
