@@ -409,6 +409,10 @@ def _bad_cases(data: pathlib.Path, checkpoint: pathlib.Path) -> dict[str, tuple[
             ],
             "--std takes 1 or 3 numbers",
         ),
+        "keep ratio out of range": (
+            ["fit", *_model_args(MODEL), *_dirs(data, val=None), "--keep-ratio", "1.5"],
+            "keep_ratio must be in (0, 1]",
+        ),
         "missing image": (
             ["score", *_model_args(MODEL), str(data / "nope.png")],
             "no such file or directory",
