@@ -43,7 +43,8 @@ def _write_images(folder: pathlib.Path, n: int, colour: tuple[int, int, int], se
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> pathlib.Path:
     """``train/``, ``val/`` (classes red and blue), ``ood_loose/`` (images, no class folder),
-    ``ood_nested/`` (images in a sub-folder) and ``empty/``."""
+    ``ood_nested/`` (images in a sub-folder), ``empty/`` and ``broken/`` (one file is no
+    image)."""
     root = tmp_path_factory.mktemp("images")
     for split, n, seed in (("train", 6, 0), ("val", 3, 1)):
         _write_images(root / split / "red", n, (200, 40, 40), seed)
@@ -51,6 +52,8 @@ def data(tmp_path_factory) -> pathlib.Path:
     _write_images(root / "ood_loose", 4, (40, 200, 40), 2)
     _write_images(root / "ood_nested" / "any", 3, (128, 128, 128), 3)
     (root / "empty").mkdir()
+    _write_images(root / "broken", 1, (0, 0, 0), 4)
+    (root / "broken" / "img1.png").write_text("not a PNG")
     return root
 
 
@@ -413,6 +416,14 @@ def _bad_cases(data: pathlib.Path, checkpoint: pathlib.Path) -> dict[str, tuple[
             ["fit", *_model_args(MODEL), *_dirs(data, val=None), "--keep-ratio", "1.5"],
             "keep_ratio must be in (0, 1]",
         ),
+        "unreadable image": (
+            ["score", *_model_args(MODEL), str(data / "broken")],
+            f"Cannot read the image {data / 'broken' / 'img1.png'}",
+        ),
+        "unreadable image in a worker": (
+            ["score", *_model_args(MODEL, "--workers", "1"), str(data / "broken")],
+            f"error: Cannot read the image {data / 'broken' / 'img1.png'}",
+        ),
         "missing image": (
             ["score", *_model_args(MODEL), str(data / "nope.png")],
             "no such file or directory",
@@ -441,6 +452,8 @@ def _bad_cases(data: pathlib.Path, checkpoint: pathlib.Path) -> dict[str, tuple[
         "missing image",
         "not a checkpoint folder",
         "keep ratio out of range",
+        "unreadable image",
+        "unreadable image in a worker",
     ],
 )
 def test_bad_input_exits_2_with_one_line(case, data, checkpoint, capsys):

@@ -17,7 +17,13 @@ __all__ = ["main"]
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    """The error's message on one line. An error re-raised from a ``DataLoader`` worker carries
+    the worker's traceback: its last line is the original message."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        name, sep, message = lines[-1].partition(": ")  # "package.module.ErrorType: message"
+        lines = [message if sep and " " not in name else lines[-1]]
+    return " ".join(" ".join(lines).split()) or type(error).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -80,7 +80,7 @@ def labelled_folder(path: str | os.PathLike[str], flag: str) -> Any:
             "of images per class."
         )
     try:
-        return ImageFolder(str(folder))
+        return ImageFolder(str(folder), loader=read_rgb)
     except FileNotFoundError as exc:
         # ImageFolder's own words ("Couldn't find any class folder", "Found no valid file").
         raise UsageError(
@@ -104,15 +104,24 @@ class LooseImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Tensor:
-        from PIL import Image
+        return self.transform(read_rgb(self.paths[index]))
 
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except OSError as exc:
-            raise OSError(f"Cannot read the image {path}: {exc}") from exc
-        return self.transform(rgb)
+
+class UnreadableImageError(UsageError):
+    """An image file that PIL cannot decode (bad input: exit code 2)."""
+
+
+def read_rgb(path: str | os.PathLike[str]) -> Any:
+    """The image at ``path`` as an RGB PIL image; a file PIL cannot read is named in the error."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as exc:  # PIL's UnidentifiedImageError, truncated files
+        raise UnreadableImageError(
+            f"Cannot read the image {path} ({exc}): remove or replace it."
+        ) from None
 
 
 def _is_image(path: Path) -> bool:
