@@ -15,7 +15,7 @@ exit codes:
   0  success
   1  runtime failure (training diverged, the Hub refused an upload, out of memory, ...)
   2  usage or bad input (bad flag, missing or empty directory, unknown model or score,
-     malformed NAME=DIR, a checkpoint that does not fit the model)
+     malformed NAME=DIR, an unreadable image, a checkpoint that does not fit the model)
 """
 
 
