@@ -348,13 +348,13 @@ def test_bench_commands_take_the_bench_package_first(monkeypatch):
 
     from oodunleash.cli import _bench
 
-    bench = types.ModuleType("oodunleash.bench")
-    bench.run_demo = lambda *a, **k: "bench"
-    monkeypatch.setitem(sys.modules, "oodunleash.bench", bench)
-    assert _bench._bench("demo", "run_demo") == [bench.run_demo]
-    monkeypatch.setitem(sys.modules, "oodunleash.bench", None)  # no bench package: old modules
-    (summarize,) = _bench._bench("benchmark", "summarize")
-    assert summarize is importlib.import_module("oodunleash.benchmark").summarize
+    grid = types.ModuleType("oodunleash.bench.grid")
+    grid.parse_finetune = lambda name: name
+    monkeypatch.setitem(sys.modules, "oodunleash.bench.grid", grid)
+    assert _bench._bench("parse_finetune", "grid", "benchmark") is grid.parse_finetune
+    monkeypatch.setitem(sys.modules, "oodunleash.bench.grid", None)  # no bench: the old module
+    parse_finetune = _bench._bench("parse_finetune", "grid", "benchmark")
+    assert parse_finetune is importlib.import_module("oodunleash.benchmark").parse_finetune
 
 
 # --------------------------------------------------------------------------- bad input
