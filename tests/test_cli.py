@@ -424,6 +424,10 @@ def _bad_cases(data: pathlib.Path, checkpoint: pathlib.Path) -> dict[str, tuple[
             ["score", *_model_args(MODEL, "--workers", "1"), str(data / "broken")],
             f"error: Cannot read the image {data / 'broken' / 'img1.png'}",
         ),
+        "head size differs from the classes": (
+            ["fit", *_model_args(MODEL, "--num-classes", "3"), *_dirs(data, val=None)],
+            "has 3 classes but --train-dir has 2 (blue, red)",
+        ),
         "missing image": (
             ["score", *_model_args(MODEL), str(data / "nope.png")],
             "no such file or directory",
@@ -454,6 +458,7 @@ def _bad_cases(data: pathlib.Path, checkpoint: pathlib.Path) -> dict[str, tuple[
         "keep ratio out of range",
         "unreadable image",
         "unreadable image in a worker",
+        "head size differs from the classes",
     ],
 )
 def test_bad_input_exits_2_with_one_line(case, data, checkpoint, capsys):

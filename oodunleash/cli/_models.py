@@ -36,11 +36,9 @@ class ResolvedModel:
     unleashed: OODUnleash | None
     source: str
 
-    def wrapper(self, score: str = "energy") -> OODUnleash:
+    def wrapper(self) -> OODUnleash:
         """The checkpoint's wrapper, or a new post-hoc wrapper around the model."""
-        if self.unleashed is not None:
-            return self.unleashed
-        return OODUnleash(self.model, score=score)
+        return self.unleashed if self.unleashed is not None else OODUnleash(self.model)
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:

@@ -15,6 +15,7 @@ from .._files import write_atomic
 from ..wrapper import OODUnleash
 from . import _data, _inputs
 from ._errors import UsageError
+from ._models import ResolvedModel
 
 __all__ = ["cmd_fit", "cmd_tune", "save_checkpoint"]
 
@@ -79,11 +80,12 @@ def _training_data(args: argparse.Namespace) -> tuple[Any, Any]:
     return train, val
 
 
-def _check_classes(model: Any, classes: list[str], flag: str) -> None:
-    head = getattr(model, "num_classes", None)
+def _check_classes(resolved: ResolvedModel, classes: list[str], flag: str) -> None:
+    head = getattr(resolved.model, "num_classes", None)
     if isinstance(head, int) and head != len(classes):
         raise UsageError(
-            f"The model has {head} classes but {flag} has {len(classes)} ({', '.join(classes)})."
+            f"MODEL {resolved.source} has {head} classes but {flag} has {len(classes)} "
+            f"({', '.join(classes)})."
         )
 
 
@@ -100,7 +102,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     """Fine-tune MODEL with UM or UMAP on ``--train-dir``."""
     train, val = _training_data(args)
     resolved, config, transform = _inputs.load_model(args, num_classes=len(train.classes))
-    _check_classes(resolved.model, train.classes, "--train-dir")
+    _check_classes(resolved, train.classes, "--train-dir")
     show = _inputs.progress(args)
     train_loader = _inputs.labelled_loader(train, transform, args, shuffle=True)
     val_loader = _inputs.labelled_loader(val, transform, args) if val is not None else None
@@ -170,7 +172,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     tune = _tune_function()
     train, val = _training_data(args)
     resolved, config, transform = _inputs.load_model(args, num_classes=len(train.classes))
-    _check_classes(resolved.model, train.classes, "--train-dir")
+    _check_classes(resolved, train.classes, "--train-dir")
     oods = _inputs.ood_loaders(args.ood_dir, transform, args)
     # Options of newer tune() versions, passed only where accepted.
     options = {"epochs": args.epochs, "progress": _inputs.progress(args), "verbose": False}
