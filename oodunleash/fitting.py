@@ -1,0 +1,270 @@
+"""The fine-tune behind :meth:`OODUnleash.fit <oodunleash.OODUnleash.fit>`: checks on its
+inputs, the choice of ξ, UM or UMAP through :func:`~oodunleash.training.train`, and the
+per-epoch check that a run has not diverged.
+
+Functions here take explicit arguments; the wrapper owns the state and the all-or-nothing
+transaction around them (:mod:`oodunleash.rollback`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from ._modules import model_device
+from .config import METHOD_DEFAULTS, Masked, Relative, UnleashConfig, real_number
+from .constraint import relative_loss_constraint
+from .masking import LayerMasks
+from .resume import EpochHook, FitStateError, read_fit_state
+from .training import TrainConfig, TrainingDivergedError, train
+
+__all__ = [
+    "check_epoch",
+    "check_grad_norm",
+    "check_reiterable",
+    "check_same_fit",
+    "choose_constraint",
+    "fine_tune",
+    "saved_fit_state",
+    "summary",
+    "trained_norm_parameters",
+]
+
+#: A mean training cross-entropy (nats) above this means the fine-tune diverged: a uniform
+#: guess over a million classes costs 14 nats.
+_EXPLODED_CE = 1e4
+
+
+
+class _MaskedNetwork(nn.Module):
+    """Model and its mask scores in one module, so DDP synchronises the score gradients."""
+
+    def __init__(self, model: nn.Module, masks: LayerMasks) -> None:
+        super().__init__()
+        self.model = model
+        self.masks = masks
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+#: Normalisation layers whose affine parameters ``fit(train_norms=True)`` trains.
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def _norm_affine_parameters(model: nn.Module) -> tuple[list[nn.Parameter], int]:
+    """The trainable scale and shift parameters of ``model``'s normalisation layers, and how
+    many such parameters the caller froze (``requires_grad=False``): those stay frozen, as
+    UM leaves them."""
+    params = [
+        p
+        for m in model.modules()
+        if isinstance(m, _NORM_TYPES)
+        for p in m.parameters(recurse=False)
+    ]
+    trainable = [p for p in params if p.requires_grad]
+    return trainable, len(params) - len(trainable)
+
+
+def check_reiterable(loader: Any, name: str) -> None:
+    if isinstance(loader, Iterator):
+        raise TypeError(
+            f"{name} is a one-shot iterator ({type(loader).__name__}): fit reads the data "
+            "several times (ξ, then each epoch), and a second pass would find it empty. Pass a "
+            "DataLoader or a list of (images, labels) batches."
+        )
+    if not isinstance(loader, Iterable):
+        raise TypeError(
+            f"{name} must be an iterable of (images, labels) batches such as a DataLoader, got "
+            f"{type(loader).__name__}."
+        )
+
+
+def check_grad_norm(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        norm = real_number(value, "max_grad_norm")
+    except TypeError:
+        norm = math.nan
+    if not 0 < norm < math.inf:
+        raise ValueError(
+            f"max_grad_norm must be a positive number (the norm gradients are clipped to), got "
+            f"{value!r}: 0 would stop learning and a negative norm reverses the step. Use None "
+            "for no clipping."
+        )
+    return norm
+
+
+def check_epoch(record: Mapping[str, float]) -> None:
+    loss, ce = record["loss"], record["ce"]
+    if math.isfinite(loss) and math.isfinite(ce) and ce <= _EXPLODED_CE:
+        return
+    raise TrainingDivergedError(
+        f"The loss reached {loss:.4g} (training cross-entropy {ce:.4g}) in epoch "
+        f"{int(record['epoch'])}: the fine-tune diverged."
+    )
+
+
+def trained_norm_parameters(
+    model: nn.Module, method: str, train_norms: bool | None
+) -> list[nn.Parameter]:
+    """The normalisation parameters UMAP trains with its scores (none for UM), checked."""
+    if train_norms and method != "umap":
+        raise ValueError(
+            "train_norms applies to UMAP, which freezes the weights; UM already trains "
+            "every parameter, normalisation layers included. Drop train_norms, or use "
+            "method='umap'."
+        )
+    if method == "um":
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                "UM fine-tunes the parameters that have requires_grad=True, and this model "
+                "has none (it is fully frozen). Unfreeze the layers to fine-tune "
+                "(param.requires_grad_(True)), or use method='umap', which learns a mask "
+                "over frozen weights."
+            )
+        return []
+    norm_params, frozen_norms = _norm_affine_parameters(model)
+    if train_norms and not norm_params:
+        if frozen_norms:
+            raise ValueError(
+                f"train_norms=True, but all {frozen_norms} scale/shift parameters of the "
+                "model's normalisation layers have requires_grad=False, and fit leaves "
+                "frozen parameters frozen. Unfreeze the ones to train "
+                "(param.requires_grad_(True)), or drop train_norms."
+            )
+        raise ValueError(
+            "train_norms=True, but the model has no normalisation layer with affine "
+            "parameters (BatchNorm, LayerNorm, GroupNorm, ...): there is nothing to train "
+            "besides the scores. Drop train_norms."
+        )
+    if train_norms is None:
+        train_norms = METHOD_DEFAULTS["umap"]["train_norms"]
+    return norm_params if train_norms else []
+
+
+
+def saved_fit_state(
+    checkpoint_dir: str | Path | None, resume: bool, outlier_loader: Any
+) -> dict[str, Any] | None:
+    """The fit state to resume from (``None``: start afresh), after checking the options."""
+    if checkpoint_dir is None:
+        if resume:
+            raise ValueError("resume=True continues a fit saved in checkpoint_dir: pass it.")
+        return None
+    if outlier_loader is not None:
+        raise ValueError(
+            "checkpoint_dir cannot resume the outlier stream of outlier_loader: fit with "
+            "outlier exposure without checkpoint_dir."
+        )
+    return read_fit_state(checkpoint_dir) if resume else None
+
+
+
+def choose_constraint(
+    model: nn.Module,
+    spec: float | Relative | Masked | None,
+    loader: Iterable,
+    *,
+    estimate_masked: Callable[..., float],
+    progress: bool,
+) -> float | None:
+    """ξ by ``spec``: a number is ξ; :class:`Relative` scales the training loss;
+    :class:`Masked` calls ``estimate_masked(loader, keep_ratio, progress=...)``. ``None``
+    (no flooding) gives ``None``."""
+    if isinstance(spec, Masked):
+        return estimate_masked(loader, spec.keep_ratio, progress=progress)
+    if isinstance(spec, Relative):
+        return relative_loss_constraint(model, loader, spec.factor, progress=progress)
+    return spec
+
+
+def check_same_fit(saved: Mapping[str, Any], record: Mapping[str, Any], where: Any) -> None:
+    """Refuse to resume a saved fit state with options other than this call's."""
+    different = [key for key in ("params", "train_config") if saved.get(key) != record[key]]
+    if different:
+        raise FitStateError(
+            f"The fit state in {where} was saved by a fit with different {different}: saved "
+            f"{[saved.get(k) for k in different]}, now {[record[k] for k in different]}. Call "
+            "fit with the same options, or resume=False to start again."
+        )
+
+
+def fine_tune(
+    model: nn.Module,
+    options: UnleashConfig,
+    config: TrainConfig,
+    loader: Iterable,
+    loss_constraint: float | None,
+    *,
+    norm_params: list[nn.Parameter],
+    outlier_loader: Iterable | None,
+    progress: bool,
+    make_hook: Callable[[nn.Module], EpochHook],
+) -> tuple[list[dict[str, float]], LayerMasks | None]:
+    """UM (the trainable weights) or UMAP (mask scores, and ``norm_params``, over frozen
+    weights) on ``model``: the history, and UMAP's masks, attached."""
+
+    def run(module: nn.Module, params: list[nn.Parameter], desc: str) -> list[dict[str, float]]:
+        return train(
+            module,
+            params,
+            loader,
+            loss_constraint=loss_constraint,
+            config=config,
+            device=model_device(model),
+            outlier_loader=outlier_loader,
+            progress=progress,
+            desc=desc,
+            hook=make_hook(module),
+        )
+
+    if options.method == "um":
+        return run(model, [p for p in model.parameters() if p.requires_grad], "UM"), None
+    masks = LayerMasks(
+        model,
+        options.layers,
+        options.exclude,
+        keep_ratio=options.keep_ratio,
+        mode=options.mask_mode,
+        init=options.mask_init,
+        seed=options.seed,
+    )
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in norm_params:
+        p.requires_grad_(True)
+    masks.attach()
+    try:
+        history = run(_MaskedNetwork(model, masks), [*masks.parameters(), *norm_params], "UMAP")
+    except BaseException:
+        masks.detach()  # never leave the user's model half-masked
+        raise
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    return history, masks
+
+
+def summary(
+    method: str, loss_constraint: float | None, history: list[dict[str, float]], seconds: float
+) -> str:
+    """The one line ``fit(progress=True)`` prints at the end."""
+    first, last = history[0], history[-1]
+    xi = "none (control)" if loss_constraint is None else f"{loss_constraint:.4g}"
+    return (
+        f"{method.upper()} fit in {seconds:.1f} s: ξ {xi}; training CE {first['ce']:.4g} -> "
+        f"{last['ce']:.4g}, accuracy {first['accuracy']:.4f} -> {last['accuracy']:.4f} "
+        f"(epoch {int(first['epoch'])} -> {int(last['epoch'])})."
+    )
