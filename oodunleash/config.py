@@ -174,8 +174,7 @@ def check_constraint(value: Any) -> float | Relative | Masked:
     if isinstance(value, str):
         if value not in _RECIPES:
             raise ValueError(
-                f"constraint must be 'relative' or 'masked' (or ξ itself, a number), got "
-                f"{value!r}."
+                f"constraint must be 'relative' or 'masked' (or ξ itself, a number), got {value!r}."
             )
         return _RECIPES[value]()
     if isinstance(value, Mapping):

@@ -39,7 +39,6 @@ __all__ = [
 _EXPLODED_CE = 1e4
 
 
-
 class _MaskedNetwork(nn.Module):
     """Model and its mask scores in one module, so DDP synchronises the score gradients."""
 
@@ -153,7 +152,6 @@ def trained_norm_parameters(
     return norm_params if train_norms else []
 
 
-
 def saved_fit_state(
     checkpoint_dir: str | Path | None, resume: bool, outlier_loader: Any
 ) -> dict[str, Any] | None:
@@ -168,7 +166,6 @@ def saved_fit_state(
             "outlier exposure without checkpoint_dir."
         )
     return read_fit_state(checkpoint_dir) if resume else None
-
 
 
 def choose_constraint(

@@ -61,9 +61,7 @@ class RollbackCopy:
                         continue
                     if id(tensor) not in copies:
                         copies[id(tensor)] = _cpu_copy(tensor)
-                    self._tensors.append(
-                        (module, name, tensor, copies[id(tensor)], tensor.device)
-                    )
+                    self._tensors.append((module, name, tensor, copies[id(tensor)], tensor.device))
                     if isinstance(tensor, nn.Parameter) and id(tensor) not in self._grads:
                         grad = None if tensor.grad is None else _cpu_copy(tensor.grad)
                         self._grads[id(tensor)] = (tensor, tensor.requires_grad, grad)

@@ -52,6 +52,7 @@ from .training import TrainConfig, TrainingDivergedError
 
 __all__ = ["METHOD_DEFAULTS", "NotFittedError", "OODUnleash"]
 
+
 class NotFittedError(ValueError, AttributeError):
     """Raised when a fitted attribute or method is used before :meth:`OODUnleash.fit`."""
 
@@ -199,7 +200,9 @@ class OODUnleash(HubMixin):
         try:
             return config.to_dict()
         except TypeError:  # module types have no JSON form; the names they chose do
-            return dataclasses.replace(config, layers=list(self.layer_names), exclude=None).to_dict()
+            return dataclasses.replace(
+                config, layers=list(self.layer_names), exclude=None
+            ).to_dict()
 
     @property
     def constraint_factor(self) -> float:
