@@ -8,6 +8,7 @@ transaction around them (:mod:`oodunleash.rollback`).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -188,12 +189,18 @@ def choose_constraint(
 
 def check_same_fit(saved: Mapping[str, Any], record: Mapping[str, Any], where: Any) -> None:
     """Refuse to resume a saved fit state with options other than this call's."""
-    different = [key for key in ("params", "train_config") if saved.get(key) != record[key]]
+    now = json.loads(json.dumps(record))  # the saved record went through JSON too
+    different = [
+        f"{group}.{key}: saved {saved[group].get(key)!r}, now {value!r}"
+        for group in ("params", "train_config")
+        for key, value in now[group].items()
+        if saved.get(group, {}).get(key) != value
+    ]
     if different:
         raise FitStateError(
-            f"The fit state in {where} was saved by a fit with different {different}: saved "
-            f"{[saved.get(k) for k in different]}, now {[record[k] for k in different]}. Call "
-            "fit with the same options, or resume=False to start again."
+            f"The fit state in {where} was saved by a fit with different options "
+            f"({'; '.join(different)}). Call fit with the same options, or resume=False to "
+            "start again."
         )
 
 
