@@ -263,6 +263,11 @@ def _check_selector(name: str, value: Any) -> None:
         )
 
 
+def _names_types(selector: Any) -> bool:
+    items = [selector] if isinstance(selector, str | type) else selector or []
+    return any(isinstance(item, type) for item in items)
+
+
 def _score_to_json(score: str | OODScore) -> str | dict[str, Any]:
     if isinstance(score, str):
         return score
@@ -355,21 +360,21 @@ class UnleashConfig:
         """``constraint`` in its typed form."""
         return check_constraint(self.constraint)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, layer_names: Sequence[str] | None = None) -> dict[str, Any]:
         """JSON-able options: ``UnleashConfig.from_dict(c.to_dict()) == c``. Layer selectors
-        that name module types have no JSON form: give layer names instead."""
+        naming module types have no JSON form: they are replaced by ``layer_names`` (the layers
+        they chose), or refused when none are given."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("layers", "exclude"):
-            value = out[name]
-            if isinstance(value, type) or (
-                isinstance(value, Sequence) and any(isinstance(v, type) for v in value)
-            ):
+        if any(_names_types(out[name]) for name in ("layers", "exclude")):
+            if layer_names is None:
                 raise TypeError(
-                    f"{name} selects module types ({value!r}), which have no JSON form; select "
-                    "layers by name for a saved config."
+                    f"layers={self.layers!r}, exclude={self.exclude!r} select module types, "
+                    "which have no JSON form; pass layer_names, or select layers by name."
                 )
-            if value is not None and not isinstance(value, str):
-                out[name] = list(value)
+            out["layers"], out["exclude"] = list(layer_names), None
+        for name in ("layers", "exclude"):
+            if out[name] is not None and not isinstance(out[name], str):
+                out[name] = list(out[name])
         if isinstance(out["constraint"], Relative | Masked):
             recipe = "relative" if isinstance(out["constraint"], Relative) else "masked"
             out["constraint"] = {"recipe": recipe, **dataclasses.asdict(out["constraint"])}

@@ -10,26 +10,41 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ._modules import model_device
-from .config import METHOD_DEFAULTS, Masked, Relative, UnleashConfig, real_number
+from .config import (
+    METHOD_DEFAULTS,
+    Masked,
+    Relative,
+    UnleashConfig,
+    check_loss_constraint,
+    real_number,
+)
 from .constraint import relative_loss_constraint
+from .distributed import init_distributed, rank, shard_loader, sync_module
 from .masking import LayerMasks
 from .resume import EpochHook, FitStateError, read_fit_state
 from .training import TrainConfig, TrainingDivergedError, train
 
 __all__ = [
     "check_epoch",
+    "check_model",
+    "deprecated_fit_constraint",
+    "train_config",
     "check_grad_norm",
     "check_reiterable",
     "check_same_fit",
     "choose_constraint",
     "fine_tune",
+    "rolled_back",
+    "run_fit",
     "saved_fit_state",
     "summary",
     "trained_norm_parameters",
@@ -73,6 +88,45 @@ def _norm_affine_parameters(model: nn.Module) -> tuple[list[nn.Parameter], int]:
     ]
     trainable = [p for p in params if p.requires_grad]
     return trainable, len(params) - len(trainable)
+
+
+def check_model(model: Any) -> None:
+    """``model`` must be a module that no other OODUnleash has masked."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module classifier, got {type(model).__name__}.")
+    if any("_oodunleash_mask" in m.__dict__ for m in model.modules()):
+        raise ValueError(
+            "This model still carries the UMAP mask of another OODUnleash. Wrap a plain "
+            "copy instead: OODUnleash(other.export(), ...)."
+        )
+
+
+def deprecated_fit_constraint(loss_constraint: Any, flooding: bool) -> float | None:
+    """The deprecated ``fit(loss_constraint=ξ)``, checked (it warns)."""
+    if loss_constraint is None:
+        return None
+    warnings.warn(
+        "fit(loss_constraint=ξ) is deprecated: pass OODUnleash(model, constraint=ξ).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if not flooding:
+        raise ValueError(
+            "flooding=False runs plain cross-entropy, which has no ξ: drop loss_constraint, "
+            "or keep flooding=True."
+        )
+    return check_loss_constraint(loss_constraint)
+
+
+def train_config(method: str, **options: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of a fit: ``None`` options take ``method``'s defaults."""
+    defaults = METHOD_DEFAULTS[method]
+    for key in ("epochs", "lr", "weight_decay"):
+        if options[key] is None:
+            options[key] = defaults[key]
+    options["lr"] = real_number(options["lr"], "lr")
+    options["max_grad_norm"] = check_grad_norm(options["max_grad_norm"])
+    return TrainConfig(**options)
 
 
 def check_reiterable(loader: Any, name: str) -> None:
@@ -261,6 +315,16 @@ def fine_tune(
     return history, masks
 
 
+def rolled_back(exc: TrainingDivergedError) -> TrainingDivergedError:
+    """The error ``fit`` raises after rolling a diverged fit back (``train`` had restored only
+    the last good epoch)."""
+    reason = str(exc).split(" The weights were restored")[0]
+    return TrainingDivergedError(
+        f"{reason} fit() was rolled back: the model and the wrapper are as before the call. "
+        "Lower the learning rate, set max_grad_norm, or check the inputs for NaN."
+    )
+
+
 def summary(
     method: str, loss_constraint: float | None, history: list[dict[str, float]], seconds: float
 ) -> str:
@@ -272,3 +336,65 @@ def summary(
         f"{last['ce']:.4g}, accuracy {first['accuracy']:.4f} -> {last['accuracy']:.4f} "
         f"(epoch {int(first['epoch'])} -> {int(last['epoch'])})."
     )
+
+
+def run_fit(
+    model: nn.Module,
+    options: UnleashConfig,
+    config: TrainConfig,
+    loader: Iterable,
+    *,
+    outlier_loader: Iterable | None,
+    constraint: float | Relative | Masked | None,
+    norm_params: list[nn.Parameter],
+    estimate_masked: Callable[..., float],
+    params: dict[str, Any],
+    device: torch.device | str | None,
+    progress: bool,
+    checkpoint_dir: str | Path | None,
+    saved: dict[str, Any] | None,
+) -> tuple[float | None, list[dict[str, float]], LayerMasks | None]:
+    """ξ (by ``constraint``, or the ``saved`` state's) and the fine-tune: ξ, the history and
+    UMAP's masks. ``params`` (the wrapper's options) are saved with each epoch's state."""
+    # Under torchrun / accelerate launch: join the process group, read one shard of the
+    # data per rank, start every rank from rank 0's weights (docs/howto/distributed.md).
+    init_distributed()
+    if device is not None:
+        model.to(device)
+    sync_module(model)
+    loader = shard_loader(loader)
+    if outlier_loader is not None:
+        outlier_loader = shard_loader(outlier_loader, name="outlier_loader")
+    # Seed inside a fork so the whole fit (shuffling included) is reproducible without
+    # touching the caller's global random state.
+    with torch.random.fork_rng(devices=[]):
+        # Offset by the rank so that dropout differs between ranks (rank 0 = one process);
+        # masks and ξ use their own seeded generators and agree on every rank.
+        torch.manual_seed(options.seed + rank())
+        if saved is not None:
+            xi = saved["loss_constraint"]
+        else:
+            xi = choose_constraint(
+                model, constraint, loader, estimate_masked=estimate_masked, progress=progress
+            )
+        record = {"loss_constraint": xi, "params": params, "train_config": config.to_dict()}
+        if saved is not None:
+            check_same_fit(saved, record, checkpoint_dir)
+
+        def make_hook(module: nn.Module) -> EpochHook:
+            return EpochHook(
+                module, loader, check_epoch, directory=checkpoint_dir, record=record, saved=saved
+            )
+
+        history, masks = fine_tune(
+            model,
+            options,
+            config,
+            loader,
+            xi,
+            norm_params=norm_params,
+            outlier_loader=outlier_loader,
+            progress=progress,
+            make_hook=make_hook,
+        )
+    return xi, history, masks

@@ -22,49 +22,41 @@ from .config import (
     Relative,
     UnleashConfig,
     check_constraint,
-    check_loss_constraint,
     constraint_with_aliases,
     real_number,
 )
 from .constraint import estimate_loss_constraint
-from .distributed import init_distributed, is_main_process, rank, shard_loader, sync_module
+from .distributed import init_distributed, is_main_process, shard_loader
 from .evaluation import Evaluator, ScoreSpec, ScoreSpecs
 from .features import FeatureExtractor
 from .fitting import (
-    check_epoch,
-    check_grad_norm,
+    check_model,
     check_reiterable,
-    check_same_fit,
-    choose_constraint,
-    fine_tune,
+    deprecated_fit_constraint,
+    rolled_back,
+    run_fit,
     saved_fit_state,
     summary,
+    train_config,
     trained_norm_parameters,
 )
 from .hub import HubMixin
 from .masking import LayerMasks, LayerSelector, select_layers
 from .metrics import Positive
 from .results import EvaluationResults
-from .resume import EpochHook
 from .rollback import RollbackCopy
 from .scores import OODScore
-from .training import TrainConfig, TrainingDivergedError
+from .training import TrainingDivergedError
 
 __all__ = ["METHOD_DEFAULTS", "NotFittedError", "OODUnleash"]
 
 
+#: The attribute holding an option whose name is taken by a method (``score``).
+_ATTRIBUTE = {"score": "default_score"}
+
+
 class NotFittedError(ValueError, AttributeError):
     """Raised when a fitted attribute or method is used before :meth:`OODUnleash.fit`."""
-
-
-def _check_model(model: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module classifier, got {type(model).__name__}.")
-    if any("_oodunleash_mask" in m.__dict__ for m in model.modules()):
-        raise ValueError(
-            "This model still carries the UMAP mask of another OODUnleash. Wrap a plain "
-            "copy instead: OODUnleash(other.export(), ...)."
-        )
 
 
 class OODUnleash(HubMixin):
@@ -89,10 +81,8 @@ class OODUnleash(HubMixin):
             :class:`~oodunleash.config.Relative` (``"relative"``, the default:
             ``Relative(factor=3.0)``, 3x the model's mean ID training cross-entropy); or
             :class:`~oodunleash.config.Masked` (``"masked"``: the paper's recipe,
-            :meth:`estimate_loss_constraint`, the training loss with a random
-            ``1 - keep_ratio`` of each chosen layer masked, ``Masked(keep_ratio=0.965)``).
-            On the benchmark's small models the paper's recipe came out many times the
-            training loss and cost accuracy (``docs/benchmarks.md``).
+            :meth:`estimate_loss_constraint`, ``Masked(keep_ratio=0.965)``). See
+            ``docs/benchmarks.md`` for how they compare.
         score: Default OOD score used by :meth:`score` (see :func:`oodunleash.list_scores`).
         seed: Seeds the masks and the fine-tune; the same seed on CPU gives identical results.
         head: Name of the classifier head submodule (its input is the penultimate feature) for
@@ -108,9 +98,8 @@ class OODUnleash(HubMixin):
     Attributes:
         loss_constraint_: After :meth:`fit`: the ξ used (``None`` after
             ``fit(flooding=False)``).
-        history_: After :meth:`fit`: one dict per epoch: ``loss``, ``ce``, ``accuracy``,
-            ``frac_below_constraint`` (fraction of batches whose CE was below ξ), ``lr``,
-            ``time_s``.
+        history_: After :meth:`fit`: one dict per epoch (``loss``, ``ce``, ``accuracy``,
+            ``frac_below_constraint``: the share of batches whose CE was below ξ, ...).
         masks_: After :meth:`fit`: the learnt :class:`~oodunleash.masking.LayerMasks` (UMAP
             only, else ``None``).
         train_config_: After :meth:`fit`: the :class:`~oodunleash.training.TrainConfig` used.
@@ -149,24 +138,15 @@ class OODUnleash(HubMixin):
         constraint_factor: float | None = None,
         constraint_keep_ratio: float | None = None,
     ) -> None:
-        _check_model(model)
+        check_model(model)
         constraint = constraint_with_aliases(constraint, constraint_factor, constraint_keep_ratio)
         config = UnleashConfig(
             method, layers, exclude, keep_ratio, mask_mode, mask_init, constraint, score, seed,
             head, feature_layer,
         ).resolve()  # fmt: skip
         self.model = model
-        self.method: Method = config.method
-        self.layers = config.layers
-        self.exclude = config.exclude
-        self.keep_ratio = config.keep_ratio
-        self.mask_mode = config.mask_mode
-        self.mask_init = config.mask_init
-        self.constraint = config.constraint
-        self.default_score = config.score
-        self.seed = config.seed
-        self.head = config.head
-        self.feature_layer = config.feature_layer
+        for field in dataclasses.fields(UnleashConfig):  # method, layers, ..., feature_layer
+            setattr(self, _ATTRIBUTE.get(field.name, field.name), getattr(config, field.name))
         # Fail now, not after an epoch, when the selection is empty.
         self.layer_names: list[str] = list(select_layers(model, layers, exclude))
         self.masks_: LayerMasks | None = None
@@ -174,15 +154,13 @@ class OODUnleash(HubMixin):
             model, head=config.head, feature_layer=config.feature_layer, default_score=config.score
         )
 
-    # ------------------------------------------------------------------ options
     @property
     def config(self) -> UnleashConfig:
         """The options as an :class:`~oodunleash.config.UnleashConfig` (checked again)."""
+        fields = dataclasses.fields(UnleashConfig)
         return UnleashConfig(
-            self.method, self.layers, self.exclude, self.keep_ratio, self.mask_mode,
-            self.mask_init, self.constraint, self.default_score, self.seed, self.head,
-            self.feature_layer,
-        )  # fmt: skip
+            **{f.name: getattr(self, _ATTRIBUTE.get(f.name, f.name)) for f in fields}
+        )
 
     def get_params(self) -> dict[str, Any]:
         """The constructor's options, JSON-able: ``OODUnleash(model, **params)`` rebuilds an
@@ -196,38 +174,23 @@ class OODUnleash(HubMixin):
             >>> OODUnleash(net, **params).get_params() == params
             True
         """
-        config = self.config
-        try:
-            return config.to_dict()
-        except TypeError:  # module types have no JSON form; the names they chose do
-            return dataclasses.replace(
-                config, layers=list(self.layer_names), exclude=None
-            ).to_dict()
+        return self.config.to_dict(layer_names=self.layer_names)
 
-    @property
-    def constraint_factor(self) -> float:
-        """Deprecated: the factor of a :class:`~oodunleash.config.Relative` constraint."""
-        warnings.warn(
-            "OODUnleash.constraint_factor is deprecated: read unleashed.config.loss_constraint.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+    def _recipe_field(self, name: str, recipe: type[Relative] | type[Masked], field: str) -> float:
+        message = f"OODUnleash.{name} is deprecated: read unleashed.config.loss_constraint."
+        warnings.warn(message, DeprecationWarning, stacklevel=3)
         spec = check_constraint(self.constraint)
-        return spec.factor if isinstance(spec, Relative) else Relative().factor
+        return getattr(spec if isinstance(spec, recipe) else recipe(), field)
 
-    @property
-    def constraint_keep_ratio(self) -> float:
-        """Deprecated: the keep ratio of a :class:`~oodunleash.config.Masked` constraint."""
-        warnings.warn(
-            "OODUnleash.constraint_keep_ratio is deprecated: read "
-            "unleashed.config.loss_constraint.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        spec = check_constraint(self.constraint)
-        return spec.keep_ratio if isinstance(spec, Masked) else Masked().keep_ratio
+    #: Deprecated: the factor of a :class:`~oodunleash.config.Relative` constraint.
+    constraint_factor = property(
+        lambda self: self._recipe_field("constraint_factor", Relative, "factor")
+    )
+    #: Deprecated: the keep ratio of a :class:`~oodunleash.config.Masked` constraint.
+    constraint_keep_ratio = property(
+        lambda self: self._recipe_field("constraint_keep_ratio", Masked, "keep_ratio")
+    )
 
-    # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
         """The device of the model's parameters."""
@@ -258,7 +221,6 @@ class OODUnleash(HubMixin):
             f"layers={len(self.layer_names)}, {keep}{state})"
         )
 
-    # ------------------------------------------------------------------ ξ
     def estimate_loss_constraint(
         self,
         loader: Iterable,
@@ -278,20 +240,12 @@ class OODUnleash(HubMixin):
         Under ``torchrun`` the estimate covers all ranks' data (see :meth:`fit`).
 
         Example:
-            >>> from torch.utils.data import DataLoader, TensorDataset
-            >>> _ = torch.manual_seed(0)
             >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
-            >>> data = DataLoader(
-            ...     TensorDataset(torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))), batch_size=16)
+            >>> data = [(torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,)))]
             >>> unleashed = OODUnleash(net)
             >>> xi = unleashed.estimate_loss_constraint(data, progress=False)
-            >>> isinstance(xi, float), xi > 0
-            (True, True)
             >>> xi == unleashed.estimate_loss_constraint(data, progress=False)  # seeded masks
             True
-
-            On a trained model, ``OODUnleash(model, constraint="masked").fit(loader)`` uses this
-            estimate. This untrained toy's ξ is not below ln(3), so :meth:`fit` would refuse it.
         """
         init_distributed()
         loader = shard_loader(loader)
@@ -300,23 +254,16 @@ class OODUnleash(HubMixin):
                 "The model carries a learnt UMAP mask; estimate ξ on the original model: "
                 "OODUnleash(original_model).estimate_loss_constraint(...)."
             )
-        if keep_ratio is None:
-            spec = check_constraint(self.constraint)
-            keep_ratio = spec.keep_ratio if isinstance(spec, Masked) else Masked().keep_ratio
+        if keep_ratio is None:  # the Masked recipe's, else its default
+            keep_ratio = getattr(
+                check_constraint(self.constraint), "keep_ratio", Masked().keep_ratio
+            )
         return estimate_loss_constraint(
-            self.model,
-            loader,
-            real_number(keep_ratio, "keep_ratio"),
-            layers=self.layers,
-            exclude=self.exclude,
-            init=init or self.mask_init or "random",
-            draws=draws,
-            seed=self.seed,
-            max_batches=max_batches,
-            progress=progress,
-        )
+            self.model, loader, real_number(keep_ratio, "keep_ratio"), layers=self.layers,
+            exclude=self.exclude, init=init or self.mask_init or "random", draws=draws,
+            seed=self.seed, max_batches=max_batches, progress=progress,
+        )  # fmt: skip
 
-    # ------------------------------------------------------------------ fit
     def fit(
         self,
         loader: Iterable,
@@ -367,11 +314,10 @@ class OODUnleash(HubMixin):
             max_grad_norm: Clip gradients to this norm (a positive number).
             freeze_norm_stats: Keep BatchNorm running statistics fixed during the fine-tune
                 (UMAP otherwise moves them although the weights are frozen).
-            train_norms: UMAP: also train the affine parameters (scale and shift) of the
-                normalisation layers (BatchNorm, LayerNorm, GroupNorm, ...) with the scores.
-                Default: on for UMAP when the model has such layers. Parameters you froze
-                (``requires_grad=False``) stay frozen, as with UM. The reference freezes
-                every weight (``False``). UM trains them anyway, so it refuses ``True``.
+            train_norms: UMAP: also train the scale and shift of the normalisation layers
+                (BatchNorm, LayerNorm, GroupNorm, ...) with the scores (default: on when there
+                are any; ones you froze stay frozen). The reference freezes every weight
+                (``False``). UM trains them anyway, so it refuses ``True``.
             outlier_loader: Auxiliary outliers for outlier exposure (labels ignored).
             outlier_loss: ``"oe"`` (weight 0.5) or ``"energy"`` (Energy-OE, margins −25/−7,
                 weight 0.1). Default ``"oe"`` when an outlier loader is given.
@@ -392,10 +338,7 @@ class OODUnleash(HubMixin):
                 rolled back.
 
         Under ``torchrun`` / ``accelerate launch`` the same call fits with
-        DistributedDataParallel: the process group is started from the environment if needed, a
-        plain ``DataLoader`` is given a ``DistributedSampler`` (``batch_size`` is then per rank),
-        ξ is averaged over all ranks' data, only rank 0 shows progress, and the flooding term
-        ``|CE − ξ|`` is taken per rank on its own batch. See ``docs/howto/distributed.md``.
+        DistributedDataParallel (``docs/howto/distributed.md``).
 
         Example:
             >>> from torch.utils.data import DataLoader, TensorDataset
@@ -409,31 +352,22 @@ class OODUnleash(HubMixin):
             >>> sorted(unleashed.history_[0])
             ['accuracy', 'ce', 'epoch', 'frac_below_constraint', 'loss', 'lr', 'time_s']
 
-            This untrained toy has a high training loss: the default ξ (3x that loss) would not be
-            below ln(3) ≈ 1.10 and ``fit`` would refuse it, hence the explicit ξ above. The plain
-            fine-tune control needs no ξ:
+            (This toy's training loss is high: the default ξ, 3x it, would not be below ln(3) and
+            ``fit`` would refuse it.) The plain fine-tune control needs no ξ:
 
             >>> control = OODUnleash(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)))
             >>> control.fit(data, epochs=1, flooding=False, progress=False).loss_constraint_ is None
             True
         """
-        given = self._given_constraint(loss_constraint, flooding)
+        given = deprecated_fit_constraint(loss_constraint, flooding)
         norm_params = trained_norm_parameters(self.model, self.method, train_norms)
-        defaults = METHOD_DEFAULTS[self.method]
-        config = TrainConfig(
-            epochs=defaults["epochs"] if epochs is None else epochs,
-            lr=defaults["lr"] if lr is None else real_number(lr, "lr"),
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=defaults["weight_decay"] if weight_decay is None else weight_decay,
-            schedule=schedule,
-            amp=amp,
-            max_grad_norm=check_grad_norm(max_grad_norm),
-            freeze_norm_stats=freeze_norm_stats,
-            train_norms=bool(norm_params),
+        config = train_config(
+            self.method, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
+            weight_decay=weight_decay, schedule=schedule, amp=amp, max_grad_norm=max_grad_norm,
+            freeze_norm_stats=freeze_norm_stats, train_norms=bool(norm_params),
             outlier_loss=outlier_loss or ("oe" if outlier_loader is not None else None),
             outlier_weight=outlier_weight,
-        )
+        )  # fmt: skip
         check_reiterable(loader, "loader")
         if outlier_loader is not None:
             check_reiterable(outlier_loader, "outlier_loader")
@@ -441,8 +375,14 @@ class OODUnleash(HubMixin):
         started = time.perf_counter()
         rollback = RollbackCopy(self.model, owners=(self, self._evaluator))
         try:
-            xi, history = self._run_fit(
-                loader, outlier_loader, config, norm_params, given, flooding,
+            if self.masks_ is not None:  # refitting UMAP starts again from the dense weights
+                self.masks_.detach()
+                self.masks_ = None
+            spec = given if given is not None else check_constraint(self.constraint)
+            xi, history, self.masks_ = run_fit(
+                self.model, self.config, config, loader, outlier_loader=outlier_loader,
+                constraint=spec if flooding else None, norm_params=norm_params,
+                estimate_masked=self.estimate_loss_constraint, params=self.get_params(),
                 device=device, progress=progress, checkpoint_dir=checkpoint_dir, saved=saved,
             )  # fmt: skip
             rollback.restore_modes()  # UMAP trains through a wrapper module; hand back the user's
@@ -452,11 +392,7 @@ class OODUnleash(HubMixin):
             self._evaluator.reset()  # fitted detectors describe the old features
         except TrainingDivergedError as exc:
             rollback.restore()
-            reason = str(exc).split(" The weights were restored")[0]
-            raise TrainingDivergedError(
-                f"{reason} fit() was rolled back: the model and the wrapper are as before the "
-                "call. Lower the learning rate, set max_grad_norm, or check the inputs for NaN."
-            ) from exc
+            raise rolled_back(exc) from exc
         except BaseException:
             rollback.restore()
             raise
@@ -464,89 +400,14 @@ class OODUnleash(HubMixin):
             print(summary(self.method, xi, history, time.perf_counter() - started))
         return self
 
-    def _given_constraint(self, loss_constraint: Any, flooding: bool) -> float | None:
-        """The deprecated ``fit(loss_constraint=)``, checked."""
-        if loss_constraint is None:
-            return None
-        warnings.warn(
-            "fit(loss_constraint=ξ) is deprecated: pass OODUnleash(model, constraint=ξ).",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        if not flooding:
-            raise ValueError(
-                "flooding=False runs plain cross-entropy, which has no ξ: drop loss_constraint, "
-                "or keep flooding=True."
-            )
-        return check_loss_constraint(loss_constraint)
-
-    def _run_fit(
-        self,
-        loader: Iterable,
-        outlier_loader: Iterable | None,
-        config: TrainConfig,
-        norm_params: list[nn.Parameter],
-        given: float | None,
-        flooding: bool,
-        *,
-        device: torch.device | str | None,
-        progress: bool,
-        checkpoint_dir: str | Path | None,
-        saved: dict[str, Any] | None,
-    ) -> tuple[float | None, list[dict[str, float]]]:
-        """ξ and the fine-tune; changes the model and ``masks_``, not the fitted attributes."""
-        # Under torchrun / accelerate launch: join the process group, read one shard of the
-        # data per rank, start every rank from rank 0's weights (docs/howto/distributed.md).
-        init_distributed()
-        if device is not None:
-            self.model.to(device)
-        sync_module(self.model)
-        loader = shard_loader(loader)
-        if outlier_loader is not None:
-            outlier_loader = shard_loader(outlier_loader, name="outlier_loader")
-        if self.masks_ is not None:  # refitting UMAP starts again from the dense weights
-            self.masks_.detach()
-            self.masks_ = None
-        # Seed inside a fork so the whole fit (shuffling included) is reproducible without
-        # touching the caller's global random state.
-        with torch.random.fork_rng(devices=[]):
-            # Offset by the rank so that dropout differs between ranks (rank 0 = one process);
-            # masks and ξ use their own seeded generators and agree on every rank.
-            torch.manual_seed(self.seed + rank())
-            if saved is not None:
-                xi = saved["loss_constraint"]
-            else:
-                spec = given if given is not None else check_constraint(self.constraint)
-                xi = choose_constraint(
-                    self.model, spec if flooding else None, loader,
-                    estimate_masked=self.estimate_loss_constraint, progress=progress,
-                )  # fmt: skip
-            record = {"loss_constraint": xi, "params": self.get_params()}
-            record["train_config"] = config.to_dict()
-            if saved is not None:
-                check_same_fit(saved, record, checkpoint_dir)
-            history, self.masks_ = fine_tune(
-                self.model, self.config, config, loader, xi, norm_params=norm_params,
-                outlier_loader=outlier_loader, progress=progress,
-                make_hook=lambda module: EpochHook(
-                    module, loader, check_epoch, directory=checkpoint_dir, record=record,
-                    saved=saved,
-                ),
-            )  # fmt: skip
-        return xi, history
-
-    # ------------------------------------------------------------------ export
     def export(self) -> nn.Module:
         """A plain copy of the unleashed model: same class as the input model, original
         ``state_dict`` keys, no mask machinery. UMAP masks are baked in (pruned weights are
         exact zeros). The wrapper itself is left as it is.
 
         Example:
-            >>> from torch.utils.data import DataLoader, TensorDataset
-            >>> _ = torch.manual_seed(0)
             >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
-            >>> data = DataLoader(
-            ...     TensorDataset(torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))), batch_size=16)
+            >>> data = [(torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,)))] * 4
             >>> unleashed = OODUnleash(net, method="umap", keep_ratio=0.8, constraint=0.5)
             >>> plain = unleashed.fit(data, epochs=1, progress=False).export()
             >>> type(plain) is nn.Sequential, plain is net
@@ -571,7 +432,6 @@ class OODUnleash(HubMixin):
             total += w.numel()
         return zeros / max(total, 1)
 
-    # ------------------------------------------------------------------ scoring
     @property
     def fitted_scores_(self) -> dict[str, OODScore]:
         """``{name: OODScore}`` filled by :meth:`fit_scores` (reset by :meth:`fit`)."""
@@ -632,12 +492,6 @@ class OODUnleash(HubMixin):
         if device is not None:
             self.model.to(device)
         return self._evaluator.evaluate(
-            id_loader,
-            ood_loaders,
-            scores,
-            fit_loader=fit_loader,
-            positive=positive,
-            tpr=tpr,
-            max_batches=max_batches,
-            progress=progress,
-        )
+            id_loader, ood_loaders, scores, fit_loader=fit_loader, positive=positive, tpr=tpr,
+            max_batches=max_batches, progress=progress,
+        )  # fmt: skip
