@@ -341,3 +341,20 @@ def test_progress_prints_a_one_line_summary(capsys):
     assert len(lines) == 1
     assert lines[0].startswith("UM fit in ") and "ξ 0.3" in lines[0]
     assert "training CE" in lines[0] and "accuracy" in lines[0] and "(epoch 1 -> 2)" in lines[0]
+
+
+def test_rollback_copy_costs_the_models_parameters_and_buffers_once():
+    from oodunleash.rollback import RollbackCopy
+
+    net = make_net()
+    net.tied = nn.Linear(6, 3)
+    net.tied.weight = net.fc.weight  # shared: copied once
+    tensors = {id(t): t for t in [*net.parameters(), *net.buffers()]}.values()
+    expected = sum(t.numel() * t.element_size() for t in tensors)
+    saved = RollbackCopy(net)
+    assert saved.nbytes == expected
+    assert all(t.device.type == "cpu" for t in saved._copies)
+    with torch.no_grad():
+        net.fc.weight.mul_(0)
+    saved.restore()
+    assert net.tied.weight is net.fc.weight and bool(net.fc.weight.abs().sum() > 0)
