@@ -382,6 +382,37 @@ class UnleashConfig:
         return out
 
     @classmethod
+    def from_legacy(cls, data: Mapping[str, Any]) -> UnleashConfig:
+        """The options recorded by a checkpoint of oodunleash 0.1 (``oodunleash_config.json``
+        before this config existed): ``constraint_factor`` / ``constraint_keep_ratio`` fold
+        into ``constraint``, UM's mask options (recorded but unused) are dropped, the masked
+        ``layer_names`` stand for the selection, ``default_score`` is ``score``.
+
+        Example:
+            >>> UnleashConfig.from_legacy({"method": "um", "keep_ratio": 0.8,
+            ...     "constraint": "relative", "constraint_factor": 2.0, "layer_names": ["fc"]})
+            UnleashConfig(method='um', layers=['fc'], exclude=None, keep_ratio=None, mask_mode=None, mask_init=None, constraint=Relative(factor=2.0), score='energy', seed=0, head=None, feature_layer=None)
+        """
+        method = data.get("method", "um")
+        recipe = check_constraint(data.get("constraint") or "relative")
+        if isinstance(recipe, Relative) and data.get("constraint_factor") is not None:
+            recipe = Relative(data["constraint_factor"])
+        if isinstance(recipe, Masked) and data.get("constraint_keep_ratio") is not None:
+            recipe = Masked(data["constraint_keep_ratio"])
+        options = {
+            "method": method,
+            "layers": list(data.get("layer_names") or []) or None,
+            "constraint": short_constraint(recipe),
+            "score": data.get("default_score", "energy"),
+            **{k: data.get(k) for k in ("head", "feature_layer") if data.get(k) is not None},
+        }
+        if data.get("seed") is not None:
+            options["seed"] = data["seed"]
+        if method == "umap":
+            options.update({k: data.get(k) for k in UMAP_ONLY})
+        return cls.from_dict(options)
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> UnleashConfig:
         """The config :meth:`to_dict` wrote; an unknown or invalid field is a ``ValueError``
         naming it."""

@@ -194,3 +194,29 @@ def test_estimate_loss_constraint_honours_mask_init():
     # the masked recipe's keep ratio is the default one
     masked = OODUnleash(net, constraint=Masked(0.5), seed=2)
     assert masked.estimate_loss_constraint(data, progress=False) == random
+
+
+def test_options_of_a_release_0_1_checkpoint_load():
+    um = {
+        "method": "um",
+        "keep_ratio": 0.8,  # recorded by 0.1 although UM never used it
+        "mask_mode": "layer",
+        "mask_init": "random",
+        "constraint": "masked",
+        "constraint_factor": 3.0,
+        "constraint_keep_ratio": 0.9,
+        "seed": 4,
+        "default_score": "vim",
+        "head": None,
+        "feature_layer": None,
+        "layer_names": ["conv", "fc"],
+    }
+    config = UnleashConfig.from_legacy(um)
+    assert (config.keep_ratio, config.mask_mode, config.mask_init) == (None, None, None)
+    assert config.constraint == Masked(0.9) and config.score == "vim" and config.seed == 4
+    assert OODUnleash(Net(), **config.to_dict()).layer_names == ["conv", "fc"]
+    umap = dict(um, method="umap", constraint="relative", keep_ratio=0.6, mask_mode="model")
+    config = UnleashConfig.from_legacy(umap)
+    assert (config.keep_ratio, config.mask_mode, config.constraint) == (0.6, "model", "relative")
+    with pytest.raises(ValueError, match="keep_ratio"):
+        UnleashConfig.from_legacy(dict(umap, keep_ratio=5))
