@@ -130,6 +130,7 @@ def train_config(method: str, **options: Any) -> TrainConfig:
 
 
 def check_reiterable(loader: Any, name: str) -> None:
+    """``loader`` must be an iterable that can be read more than once (not a generator)."""
     if isinstance(loader, Iterator):
         raise TypeError(
             f"{name} is a one-shot iterator ({type(loader).__name__}): fit reads the data "
@@ -144,6 +145,7 @@ def check_reiterable(loader: Any, name: str) -> None:
 
 
 def check_grad_norm(value: Any) -> float | None:
+    """``max_grad_norm`` as a positive float, or ``None`` (no clipping)."""
     if value is None:
         return None
     try:
@@ -160,6 +162,8 @@ def check_grad_norm(value: Any) -> float | None:
 
 
 def check_epoch(record: Mapping[str, float]) -> None:
+    """Raise :class:`TrainingDivergedError` when an epoch's loss is not finite or its mean
+    training cross-entropy exploded."""
     loss, ce = record["loss"], record["ce"]
     if math.isfinite(loss) and math.isfinite(ce) and ce <= _EXPLODED_CE:
         return

@@ -182,13 +182,13 @@ class OODUnleash(HubMixin):
         spec = check_constraint(self.constraint)
         return getattr(spec if isinstance(spec, recipe) else recipe(), field)
 
-    #: Deprecated: the factor of a :class:`~oodunleash.config.Relative` constraint.
     constraint_factor = property(
-        lambda self: self._recipe_field("constraint_factor", Relative, "factor")
+        lambda self: self._recipe_field("constraint_factor", Relative, "factor"),
+        doc="Deprecated: the factor of a :class:`~oodunleash.config.Relative` constraint.",
     )
-    #: Deprecated: the keep ratio of a :class:`~oodunleash.config.Masked` constraint.
     constraint_keep_ratio = property(
-        lambda self: self._recipe_field("constraint_keep_ratio", Masked, "keep_ratio")
+        lambda self: self._recipe_field("constraint_keep_ratio", Masked, "keep_ratio"),
+        doc="Deprecated: the keep ratio of a :class:`~oodunleash.config.Masked` constraint.",
     )
 
     @property

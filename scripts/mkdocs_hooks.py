@@ -20,6 +20,7 @@ SPHINX_ROLE = re.compile(r":[a-z]+:`(?P<tilde>~?)(?P<target>[^`]+)`")
 #: Modules with a page in the API reference, in the order a name is looked up.
 DOCUMENTED = (
     "oodunleash.wrapper",
+    "oodunleash.config",
     "oodunleash.constraint",
     "oodunleash.masking",
     "oodunleash.training",
