@@ -5,6 +5,7 @@ pruning mask, both with the flooding objective ``|CE − ξ| + ξ`` around a los
 """
 
 from . import metrics
+from .config import Masked, Relative, UnleashConfig
 from .constraint import estimate_loss_constraint, mean_cross_entropy
 from .hub import HubError
 from .masking import LayerMasks, select_layers, topk_mask
@@ -23,10 +24,13 @@ __version__ = "0.1.0"
 __all__ = [
     "LayerMasks",
     "LossConstraintTooHighError",
+    "Masked",
     "NotFittedError",
     "OODUnleash",
+    "Relative",
     "TrainConfig",
     "TrainingDivergedError",
+    "UnleashConfig",
     "__version__",
     "estimate_loss_constraint",
     "flooding_loss",

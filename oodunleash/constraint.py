@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._modules import model_device
 from .batches import check_labels, check_logits, iter_batches
+from .config import DEFAULT_CONSTRAINT_FACTOR, check_loss_constraint, real_number
 from .distributed import all_reduce_sum, is_main_process, real_samples
 from .masking import LayerMasks, LayerSelector, check_keep_ratio
 
@@ -27,28 +29,6 @@ __all__ = [
     "mean_cross_entropy",
     "relative_loss_constraint",
 ]
-
-
-#: The library's default ξ, as a multiple of the model's own training loss. Chosen on the
-#: Fashion-MNIST benchmark's validation split (``docs/benchmarks.md``).
-DEFAULT_CONSTRAINT_FACTOR: float = 3.0
-
-
-def check_loss_constraint(value: float) -> float:
-    """Validate a user-given ξ."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(
-            f"loss_constraint (ξ) must be a positive number (a mean cross-entropy), got "
-            f"{value!r}. Leave it as None to estimate it from the training data."
-        )
-    if value == float("inf"):  # NaN already failed the > 0 test
-        raise ValueError(f"loss_constraint (ξ) must be finite, got {value!r}.")
-    return float(value)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -75,7 +55,7 @@ def mean_cross_entropy(
         ...     float(F.cross_entropy(net(data[0][0]), data[0][1])), 4)
         True
     """
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -186,14 +166,11 @@ def relative_loss_constraint(
 ) -> float:
     """ξ as a multiple of the model's own mean ID training cross-entropy (eval mode).
 
-    The library's default recipe. The paper's masked-model estimate
-    (:func:`estimate_loss_constraint`) came out 20-26x the training loss on the models of
-    the benchmark (a 3.5% random cut of a small first conv or head is severe) and wrecked the
-    small CNN, while the default ``factor=3`` cut its mean Energy FPR95 by about 40% within
-    0.6 points of ID accuracy and beat the plain fine-tune control on each of nine seeds
-    (``docs/benchmarks.md``). On a ResNet-18 of the same benchmark (12,000 or all 32,400
-    training images), neither this nor any other ξ tried beat the control: compare with
-    ``fit(..., flooding=False)`` on validation data before keeping the result.
+    The library's default recipe (:class:`~oodunleash.config.Relative`). The paper's
+    masked-model estimate (:func:`estimate_loss_constraint`) came out many times the training
+    loss on the benchmark's small models and cost them accuracy; ``docs/benchmarks.md`` has the
+    numbers, and where this recipe did not beat the plain fine-tune control. Compare with
+    ``fit(..., flooding=False)`` on validation data before keeping a result.
 
     Example:
         >>> net = nn.Linear(4, 3)
@@ -202,9 +179,13 @@ def relative_loss_constraint(
         ...     net, data)
         True
     """
-    if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 0:
-        raise ValueError(f"constraint_factor must be a positive number, got {factor!r}.")
-    return float(factor) * mean_cross_entropy(
+    try:
+        value = real_number(factor, "factor")
+    except TypeError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"The ξ factor must be a positive number, got {factor!r}.")
+    return value * mean_cross_entropy(
         model,
         loader,
         device=device,

@@ -34,6 +34,8 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from ._modules import model_device
+
 __all__ = [
     "all_gather_variable",
     "all_reduce_sum",
@@ -404,12 +406,11 @@ def sync_module(module: torch.nn.Module) -> None:
     """
     if not is_distributed():
         return
-    param = next(module.parameters(), None)
+    device = model_device(module)
     if (
-        param is not None
-        and param.device.type == "cuda"
+        device.type == "cuda"
         and "LOCAL_RANK" in os.environ
-        and param.device.index != local_rank()
+        and device.index != local_rank()
         and _gpu_per_process()
     ):
         torch.cuda.set_device(local_rank())

@@ -1,4 +1,5 @@
-"""Scoring and evaluation methods of :class:`~oodunleash.OODUnleash` (a mixin).
+"""Scoring and evaluation of one model: :class:`Evaluator`, which :class:`~oodunleash.OODUnleash`
+owns and calls.
 
 One pass, many detectors: each data set goes through the model once; its logits and
 penultimate features are cached and every detector reads the cache. Detectors that need the
@@ -13,20 +14,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._modules import model_device
 from .features import FeatureExtractor, FeatureSet, collect_features
 from .metrics import Positive, accuracy
 from .results import EvaluationResults
 from .scores import OODScore, ScoreNotFittedError, get_score, list_scores, resolve_score
 
-if TYPE_CHECKING:
-    from .wrapper import OODUnleash
-
-__all__ = ["ScoreSpec", "ScoreSpecs", "ScoringMixin"]
+__all__ = ["Evaluator", "ScoreSpec", "ScoreSpecs"]
 
 #: A score: a registered name (see :func:`oodunleash.list_scores`) or an :class:`OODScore`.
 ScoreSpec = str | OODScore
@@ -58,52 +57,58 @@ def _check_output(name: str, out: Any, n: int) -> Tensor:
     return out.detach().float().cpu()
 
 
-class ScoringMixin:
-    """OOD scoring for :class:`~oodunleash.OODUnleash`. Higher scores = more in-distribution.
+class Evaluator:
+    """OOD scoring and evaluation of one model. Higher scores = more in-distribution.
+
+    Args:
+        model: The classifier (read, never trained; put in eval mode while it is read).
+        head: Name of the classifier head submodule, when it cannot be found automatically.
+        feature_layer: Name of the submodule whose output is the pre-pool feature map.
+        default_score: The score :meth:`score` and :meth:`evaluate` use when none is named.
 
     Attributes:
-        fitted_scores_: ``{name: OODScore}`` filled by :meth:`fit_scores` (reset by ``fit``).
-        last_results_: The :class:`~oodunleash.results.EvaluationResults` of the last
+        fitted_scores: ``{name: OODScore}`` filled by :meth:`fit_scores`.
+        last_results: The :class:`~oodunleash.results.EvaluationResults` of the last
             :meth:`evaluate` call, or ``None``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> Evaluator(net).score(torch.randn(5, 1, 4, 4)).shape
+        torch.Size([5])
     """
 
-    model: nn.Module
-    default_score: ScoreSpec
-
-    def _init_scoring(self) -> None:
-        self.fitted_scores_: dict[str, OODScore] = {}
-        self.last_results_: EvaluationResults | None = None
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        head: str | None = None,
+        feature_layer: str | None = None,
+        default_score: ScoreSpec = "energy",
+    ) -> None:
+        resolve_score(default_score)  # fail at construction on an unknown name
+        self.model = model
+        self.head = head
+        self.feature_layer = feature_layer
+        self.default_score = default_score
+        self.fitted_scores: dict[str, OODScore] = {}
+        self.last_results: EvaluationResults | None = None
         self._extractor: FeatureExtractor | None = None
-        default = getattr(self, "default_score", "energy")
-        resolve_score(default)  # fail at construction on an unknown name
 
-    def _on_refit(self) -> None:
-        # Fitted detectors describe the old features; a new fine-tune invalidates them.
-        self.fitted_scores_ = {}
+    def reset(self) -> None:
+        """Forget fitted detectors and the feature extractor: they describe a model whose
+        weights have since changed."""
+        self.fitted_scores = {}
         self._extractor = None
 
-    # ------------------------------------------------------------------ plumbing
     @property
     def feature_extractor(self) -> FeatureExtractor:
-        """The :class:`~oodunleash.features.FeatureExtractor` reading this model."""
-        head = getattr(self, "head", None)
-        layer = getattr(self, "feature_layer", None)
+        """The :class:`~oodunleash.features.FeatureExtractor` reading the model."""
         ex = self._extractor
-        if (
-            ex is None
-            or ex.model is not self.model
-            or (ex.head_name, ex.feature_layer)
-            != (
-                head,
-                layer,
+        if ex is None or ex.model is not self.model:
+            ex = self._extractor = FeatureExtractor(
+                self.model, head=self.head, feature_layer=self.feature_layer
             )
-        ):
-            ex = self._extractor = FeatureExtractor(self.model, head=head, feature_layer=layer)
         return ex
-
-    def _model_device(self) -> torch.device:
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
 
     @staticmethod
     def _labelled_specs(scores: ScoreSpecs) -> list[tuple[str | None, ScoreSpec]]:
@@ -125,7 +130,7 @@ class ScoringMixin:
         """``{label: instance}``. With ``reuse_fitted``, a name or label that
         :meth:`fit_scores` stored resolves to that fitted instance."""
         out: dict[str, OODScore] = {}
-        fitted = self.fitted_scores_ if reuse_fitted else {}
+        fitted = self.fitted_scores if reuse_fitted else {}
         for label, spec in self._labelled_specs(scores):
             if not isinstance(spec, str):
                 instance = resolve_score(spec)
@@ -149,7 +154,7 @@ class ScoringMixin:
         """Instances to evaluate: fitted ones where ``fit_scores`` made them, new ones else."""
         if scores is None:
             default = self._resolve(self.default_score, reuse_fitted=True)
-            return default | self.fitted_scores_
+            return default | self.fitted_scores
         return self._resolve(scores, reuse_fitted=True)
 
     @staticmethod
@@ -170,9 +175,9 @@ class ScoringMixin:
         *,
         max_batches: int | None = None,
         progress: bool = True,
-    ) -> OODUnleash:
+    ) -> Evaluator:
         """Fit detectors on ID training data in one pass of the model; store them in
-        ``fitted_scores_``.
+        ``fitted_scores``.
 
         Args:
             loader: ID training data, ``(images, labels)`` batches (labels are needed by
@@ -214,7 +219,7 @@ class ScoringMixin:
                     loader,
                     keep=needs & {"logits", "features", "feature_maps", "labels"},
                     need_labels="labels" in needs,
-                    device=self._model_device(),
+                    device=model_device(self.model),
                     max_batches=max_batches,
                     progress=progress,
                     desc="fit scores",
@@ -222,8 +227,8 @@ class ScoringMixin:
                 with torch.no_grad():
                     for instance in to_fit:
                         instance.fit(data)
-        self.fitted_scores_.update(instances)
-        return self  # type: ignore[return-value]
+        self.fitted_scores.update(instances)
+        return self
 
     # ------------------------------------------------------------------ scoring
     def score(self, x: Tensor, score: ScoreSpec | None = None) -> Tensor:
@@ -254,7 +259,7 @@ class ScoringMixin:
             raise TypeError(f"x must be a tensor batch of images, got {type(x).__name__}.")
         instance = next(iter(self._instances(score or self.default_score).values()))
         self._check_ready({instance.name: instance})
-        x = x.to(self._model_device())
+        x = x.to(model_device(self.model))
         with _eval_mode(self.model), torch.no_grad():
             data = self.feature_extractor(x, maps="feature_maps" in instance.requires)
             data.images = x
@@ -282,7 +287,7 @@ class ScoringMixin:
                 keep=keep,
                 per_batch={n: s.score for n, s in batchwise.items()},
                 need_maps=any("feature_maps" in s.requires for s in batchwise.values()),
-                device=self._model_device(),
+                device=model_device(self.model),
                 max_batches=max_batches,
                 progress=progress,
                 desc=desc,
@@ -329,7 +334,7 @@ class ScoringMixin:
             progress: Show progress bars.
 
         Returns:
-            :class:`~oodunleash.results.EvaluationResults` (also stored as ``last_results_``):
+            :class:`~oodunleash.results.EvaluationResults` (also stored as ``last_results``, the wrapper's ``last_results_``):
             ``.to_dict()`` is ``{score: {ood_name: {"auroc", "aupr_in", "aupr_out", "fpr95"},
             "average": {...}}, "id_accuracy": float}``.
 
@@ -356,7 +361,7 @@ class ScoringMixin:
             unfitted = {n: s for n, s in instances.items() if not s.is_fitted}
             if unfitted:
                 self.fit_scores(fit_loader, unfitted, max_batches=max_batches, progress=progress)
-                instances = {n: self.fitted_scores_.get(n, s) for n, s in instances.items()}
+                instances = {n: self.fitted_scores.get(n, s) for n, s in instances.items()}
         self._check_ready(instances)
 
         common = {"max_batches": max_batches, "progress": progress}
@@ -377,5 +382,5 @@ class ScoringMixin:
             positive=positive,
             tpr=tpr,
         )
-        self.last_results_ = results
+        self.last_results = results
         return results

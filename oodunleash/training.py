@@ -245,6 +245,7 @@ def train(
     outlier_loader: Iterable | None = None,
     progress: bool = True,
     desc: str = "fine-tune",
+    hook: Any = None,
 ) -> list[dict[str, float]]:
     """Run the fine-tune of ``params`` (which belong to ``module``) and return the history.
 
@@ -252,6 +253,10 @@ def train(
     the end of the last complete epoch and :class:`TrainingDivergedError` is raised; on any other
     exception (a ``KeyboardInterrupt`` included) the state is restored the same way and the
     exception propagates.
+
+    ``hook`` (see :class:`oodunleash.resume.EpochHook`): ``hook.start(optimizer, scheduler,
+    scaler)`` returns the first epoch and the history so far (a resumed fit);
+    ``hook.epoch_end(history, optimizer, scheduler, scaler)`` runs after each epoch.
     """
     check_distributed_sampler(loader)
     if outlier_loader is not None and config.outlier_loss is None:
@@ -293,13 +298,16 @@ def train(
     outliers = _cycle(outlier_loader) if outlier_loader is not None else None
 
     history: list[dict[str, float]] = []
+    first_epoch = 0
+    if hook is not None:
+        first_epoch, history = hook.start(optimizer, scheduler, scaler)
     good_state = _snapshot(module)
     was_training = module.training
     show = progress and is_main_process()
     try:
         module.train()
         with _norm_stats_frozen(module, config.freeze_norm_stats):
-            for epoch in range(config.epochs):
+            for epoch in range(first_epoch, config.epochs):
                 sampler = getattr(loader, "sampler", None)
                 if hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(epoch)
@@ -387,6 +395,8 @@ def train(
                 history.append(record)
                 # Each rank's last forward moved its BatchNorm statistics on its own batch.
                 sync_buffers(module)
+                if hook is not None:
+                    hook.epoch_end(history, optimizer, scheduler, scaler)
                 good_state = _snapshot(module)
     except BaseException:
         # Never leave the model half-trained after an error or a Ctrl-C.

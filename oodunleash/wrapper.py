@@ -2,93 +2,64 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable
+import copy
+import dataclasses
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from .constraint import (
-    DEFAULT_CONSTRAINT_FACTOR,
-    check_loss_constraint,
-    estimate_loss_constraint,
-    relative_loss_constraint,
+from ._modules import model_device
+from .config import (
+    METHOD_DEFAULTS,
+    ConstraintSpec,
+    Masked,
+    Method,
+    Relative,
+    UnleashConfig,
+    check_constraint,
+    constraint_with_aliases,
+    real_number,
 )
-from .distributed import init_distributed, rank, shard_loader, sync_module
-from .evaluation import ScoringMixin
+from .constraint import estimate_loss_constraint
+from .distributed import init_distributed, is_main_process, shard_loader
+from .evaluation import Evaluator, ScoreSpec, ScoreSpecs
+from .features import FeatureExtractor
+from .fitting import (
+    check_model,
+    check_reiterable,
+    deprecated_fit_constraint,
+    rolled_back,
+    run_fit,
+    saved_fit_state,
+    summary,
+    train_config,
+    trained_norm_parameters,
+)
 from .hub import HubMixin
-from .masking import LayerMasks, LayerSelector, check_keep_ratio, select_layers
-from .training import TrainConfig, train
+from .masking import LayerMasks, LayerSelector, select_layers
+from .metrics import Positive
+from .results import EvaluationResults
+from .rollback import RollbackCopy
+from .scores import OODScore
+from .training import TrainingDivergedError
 
 __all__ = ["METHOD_DEFAULTS", "NotFittedError", "OODUnleash"]
 
-Method = Literal["um", "umap"]
 
-#: Fine-tune defaults per method (see the benchmark page for how they were chosen). UMAP's
-#: mask options differ from the reference (keep 80% of each layer, every weight frozen): on
-#: the Fashion-MNIST benchmark that cost 1.3 points of ID accuracy, and keeping 90% under one
-#: threshold for the whole model, with the normalisation layers trainable, cost 0.8.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "um": {
-        "epochs": 10,
-        "lr": 0.01,
-        "weight_decay": 5e-4,
-        "keep_ratio": 0.8,
-        "mask_mode": "layer",
-        "train_norms": False,
-    },
-    "umap": {
-        "epochs": 10,
-        "lr": 0.1,
-        "weight_decay": 5e-4,
-        "keep_ratio": 0.9,
-        "mask_mode": "model",
-        "train_norms": True,
-    },
-}
+#: The attribute holding an option whose name is taken by a method (``score``).
+_ATTRIBUTE = {"score": "default_score"}
 
 
 class NotFittedError(ValueError, AttributeError):
     """Raised when a fitted attribute or method is used before :meth:`OODUnleash.fit`."""
 
 
-class _MaskedNetwork(nn.Module):
-    """Model and its mask scores in one module, so DDP synchronises the score gradients."""
-
-    def __init__(self, model: nn.Module, masks: LayerMasks) -> None:
-        super().__init__()
-        self.model = model
-        self.masks = masks
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
-
-
-#: Normalisation layers whose affine parameters ``fit(train_norms=True)`` trains.
-_NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
-    nn.LayerNorm,
-    nn.GroupNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
-
-
-def _norm_affine_parameters(model: nn.Module) -> tuple[list[nn.Parameter], int]:
-    """The trainable scale and shift parameters of ``model``'s normalisation layers, and how
-    many such parameters the caller froze (``requires_grad=False``): those stay frozen, as
-    UM leaves them."""
-    params = [
-        p
-        for m in model.modules()
-        if isinstance(m, _NORM_TYPES)
-        for p in m.parameters(recurse=False)
-    ]
-    trainable = [p for p in params if p.requires_grad]
-    return trainable, len(params) - len(trainable)
-
-
-class OODUnleash(ScoringMixin, HubMixin):
+class OODUnleash(HubMixin):
     """Unleashing Mask for any image classifier.
 
     Args:
@@ -99,36 +70,42 @@ class OODUnleash(ScoringMixin, HubMixin):
             mask (the result is a sparse model).
         layers, exclude: Which layers are masked, as name globs (``"layer4.*"``) and/or module
             types. Default: every ``nn.Conv2d`` and ``nn.Linear`` (subclasses included).
-        keep_ratio: UMAP: fraction of the chosen weights kept (default 0.9; the reference keeps
-            0.8 of each layer).
-        mask_mode: ``"model"`` (UMAP's default: one threshold over all chosen layers on
+        keep_ratio: UMAP only: fraction of the chosen weights kept (default 0.9; the reference
+            keeps 0.8 of each layer).
+        mask_mode: UMAP only: ``"model"`` (default: one threshold over all chosen layers on
             per-layer standardised scores, so layers may keep different shares) or
             ``"layer"`` (each layer keeps ``keep_ratio``, as the reference does).
-        mask_init: Initial UMAP scores, ``"random"`` (reference) or ``"magnitude"``.
-        constraint: How :meth:`fit` sets ξ when none is given. ``"relative"`` (default):
-            ``constraint_factor`` x the model's mean ID training cross-entropy.
-            ``"masked"``: the paper's recipe, :meth:`estimate_loss_constraint` (the mean
-            training CE with a random ``1 - constraint_keep_ratio`` of each chosen layer
-            masked). The benchmark (``docs/benchmarks.md``) found the paper's recipe 20-26x the
-            training loss on small models, where it wrecked accuracy.
-        constraint_factor: See ``constraint`` (default 3).
-        constraint_keep_ratio: Keep ratio of the random mask that estimates ξ (reference 0.965).
+        mask_init: UMAP only: initial scores, ``"random"`` (default, the reference) or
+            ``"magnitude"``; also the mask :meth:`estimate_loss_constraint` draws.
+        constraint: How :meth:`fit` sets ξ: a number (ξ itself);
+            :class:`~oodunleash.config.Relative` (``"relative"``, the default:
+            ``Relative(factor=3.0)``, 3x the model's mean ID training cross-entropy); or
+            :class:`~oodunleash.config.Masked` (``"masked"``: the paper's recipe,
+            :meth:`estimate_loss_constraint`, ``Masked(keep_ratio=0.965)``). See
+            ``docs/benchmarks.md`` for how they compare.
         score: Default OOD score used by :meth:`score` (see :func:`oodunleash.list_scores`).
         seed: Seeds the masks and the fine-tune; the same seed on CPU gives identical results.
         head: Name of the classifier head submodule (its input is the penultimate feature) for
             feature-based scores, when it cannot be found automatically (e.g. ``"fc"``).
         feature_layer: Name of the submodule whose output is the pre-pool feature map (ASH
             scores) on non-timm models, when it cannot be found automatically.
+        constraint_factor: Deprecated: ``constraint=Relative(factor)``.
+        constraint_keep_ratio: Deprecated: ``constraint=Masked(keep_ratio)``.
+
+    The options are checked on construction (:class:`~oodunleash.config.UnleashConfig`);
+    ``OODUnleash(model, **unleashed.get_params())`` builds an equal, unfitted wrapper.
 
     Attributes:
         loss_constraint_: After :meth:`fit`: the ξ used (``None`` after
             ``fit(flooding=False)``).
-        history_: After :meth:`fit`: one dict per epoch: ``loss``, ``ce``, ``accuracy``,
-            ``frac_below_constraint`` (fraction of batches whose CE was below ξ), ``lr``,
-            ``time_s``.
+        history_: After :meth:`fit`: one dict per epoch (``loss``, ``ce``, ``accuracy``,
+            ``frac_below_constraint``: the share of batches whose CE was below ξ, ...).
         masks_: After :meth:`fit`: the learnt :class:`~oodunleash.masking.LayerMasks` (UMAP
             only, else ``None``).
         train_config_: After :meth:`fit`: the :class:`~oodunleash.training.TrainConfig` used.
+        fitted_scores_: ``{name: OODScore}`` filled by :meth:`fit_scores` (reset by ``fit``).
+        last_results_: The :class:`~oodunleash.results.EvaluationResults` of the last
+            :meth:`evaluate` call, or ``None``.
 
     Example:
         >>> import torch
@@ -137,8 +114,8 @@ class OODUnleash(ScoringMixin, HubMixin):
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
         >>> data = DataLoader(TensorDataset(torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))),
         ...                   batch_size=16)
-        >>> unleashed = OODUnleash(net, method="um").fit(data, epochs=1, loss_constraint=0.5,
-        ...                                                progress=False)
+        >>> unleashed = OODUnleash(net, method="um", constraint=0.5).fit(data, epochs=1,
+        ...                                                              progress=False)
         >>> unleashed.score(torch.randn(5, 1, 4, 4)).shape
         torch.Size([5])
     """
@@ -152,61 +129,72 @@ class OODUnleash(ScoringMixin, HubMixin):
         exclude: LayerSelector | None = None,
         keep_ratio: float | None = None,
         mask_mode: Literal["layer", "model"] | None = None,
-        mask_init: Literal["random", "magnitude"] = "random",
-        constraint: Literal["relative", "masked"] = "relative",
-        constraint_factor: float = DEFAULT_CONSTRAINT_FACTOR,
-        constraint_keep_ratio: float = 0.965,
-        score: str = "energy",
+        mask_init: Literal["random", "magnitude"] | None = None,
+        constraint: ConstraintSpec = "relative",
+        score: ScoreSpec = "energy",
         seed: int = 0,
         head: str | None = None,
         feature_layer: str | None = None,
+        constraint_factor: float | None = None,
+        constraint_keep_ratio: float | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"model must be a torch.nn.Module classifier, got {type(model).__name__}."
-            )
-        if any("_oodunleash_mask" in m.__dict__ for m in model.modules()):
-            raise ValueError(
-                "This model still carries the UMAP mask of another OODUnleash. Wrap a plain "
-                "copy instead: OODUnleash(other.export(), ...)."
-            )
-        if method not in METHOD_DEFAULTS:
-            raise ValueError(f"method must be 'um' or 'umap', got {method!r}.")
+        check_model(model)
+        constraint = constraint_with_aliases(constraint, constraint_factor, constraint_keep_ratio)
+        config = UnleashConfig(
+            method, layers, exclude, keep_ratio, mask_mode, mask_init, constraint, score, seed,
+            head, feature_layer,
+        ).resolve()  # fmt: skip
         self.model = model
-        self.method: Method = method
-        self.layers = layers
-        self.exclude = exclude
-        self.keep_ratio = check_keep_ratio(
-            METHOD_DEFAULTS[method]["keep_ratio"] if keep_ratio is None else keep_ratio
-        )
-        if mask_mode is None:
-            mask_mode = METHOD_DEFAULTS[method]["mask_mode"]
-        if mask_mode not in ("layer", "model"):
-            raise ValueError(f"mask_mode must be 'layer' or 'model', got {mask_mode!r}.")
-        if mask_init not in ("random", "magnitude"):
-            raise ValueError(f"mask_init must be 'random' or 'magnitude', got {mask_init!r}.")
-        self.mask_mode = mask_mode
-        self.mask_init = mask_init
-        if constraint not in ("relative", "masked"):
-            raise ValueError(f"constraint must be 'relative' or 'masked', got {constraint!r}.")
-        self.constraint = constraint
-        self.constraint_factor = constraint_factor
-        self.constraint_keep_ratio = check_keep_ratio(constraint_keep_ratio)
-        self.default_score = score
-        self.seed = seed
-        self.head = head
-        self.feature_layer = feature_layer
+        for field in dataclasses.fields(UnleashConfig):  # method, layers, ..., feature_layer
+            setattr(self, _ATTRIBUTE.get(field.name, field.name), getattr(config, field.name))
         # Fail now, not after an epoch, when the selection is empty.
         self.layer_names: list[str] = list(select_layers(model, layers, exclude))
         self.masks_: LayerMasks | None = None
-        self._init_scoring()
+        self._evaluator = Evaluator(
+            model, head=config.head, feature_layer=config.feature_layer, default_score=config.score
+        )
 
-    # ------------------------------------------------------------------ helpers
+    @property
+    def config(self) -> UnleashConfig:
+        """The options as an :class:`~oodunleash.config.UnleashConfig` (checked again)."""
+        fields = dataclasses.fields(UnleashConfig)
+        return UnleashConfig(
+            **{f.name: getattr(self, _ATTRIBUTE.get(f.name, f.name)) for f in fields}
+        )
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor's options, JSON-able: ``OODUnleash(model, **params)`` rebuilds an
+        equal, unfitted wrapper (layers selected by module type are given by name).
+
+        Example:
+            >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+            >>> params = OODUnleash(net, "umap", keep_ratio=0.8).get_params()
+            >>> params["keep_ratio"], params["mask_mode"]
+            (0.8, 'model')
+            >>> OODUnleash(net, **params).get_params() == params
+            True
+        """
+        return self.config.to_dict(layer_names=self.layer_names)
+
+    def _recipe_field(self, name: str, recipe: type[Relative] | type[Masked], field: str) -> float:
+        message = f"OODUnleash.{name} is deprecated: read unleashed.config.loss_constraint."
+        warnings.warn(message, DeprecationWarning, stacklevel=3)
+        spec = check_constraint(self.constraint)
+        return getattr(spec if isinstance(spec, recipe) else recipe(), field)
+
+    constraint_factor = property(
+        lambda self: self._recipe_field("constraint_factor", Relative, "factor"),
+        doc="Deprecated: the factor of a :class:`~oodunleash.config.Relative` constraint.",
+    )
+    constraint_keep_ratio = property(
+        lambda self: self._recipe_field("constraint_keep_ratio", Masked, "keep_ratio"),
+        doc="Deprecated: the keep ratio of a :class:`~oodunleash.config.Masked` constraint.",
+    )
+
     @property
     def device(self) -> torch.device:
         """The device of the model's parameters."""
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
+        return model_device(self.model)
 
     @property
     def is_fitted(self) -> bool:
@@ -227,44 +215,37 @@ class OODUnleash(ScoringMixin, HubMixin):
             state = "fitted without flooding (control)"
         else:
             state = f"ξ={self.loss_constraint_:.4g}"
+        keep = f"keep_ratio={self.keep_ratio}, " if self.method == "umap" else ""
         return (
             f"OODUnleash({type(self.model).__name__}, method={self.method!r}, "
-            f"layers={len(self.layer_names)}, keep_ratio={self.keep_ratio}, {state})"
+            f"layers={len(self.layer_names)}, {keep}{state})"
         )
 
-    # ------------------------------------------------------------------ ξ
     def estimate_loss_constraint(
         self,
         loader: Iterable,
         keep_ratio: float | None = None,
         *,
-        init: Literal["random", "magnitude"] = "random",
+        init: Literal["random", "magnitude"] | None = None,
         draws: int = 1,
         max_batches: int | None = None,
         progress: bool = True,
     ) -> float:
-        """Estimate ξ: mean ID cross-entropy of the model with its chosen layers masked at
-        ``keep_ratio`` (default: ``constraint_keep_ratio``, 0.965), in eval mode.
+        """Estimate ξ by the paper's recipe: mean ID cross-entropy of the model with its chosen
+        layers masked at ``keep_ratio`` (default: the ``Masked`` constraint's, else 0.965), in
+        eval mode. The mask is drawn as ``init`` says (default: ``mask_init`` for UMAP,
+        ``"random"`` for UM).
 
         The model is left unchanged. See :func:`oodunleash.constraint.estimate_loss_constraint`.
         Under ``torchrun`` the estimate covers all ranks' data (see :meth:`fit`).
 
         Example:
-            >>> from torch.utils.data import DataLoader, TensorDataset
-            >>> _ = torch.manual_seed(0)
             >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
-            >>> data = DataLoader(
-            ...     TensorDataset(torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))), batch_size=16)
+            >>> data = [(torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,)))]
             >>> unleashed = OODUnleash(net)
             >>> xi = unleashed.estimate_loss_constraint(data, progress=False)
-            >>> isinstance(xi, float), xi > 0
-            (True, True)
             >>> xi == unleashed.estimate_loss_constraint(data, progress=False)  # seeded masks
             True
-
-            On a trained model, pass it on with ``fit(loader, loss_constraint=xi)`` (or construct
-            with ``constraint="masked"``). This untrained toy's ξ is not below ln(3), so
-            :meth:`fit` would refuse it.
         """
         init_distributed()
         loader = shard_loader(loader)
@@ -273,20 +254,16 @@ class OODUnleash(ScoringMixin, HubMixin):
                 "The model carries a learnt UMAP mask; estimate ξ on the original model: "
                 "OODUnleash(original_model).estimate_loss_constraint(...)."
             )
+        if keep_ratio is None:  # the Masked recipe's, else its default
+            keep_ratio = getattr(
+                check_constraint(self.constraint), "keep_ratio", Masked().keep_ratio
+            )
         return estimate_loss_constraint(
-            self.model,
-            loader,
-            self.constraint_keep_ratio if keep_ratio is None else keep_ratio,
-            layers=self.layers,
-            exclude=self.exclude,
-            init=init,
-            draws=draws,
-            seed=self.seed,
-            max_batches=max_batches,
-            progress=progress,
-        )
+            self.model, loader, real_number(keep_ratio, "keep_ratio"), layers=self.layers,
+            exclude=self.exclude, init=init or self.mask_init or "random", draws=draws,
+            seed=self.seed, max_batches=max_batches, progress=progress,
+        )  # fmt: skip
 
-    # ------------------------------------------------------------------ fit
     def fit(
         self,
         loader: Iterable,
@@ -308,16 +285,22 @@ class OODUnleash(ScoringMixin, HubMixin):
         outlier_weight: float | None = None,
         device: torch.device | str | None = None,
         progress: bool = True,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
     ) -> OODUnleash:
         """Run the forgetting fine-tune on in-distribution data.
 
+        All or nothing: if anything fails or interrupts the fit (an error, a divergence, a
+        Ctrl-C), the model and this wrapper are put back exactly as they were before the call
+        (weights, buffers, masks, train/eval modes, ``requires_grad``, fitted attributes). The
+        copy that allows it lives in CPU memory, the size of the model's parameters and buffers.
+
         Args:
-            loader: ID training data yielding ``(images, labels)``.
+            loader: ID training data yielding ``(images, labels)``: a ``DataLoader`` or a list
+                of batches (it is read several times, so not a generator).
             epochs: Fine-tune epochs (default 10).
             lr: Learning rate (default 0.01 for UM weights, 0.1 for UMAP scores).
-            loss_constraint: ξ. ``None`` sets it by the ``constraint`` recipe (default: 3x the
-                model's training loss). It must stay below ``ln(classes)``, the loss of a
-                uniform guess: flooding above that trains the model to be wrong.
+            loss_constraint: Deprecated: ``OODUnleash(model, constraint=ξ)``.
             flooding: ``False`` runs the same fine-tune with plain cross-entropy and no ξ
                 (``loss_constraint_`` is then ``None``): the control that a UM/UMAP result
                 should be compared with, since a gain the control also gets is not UM's.
@@ -328,30 +311,34 @@ class OODUnleash(ScoringMixin, HubMixin):
             schedule: ``"cosine"`` (per step, to zero), ``"constant"`` or a callable
                 ``(optimizer, total_steps) -> scheduler``.
             amp: Mixed precision (float16 on CUDA, bfloat16 on CPU).
-            max_grad_norm: Clip gradients to this norm.
+            max_grad_norm: Clip gradients to this norm (a positive number).
             freeze_norm_stats: Keep BatchNorm running statistics fixed during the fine-tune
                 (UMAP otherwise moves them although the weights are frozen).
-            train_norms: UMAP: also train the affine parameters (scale and shift) of the
-                normalisation layers (BatchNorm, LayerNorm, GroupNorm, ...) with the scores.
-                Default: on for UMAP when the model has such layers. Parameters you froze
-                (``requires_grad=False``) stay frozen, as with UM. The reference freezes
-                every weight (``False``); the benchmark page reports what this changes. UM
-                trains them anyway, so it refuses ``True``.
+            train_norms: UMAP: also train the scale and shift of the normalisation layers
+                (BatchNorm, LayerNorm, GroupNorm, ...) with the scores (default: on when there
+                are any; ones you froze stay frozen). The reference freezes every weight
+                (``False``). UM trains them anyway, so it refuses ``True``.
             outlier_loader: Auxiliary outliers for outlier exposure (labels ignored).
             outlier_loss: ``"oe"`` (weight 0.5) or ``"energy"`` (Energy-OE, margins −25/−7,
                 weight 0.1). Default ``"oe"`` when an outlier loader is given.
             outlier_weight: Weight of the outlier term.
             device: Move the model there first (default: where it is).
-            progress: Show tqdm progress bars.
+            progress: Show tqdm progress bars and a one-line summary at the end.
+            checkpoint_dir: Save a resumable state there after each epoch
+                (:mod:`oodunleash.resume`; not with ``outlier_loader``).
+            resume: Continue the fit saved in ``checkpoint_dir`` (a fresh fit if there is
+                none yet); on CPU the result is bit-identical to an uninterrupted fit. The
+                call must have the same options as the interrupted one.
 
         Returns:
             ``self``, fitted.
 
+        Raises:
+            TrainingDivergedError: The loss became NaN, infinite or exploded; the fit was
+                rolled back.
+
         Under ``torchrun`` / ``accelerate launch`` the same call fits with
-        DistributedDataParallel: the process group is started from the environment if needed, a
-        plain ``DataLoader`` is given a ``DistributedSampler`` (``batch_size`` is then per rank),
-        ξ is averaged over all ranks' data, only rank 0 shows progress, and the flooding term
-        ``|CE − ξ|`` is taken per rank on its own batch. See ``docs/howto/distributed.md``.
+        DistributedDataParallel (``docs/howto/distributed.md``).
 
         Example:
             >>> from torch.utils.data import DataLoader, TensorDataset
@@ -359,160 +346,70 @@ class OODUnleash(ScoringMixin, HubMixin):
             >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
             >>> data = DataLoader(
             ...     TensorDataset(torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))), batch_size=16)
-            >>> unleashed = OODUnleash(net).fit(data, epochs=1, loss_constraint=0.5, progress=False)
+            >>> unleashed = OODUnleash(net, constraint=0.5).fit(data, epochs=1, progress=False)
             >>> unleashed.is_fitted, unleashed.loss_constraint_, len(unleashed.history_)
             (True, 0.5, 1)
             >>> sorted(unleashed.history_[0])
             ['accuracy', 'ce', 'epoch', 'frac_below_constraint', 'loss', 'lr', 'time_s']
 
-            This untrained toy has a high training loss: the default ξ (3x that loss) would not be
-            below ln(3) ≈ 1.10 and ``fit`` would refuse it, hence the explicit ξ above. The plain
-            fine-tune control needs no ξ:
+            (This toy's training loss is high: the default ξ, 3x it, would not be below ln(3) and
+            ``fit`` would refuse it.) The plain fine-tune control needs no ξ:
 
             >>> control = OODUnleash(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)))
             >>> control.fit(data, epochs=1, flooding=False, progress=False).loss_constraint_ is None
             True
         """
-        defaults = METHOD_DEFAULTS[self.method]
-        if train_norms and self.method != "umap":
-            raise ValueError(
-                "train_norms applies to UMAP, which freezes the weights; UM already trains "
-                "every parameter, normalisation layers included. Drop train_norms, or use "
-                "method='umap'."
-            )
-        norm_params, frozen_norms = _norm_affine_parameters(self.model)
-        if train_norms and not norm_params:
-            if frozen_norms:
-                raise ValueError(
-                    f"train_norms=True, but all {frozen_norms} scale/shift parameters of the "
-                    "model's normalisation layers have requires_grad=False, and fit leaves "
-                    "frozen parameters frozen. Unfreeze the ones to train "
-                    "(param.requires_grad_(True)), or drop train_norms."
-                )
-            raise ValueError(
-                "train_norms=True, but the model has no normalisation layer with affine "
-                "parameters (BatchNorm, LayerNorm, GroupNorm, ...): there is nothing to train "
-                "besides the scores. Drop train_norms."
-            )
-        if train_norms is None:
-            train_norms = defaults["train_norms"] and bool(norm_params)
-        config = TrainConfig(
-            epochs=defaults["epochs"] if epochs is None else epochs,
-            lr=defaults["lr"] if lr is None else lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=defaults["weight_decay"] if weight_decay is None else weight_decay,
-            schedule=schedule,
-            amp=amp,
-            max_grad_norm=max_grad_norm,
-            freeze_norm_stats=freeze_norm_stats,
-            train_norms=train_norms,
+        given = deprecated_fit_constraint(loss_constraint, flooding)
+        norm_params = trained_norm_parameters(self.model, self.method, train_norms)
+        config = train_config(
+            self.method, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
+            weight_decay=weight_decay, schedule=schedule, amp=amp, max_grad_norm=max_grad_norm,
+            freeze_norm_stats=freeze_norm_stats, train_norms=bool(norm_params),
             outlier_loss=outlier_loss or ("oe" if outlier_loader is not None else None),
             outlier_weight=outlier_weight,
-        )
-        if loss_constraint is not None:
-            if not flooding:
-                raise ValueError(
-                    "flooding=False runs plain cross-entropy, which has no ξ: drop "
-                    "loss_constraint, or keep flooding=True."
-                )
-            loss_constraint = check_loss_constraint(loss_constraint)
-        # Under torchrun / accelerate launch: join the process group, read one shard of the
-        # data per rank, start every rank from rank 0's weights (docs/howto/distributed.md).
-        init_distributed()
-        if device is not None:
-            self.model.to(device)
-        sync_module(self.model)
-        loader = shard_loader(loader)
+        )  # fmt: skip
+        check_reiterable(loader, "loader")
         if outlier_loader is not None:
-            outlier_loader = shard_loader(outlier_loader, name="outlier_loader")
-        if self.masks_ is not None:  # refitting UMAP starts again from the dense weights
-            self.masks_.detach()
-            self.masks_ = None
-        # Seed inside a fork so the whole fit (shuffling included) is reproducible without
-        # touching the caller's global random state.
-        with torch.random.fork_rng(devices=[]):
-            # Offset by the rank so that dropout differs between ranks (rank 0 = one process);
-            # masks and ξ use their own seeded generators and agree on every rank.
-            torch.manual_seed(self.seed + rank())
-            if not flooding:
-                xi = None
-            elif loss_constraint is not None:
-                xi = loss_constraint
-            elif self.constraint == "masked":
-                xi = self.estimate_loss_constraint(loader, progress=progress)
-            else:
-                xi = relative_loss_constraint(
-                    self.model, loader, self.constraint_factor, progress=progress
-                )
-            run = functools.partial(
-                train,
-                loader=loader,
-                loss_constraint=xi,
-                config=config,
-                device=self.device,
-                outlier_loader=outlier_loader,
-                progress=progress,
-            )
-            if self.method == "um":
-                history = self._fit_um(run)
-            else:
-                history = self._fit_umap(run, norm_params if config.train_norms else [])
-        self.loss_constraint_ = xi
-        self.history_ = history
-        self.train_config_ = config
-        self._on_refit()
+            check_reiterable(outlier_loader, "outlier_loader")
+        saved = saved_fit_state(checkpoint_dir, resume, outlier_loader)
+        started = time.perf_counter()
+        rollback = RollbackCopy(self.model, owners=(self, self._evaluator))
+        try:
+            if self.masks_ is not None:  # refitting UMAP starts again from the dense weights
+                self.masks_.detach()
+                self.masks_ = None
+            spec = given if given is not None else check_constraint(self.constraint)
+            xi, history, self.masks_ = run_fit(
+                self.model, self.config, config, loader, outlier_loader=outlier_loader,
+                constraint=spec if flooding else None, norm_params=norm_params,
+                estimate_masked=self.estimate_loss_constraint, params=self.get_params(),
+                device=device, progress=progress, checkpoint_dir=checkpoint_dir, saved=saved,
+            )  # fmt: skip
+            rollback.restore_modes()  # UMAP trains through a wrapper module; hand back the user's
+            self.loss_constraint_ = xi
+            self.history_ = history
+            self.train_config_ = config
+            self._evaluator.reset()  # fitted detectors describe the old features
+        except TrainingDivergedError as exc:
+            rollback.restore()
+            raise rolled_back(exc) from exc
+        except BaseException:
+            rollback.restore()
+            raise
+        if progress and is_main_process():
+            print(summary(self.method, xi, history, time.perf_counter() - started))
         return self
 
-    def _fit_um(self, run: Callable[..., list[dict[str, float]]]) -> list[dict[str, float]]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return run(self.model, params, desc="UM")
-
-    def _fit_umap(
-        self, run: Callable[..., list[dict[str, float]]], norm_params: list[nn.Parameter]
-    ) -> list[dict[str, float]]:
-        """Train the mask scores, and ``norm_params`` with them (the weights stay frozen)."""
-        masks = LayerMasks(
-            self.model,
-            self.layers,
-            self.exclude,
-            keep_ratio=self.keep_ratio,
-            mode=self.mask_mode,
-            init=self.mask_init,
-            seed=self.seed,
-        )
-        frozen = {p: p.requires_grad for p in self.model.parameters()}
-        for p in frozen:
-            p.requires_grad_(False)
-        for p in norm_params:
-            p.requires_grad_(True)
-        masks.attach()
-        try:
-            params = list(masks.parameters()) + norm_params
-            history = run(_MaskedNetwork(self.model, masks), params, desc="UMAP")
-        except BaseException:
-            masks.detach()  # never leave the user's model half-masked
-            raise
-        finally:
-            for p, flag in frozen.items():
-                p.requires_grad_(flag)
-        self.masks_ = masks
-        return history
-
-    # ------------------------------------------------------------------ export
     def export(self) -> nn.Module:
         """A plain copy of the unleashed model: same class as the input model, original
         ``state_dict`` keys, no mask machinery. UMAP masks are baked in (pruned weights are
         exact zeros). The wrapper itself is left as it is.
 
         Example:
-            >>> from torch.utils.data import DataLoader, TensorDataset
-            >>> _ = torch.manual_seed(0)
             >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
-            >>> data = DataLoader(
-            ...     TensorDataset(torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))), batch_size=16)
-            >>> unleashed = OODUnleash(net, method="umap", keep_ratio=0.8)
-            >>> plain = unleashed.fit(data, epochs=1, loss_constraint=0.5, progress=False).export()
+            >>> data = [(torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,)))] * 4
+            >>> unleashed = OODUnleash(net, method="umap", keep_ratio=0.8, constraint=0.5)
+            >>> plain = unleashed.fit(data, epochs=1, progress=False).export()
             >>> type(plain) is nn.Sequential, plain is net
             (True, False)
             >>> plain.state_dict().keys() == net.state_dict().keys()
@@ -523,8 +420,6 @@ class OODUnleash(ScoringMixin, HubMixin):
         self._check_fitted("export()")
         if self.masks_ is not None:
             return self.masks_.baked_copy(self.model)
-        import copy
-
         return copy.deepcopy(self.model)
 
     def sparsity(self) -> float:
@@ -536,3 +431,67 @@ class OODUnleash(ScoringMixin, HubMixin):
             zeros += int((w == 0).sum())
             total += w.numel()
         return zeros / max(total, 1)
+
+    @property
+    def fitted_scores_(self) -> dict[str, OODScore]:
+        """``{name: OODScore}`` filled by :meth:`fit_scores` (reset by :meth:`fit`)."""
+        return self._evaluator.fitted_scores
+
+    @fitted_scores_.setter
+    def fitted_scores_(self, value: dict[str, OODScore]) -> None:
+        self._evaluator.fitted_scores = dict(value)
+
+    @property
+    def last_results_(self) -> EvaluationResults | None:
+        """The results of the last :meth:`evaluate` call, or ``None``."""
+        return self._evaluator.last_results
+
+    @last_results_.setter
+    def last_results_(self, value: EvaluationResults | None) -> None:
+        self._evaluator.last_results = value
+
+    @property
+    def feature_extractor(self) -> FeatureExtractor:
+        """The :class:`~oodunleash.features.FeatureExtractor` reading this model."""
+        return self._evaluator.feature_extractor
+
+    def fit_scores(
+        self,
+        loader: Iterable,
+        scores: ScoreSpecs | None = None,
+        *,
+        max_batches: int | None = None,
+        progress: bool = True,
+    ) -> OODUnleash:
+        """Fit detectors on ID training data in one pass of the model; store them in
+        ``fitted_scores_``. See :meth:`oodunleash.evaluation.Evaluator.fit_scores`."""
+        self._evaluator.fit_scores(loader, scores, max_batches=max_batches, progress=progress)
+        return self
+
+    def score(self, x: Tensor, score: ScoreSpec | None = None) -> Tensor:
+        """OOD score of each image in ``x``: a 1-D tensor, higher = more in-distribution.
+        See :meth:`oodunleash.evaluation.Evaluator.score`."""
+        return self._evaluator.score(x, score)
+
+    def evaluate(
+        self,
+        id_loader: Iterable,
+        ood_loaders: Mapping[str, Iterable] | Iterable,
+        scores: ScoreSpecs | None = None,
+        *,
+        fit_loader: Iterable | None = None,
+        positive: Positive = "id",
+        tpr: float = 0.95,
+        max_batches: int | None = None,
+        progress: bool = True,
+        device: torch.device | str | None = None,
+    ) -> EvaluationResults:
+        """Score an ID test set and OOD sets with many detectors; compute the metrics; store
+        them in ``last_results_``. ``device``: move the model there first (default: where it
+        is). See :meth:`oodunleash.evaluation.Evaluator.evaluate` for the arguments."""
+        if device is not None:
+            self.model.to(device)
+        return self._evaluator.evaluate(
+            id_loader, ood_loaders, scores, fit_loader=fit_loader, positive=positive, tpr=tpr,
+            max_batches=max_batches, progress=progress,
+        )  # fmt: skip

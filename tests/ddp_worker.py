@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 
-from oodunleash import OODUnleash, TrainingDivergedError
+from oodunleash import OODUnleash, Relative, TrainingDivergedError
 from oodunleash.distributed import gather_samples, is_distributed, rank, world_size
 
 #: Per-rank batch size under DDP; the single-process reference uses ``WORLD * BATCH``.
@@ -116,8 +116,9 @@ def scenario_um(batch: int, xi: float | None, fitted: bool = True) -> dict[str, 
     relative recipe with factor 1 (the model's own training loss), so batches straddle it."""
     net = fitted_net() if fitted else make_net(seed=1)
     loader = DataLoader(make_data(48, seed=1), batch_size=batch)
-    unleashed = OODUnleash(net, method="um", constraint_factor=1.0).fit(
-        loader, epochs=2, lr=0.05, loss_constraint=xi, progress=False
+    constraint = Relative(1.0) if xi is None else xi
+    unleashed = OODUnleash(net, method="um", constraint=constraint).fit(
+        loader, epochs=2, lr=0.05, progress=False
     )
     return {
         "xi": unleashed.loss_constraint_,
@@ -227,7 +228,7 @@ def scenario_progress() -> dict[str, Any]:
     buffer = io.StringIO()
     with contextlib.redirect_stderr(buffer):
         # factor 0.5: the untrained net's loss x 4 would be above chance (refused)
-        OODUnleash(make_net(), method="um", constraint_factor=0.5).fit(
+        OODUnleash(make_net(), method="um", constraint=Relative(0.5)).fit(
             DataLoader(make_data(16), batch_size=BATCH),
             epochs=1,
             progress=True,

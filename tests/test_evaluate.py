@@ -288,3 +288,19 @@ def test_refit_resets_fitted_scores_and_umap_model_scores(digits):
     unleashed.fit_scores(small, scores=["vim", "react", "dice"], progress=False)
     res = unleashed.evaluate(digits.test, digits.dark, progress=False)
     assert set(res.score_names) == {"energy", "vim", "react", "dice"}
+
+
+def test_evaluate_moves_the_model_to_the_device_given():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    images, labels = torch.randn(32, 1, 4, 4), torch.randint(0, 3, (32,))
+    id_data = DataLoader(TensorDataset(images, labels), batch_size=16)
+    noise = DataLoader(TensorDataset(4 * torch.randn(16, 1, 4, 4)), batch_size=16)
+    unleashed = OODUnleash(net)
+    expected = unleashed.evaluate(id_data, {"noise": noise}, ["msp"], progress=False).to_dict()
+    again = unleashed.evaluate(id_data, {"noise": noise}, ["msp"], progress=False, device="cpu")
+    assert again.to_dict() == expected
+    # "meta" exists in every build: the model moves there (its values cannot be read back)
+    with pytest.raises((NotImplementedError, RuntimeError, ValueError)):
+        unleashed.evaluate(id_data, {"noise": noise}, ["msp"], progress=False, device="meta")
+    assert all(p.device.type == "meta" for p in net.parameters())
