@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from . import checkpoint
 from .constraint import (
     DEFAULT_CONSTRAINT_FACTOR,
     check_loss_constraint,
@@ -17,7 +18,6 @@ from .constraint import (
 )
 from .distributed import init_distributed, rank, shard_loader, sync_module
 from .evaluation import ScoringMixin
-from .hub import HubMixin
 from .masking import LayerMasks, LayerSelector, check_keep_ratio, select_layers
 from .training import TrainConfig, train
 
@@ -88,7 +88,7 @@ def _norm_affine_parameters(model: nn.Module) -> tuple[list[nn.Parameter], int]:
     return trainable, len(params) - len(trainable)
 
 
-class OODUnleash(ScoringMixin, HubMixin):
+class OODUnleash(ScoringMixin):
     """Unleashing Mask for any image classifier.
 
     Args:
@@ -536,3 +536,97 @@ class OODUnleash(ScoringMixin, HubMixin):
             zeros += int((w == 0).sum())
             total += w.numel()
         return zeros / max(total, 1)
+
+    # ------------------------------------------------------------------ checkpoints
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-able: ``OODUnleash(model, **params)`` rebuilds an
+        unfitted copy (layers as their resolved names)."""
+        return {
+            "method": self.method,
+            "layers": list(self.layer_names),
+            "keep_ratio": self.keep_ratio,
+            "mask_mode": self.mask_mode,
+            "mask_init": self.mask_init,
+            "constraint": self.constraint,
+            "constraint_factor": self.constraint_factor,
+            "constraint_keep_ratio": self.constraint_keep_ratio,
+            "score": self.default_score,
+            "seed": self.seed,
+            "head": self.head,
+            "feature_layer": self.feature_layer,
+        }
+
+    def _checkpoint_state(self, what: str) -> checkpoint.WrapperState:
+        if not self.is_fitted and not self.fitted_scores_:
+            self._check_fitted(f"{what} (or fit_scores() for a post-hoc-only checkpoint)")
+        return checkpoint.WrapperState(
+            params=self.get_params(),
+            layer_names=list(self.layer_names),
+            fitted=self.is_fitted,
+            loss_constraint=getattr(self, "loss_constraint_", None),
+            history=list(getattr(self, "history_", [])),
+            train_config=getattr(self, "train_config_", None),
+            masks=self.masks_,
+            fitted_scores=dict(self.fitted_scores_),
+            results=self.last_results_,
+            class_names=getattr(self, "class_names", None),
+        )
+
+    def save_pretrained(
+        self, save_directory: checkpoint.PathLike, **options: Any
+    ) -> checkpoint.Path:
+        """Write the checkpoint (weights, ξ, masks, fitted scores, results) to a folder,
+        atomically; a fitted or a post-hoc-only (``fit_scores``) wrapper. Returns the folder.
+
+        ``options`` (see :func:`oodunleash.checkpoint.save_checkpoint`): ``keep_masks``,
+        ``model_kwargs``, ``class_names``, the preprocessing (``input_size``, ``mean``,
+        ``std``, ``interpolation``, ``crop_pct`` or ``data_config``), model card metadata
+        (``base_model``, ``datasets``, ``license``, ``card_data``, ``model_card``, ``repo_id``)
+        and ``overwrite``.
+        """
+        state = self._checkpoint_state("save_pretrained()")
+        if "class_names" in options:
+            state.class_names = options.pop("class_names")
+        return checkpoint.save_checkpoint(save_directory, self.model, state, **options)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: checkpoint.PathLike,
+        model: nn.Module | Callable[..., nn.Module] | None = None,
+        **options: Any,
+    ) -> OODUnleash:
+        """Load a checkpoint folder or Hub repo, ready to score (fitted scores included).
+
+        ``model``: for a custom architecture, the module or a factory (called with the
+        recorded ``model_kwargs``); timm models are rebuilt from the checkpoint. ``options``
+        (see :func:`oodunleash.checkpoint.load_checkpoint`): ``revision``, ``token``,
+        ``cache_dir``, ``force_download``, ``local_files_only``, ``device``, ``verify``.
+        """
+        loaded = checkpoint.load_checkpoint(repo_id_or_path, model, **options)
+        state = loaded.state
+        unleashed = cls(loaded.model, **state.params)
+        if state.fitted:
+            unleashed.loss_constraint_ = state.loss_constraint
+            unleashed.history_ = state.history
+            if state.train_config is not None:
+                unleashed.train_config_ = state.train_config
+        unleashed.masks_ = None if state.masks is None else state.masks.attach()
+        unleashed.fitted_scores_ = state.fitted_scores
+        unleashed.last_results_ = state.results
+        if state.class_names is not None:
+            unleashed.class_names = state.class_names
+        return unleashed
+
+    def push_to_hub(self, repo_id: str, **options: Any) -> Any:
+        """Save the checkpoint and upload it to a Hub model repo in one commit; returns the
+        ``huggingface_hub`` ``CommitInfo`` (``None`` on ranks other than 0 under torchrun).
+
+        ``options``: ``token``, ``private``, ``revision``, ``commit_message``,
+        ``commit_description``, ``create_pr``, ``save_directory`` (see
+        :func:`oodunleash.checkpoint.push_checkpoint`) and those of :meth:`save_pretrained`.
+        """
+        state = self._checkpoint_state("push_to_hub()")
+        if "class_names" in options:
+            state.class_names = options.pop("class_names")
+        return checkpoint.push_checkpoint(repo_id, self.model, state, **options)
