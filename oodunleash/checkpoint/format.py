@@ -114,11 +114,12 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _parse_version(text: Any) -> tuple[int, int]:
+def _parse_version(text: Any, where: str = "oodunleash") -> tuple[int, int]:
     match = re.fullmatch(r"(\d+)\.(\d+)", str(text))
     if match is None:
         raise CorruptCheckpointError(
-            f"{CONFIG_NAME}: field 'format_version' must look like '2.0', got {text!r}."
+            f"{CONFIG_NAME} in {where}: field 'format_version' must look like '2.0', got "
+            f"{text!r}. The file was altered or damaged: save the checkpoint again."
         )
     return int(match[1]), int(match[2])
 
@@ -131,7 +132,7 @@ def format_major(config: dict[str, Any], where: str) -> int:
             f"{CONFIG_NAME} in {where} has no field 'format_version': it was not written by "
             "oodunleash."
         )
-    major, minor = _parse_version(config["format_version"])
+    major, minor = _parse_version(config["format_version"], where)
     ours_major, ours_minor = _parse_version(FORMAT_VERSION)
     written_by = config.get("oodunleash_version", "an unknown version")
     if major > ours_major or major < 1:

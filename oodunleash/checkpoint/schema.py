@@ -14,6 +14,7 @@ from .format import CONFIG_NAME
 __all__ = ["upgrade_v1", "validate_config"]
 
 _MISSING = object()
+_NOT_RECORDED = object()  # a field inside an optional object that is null
 
 
 def _number(value: Any) -> bool:
@@ -36,27 +37,11 @@ def _history(value: Any) -> bool:
     )
 
 
-def _score_entry(value: Any) -> bool:
-    return (
-        isinstance(value, dict)
-        and isinstance(value.get("name"), str)
-        and isinstance(value.get("config", {}), dict)
-        and _str_list(value.get("tensors", []))
-    )
-
-
-def _masks(value: Any) -> bool:
-    return (
-        isinstance(value, dict)
-        and value.get("storage") in ("baked", "scores")
-        and _number(value.get("sparsity", 0.0))
-        and 0.0 <= value.get("sparsity", 0.0) <= 1.0
-        and _number(value.get("keep_ratio"))
-        and 0.0 < value["keep_ratio"] <= 1.0
-        and value.get("mode") in ("layer", "model")
-        and value.get("init") in ("random", "magnitude")
-        and isinstance(value.get("seed"), int)
-    )
+_SCORE_FIELDS: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("name", lambda v: isinstance(v, str), "the score's registry name"),
+    ("config", lambda v: isinstance(v, dict), "an object of the score's arguments"),
+    ("tensors", _str_list, "a list of tensor names"),
+]
 
 
 _FIELDS: list[tuple[str, Callable[[Any], bool], str]] = [
@@ -73,16 +58,18 @@ _FIELDS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("training.history", _history, "a list of per-epoch objects of numbers"),
     ("training.config", _optional(lambda v: isinstance(v, dict)), "an object or null"),
     ("class_names", _optional(_str_list), "a list of strings or null"),
-    ("masks", _optional(_masks), "null or an object (storage, sparsity, keep_ratio, ...)"),
+    ("masks", _optional(lambda v: isinstance(v, dict)), "null or an object"),
+    ("masks.storage", lambda v: v in ("baked", "scores"), "'baked' or 'scores'"),
+    ("masks.sparsity", lambda v: _number(v) and 0 <= v <= 1, "a fraction in [0, 1]"),
+    ("masks.keep_ratio", lambda v: _number(v) and 0 < v <= 1, "a fraction in (0, 1]"),
+    ("masks.mode", lambda v: v in ("layer", "model"), "'layer' or 'model'"),
+    ("masks.init", lambda v: v in ("random", "magnitude"), "'random' or 'magnitude'"),
+    ("masks.seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     ("model", lambda v: isinstance(v, dict), "an object describing the architecture"),
     ("model.class", lambda v: isinstance(v, str), "the model's qualified class name"),
     ("model.source", lambda v: v in ("timm", "custom"), "'timm' or 'custom'"),
     ("model.model_args", _optional(lambda v: isinstance(v, dict)), "an object or null"),
-    (
-        "scores",
-        lambda v: isinstance(v, dict) and all(_score_entry(e) for e in v.values()),
-        "an object of fitted scores, each with a 'name', a 'config' object and 'tensors'",
-    ),
+    ("scores", lambda v: isinstance(v, dict), "an object of fitted scores"),
     ("results", _optional(lambda v: isinstance(v, dict)), "an object or null"),
     ("preprocessing", _optional(lambda v: isinstance(v, dict)), "an object or null"),
     ("card_sha256", _optional(lambda v: isinstance(v, str)), "a SHA-256 hex string or null"),
@@ -92,10 +79,22 @@ _FIELDS: list[tuple[str, Callable[[Any], bool], str]] = [
 def _lookup(config: dict[str, Any], path: str) -> Any:
     value: Any = config
     for part in path.split("."):
+        if value is None and value is not config:
+            return _NOT_RECORDED
         if not isinstance(value, dict) or part not in value:
             return _MISSING
         value = value[part]
     return value
+
+
+def _refuse(path: str, value: Any, expected: str, where: str) -> CorruptCheckpointError:
+    shown = "nothing (the field is missing)" if value is _MISSING else repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return CorruptCheckpointError(
+        f"{CONFIG_NAME} in {where}: field {path!r} must be {expected}, got {shown}. "
+        "The file was altered or damaged: save the checkpoint again, or fix that field."
+    )
 
 
 def validate_config(config: dict[str, Any], where: str) -> None:
@@ -109,14 +108,17 @@ def validate_config(config: dict[str, Any], where: str) -> None:
     """
     for path, check, expected in _FIELDS:
         value = _lookup(config, path)
+        if value is _NOT_RECORDED:
+            continue
         if value is _MISSING or not check(value):
-            shown = "nothing (the field is missing)" if value is _MISSING else repr(value)
-            if len(shown) > 80:
-                shown = shown[:77] + "..."
-            raise CorruptCheckpointError(
-                f"{CONFIG_NAME} in {where}: field {path!r} must be {expected}, got {shown}. "
-                "The file was altered or damaged: save the checkpoint again, or fix that field."
-            )
+            raise _refuse(path, value, expected, where)
+    for key, entry in config["scores"].items():
+        if not isinstance(entry, dict):
+            raise _refuse(f"scores.{key}", entry, "an object (name, config, tensors)", where)
+        for field, check, expected in _SCORE_FIELDS:
+            value = entry.get(field, _MISSING)
+            if value is _MISSING or not check(value):
+                raise _refuse(f"scores.{key}.{field}", value, expected, where)
 
 
 _V1_PARAMS = {  # format 1.x top-level field -> constructor argument of oodunleash 0.1

@@ -66,7 +66,13 @@ def resolve_preprocessing(
     for key in ("input_size", "mean", "std"):
         if key in merged:
             value = merged[key]
-            merged[key] = [value] if isinstance(value, int | float) else list(value)
+            value = [value] if isinstance(value, int | float) else value
+            if isinstance(value, str) or not all(isinstance(v, int | float) for v in value):
+                raise ValueError(
+                    f"{key} must be a number or a sequence of numbers (one per channel), got "
+                    f"{merged[key]!r}."
+                )
+            merged[key] = list(value)
     if "input_size" in merged and len(merged["input_size"]) != 3:
         raise ValueError(
             f"input_size must be (channels, height, width), got {merged['input_size']!r}."
