@@ -353,7 +353,8 @@ KILL_POINTS = [("exchange", k) for k in range(1, STEPS["exchange"] + 1)] + [
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("mode", "kill_at"), KILL_POINTS)
-def test_save_killed_at_any_step_leaves_old_or_new(old, new, pristine, tmp_path, mode, kill_at):    folder = Path(shutil.copytree(pristine, tmp_path / "ckpt"))
+def test_save_killed_at_any_step_leaves_old_or_new(old, new, pristine, tmp_path, mode, kill_at):
+    folder = Path(shutil.copytree(pristine, tmp_path / "ckpt"))
     (folder / "notes.txt").write_text("mine")
     run = _run_worker(folder, seed=2, kill_at=kill_at, mode=mode)
     assert run.returncode == -9, run.stderr[-2000:]  # killed, as planned
