@@ -28,7 +28,7 @@ DOCUMENTED = (
     "oodunleash.metrics",
     "oodunleash.results",
     "oodunleash.evaluation",
-    "oodunleash.hub",
+    "oodunleash.checkpoint",
     "oodunleash.datasets",
     "oodunleash.distributed",
 )

@@ -50,7 +50,6 @@ from .tensors import pack_bits, unpack_bits
 PathLike = str | os.PathLike
 
 __all__ = [
-    "Path",
     "PathLike",
     "CONFIG_NAME",
     "FORMAT_VERSION",
