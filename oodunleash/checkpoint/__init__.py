@@ -22,7 +22,7 @@ Example:
 """
 
 import os
-from pathlib import Path
+from pathlib import Path  # noqa: F401 - the return type OODUnleash.save_pretrained names
 
 from .errors import (
     CheckpointMismatchError,

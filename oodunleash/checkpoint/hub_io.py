@@ -53,7 +53,11 @@ def download_checkpoint(
     are then taken at the config's commit, so a push in between cannot mix two versions.
     """
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     common: dict[str, Any] = {
         "repo_type": "model",
@@ -66,7 +70,9 @@ def download_checkpoint(
     }
     try:
         config_path = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, **common))
-    except RemoteEntryNotFoundError as exc:
+    except EntryNotFoundError as exc:
+        if isinstance(exc, LocalEntryNotFoundError):  # offline, not cached: the client's error
+            raise
         raise CheckpointNotFoundError(
             f"The Hub repo {repo_id!r} has no {CONFIG_NAME}: it is not an oodunleash checkpoint. "
             "(A plain timm repo loads with timm.create_model('hf-hub:...'); wrap the result in "
