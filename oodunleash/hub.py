@@ -14,21 +14,7 @@ from typing import Any
 
 from . import checkpoint as _checkpoint
 
-_MOVED = {
-    "CONFIG_NAME",
-    "FORMAT_VERSION",
-    "MASKS_NAME",
-    "SCORES_NAME",
-    "TIMM_CONFIG_NAME",
-    "WEIGHTS_NAME",
-    "CheckpointMismatchError",
-    "CheckpointNotFoundError",
-    "CorruptCheckpointError",
-    "HubError",
-    "IncompatibleCheckpointError",
-    "pack_bits",
-    "unpack_bits",
-}
+_MOVED = set(_checkpoint.__all__)
 
 
 class _HubAuthError(_checkpoint.HubError, PermissionError):

@@ -39,6 +39,52 @@ def ood_loader(n: int = 32, size: int = 16) -> DataLoader:
     return DataLoader(TensorDataset(torch.rand(n, 3, size, size, generator=g) * 4), batch_size=16)
 
 
+def images() -> torch.Tensor:
+    """A fixed batch to compare scores on."""
+    return torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+
+
+#: Preprocessing of the tiny timm models (trained at 16 px, normalised to [-1, 1]).
+PREPROCESSING = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+def timm_um(scores: list[str], evaluate: bool = False) -> OODUnleash:
+    """A fitted UM wrapper of a tiny timm model (its convolutions but the stem masked), with
+    ``scores`` fitted and, with ``evaluate``, one evaluation recorded."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    unleashed = OODUnleash(model, "um", layers=nn.Conv2d, exclude="stem.*", score="energy")
+    unleashed.fit(loader(), epochs=1, loss_constraint=0.9, progress=False)
+    unleashed.fit_scores(loader(), scores, progress=False)
+    if evaluate:
+        unleashed.evaluate(loader(seed=3), {"noise": ood_loader()}, scores, progress=False)
+    return unleashed
+
+
+def timm_umap(scores: list[str]) -> OODUnleash:
+    """A fitted UMAP wrapper of a tiny timm model (layers ``layer*``, keep 0.7)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    unleashed = OODUnleash(model, "umap", layers="layer*", keep_ratio=0.7, seed=3)
+    unleashed.fit(loader(), epochs=1, loss_constraint=0.5, progress=False)
+    if scores:
+        unleashed.fit_scores(loader(), scores, progress=False)
+    return unleashed
+
+
+def custom_umap() -> OODUnleash:
+    """A fitted model-wise UMAP wrapper of :class:`TinyNet` with Mahalanobis fitted."""
+    torch.manual_seed(0)
+    unleashed = OODUnleash(TinyNet(width=4), "umap", keep_ratio=0.6, mask_mode="model")
+    unleashed.fit(loader(), epochs=1, loss_constraint=0.8, progress=False)
+    unleashed.fit_scores(loader(), ["mahalanobis"], progress=False)
+    return unleashed
+
+
 def tiny_umap(seed: int) -> OODUnleash:
     """A small fitted UMAP wrapper with a KNN score; the same ``seed`` gives the same wrapper."""
     torch.manual_seed(seed)

@@ -7,10 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import checkpoint_models as models
 import pytest
 import timm
 import torch
-from checkpoint_models import CLASS_NAMES, TinyNet, assert_same_scoring, loader
+from checkpoint_models import CLASS_NAMES, PREPROCESSING, TinyNet, assert_same_scoring
 from hub_server import FakeHub, use_fake_hub
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -32,40 +33,26 @@ from oodunleash.checkpoint import (
 )
 
 TOKEN = "hf_fake_write_token"
-PREPROCESSING = {"input_size": (3, 16, 16), "mean": 0.5, "std": 0.5}
 
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    return models.images()
 
 
 @pytest.fixture(scope="module")
 def timm_um() -> OODUnleash:
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=3)
-    unleashed = OODUnleash(model, "um", score="energy")
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.9, progress=False)
-    unleashed.fit_scores(loader(), ["energy", "knn"], progress=False)
-    return unleashed
+    return models.timm_um(["energy", "knn"])
 
 
 @pytest.fixture(scope="module")
 def timm_umap() -> OODUnleash:
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=3)
-    unleashed = OODUnleash(model, "umap", layers="layer*", keep_ratio=0.7, seed=3)
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.5, progress=False)
-    return unleashed
+    return models.timm_umap([])
 
 
 @pytest.fixture(scope="module")
 def custom_umap() -> OODUnleash:
-    torch.manual_seed(0)
-    unleashed = OODUnleash(TinyNet(width=4), "umap", keep_ratio=0.6, mask_mode="model")
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.8, progress=False)
-    unleashed.fit_scores(loader(), ["mahalanobis"], progress=False)
-    return unleashed
+    return models.custom_umap()
 
 
 @pytest.fixture

@@ -6,16 +6,17 @@ from __future__ import annotations
 import json
 import warnings
 
+import checkpoint_models as models
 import pytest
 import timm
 import torch
 import yaml
 from checkpoint_models import (
     CLASS_NAMES,
+    PREPROCESSING,
     TinyNet,
     assert_same_scoring,
     loader,
-    ood_loader,
     state_equal,
 )
 from torch import nn
@@ -35,44 +36,26 @@ from oodunleash.checkpoint import (
 )
 
 SCORES = ["energy", "msp", "knn", "mahalanobis", "react", "vim"]
-#: Preprocessing of the tiny timm models below (trained at 16 px, normalised to [-1, 1]).
-PREPROCESSING = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    return models.images()
 
 
 @pytest.fixture(scope="module")
 def timm_um() -> OODUnleash:
-    """A fitted UM wrapper of a tiny timm model, with fitted scores and evaluation results."""
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=3)
-    unleashed = OODUnleash(model, "um", layers=nn.Conv2d, exclude="stem.*", score="energy")
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.9, progress=False)
-    unleashed.fit_scores(loader(), SCORES, progress=False)
-    unleashed.evaluate(loader(seed=3), {"noise": ood_loader()}, SCORES, progress=False)
-    return unleashed
+    return models.timm_um(SCORES, evaluate=True)
 
 
 @pytest.fixture(scope="module")
 def timm_umap() -> OODUnleash:
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=3)
-    unleashed = OODUnleash(model, "umap", layers="layer*", keep_ratio=0.7, seed=3)
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.5, progress=False)
-    unleashed.fit_scores(loader(), ["knn", "react"], progress=False)
-    return unleashed
+    return models.timm_umap(["knn", "react"])
 
 
 @pytest.fixture(scope="module")
 def custom_umap() -> OODUnleash:
-    torch.manual_seed(0)
-    unleashed = OODUnleash(TinyNet(width=4), "umap", keep_ratio=0.6, mask_mode="model")
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.8, progress=False)
-    unleashed.fit_scores(loader(), ["mahalanobis"], progress=False)
-    return unleashed
+    return models.custom_umap()
 
 
 # --------------------------------------------------------------------------- bits
@@ -473,3 +456,24 @@ def test_compiled_state_into_a_plain_model(tmp_path):
     del state["_orig_mod.fc.bias"]
     with pytest.raises(CheckpointMismatchError, match="_orig_mod"):
         load_model_state(TinyNet(), {**state, "fc.bias": torch.zeros(3)}, "test")
+
+
+def test_wrapper_around_a_compiled_model_saves_plain_names(tmp_path, images):
+    """A UMAP wrapper made around ``torch.compile(model)``: weights, masked layers and mask
+    tensors are saved without ``_orig_mod.``, and load into the plain architecture."""
+    torch.manual_seed(0)
+    plain = TinyNet()
+    unleashed = OODUnleash(torch.compile(plain, backend="eager"), "umap", keep_ratio=0.6)
+    unleashed.fit(loader(), epochs=1, loss_constraint=0.5, progress=False)
+    folder = unleashed.save_pretrained(tmp_path / "ckpt", keep_masks=True)
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    assert config["model"]["class"].endswith("TinyNet")
+    assert config["layer_names"] == ["conv", "fc"]
+    for name in (WEIGHTS_NAME, MASKS_NAME):
+        assert not any("_orig_mod" in k for k in load_file(folder / name)), name
+    loaded = OODUnleash.from_pretrained(folder, model=TinyNet)
+    assert loaded.masks_ is not None
+    with torch.no_grad():
+        assert torch.equal(loaded.model.eval()(images), unleashed.model.eval()(images))

@@ -164,3 +164,28 @@ def listed_files(config: dict[str, Any], where: str) -> list[str]:
             f"{CONFIG_NAME} in {where}: field 'files' lists unknown files {unknown}."
         )
     return list(files)
+
+
+def owned_files(folder: Path) -> set[str]:
+    """The entries of ``folder`` that an earlier save wrote: the files its config lists, and
+    the model card while it is as written (a card edited by hand is the user's)."""
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        return set()
+    try:
+        config = read_json(config_path)
+    except CorruptCheckpointError:  # a damaged config proves nothing: every file is the user's
+        return set()
+    if "format_version" not in config or not isinstance(config.get("files"), dict):
+        return set()
+    ours = {CONFIG_NAME} | {n for n in config["files"] if n in CHECKPOINT_FILES}
+    card = folder / MODEL_CARD_NAME
+    if card.is_file():
+        recorded = config.get("card_sha256")
+        if recorded is None and str(config["format_version"]).startswith("1."):
+            # Format 1 did not record the card; it always wrote one with this tag.
+            if "library_name: oodunleash" in card.read_text(encoding="utf-8", errors="replace"):
+                ours.add(MODEL_CARD_NAME)
+        elif recorded == sha256_file(card):
+            ours.add(MODEL_CARD_NAME)
+    return ours

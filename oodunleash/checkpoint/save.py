@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,25 +12,11 @@ from torch import nn
 
 from .._modules import unwrap_compiled
 from ..distributed import is_main_process
+from . import format as layout
 from .card import model_card as render_model_card
 from .fitted_scores import scores_for_saving
 from .folder import write_folder
-from .format import (
-    CHECKPOINT_FILES,
-    CONFIG_NAME,
-    FORMAT_VERSION,
-    MASKS_NAME,
-    MODEL_CARD_NAME,
-    SCORES_NAME,
-    TIMM_CONFIG_NAME,
-    WEIGHTS_NAME,
-    check_json,
-    dump_json,
-    package_version,
-    read_json,
-    sha256_bytes,
-    sha256_file,
-)
+from .format import check_json, owned_files, sha256_bytes
 from .masks import baked_state_dict, masks_for_saving, plain_layer_name
 from .state import WrapperState
 from .tensors import safetensors_bytes
@@ -39,7 +24,7 @@ from .timm_config import (
     recorded_preprocessing,
     resolve_preprocessing,
     timm_architecture,
-    write_timm_config,
+    timm_config_file,
 )
 
 __all__ = ["save_checkpoint"]
@@ -64,53 +49,78 @@ def _describe_selector(selector: Any) -> Any:
     ]
 
 
-def owned_files(folder: Path) -> set[str]:
-    """The entries of ``folder`` that an earlier save wrote: the files its config lists, and
-    the model card while it is as written (a card edited by hand is the user's)."""
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        return set()
-    try:
-        config = read_json(config_path)
-    except Exception:  # a damaged config proves nothing: every file is then the user's
-        return set()
-    if "format_version" not in config or not isinstance(config.get("files"), dict):
-        return set()
-    ours = {CONFIG_NAME} | {n for n in config["files"] if n in CHECKPOINT_FILES}
-    card = folder / MODEL_CARD_NAME
-    if card.is_file():
-        recorded = config.get("card_sha256")
-        if recorded is None and str(config["format_version"]).startswith("1."):
-            # Format 1 did not record the card; it always wrote one with this tag.
-            if "library_name: oodunleash" in card.read_text(encoding="utf-8", errors="replace"):
-                ours.add(MODEL_CARD_NAME)
-        elif recorded == sha256_file(card):
-            ours.add(MODEL_CARD_NAME)
-    return ours
-
-
-def _timm_files(
-    model: nn.Module,
-    architecture: str,
-    extra_args: dict[str, Any],
-    class_names: list[str] | None,
-    preprocessing: dict[str, Any] | None,
-    keep_source: bool,
-) -> tuple[bytes, dict[str, Any]]:
-    with tempfile.TemporaryDirectory(prefix="oodunleash-timm-") as scratch:
-        path = Path(scratch) / TIMM_CONFIG_NAME
-        config = write_timm_config(
-            model, path, extra_args, class_names, preprocessing, keep_source=keep_source
+def _check_state(model: nn.Module, state: WrapperState, keep_masks: bool) -> list[str] | None:
+    """The class names as strings, after refusing a state that cannot be saved as asked."""
+    num_outputs = _num_outputs(model)
+    names = None if state.class_names is None else [str(n) for n in state.class_names]
+    if names is not None and num_outputs is not None and len(names) != num_outputs:
+        raise ValueError(
+            f"class_names has {len(names)} entries but the model has {num_outputs} classes."
         )
-        return path.read_bytes(), config
+    if keep_masks and state.params.get("method") == "umap" and state.masks is None:
+        raise ValueError(
+            "keep_masks=True needs the learnt masks, but this UMAP wrapper has none (it was "
+            "loaded from a baked checkpoint, or not fitted)."
+        )
+    return names
 
 
-def _model_info(model: nn.Module, num_outputs: int | None) -> dict[str, Any]:
+def _describe_model(
+    model: nn.Module,
+    extra_args: dict[str, Any],
+    names: list[str] | None,
+    preprocessing: dict[str, Any] | None,
+    base_model: str | None,
+) -> tuple[dict[str, Any], bytes | None, dict[str, Any] | None]:
+    """The config's ``model`` entry, timm's ``config.json`` (timm models only) and the
+    preprocessing as recorded."""
     cls = getattr(type(model), "_oodunleash_original_class", type(model))
-    return {
+    info: dict[str, Any] = {
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "num_classes": num_outputs,
+        "num_classes": _num_outputs(model),
+    }
+    architecture = timm_architecture(model)
+    if architecture is None:
+        info |= {"source": "custom", "architecture": None, "model_args": extra_args}
+        return info, None, preprocessing
+    if preprocessing is None and base_model is None:
+        warnings.warn(
+            "save_pretrained: the preprocessing the model was trained with is not recorded, so "
+            "timm will assume its defaults (224 px, ImageNet mean/std) for it. Pass "
+            "input_size=, mean=, std= (or data_config=), or base_model= when the model keeps "
+            "the preprocessing of the pretrained weights it was fine-tuned from.",
+            UserWarning,
+            stacklevel=4,
+        )
+    keep_source = preprocessing is None and base_model is not None
+    data, timm_config = timm_config_file(
+        model, extra_args, names, preprocessing, keep_source=keep_source
+    )
+    if preprocessing is not None or keep_source:
+        preprocessing = recorded_preprocessing(timm_config)
+    info |= {"source": "timm", "architecture": architecture}
+    info["model_args"] = timm_config.get("model_args", {})
+    return info, data, preprocessing
+
+
+def _wrapper_record(state: WrapperState) -> dict[str, Any]:
+    """The config's fields that describe the wrapper (parameters and what ``fit`` learnt)."""
+    params = dict(state.params)
+    for key in ("layers", "exclude"):  # module types become names; layer_names round-trips
+        if key in params:
+            params[key] = _describe_selector(params[key])
+    train_config = None if state.train_config is None else state.train_config.to_dict()
+    results = state.results
+    return {
+        "params": check_json(params, "The wrapper's parameters (get_params())"),
+        "layer_names": [plain_layer_name(n) for n in state.layer_names],
+        "fitted": bool(state.fitted),
+        "loss_constraint": None if state.loss_constraint is None else float(state.loss_constraint),
+        "training": check_json(
+            {"config": train_config, "history": list(state.history or [])}, "The training record"
+        ),
+        "results": None if results is None else check_json(results.to_dict(), "last_results_"),
     }
 
 
@@ -165,17 +175,7 @@ def save_checkpoint(
     if not is_main_process():  # under torchrun every rank holds the same model: rank 0 writes
         return folder
     model = unwrap_compiled(model)
-    num_outputs = _num_outputs(model)
-    names = None if state.class_names is None else [str(n) for n in state.class_names]
-    if names is not None and num_outputs is not None and len(names) != num_outputs:
-        raise ValueError(
-            f"class_names has {len(names)} entries but the model has {num_outputs} classes."
-        )
-    if keep_masks and state.params.get("method") == "umap" and state.masks is None:
-        raise ValueError(
-            "keep_masks=True needs the learnt masks, but this UMAP wrapper has none (it was "
-            "loaded from a baked checkpoint, or not fitted)."
-        )
+    names = _check_state(model, state, keep_masks)
     extra_args = check_json(dict(model_kwargs or {}), "model_kwargs")
     explicit = {"input_size": input_size, "mean": mean, "std": std}
     explicit |= {"interpolation": interpolation, "crop_pct": crop_pct}
@@ -183,79 +183,46 @@ def save_checkpoint(
 
     files: dict[str, bytes] = {}
     weights = baked_state_dict(model, state.masks)
-    files[WEIGHTS_NAME] = safetensors_bytes(weights)
-    model_info = _model_info(model, num_outputs)
-    architecture = timm_architecture(model)
-    if architecture is not None:
-        if preprocessing is None and base_model is None:
-            warnings.warn(
-                "save_pretrained: the preprocessing the model was trained with is not recorded, "
-                "so timm will assume its defaults (224 px, ImageNet mean/std) for it. Pass "
-                "input_size=, mean=, std= (or data_config=), or base_model= when the model "
-                "keeps the preprocessing of the pretrained weights it was fine-tuned from.",
-                UserWarning,
-                stacklevel=3,
-            )
-        keep_source = preprocessing is None and base_model is not None
-        files[TIMM_CONFIG_NAME], timm_config = _timm_files(
-            model, architecture, extra_args, names, preprocessing, keep_source
-        )
-        if preprocessing is not None or keep_source:
-            preprocessing = recorded_preprocessing(timm_config)
-        model_info |= {"source": "timm", "architecture": architecture}
-        model_info["model_args"] = timm_config.get("model_args", {})
-    else:
-        model_info |= {"source": "custom", "architecture": None, "model_args": extra_args}
-
+    files[layout.WEIGHTS_NAME] = safetensors_bytes(weights)
+    model_info, timm_file, preprocessing = _describe_model(
+        model, extra_args, names, preprocessing, base_model
+    )
+    if timm_file is not None:
+        files[layout.TIMM_CONFIG_NAME] = timm_file
     score_configs, score_tensors = scores_for_saving(state.fitted_scores)
     if score_tensors:
-        files[SCORES_NAME] = safetensors_bytes(score_tensors)
+        files[layout.SCORES_NAME] = safetensors_bytes(score_tensors)
     masks_info, mask_tensors = masks_for_saving(model, state.masks, weights, keep_masks)
     if mask_tensors:
-        files[MASKS_NAME] = safetensors_bytes(mask_tensors)
+        files[layout.MASKS_NAME] = safetensors_bytes(mask_tensors)
 
-    results = state.results
-    params = dict(state.params)
-    for key in ("layers", "exclude"):  # module types become names; layer_names round-trips
-        if key in params:
-            params[key] = _describe_selector(params[key])
     config: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "oodunleash_version": package_version(),
-        "params": check_json(params, "The wrapper's parameters (get_params())"),
-        "layer_names": [plain_layer_name(n) for n in state.layer_names],
-        "fitted": bool(state.fitted),
-        "loss_constraint": None if state.loss_constraint is None else float(state.loss_constraint),
-        "training": check_json(
-            {
-                "config": None if state.train_config is None else state.train_config.to_dict(),
-                "history": list(state.history or []),
-            },
-            "The training record",
-        ),
+        "format_version": layout.FORMAT_VERSION,
+        "oodunleash_version": layout.package_version(),
+        **_wrapper_record(state),
         "masks": masks_info,
         "model": model_info,
         "class_names": names,
         "preprocessing": preprocessing,
         "scores": score_configs,
-        "results": None if results is None else check_json(results.to_dict(), "last_results_"),
+        "files": {n: {"sha256": sha256_bytes(d), "size": len(d)} for n, d in files.items()},
+        "card_sha256": None,
     }
-    config["files"] = {n: {"sha256": sha256_bytes(d), "size": len(d)} for n, d in files.items()}
-    config["files"][CONFIG_NAME] = {}
-    config["card_sha256"] = None
+    config["files"][layout.CONFIG_NAME] = {}
     if model_card:
+        results = state.results
         card = render_model_card(
             config,
             None if results is None else results.to_markdown().strip(),
-            is_timm=architecture is not None,
+            is_timm=timm_file is not None,
             repo_id=repo_id,
             base_model=base_model,
             datasets=datasets,
             license=license,
             card_data=card_data,
         )
-        files[MODEL_CARD_NAME] = card.encode()
-        config["card_sha256"] = sha256_bytes(files[MODEL_CARD_NAME])
-    files[CONFIG_NAME] = dump_json(config)
+        files[layout.MODEL_CARD_NAME] = card.encode()
+        config["card_sha256"] = sha256_bytes(files[layout.MODEL_CARD_NAME])
+    files[layout.CONFIG_NAME] = layout.dump_json(config)
     write_folder(folder, files, owned_files(folder), overwrite=overwrite)
     return folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import nn
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError
 from .format import TIMM_CONFIG_NAME, check_json, read_json
 
-__all__ = ["PREPROCESSING_KEYS", "build_timm_model", "timm_architecture", "write_timm_config"]
+__all__ = ["PREPROCESSING_KEYS", "build_timm_model", "timm_architecture", "timm_config_file"]
 
 #: The data-config entries a checkpoint records (what ``resolve_data_config`` reads).
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
@@ -80,17 +81,16 @@ def resolve_preprocessing(
     return check_json(merged, "The preprocessing (input_size, mean, std, ...)")
 
 
-def write_timm_config(
+def timm_config_file(
     model: nn.Module,
-    path: Path,
     extra_args: Mapping[str, Any],
     class_names: Sequence[str] | None,
     preprocessing: Mapping[str, Any] | None,
     *,
     keep_source: bool = False,
-) -> dict[str, Any]:
-    """Write timm's ``config.json`` for ``model`` (with timm's ``save_config_for_hf``), keep
-    only what describes this checkpoint, and return it.
+) -> tuple[bytes, dict[str, Any]]:
+    """timm's ``config.json`` for ``model`` (written by timm's ``save_config_for_hf``, then
+    kept to what describes this checkpoint): its bytes and its content.
 
     Without ``preprocessing`` the source weights' preprocessing is dropped (timm then assumes
     its defaults) unless ``keep_source``; an input size the architecture fixes is kept."""
@@ -98,17 +98,22 @@ def write_timm_config(
 
     model_config = {"label_names": list(class_names)} if class_names else None
     data_config = dict(preprocessing or {})
-    try:
-        save_config_for_hf(
-            model, str(path), model_config=model_config, model_args=dict(extra_args),
-            data_config=data_config or None,
-        )  # fmt: skip
-    except ValueError as exc:
-        raise ValueError(
-            f"timm could not describe this model for its config.json: {exc} Pass JSON-able "
-            "replacements with model_kwargs={...}, and an input_size the model accepts."
-        ) from exc
-    config = json.loads(path.read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="oodunleash-timm-") as scratch:
+        path = Path(scratch) / TIMM_CONFIG_NAME
+        try:
+            save_config_for_hf(
+                model,
+                str(path),
+                model_config=model_config,
+                model_args=dict(extra_args),
+                data_config=data_config or None,
+            )
+        except ValueError as exc:
+            raise ValueError(
+                f"timm could not describe this model for its config.json: {exc} Pass JSON-able "
+                "replacements with model_kwargs={...}, and an input_size the model accepts."
+            ) from exc
+        config = json.loads(path.read_text(encoding="utf-8"))
     pretrained = config["pretrained_cfg"]
     for key in _SOURCE_KEYS & set(pretrained):
         del pretrained[key]
@@ -119,8 +124,7 @@ def write_timm_config(
         for key in dropped & set(pretrained):
             del pretrained[key]
     config["model_args"] = check_json(config.get("model_args", {}), "The timm model_args")
-    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return config
+    return json.dumps(config, indent=2).encode(), config
 
 
 def recorded_preprocessing(config: Mapping[str, Any]) -> dict[str, Any]:
