@@ -382,3 +382,15 @@ class _no_warning:
 
     def __exit__(self, *exc):
         self._catch.__exit__(*exc)
+
+
+def test_staging_folders_of_dead_saves_are_removed_live_ones_kept(old, saved):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = saved.parent / f".ckpt.oodunleash-tmp-{dead}"
+    live = saved.parent / ".ckpt.oodunleash-tmp-1"  # pid 1 runs as long as the system does
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / WEIGHTS_NAME).write_bytes(b"half written")
+    old.save_pretrained(saved, keep_masks=True)
+    assert not stale.exists() and live.is_dir()

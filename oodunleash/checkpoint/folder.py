@@ -116,6 +116,23 @@ def _preflight(target: Path, ours: Collection[str], new: Collection[str], overwr
         )
 
 
+def _process_alive(pid_text: str) -> bool:
+    """Whether the save that made a staging folder may still be running (then it is left)."""
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False  # an earlier save of this process, killed by an exception we did not see
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 def _recover(target: Path) -> None:
     """Finish or undo a save that was killed before it could clean up."""
     backup = _backup_path(target)
@@ -125,9 +142,10 @@ def _recover(target: Path) -> None:
             shutil.rmtree(backup)
         else:
             os.rename(backup, target)
-    for stale in target.parent.glob(f".{target.name}.oodunleash-tmp-*"):
-        _fault_point()
-        shutil.rmtree(stale, ignore_errors=True)
+    for staging in target.parent.glob(f".{target.name}.oodunleash-tmp-*"):
+        if not _process_alive(staging.name.rsplit("-", 1)[-1]):  # a killed save's leftovers
+            _fault_point()
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_file(path: Path, data: bytes) -> None:
