@@ -605,7 +605,10 @@ class OODUnleash(ScoringMixin):
         """
         loaded = checkpoint.load_checkpoint(repo_id_or_path, model, **options)
         state = loaded.state
-        unleashed = cls(loaded.model, **state.params)
+        try:
+            unleashed = cls(loaded.model, **state.params)
+        except (TypeError, ValueError) as exc:
+            raise loaded.refused_params(exc) from exc
         if state.fitted:
             unleashed.loss_constraint_ = state.loss_constraint
             unleashed.history_ = state.history

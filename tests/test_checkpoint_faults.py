@@ -141,6 +141,17 @@ def test_tampered_v1_config_is_refused(tmp_path, field, value):
         OODUnleash.from_pretrained(folder, model=nn.Sequential())
 
 
+@pytest.mark.parametrize(
+    ("key", "value"), [("keep_ratio", 5), ("mask_mode", "row"), ("no_such_argument", 1)]
+)
+def test_params_the_wrapper_refuses(saved, key, value):
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    config["params"][key] = value
+    (saved / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(CorruptCheckpointError, match=rf"{CONFIG_NAME}.*field 'params'.*{key}"):
+        OODUnleash.from_pretrained(saved, model=TinyNet)
+
+
 def test_config_that_is_not_json_or_not_an_object(saved):
     (saved / CONFIG_NAME).write_text("{not json")
     with pytest.raises(CorruptCheckpointError, match="not valid JSON"):

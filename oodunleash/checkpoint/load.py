@@ -130,6 +130,23 @@ def _build_model(
     return built
 
 
+def _check_layers(model: nn.Module, layer_names: list[str], where: str) -> None:
+    """The model has the checkpoint's masked layers, by name and in order."""
+    if not layer_names:
+        return
+    try:
+        found = list(select_layers(model, layer_names))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointMismatchError(
+            f"The model lacks the checkpoint's masked layers {layer_names} ({where}): {exc}"
+        ) from exc
+    if found != layer_names:
+        raise CheckpointMismatchError(
+            f"The model's layers {found} do not match the checkpoint's masked layers "
+            f"{layer_names} ({where})."
+        )
+
+
 def load_checkpoint(
     repo_id_or_path: str | os.PathLike[str],
     model: nn.Module | ModelFactory | None = None,
@@ -162,15 +179,7 @@ def load_checkpoint(
         model.to(device)
     plain = unwrap_compiled(model)
     layer_names = list(config["layer_names"])
-    try:
-        found = list(select_layers(plain, layer_names)) if layer_names else []
-    except (ValueError, TypeError) as exc:
-        found = [str(exc)]
-    if found != layer_names:
-        raise CheckpointMismatchError(
-            f"The model's layers do not match the checkpoint's masked layers in {where}: "
-            f"expected {layer_names[:5]}..., found {found[:5]}...."
-        )
+    _check_layers(plain, layer_names, where)
     masks_info = config["masks"]
     masks = None
     if masks_info is not None and masks_info["storage"] == "scores":
@@ -192,4 +201,4 @@ def load_checkpoint(
         class_names=config["class_names"],
     )
     model.eval()
-    return LoadedCheckpoint(model=model, state=state, config=config)
+    return LoadedCheckpoint(model=model, state=state, config=config, where=where)

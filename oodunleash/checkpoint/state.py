@@ -46,11 +46,24 @@ class WrapperState:
 @dataclass
 class LoadedCheckpoint:
     """What :func:`~oodunleash.checkpoint.load_checkpoint` returns: the model with its weights,
-    the wrapper's state (``OODUnleash(model, **state.params)`` rebuilds it), and the config."""
+    the wrapper's state (``OODUnleash(model, **state.params)`` rebuilds it), the config, and
+    where it came from (for messages)."""
 
     model: nn.Module
     state: WrapperState
     config: dict[str, Any]
+    where: str = ""
+
+    def refused_params(self, error: Exception) -> Exception:
+        """The error to raise when the wrapper refuses the recorded ``params``."""
+        from .errors import CorruptCheckpointError
+        from .format import CONFIG_NAME
+
+        return CorruptCheckpointError(
+            f"{CONFIG_NAME} in {self.where}: field 'params' holds constructor arguments this "
+            f"OODUnleash refuses ({error}). The file was altered, or written by a version with "
+            "other arguments: save the checkpoint again."
+        )
 
 
 def train_config_from_json(data: dict[str, Any] | None) -> TrainConfig | None:
