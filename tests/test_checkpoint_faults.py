@@ -290,6 +290,15 @@ def test_folder_with_subfolders_is_refused(old, saved):
     assert _snapshot(saved) == before
 
 
+def test_save_through_a_symlink_keeps_the_link(old, new, saved):
+    link = saved.parent / "latest"
+    link.symlink_to(saved, target_is_directory=True)
+    new.save_pretrained(link, keep_masks=True)
+    assert link.is_symlink() and link.resolve() == saved.resolve()
+    loaded = OODUnleash.from_pretrained(link, model=TinyNet)
+    assert state_equal(loaded.model.state_dict(), new.model.state_dict())
+
+
 def test_working_directory_is_refused(old, saved, monkeypatch):
     monkeypatch.chdir(saved)
     before = _snapshot(saved)

@@ -184,6 +184,8 @@ def write_folder(
     A folder holding sub-folders the library did not write is refused. Nothing is changed when
     the call raises.
     """
+    if target.is_symlink():  # swap the folder it points to, and keep the link
+        target = target.resolve()
     _preflight(target, ours, files, overwrite)
     _recover(target)
     staging = _staging_path(target)
