@@ -5,9 +5,9 @@ pruning mask, both with the flooding objective ``|CE − ξ| + ξ`` around a los
 """
 
 from . import metrics
+from .checkpoint import HubError
 from .config import Masked, Relative, UnleashConfig
 from .constraint import estimate_loss_constraint, mean_cross_entropy
-from .hub import HubError
 from .masking import LayerMasks, select_layers, topk_mask
 from .results import EvaluationResults
 from .scores import OODScore, get_score, list_scores, register_score

@@ -6,13 +6,14 @@ import copy
 import dataclasses
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from . import checkpoint
 from ._modules import model_device
 from .config import (
     METHOD_DEFAULTS,
@@ -40,7 +41,6 @@ from .fitting import (
     train_config,
     trained_norm_parameters,
 )
-from .hub import HubMixin
 from .masking import LayerMasks, LayerSelector, select_layers
 from .metrics import Positive
 from .results import EvaluationResults
@@ -59,7 +59,7 @@ class NotFittedError(ValueError, AttributeError):
     """Raised when a fitted attribute or method is used before :meth:`OODUnleash.fit`."""
 
 
-class OODUnleash(HubMixin):
+class OODUnleash:
     """Unleashing Mask for any image classifier.
 
     Args:
@@ -495,3 +495,46 @@ class OODUnleash(HubMixin):
             id_loader, ood_loaders, scores, fit_loader=fit_loader, positive=positive, tpr=tpr,
             max_batches=max_batches, progress=progress,
         )  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_state(self, what: str, options: dict[str, Any]) -> checkpoint.WrapperState:
+        if not self.is_fitted and not self.fitted_scores_:
+            self._check_fitted(f"{what} (or fit_scores() for a post-hoc-only checkpoint)")
+        return checkpoint.WrapperState.of(self, class_names=options.pop("class_names", None))
+
+    def save_pretrained(
+        self, save_directory: checkpoint.PathLike, **options: Any
+    ) -> checkpoint.Path:
+        """Write the checkpoint (weights, ξ, masks, fitted scores, results) to a folder,
+        atomically, for a fitted or a post-hoc-only (``fit_scores``) wrapper; returns the
+        folder. ``options``: see :func:`oodunleash.checkpoint.save_checkpoint` (the
+        preprocessing ``input_size``/``mean``/``std``, ``class_names``, ``overwrite``, ...).
+        """
+        state = self._checkpoint_state("save_pretrained()", options)
+        return checkpoint.save_checkpoint(save_directory, self.model, state, **options)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: checkpoint.PathLike,
+        model: nn.Module | Callable[..., nn.Module] | None = None,
+        **options: Any,
+    ) -> OODUnleash:
+        """Load a checkpoint folder or Hub repo, ready to score (fitted scores included).
+        ``model``: for a custom architecture, the module or a factory (called with the
+        recorded ``model_kwargs``); timm models are rebuilt from the checkpoint. ``options``:
+        see :func:`oodunleash.checkpoint.load_checkpoint`."""
+        loaded = checkpoint.load_checkpoint(repo_id_or_path, model, **options)
+        try:
+            unleashed = cls(loaded.model, **loaded.state.params)
+        except (TypeError, ValueError) as exc:
+            raise loaded.refused_params(exc) from exc
+        loaded.state.restore(unleashed)
+        return unleashed
+
+    def push_to_hub(self, repo_id: str, **options: Any) -> Any:
+        """Save the checkpoint and upload it to a Hub model repo in one commit; returns the
+        ``huggingface_hub`` ``CommitInfo`` (``None`` on ranks other than 0 under torchrun).
+        ``options``: see :func:`oodunleash.checkpoint.push_checkpoint`."""
+        state = self._checkpoint_state("push_to_hub()", options)
+        return checkpoint.push_checkpoint(repo_id, self.model, state, **options)

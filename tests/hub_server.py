@@ -10,6 +10,8 @@ It speaks the subset of the Hub HTTP API that the stock ``huggingface_hub`` clie
                                                           no Xet/LFS upload is ever attempted
 ``POST /api/models/{repo}/commit/{rev}``                  ndjson commit (base64 files, deletions);
                                                           ``?create_pr=1`` opens ``refs/pr/N``
+``POST /api/models/{repo}/discussions``                   open a pull request (``refs/pr/N``)
+``GET  /api/models/{repo}/discussions/{num}``             pull request details
 ``POST /api/models/{repo}/branch/{branch}``               create a branch
 ``GET  /api/models/{repo}[/revision/{rev}]``              repo info (``sha``, ``siblings``)
 ``GET  /api/models/{repo}/tree/{rev}[/{path}]``           file listing
@@ -281,6 +283,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._preupload(repo_id, rest[1], json.loads(body or b"{}"))
             if method == "POST" and len(rest) == 2 and rest[0] == "commit":
                 return self._commit(repo_id, rest[1], body, query.get("create_pr") == "1")
+            if method == "POST" and rest == ["discussions"]:
+                return self._open_pull_request(repo_id, json.loads(body or b"{}"))
+            if method == "GET" and len(rest) == 2 and rest[0] == "discussions":
+                return self._pull_request(repo_id, int(rest[1]))
             if method == "POST" and len(rest) == 2 and rest[0] == "branch":
                 return self._create_branch(repo_id, rest[1], json.loads(body or b"{}"))
             if method == "GET" and (not rest or (len(rest) == 2 and rest[0] == "revision")):
@@ -393,6 +399,38 @@ class _Handler(BaseHTTPRequestHandler):
                 "commitOid": sha,
                 "pullRequestUrl": pr_url,
                 "success": True,
+            },
+        )
+
+    def _open_pull_request(self, repo_id: str, payload: dict) -> None:
+        """A draft pull request on ``main``: its ref starts at main's head (what
+        ``upload_folder(create_pr=True)`` opens before committing to ``refs/pr/N``)."""
+        self._require_write()
+        repo = self._repo(repo_id)
+        if not payload.get("pullRequest"):
+            raise _HubError(400, "FakeHub only opens pull requests, not discussions")
+        repo.prs += 1
+        repo.refs[f"refs/pr/{repo.prs}"] = repo.refs["main"]
+        self._send(200, {"num": repo.prs, "pullRequest": True})
+
+    def _pull_request(self, repo_id: str, num: int) -> None:
+        repo = self._repo(repo_id)
+        if f"refs/pr/{num}" not in repo.refs:
+            raise _HubError(404, f"Pull request {num} not found")
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        self._send(
+            200,
+            {
+                "title": f"PR {num}",
+                "num": num,
+                "createdAt": now,
+                "status": "draft",
+                "repo": {"name": repo_id, "type": "model"},
+                "isPullRequest": True,
+                "events": [],
+                "changes": {"base": "refs/heads/main"},
+                "filesWithConflicts": [],
+                "gitReference": f"refs/pr/{num}",
             },
         )
 

@@ -1,0 +1,74 @@
+"""Checkpoints of unleashed models: a folder on disk, or a Hugging Face Hub repo.
+
+:meth:`OODUnleash.save_pretrained <oodunleash.OODUnleash.save_pretrained>`,
+:meth:`~oodunleash.OODUnleash.from_pretrained` and :meth:`~oodunleash.OODUnleash.push_to_hub`
+call the functions here. The layout is described in :mod:`oodunleash.checkpoint.format`.
+
+Example:
+    >>> import tempfile
+    >>> import torch
+    >>> from torch import nn
+    >>> from oodunleash import OODUnleash
+    >>> def make_net():
+    ...     return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> data = [(torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,))) for _ in range(2)]
+    >>> unleashed = OODUnleash(make_net(), "umap").fit(data, epochs=1, loss_constraint=0.5,
+    ...                                                progress=False)
+    >>> folder = unleashed.save_pretrained(tempfile.mkdtemp() + "/ckpt")
+    >>> again = OODUnleash.from_pretrained(folder, model=make_net)
+    >>> x = torch.randn(4, 1, 4, 4)
+    >>> torch.equal(again.score(x), unleashed.score(x))
+    True
+"""
+
+import os
+from pathlib import Path  # noqa: F401 - the return type OODUnleash.save_pretrained names
+
+from .errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    HubError,
+    IncompatibleCheckpointError,
+)
+from .format import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    MASKS_NAME,
+    MODEL_CARD_NAME,
+    SCORES_NAME,
+    TIMM_CONFIG_NAME,
+    WEIGHTS_NAME,
+)
+from .hub_io import download_checkpoint, push_checkpoint
+from .load import load_checkpoint
+from .save import save_checkpoint
+from .state import LoadedCheckpoint, WrapperState
+from .tensors import pack_bits, unpack_bits
+
+#: A folder argument: a string or any path-like object.
+PathLike = str | os.PathLike
+
+__all__ = [
+    "PathLike",
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "MASKS_NAME",
+    "MODEL_CARD_NAME",
+    "SCORES_NAME",
+    "TIMM_CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "HubError",
+    "IncompatibleCheckpointError",
+    "LoadedCheckpoint",
+    "WrapperState",
+    "download_checkpoint",
+    "load_checkpoint",
+    "pack_bits",
+    "push_checkpoint",
+    "save_checkpoint",
+    "unpack_bits",
+]

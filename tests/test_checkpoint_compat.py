@@ -1,0 +1,61 @@
+"""Checkpoints written by an earlier release still load and score exactly as they did."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from oodunleash import OODUnleash
+
+FIXTURES = Path(__file__).parent / "fixtures" / "checkpoint_v0_1"
+sys.path.insert(0, str(FIXTURES))
+from make_fixture import make_sequential  # noqa: E402
+
+EXPECTED = json.loads((FIXTURES / "expected_scores.json").read_text())
+
+
+def _load(name: str, tmp_path: Path) -> OODUnleash:
+    # A copy, so that nothing a load might write can touch the committed files.
+    folder = shutil.copytree(FIXTURES / name, tmp_path / name)
+    model = make_sequential if name == "sequential_umap" else None
+    return OODUnleash.from_pretrained(folder, model=model)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED["checkpoints"]))
+def test_v0_1_checkpoint_reproduces_its_scores(name, tmp_path):
+    loaded = _load(name, tmp_path)
+    inputs = torch.tensor(EXPECTED["inputs"])
+    for score, values in EXPECTED["checkpoints"][name].items():
+        assert torch.allclose(loaded.score(inputs, score), torch.tensor(values), atol=1e-5), score
+
+
+def test_v0_1_umap_checkpoint_keeps_its_mask(tmp_path):
+    loaded = _load("sequential_umap", tmp_path)
+    assert loaded.masks_ is not None and loaded.masks_.is_attached
+    assert loaded.masks_.layer_names == ["0", "3", "5"]
+    kept = loaded.masks_.kept_fraction()
+    assert all(abs(fraction - 0.7) < 0.02 for fraction in kept.values()), kept
+    assert loaded.class_names == ["a", "b", "c"]
+
+
+def test_old_hub_module_names_still_resolve_with_a_warning():
+    import oodunleash.checkpoint as checkpoint
+    import oodunleash.hub as hub
+
+    for name in ("CorruptCheckpointError", "CONFIG_NAME", "HubError", "pack_bits"):
+        with pytest.warns(DeprecationWarning, match=f"import {name} from oodunleash.checkpoint"):
+            assert getattr(hub, name) is getattr(checkpoint, name)
+    for name in ("HubAuthError", "HubConnectionError"):
+        with pytest.warns(DeprecationWarning, match="no longer raised"):
+            assert issubclass(getattr(hub, name), checkpoint.HubError)
+    with pytest.raises(AttributeError, match="OODUnleash has save_pretrained"):
+        hub.HubMixin  # noqa: B018
+    import oodunleash
+
+    assert oodunleash.HubError is checkpoint.HubError
+    assert issubclass(checkpoint.CorruptCheckpointError, oodunleash.HubError)
