@@ -4,10 +4,12 @@ format 1.x configs to the current layout."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
 
+from ..config import UnleashConfig
 from .errors import CorruptCheckpointError
 from .format import CONFIG_NAME
 
@@ -140,6 +142,10 @@ def upgrade_v1(config: dict[str, Any]) -> dict[str, Any]:
     """A format 1.x config in the current layout (what oodunleash 0.1 wrote: the options as
     top-level fields, masks without their options, only fitted wrappers)."""
     params = {new: config[old] for old, new in _V1_PARAMS.items() if config.get(old) is not None}
+    # 0.1's options in today's form (ξ recipe folded, UM's unused mask options dropped); if
+    # they are invalid they stay as recorded, and loading names the 'params' field.
+    with contextlib.suppress(TypeError, ValueError):
+        params = UnleashConfig.from_legacy(config).to_dict()
     masks = config.get("masks")
     if isinstance(masks, dict):
         masks = {
