@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``oodunleash`` console script."""
     args = _build_parser().parse_args(argv)
     if args.command == "demo":
-        from .demo import run_demo
+        from .bench.demo import run_demo
 
         run_demo(
             args.out,
@@ -125,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
         )
         return 0
-    from .benchmark import parse_finetune, run_benchmark, summarize
+    from .bench.grid import parse_finetune
+    from .bench.report import summarize
+    from .bench.run import run_benchmark
 
     if args.summarize_only:
         summarize(args.out)
