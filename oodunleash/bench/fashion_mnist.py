@@ -194,8 +194,8 @@ def download_fashion_mnist(
     Args:
         root: Target directory. Defaults to ``$OODUNLEASH_FASHION_MNIST`` if set, else
             :func:`default_cache_dir`.
-        base_url: Where to download from instead of torchvision's mirror. Any URL that
-            ``urllib`` opens works, including ``file://``.
+        base_url: An HTTP(S) server to download from instead of torchvision's mirror (the
+            files under their canonical names).
         force: Download again even if the files exist.
 
     Returns:
@@ -218,17 +218,19 @@ def download_fashion_mnist(
     # Named like torchvision's class, so that its raw folder is <root>/FashionMNIST/raw.
     downloader = type("FashionMNIST", (TorchvisionFashionMNIST,), {"mirrors": mirrors})
     final = target / "FashionMNIST" / "raw"
-    final.mkdir(parents=True, exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target, prefix=".download-") as staging:
         try:
             downloader(staging, train=False, download=True)
         except (RuntimeError, OSError) as exc:
+            reason = " ".join(str(exc).split())  # torchvision's message spans lines
             raise OSError(
-                f"Could not download Fashion-MNIST from {', '.join(mirrors)}: {exc}. Check the "
+                f"Could not download Fashion-MNIST from {', '.join(mirrors)}: {reason} Check the "
                 "network connection, or get the files another way: apt-get install -y "
                 f"dataset-fashion-mnist, or set {FASHION_MNIST_ENV} to a directory holding the "
                 "IDX files. Nothing was saved."
             ) from exc
+        final.mkdir(parents=True, exist_ok=True)
         for path in (pathlib.Path(staging) / "FashionMNIST" / "raw").iterdir():
             os.replace(path, final / path.name)
     return final.resolve()
@@ -256,7 +258,8 @@ def _read_idx(path: pathlib.Path, kind: Literal["image", "label"]) -> torch.Tens
             return reader(str(plain))
     except (AssertionError, TypeError, ValueError, RuntimeError, KeyError, EOFError, zlib.error,
             gzip.BadGzipFile) as exc:  # fmt: skip
-        reason = str(exc) or type(exc).__name__
+        # torchvision checks the header with bare asserts.
+        reason = str(exc) or "no valid IDX header"
         raise ValueError(
             f"{path}: not a readable IDX {kind} file ({reason}); it is truncated, corrupt, "
             f"or not the {kind} file. Delete it and reinstall: {_FIX}."
