@@ -29,7 +29,7 @@ DOCUMENTED = (
     "oodunleash.results",
     "oodunleash.evaluation",
     "oodunleash.hub",
-    "oodunleash.datasets",
+    "oodunleash.bench.datasets",
     "oodunleash.distributed",
 )
 
