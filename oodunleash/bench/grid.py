@@ -76,11 +76,14 @@ class MaskedLoss:
     init: Literal["random", "magnitude"] = "random"
     dense_ends: bool = False
 
-    def compute(self, model: nn.Module, loader: TensorLoader, seed: int) -> float:
+    def compute(
+        self, model: nn.Module, loader: TensorLoader, seed: int, device: Any = None
+    ) -> float:
         """This recipe's ξ for ``model`` (left unchanged) on its training ``loader``."""
         return estimate_loss_constraint(
             model,
             loader,
+            device=device,
             keep_ratio=self.keep_ratio,
             exclude=_dense_ends(model) if self.dense_ends else None,
             init=self.init,
@@ -113,11 +116,16 @@ def _dense_ends(model: nn.Module) -> list[str]:
     return [names[0], names[-1]]
 
 
-def xi_candidates(model: nn.Module, loader: TensorLoader, seed: int) -> dict[str, float]:
+def xi_candidates(
+    model: nn.Module, loader: TensorLoader, seed: int, device: Any = None
+) -> dict[str, float]:
     """Every stored ξ recipe's value for the trained ``model`` (left unchanged): the
-    :data:`MASKED_RECIPES`, ``train_x2`` / ``x3`` / ``x4`` / ``x8``, and ``train_loss``."""
-    train_loss = mean_cross_entropy(model, loader)
-    out = {name: recipe.compute(model, loader, seed) for name, recipe in MASKED_RECIPES.items()}
+    :data:`MASKED_RECIPES`, ``train_x2`` / ``x3`` / ``x4`` / ``x8``, and ``train_loss``.
+    ``device``: where to run the model (default: where it is)."""
+    train_loss = mean_cross_entropy(model, loader, device=device)
+    out = {
+        name: recipe.compute(model, loader, seed, device) for name, recipe in MASKED_RECIPES.items()
+    }
     for k in STORED_MULTIPLES:
         out[TrainLossMultiple(k).name] = k * train_loss
     out["train_loss"] = train_loss
