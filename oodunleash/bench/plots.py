@@ -20,6 +20,9 @@ __all__ = ["plot_setting"]
 def plot_setting(
     out: pathlib.Path, setting: str, rs: list[dict[str, Any]], chosen: dict[str, str]
 ) -> None:
+    """Write a setting's plots into ``out``: ``curve_<tag>.png`` (when the per-seed results
+    have per-epoch metrics), ``compare_<tag>.png`` and ``tradeoff_<tag>.png``. Nothing
+    without matplotlib."""
     try:
         import matplotlib
 
