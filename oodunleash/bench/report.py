@@ -297,7 +297,7 @@ def _validation_markdown(rs: list[dict[str, Any]], chosen: dict[str, str]) -> li
         blocks = [r["runs"][name]["val"] for r in rs]
         xis = [r["runs"][name].get("xi_value") for r in rs]
         # A control has no ξ (older results stored 1e-12 for it).
-        controlled = name != "final" and from_name(name).is_control
+        controlled = name != "final" and rs[0]["runs"][name]["config"]["xi"] == "control"
         xi = "-" if name == "final" or controlled else f"{np.mean(xis):.4f}"
         ce = (
             "-"
