@@ -569,3 +569,35 @@ def test_old_paths_warn_and_reexport(old, new, name):
         f"assert getattr(old, {name!r}) is getattr(importlib.import_module({new!r}), {name!r})\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_train_classifier_uses_the_library_loop_and_calls_back_after_each_epoch():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))
+    seen = []
+
+    def on_epoch(epoch):
+        # Called when the epoch's last step is done: the weights are that epoch's.
+        seen.append((epoch, net[1].weight.detach().clone()))
+        return {"probe": epoch}
+
+    history = train_classifier(
+        net, TensorLoader(x, y, 16, seed=0), epochs=2, lr=0.1, on_epoch=on_epoch, progress=False
+    )
+    assert [h["epoch"] for h in history] == [1, 2] and [h["probe"] for h in history] == [1, 2]
+    assert all(0 <= h["accuracy"] <= 100 and h["loss"] > 0 for h in history)
+    assert [e for e, _ in seen] == [1, 2] and not torch.equal(seen[0][1], seen[1][1])
+    assert torch.equal(seen[1][1], net[1].weight)
+
+
+def test_run_record_round_trips_through_json():
+    from oodunleash.bench.run import RunRecord
+
+    record = RunRecord("small_cnn", "small_cnn", 0.0, 25, 0, "digits", "cpu", 100)
+    assert "refused" not in record.to_json()
+    record.refused["um/train_x100/lr0.01/ep1"] = "too high"
+    data = json.loads(json.dumps(record.to_json()))
+    assert RunRecord.from_json(data) == record
+    assert list(data)[:8] == ["setting", "model", "label_noise", "epochs", "seed", "dataset",
+                              "device", "train_size"]  # fmt: skip
