@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,docs,plots]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,docs,plots,bench]'
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian when we can install packages; the demo falls back to

@@ -11,9 +11,9 @@ batch 128, on the ID training split) four ways:
 * ``oe``: plain cross-entropy + OE (``flooding=False``, ``outlier_loader=glyphs``);
 * ``um+oe``: UM (default ξ) + OE.
 
-The auxiliary outliers are :class:`oodunleash.datasets.GlyphsOOD` (rendered letters and
+The auxiliary outliers are :class:`oodunleash.bench.datasets.GlyphsOOD` (rendered letters and
 symbols), disjoint from every test OOD set. Everything is evaluated, like the final model, with
-the benchmark's :func:`oodunleash.benchmark.evaluate_model` on the *test* ID/OOD sets (near =
+the benchmark's :func:`oodunleash.bench.protocol.evaluate_model` on the *test* ID/OOD sets (near =
 test images of classes 6-9, digits, photos, gaussian, uniform). One seed only, and by default
 the ID training split is subsampled to 12,000 images (``--train-size``) so four fine-tunes fit
 a CPU budget.
@@ -35,14 +35,10 @@ import numpy as np
 import torch
 
 from oodunleash import OODUnleash
-from oodunleash.benchmark import (
-    TensorLoader,
-    evaluate_model,
-    load_benchmark_data,
-    load_checkpoint,
-)
-from oodunleash.datasets import GlyphsOOD
-from oodunleash.models import create_model
+from oodunleash.bench.datasets import GlyphsOOD
+from oodunleash.bench.models import create_model
+from oodunleash.bench.protocol import TensorLoader, evaluate_model, load_benchmark_data
+from oodunleash.bench.run import load_checkpoint
 from oodunleash.results import write_atomic
 
 RUNS = {

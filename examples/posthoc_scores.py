@@ -46,15 +46,10 @@ import numpy as np
 import torch
 
 from oodunleash import OODUnleash
-from oodunleash.benchmark import (
-    in_batches,
-    load_benchmark_data,
-    load_checkpoint,
-    parse_finetune,
-    subsample,
-    xi_value,
-)
-from oodunleash.models import create_model
+from oodunleash.bench.grid import from_name, xi_value
+from oodunleash.bench.models import create_model
+from oodunleash.bench.protocol import in_batches, load_benchmark_data, subsample
+from oodunleash.bench.run import load_checkpoint
 from oodunleash.results import format_mean_std, mean_std, save_figure, write_atomic
 from oodunleash.scores import get_score
 
@@ -180,7 +175,7 @@ def main() -> None:
     shortcut = "um_" if args.um else "control_" if args.control else None
     finetune = SHORTCUTS[shortcut] if shortcut else args.finetune
     # Parsed before any model loads, so that a bad name fails at once.
-    ft = parse_finetune(finetune) if finetune is not None else None
+    ft = from_name(finetune) if finetune is not None else None
     torch.set_num_threads(1)
     run = runs[0]
     args.seeds = args.seeds or [0, 1, 2]
@@ -195,10 +190,10 @@ def main() -> None:
         epochs = result["epochs"]
         load_checkpoint(model, run / "checkpoints" / tag / f"epoch{epochs:03d}.safetensors")
         if ft is not None:
-            xi = xi_value(result["xi"], ft.xi)
-            if xi is None:  # else fit would fall back to its default ξ without a word
+            xi = None if ft.is_control else xi_value(result["xi"], ft.xi)
+            if xi is None and not ft.is_control:  # else fit would use its default ξ silently
                 raise SystemExit(
-                    f"No ξ recipe {ft.xi!r} in {tag}.json (it has {sorted(result['xi'])}); "
+                    f"No ξ recipe {ft.xi.name!r} in {tag}.json (it has {sorted(result['xi'])}); "
                     "use one of those, 'control', or train_x<k>."
                 )
             model = ft.fit(model, data["train"], xi, seed).export()

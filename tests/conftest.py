@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-# --- Fashion-MNIST availability (oodunleash.datasets) ---------------------------------------
+# --- Fashion-MNIST availability (oodunleash.bench.datasets) ---------------------------------------
 
 #: Set to 1 (e.g. in CI that installs dataset-fashion-mnist) to turn "data missing" skips into
 #: failures, so a broken data setup cannot hide behind skipped tests.
@@ -22,7 +22,7 @@ def fashion_mnist_dir() -> pathlib.Path:
     Use it as an argument, or as a marker: ``@pytest.mark.usefixtures("fashion_mnist_dir")``.
     """
     # Imported here so that collecting unrelated tests never depends on this module.
-    from oodunleash.datasets import find_fashion_mnist
+    from oodunleash.bench.datasets import find_fashion_mnist
 
     path = find_fashion_mnist()
     if path is None:

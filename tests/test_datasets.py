@@ -1,4 +1,5 @@
-"""Tests for oodunleash.datasets: IDX loading and validation, splits, shipped OOD sets."""
+"""Tests for oodunleash.bench.datasets: Fashion-MNIST through torchvision (files, validation,
+download offline), splits, shipped OOD sets."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
 
-from oodunleash import datasets as ds
+from oodunleash.bench import datasets as ds
+from oodunleash.bench import fashion_mnist as fm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEMS = {
@@ -70,10 +73,12 @@ def write_fake_fmnist(directory: pathlib.Path, gz: bool = True) -> dict[str, tup
 def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> pathlib.Path:
     """No env var, no Debian copy, an empty cache: nothing is found unless a test adds it."""
     monkeypatch.delenv(ds.FASHION_MNIST_ENV, raising=False)
-    monkeypatch.setattr(ds, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(fm, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     # A stray download=True must never reach the real server from the tests.
-    monkeypatch.setattr(ds, "FASHION_MNIST_URL", (tmp_path / "no-server").as_uri())
+    monkeypatch.setattr(
+        TorchvisionFashionMNIST, "mirrors", [(tmp_path / "no-server").as_uri() + "/"]
+    )
     return tmp_path
 
 
@@ -295,15 +300,12 @@ def corrupt(tmp_path: pathlib.Path, how: str) -> pathlib.Path:
 @pytest.mark.parametrize(
     ("how", "match"),
     [
-        ("bad magic", r"bad magic number 1234 .*starts with 2051"),
-        ("swapped", r"bad magic number 2051 .*starts with 2049.*swapped"),
-        (
-            "truncated",
-            r"header declares dimensions \(5, 28, 28\) \(3920 bytes.*3820 bytes.*truncated",
-        ),
-        ("trailing data", "trailing data"),
-        ("short header", "too short for an IDX header"),
-        ("truncated gzip", "damaged gzip stream"),
+        ("bad magic", r"not a readable IDX image file \(no valid IDX header\)"),
+        ("swapped", r"not a readable IDX label file \(.*1 dimension instead of 3\)"),
+        ("truncated", r"image file \(shape '\[5, 28, 28\]' is invalid for input of size 3820"),
+        ("trailing data", r"image file \(shape .* size 3923\); it is truncated, corrupt"),
+        ("short header", r"not a readable IDX label file \(no valid IDX header\)"),
+        ("truncated gzip", r"image file \(Compressed file ended"),
         ("count mismatch", "holds 5 images but .* holds 4 labels"),
         ("label range", r"labels must lie in 0\.\.9, found \[12\]"),
         ("wrong size", r"expected \(N, 28, 28\)"),
@@ -395,39 +397,21 @@ class Mirror(NamedTuple):
 
 @pytest.fixture
 def mirror(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Mirror:
-    """A directory laid out like the canonical server, with matching checksums."""
+    """A directory laid out like the canonical server, torchvision's checksums set to match."""
     directory = tmp_path / "mirror"
     arrays = write_fake_fmnist(directory, gz=True)
-    sums = {
-        path.name[:-3]: hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest()
-        for path in directory.iterdir()
-    }
-    monkeypatch.setattr(ds, "FASHION_MNIST_SHA256", sums)
+    resources = [
+        (name, hashlib.md5((directory / name).read_bytes()).hexdigest())
+        for name, _ in TorchvisionFashionMNIST.resources
+    ]
+    monkeypatch.setattr(TorchvisionFashionMNIST, "resources", resources)
     return Mirror(directory, arrays)
 
 
-def leftovers(directory: pathlib.Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+@pytest.fixture
+def served(mirror: Mirror):
+    """The mirror on a local HTTP server (torchvision's downloader speaks HTTP): its URL."""
 
-
-def test_download_from_file_url_into_cache(
-    isolated: pathlib.Path, mirror: Mirror, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(ds, "FASHION_MNIST_URL", mirror.path.as_uri())
-    with pytest.raises(FileNotFoundError):
-        ds.load_fashion_mnist("test")
-    images, labels = ds.load_fashion_mnist("test", download=True)
-    assert np.array_equal(images.numpy(), mirror.arrays["test"][0])
-    cache = ds.default_cache_dir()
-    assert leftovers(cache) == sorted(s + ".gz" for pair in STEMS.values() for s in pair)
-    assert ds.find_fashion_mnist() == cache.resolve()
-    # Already there: a second download=True does not touch the (now gone) server.
-    for path in mirror.path.iterdir():
-        path.unlink()
-    assert len(ds.FashionMNIST("train", download=True)) == 20
-
-
-def test_download_over_http_into_root(tmp_path: pathlib.Path, mirror: Mirror) -> None:
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
             pass
@@ -437,37 +421,77 @@ def test_download_over_http_into_root(tmp_path: pathlib.Path, mirror: Mirror) ->
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        target = tmp_path / "data"
-        assert ds.download_fashion_mnist(target, base_url=base) == target.resolve()
-        images, _ = ds.load_fashion_mnist("train", root=target)
-        assert np.array_equal(images.numpy(), mirror.arrays["train"][0])
-        # A file missing on the server (HTTP 404) fails cleanly, naming the URL.
-        (target / "t10k-labels-idx1-ubyte.gz").unlink()
-        (mirror.path / "t10k-labels-idx1-ubyte.gz").unlink()
-        with pytest.raises(OSError, match=r"Could not download http://.*t10k-labels.*HTTP 404"):
-            ds.download_fashion_mnist(target, base_url=base)
-        assert "t10k-labels-idx1-ubyte.gz" not in leftovers(target)
-        assert not [name for name in leftovers(target) if name.endswith(".part")]
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
     finally:
         server.shutdown()
         server.server_close()
 
 
-def test_download_checksum_mismatch_leaves_nothing(
-    tmp_path: pathlib.Path, mirror: Mirror, monkeypatch: pytest.MonkeyPatch
+def leftovers(directory: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+ALL_FILES = sorted(s + ext for pair in STEMS.values() for s in pair for ext in ("", ".gz"))
+
+
+def test_download_into_cache(
+    isolated: pathlib.Path, mirror: Mirror, served: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(ds.FASHION_MNIST_SHA256, "train-images-idx3-ubyte", "0" * 64)
-    monkeypatch.setattr(ds, "FASHION_MNIST_URL", mirror.path.as_uri())
+    # torchvision's own downloader, pointed at a local mirror: no network.
+    monkeypatch.setattr(TorchvisionFashionMNIST, "mirrors", [served])
+    with pytest.raises(FileNotFoundError):
+        ds.load_fashion_mnist("test")
+    images, labels = ds.load_fashion_mnist("test", download=True)
+    assert np.array_equal(images.numpy(), mirror.arrays["test"][0])
+    raw = ds.default_cache_dir() / "FashionMNIST" / "raw"  # torchvision's layout
+    assert leftovers(raw) == ALL_FILES
+    assert leftovers(ds.default_cache_dir()) == ["FashionMNIST"]  # no staging left behind
+    assert ds.find_fashion_mnist() == raw.resolve()
+    # Already there: a second download=True does not touch the (now gone) server.
+    for path in mirror.path.iterdir():
+        path.unlink()
+    assert len(ds.FashionMNIST("train", download=True)) == 20
+
+
+def test_download_into_root_from_base_url(
+    tmp_path: pathlib.Path, mirror: Mirror, served: str
+) -> None:
+    if True:
+        base = served.rstrip("/")
+        target = tmp_path / "data"
+        raw = target / "FashionMNIST" / "raw"
+        assert ds.download_fashion_mnist(target, base_url=base) == raw.resolve()
+        images, _ = ds.load_fashion_mnist("train", root=target)
+        assert np.array_equal(images.numpy(), mirror.arrays["train"][0])
+        # A file missing on the server (HTTP 404) fails cleanly, naming the server, and
+        # keeps what was saved before.
+        (raw / "t10k-labels-idx1-ubyte.gz").unlink()
+        (raw / "t10k-labels-idx1-ubyte").unlink()
+        (mirror.path / "t10k-labels-idx1-ubyte.gz").unlink()
+        with pytest.raises(OSError, match=r"Could not download Fashion-MNIST from http://.*404"):
+            ds.download_fashion_mnist(target, base_url=base)
+        assert leftovers(target) == ["FashionMNIST"]
+        assert "t10k-labels-idx1-ubyte.gz" not in leftovers(raw)
+        assert "train-images-idx3-ubyte" in leftovers(raw)
+
+
+def test_download_checksum_mismatch_leaves_nothing(
+    tmp_path: pathlib.Path, served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = [(name, "0" * 32) for name, _ in TorchvisionFashionMNIST.resources]
+    monkeypatch.setattr(TorchvisionFashionMNIST, "resources", bad)
+    monkeypatch.setattr(TorchvisionFashionMNIST, "mirrors", [served])
     target = tmp_path / "data"
-    with pytest.raises(ValueError, match="SHA-256 .* expected 0000"):
+    with pytest.raises(OSError, match="corrupted.*Nothing was saved"):
         ds.load_fashion_mnist("train", root=target, download=True)
     assert leftovers(target) == []
 
 
 def test_download_unreachable_source(tmp_path: pathlib.Path) -> None:
-    missing = (tmp_path / "nowhere").as_uri()
-    with pytest.raises(OSError, match="Could not download file://"):
+    closed = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    missing = f"http://127.0.0.1:{closed.server_address[1]}/"
+    closed.server_close()  # nothing listens there now
+    with pytest.raises(OSError, match="Could not download Fashion-MNIST from http://127"):
         ds.download_fashion_mnist(tmp_path / "data", base_url=missing)
     assert leftovers(tmp_path / "data") == []
 

@@ -27,9 +27,11 @@ DOCS = ROOT / "docs"
 #: Modules without a page in the API reference, and why.
 NOT_IN_API_REFERENCE = {
     "oodunleash.batches": "internal helpers that read user loaders",
-    "oodunleash.benchmark": "the benchmark behind `oodunleash benchmark`, see docs/benchmarks.md",
+    "oodunleash.benchmark": "deprecated alias of oodunleash.bench",
     "oodunleash.cli": "the command line, documented by `oodunleash --help`",
-    "oodunleash.demo": "the demo behind `oodunleash demo`",
+    "oodunleash.datasets": "deprecated alias of oodunleash.bench.datasets",
+    "oodunleash.demo": "deprecated alias of oodunleash.bench.demo",
+    "oodunleash.models": "deprecated alias of oodunleash.bench.models",
 }
 
 #: Public methods and properties still without a docstring (their own or inherited). Owners:

@@ -1,4 +1,4 @@
-"""The reference classifiers in oodunleash.models."""
+"""The reference classifiers in oodunleash.bench.models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from oodunleash import OODUnleash
-from oodunleash.models import MODEL_NAMES, SmallCNN, create_model
+from oodunleash.bench.models import MODEL_NAMES, SmallCNN, create_model
 
 
 def test_small_cnn_shapes_and_head():
