@@ -34,7 +34,7 @@ import time
 import numpy as np
 import torch
 
-from oodunleash import OODUnleash
+from oodunleash import OODUnleash, Relative
 from oodunleash.bench.datasets import GlyphsOOD
 from oodunleash.bench.models import create_model
 from oodunleash.bench.protocol import TensorLoader, evaluate_model, load_benchmark_data
@@ -97,7 +97,7 @@ def main() -> None:
     for name, cfg in RUNS.items():
         model.load_state_dict(final_state)
         torch.manual_seed(args.seed)
-        unleashed = OODUnleash(model, method="um", constraint_factor=4.0, seed=args.seed)
+        unleashed = OODUnleash(model, method="um", constraint=Relative(4.0), seed=args.seed)
         outlier = None
         if cfg.get("outlier"):
             outlier = TensorLoader(

@@ -88,9 +88,9 @@ def main() -> None:
     model.to(device)
 
     # Stand-in for "a trained classifier": train it with plain cross-entropy first
-    # (loss_constraint tiny = flooding never ascends). Skip this with a real trained model.
+    # (flooding=False). Skip this with a real trained model.
     OODUnleash(model, method="um").fit(
-        train_loader, epochs=args.pretrain_epochs, lr=0.05, loss_constraint=1e-6
+        train_loader, epochs=args.pretrain_epochs, lr=0.05, flooding=False
     )
     unleashed = OODUnleash(model, method=args.method).fit(train_loader, epochs=args.epochs)
     results = unleashed.evaluate(test_loader, {"unseen": ood_loader}, scores=["energy", "msp"])

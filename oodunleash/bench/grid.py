@@ -327,7 +327,7 @@ class FineTune:
         if r.is_control:
             fit_options["flooding"] = False
         else:
-            fit_options["loss_constraint"] = xi
+            options["constraint"] = xi
         unleashed = OODUnleash(model, r.method, seed=seed, **options)
         return unleashed.fit(
             TensorLoader(*train, 128, shuffle=True, seed=seed + 1),

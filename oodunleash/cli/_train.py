@@ -114,6 +114,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             keep_ratio=args.keep_ratio,
             seed=args.seed,
             score=args.score,
+            **({} if args.loss_constraint is None else {"constraint": args.loss_constraint}),
         )
     except ValueError as exc:  # a flag out of range, e.g. --keep-ratio
         raise UsageError(str(exc)) from None
@@ -123,7 +124,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
         train_loader,
         epochs=args.epochs,
         lr=args.lr,
-        loss_constraint=args.loss_constraint,
         amp=args.amp,
         device=_inputs.device(args.device),
         progress=show,
