@@ -18,17 +18,27 @@ where the ranks' results are joined.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .batches import check_logits, iter_batches
+from ._modules import model_device
+from .batches import (
+    cast_images,
+    check_finite,
+    check_labels,
+    check_logits,
+    check_model_input,
+    explain_forward_error,
+    iter_batches,
+    model_dtype,
+)
 from .distributed import (
     all_gather_variable,
     init_distributed,
@@ -36,6 +46,7 @@ from .distributed import (
     is_main_process,
     shard_loader,
 )
+from .heads import HeadHooks, LinearHead, close, linear_head, output_candidates, record_outputs
 
 __all__ = [
     "FeatureExtractor",
@@ -47,46 +58,6 @@ __all__ = [
 
 #: Per-sample fields of a :class:`FeatureSet` that :func:`collect_features` can keep.
 PER_SAMPLE = ("logits", "features", "feature_maps", "labels")
-
-
-@dataclass
-class LinearHead:
-    """The classifier's last layer, ``logits = features @ weight.T + bias``.
-
-    Example:
-        >>> head = LinearHead(torch.eye(2), torch.tensor([0.0, 1.0]))
-        >>> head(torch.tensor([[2.0, 3.0]]))
-        tensor([[2., 4.]])
-    """
-
-    weight: Tensor  # (classes, dim)
-    bias: Tensor  # (classes,)
-
-    @classmethod
-    def from_module(cls, module: nn.Module) -> LinearHead:
-        """A detached copy of a linear layer's current weight and bias.
-
-        Args:
-            module: A layer with a ``weight`` (an ``nn.Linear``, or a masked layer, which
-                returns its masked weight) and an optional ``bias``. A weight of more than
-                two dimensions is flattened to ``(classes, dim)``.
-
-        Returns:
-            The head; its bias is zeros when ``module`` has none.
-        """
-        weight = module.weight.detach()  # masked layers return their masked weight here
-        bias = getattr(module, "bias", None)
-        bias = bias.detach() if bias is not None else weight.new_zeros(weight.shape[0])
-        return cls(weight.reshape(weight.shape[0], -1), bias)
-
-    @property
-    def num_classes(self) -> int:
-        """The number of classes (output rows of :attr:`weight`)."""
-        return self.weight.shape[0]
-
-    def __call__(self, features: Tensor) -> Tensor:
-        w = self.weight.to(features.device, features.dtype)
-        return F.linear(features, w, self.bias.to(features.device, features.dtype))
 
 
 _HOW_TO_GET = {
@@ -201,13 +172,6 @@ class FeatureSet:
 
 
 # --------------------------------------------------------------------------- extractor
-def _close(a: Tensor, b: Tensor) -> bool:
-    if a.shape != b.shape:
-        return False
-    scale = float(b.detach().abs().max()) if b.numel() else 1.0
-    return torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4 * max(1.0, scale))
-
-
 def _is_timm(model: nn.Module) -> bool:
     return all(
         callable(getattr(model, attr, None))
@@ -219,24 +183,48 @@ def _get_submodule(model: nn.Module, name: str, option: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-6:]
         raise ValueError(
             f"{option}={name!r}: the model has no submodule of that name. "
-            + (f"Its nn.Linear layers are {linear}." if option == "head" else "")
+            + (f"Its last nn.Linear layers are {linear}." if option == "head" else "")
         ) from None
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.flatten(1) if t.dim() > 2 else t
+
+
+def _pooled(maps: Tensor) -> Tensor:
+    return maps.flatten(2).mean(dim=2) if maps.dim() > 2 else maps
+
+
+#: Marks a model whose feature-map scores read the penultimate features.
+_FEATURES_AS_MAPS = nn.Identity()
 
 
 class FeatureExtractor:
     """Read logits, penultimate features and pre-pool feature maps of ``model`` in one pass.
 
     Args:
-        model: The classifier (timm or custom), mapping images to ``(batch, classes)`` logits.
+        model: The classifier (timm or custom), mapping images to ``(batch, classes)`` logits,
+            or to an output holding them under ``"logits"`` / ``.logits`` (Hugging Face).
         head: Name of the classifier head submodule (its input is the penultimate feature).
-            Default: found automatically.
+            Default: found automatically; timm's distilled models (two heads) are read as
+            their eval output combines them.
         feature_layer: Name of the submodule whose output is the pre-pool feature map (used
             by ASH). Default: ``forward_features`` for timm models, else found automatically.
+        output_key: Where the logits are in a model output that is a mapping or an object
+            (default ``"logits"``).
 
-    The model is not put in eval mode here; callers decide.
+    The first batch resolves and checks how the model is read: the head must reproduce the
+    model's logits from the features (a wrong ``head=`` is refused, naming the submodules
+    whose output has the logits' shape), and a model/data mismatch (dtype, device, channels,
+    size, an unbatched image, NaN pixels) is reported naming both sides. Floating-point images
+    are cast to the model's dtype. The model is not put in eval mode here; callers decide.
+
+    Threads: after the first call an extractor (and the model it reads) may be shared by
+    threads scoring at once. Its hooks are attached once, on the first call, and each thread
+    reads what they capture in its own storage; nothing is attached per call.
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
@@ -246,43 +234,56 @@ class FeatureExtractor:
     """
 
     def __init__(
-        self, model: nn.Module, head: str | None = None, feature_layer: str | None = None
+        self,
+        model: nn.Module,
+        head: str | None = None,
+        feature_layer: str | None = None,
+        output_key: str | None = None,
     ) -> None:
         self.model = model
         self.head_name = head
         self.feature_layer = feature_layer
+        self.output_key = output_key
         self.mode: str | None = None  # "timm" or "hooks", decided on the first batch
-        self._head_module: nn.Module | None = None
+        self._heads: tuple[nn.Module, ...] = ()
+        self._like: tuple[Tensor, ...] = ()  # an input row of each head
+        self._shared = True  # whether the heads read one input
+        self._linear = True  # whether the LinearHead reproduces the logits
+        self._hooks: HeadHooks | None = None
         self._maps_module: nn.Module | None = None
         self._maps_checked = False
+        self._lock = threading.Lock()
         if head is not None:
-            self._head_module = _get_submodule(model, head, "head")
+            self._heads = (_get_submodule(model, head, "head"),)
         if feature_layer is not None:
             self._maps_module = _get_submodule(model, feature_layer, "feature_layer")
 
     # ------------------------------------------------------------------ public
     @property
     def head(self) -> LinearHead | None:
-        """The current weights of the classifier head, or ``None`` if it is not linear."""
-        module = self._head_module
-        if module is None or not isinstance(getattr(module, "weight", None), Tensor):
+        """The current weights of the classifier head as one linear map, or ``None`` if it is
+        not linear."""
+        if self.mode is None:
+            if len(self._heads) == 1 and isinstance(
+                getattr(self._heads[0], "weight", None), Tensor
+            ):
+                return LinearHead.from_module(self._heads[0])
             return None
-        if module.weight.dim() != 2 and not (
-            isinstance(module, nn.Conv2d) and module.weight.shape[2:].numel() == 1
-        ):
+        if not self._linear:
             return None
-        return LinearHead.from_module(module)
+        return linear_head(self._heads, self._like, self._shared)
+
+    @property
+    def _head_module(self) -> nn.Module | None:
+        return self._heads[0] if self._heads else None
 
     def logits(self, images: Tensor) -> Tensor:
         """Plain forward pass (keeps autograd as the caller sets it)."""
-        return check_logits(self.model(images), images.shape[0])
+        return self._forward(self._prepare(images))
 
     def __call__(self, images: Tensor, *, maps: bool = False) -> FeatureSet:
         """One forward pass: logits and features, plus feature maps when ``maps``."""
-        if self.mode is None:
-            self._resolve(images)
-        if maps and self.mode == "hooks" and self._maps_module is None:
-            self._find_maps_module(images)
+        images = self._prepare(images)
         if self.mode == "timm":
             fmap = self.model.forward_features(images)
             feats = self.model.forward_head(fmap, pre_logits=True)
@@ -309,88 +310,54 @@ class FeatureExtractor:
                 "Scores on feature maps need a linear classifier head on custom models: name it "
                 "with OODUnleash(model, head='fc')."
             )
-        return head(maps.flatten(2).mean(dim=2) if maps.dim() > 2 else maps)
+        return head(_pooled(maps))
 
-    # ------------------------------------------------------------------ resolution
+    # ------------------------------------------------------------------ forward
+    def _prepare(self, images: Tensor) -> Tensor:
+        """Resolve on the first batch; check and cast every batch."""
+        if self.mode is None:
+            with self._lock:
+                if self.mode is None:
+                    self._resolve(images)
+        check_model_input(self.model, images, full=False)
+        return cast_images(images, model_dtype(self.model))
+
+    def _forward(self, images: Tensor) -> Tensor:
+        return check_logits(self.model(images), images.shape[0], self.output_key)
+
     def _classifier(self, feats: Tensor) -> Tensor:
         return self.model.get_classifier()(feats)
 
-    def _resolve(self, images: Tensor) -> None:
-        if self.head_name is None and self.feature_layer is None and _is_timm(self.model):
-            with torch.no_grad():
-                try:
-                    expected = self.logits(images)
-                    fmap = self.model.forward_features(images)
-                    feats = self.model.forward_head(fmap, pre_logits=True)
-                    logits = self._classifier(feats)
-                    ok = isinstance(logits, Tensor) and _close(logits, expected)
-                except (RuntimeError, TypeError, AttributeError, NotImplementedError):
-                    ok = False
-            if ok:
-                classifier = self.model.get_classifier()
-                if isinstance(classifier, nn.Module):
-                    self._head_module = classifier
-                self.mode = "timm"
-                return
-        if self._head_module is None:
-            self._find_head(images)
-        self.mode = "hooks"
-
-    def _find_head(self, images: Tensor) -> None:
-        calls: list[tuple[str, nn.Module, Tensor]] = []
-        with (
-            _hooks(
-                self.model,
-                lambda m: isinstance(m, nn.Linear),
-                lambda name, m, out: calls.append((name, m, out)),
-            ),
-            torch.no_grad(),
-        ):
-            logits = self.logits(images)
-        matches = [(n, m) for n, m, out in calls if isinstance(out, Tensor) and _close(out, logits)]
-        if not matches:
-            sized = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
+    def _hooked_forward(self, images: Tensor, maps: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+        with self._hooks.recording() as store:
+            logits = self._forward(images)
+        inputs = [store.get(i) for i in range(len(self._heads))]
+        if any(t is None for t in inputs):
             raise ValueError(
-                f"Could not find the classifier head of {type(self.model).__name__}: no nn.Linear "
-                f"layer produces the model's {logits.shape[1]}-class output (nn.Linear layers: "
-                f"{sized or 'none'}). Name the layer whose input is the penultimate feature "
-                "with OODUnleash(model, head='name'), e.g. head='fc'."
+                f"The head layer {self.head_name or type(self._heads[0]).__name__!r} did not "
+                "run in the forward pass; name the classifier head with head='...'."
             )
-        self._head_module = matches[-1][1]
+        feats = inputs[0] if self._shared else torch.cat([_flat(t) for t in inputs], dim=1)
+        if not maps:
+            return None, feats, logits
+        if self._maps_module is _FEATURES_AS_MAPS:
+            self._warn_no_maps()
+            return _flat(feats), feats, logits
+        fmap = store.get("maps")
+        if not self._maps_checked:
+            if not isinstance(fmap, Tensor) or not close(_pooled(fmap), _flat(feats)):
+                raise ValueError(
+                    f"The output of feature_layer={self.feature_layer!r} is not the pre-pool "
+                    "feature map: its spatial mean differs from the classifier's input, so "
+                    "logits cannot be rebuilt from it. Name the layer right before global "
+                    "average pooling, or use a timm model."
+                )
+            self._maps_checked = True
+        return fmap, feats, logits
 
-    def _find_maps_module(self, images: Tensor) -> None:
-        head = self._head_module
-        captured: dict[str, Tensor] = {}
-        outputs: list[tuple[nn.Module, Tensor]] = []
-
-        def keep_input(_m, args):
-            captured["features"] = args[0]
-
-        handle = head.register_forward_pre_hook(keep_input)
-        try:
-            with (
-                _hooks(
-                    self.model,
-                    lambda m: m is not self.model,
-                    lambda name, m, out: outputs.append((m, out)),
-                ),
-                torch.no_grad(),
-            ):
-                self.logits(images)
-        finally:
-            handle.remove()
-        feats = _flat(captured["features"])
-        found, best_size = None, 0
-        for module, out in outputs:
-            if (
-                isinstance(out, Tensor)
-                and out.dim() > 2
-                and out.shape[:2] == feats.shape[:2]
-                and out.shape[2:].numel() >= best_size  # the map before pooling, not after
-                and _close(out.flatten(2).mean(dim=2), feats)
-            ):
-                found, best_size = module, out.shape[2:].numel()
-        if found is None:
+    def _warn_no_maps(self) -> None:
+        if not self._maps_checked:
+            self._maps_checked = True
             # Models without a pooled feature map (MLPs, functional activations after the last
             # layer): feature-map scores act on the penultimate features, seen as 1x1 maps.
             warnings.warn(
@@ -398,79 +365,132 @@ class FeatureExtractor:
                 "module output whose spatial mean is the classifier's input); scores on feature "
                 "maps (ASH) use the penultimate features instead. Name the layer with "
                 "OODUnleash(model, feature_layer='layer4') to use its maps.",
-                stacklevel=3,
+                stacklevel=4,
             )
-            found = _FEATURES_AS_MAPS
-        self._maps_module = found
 
-    def _hooked_forward(self, images: Tensor, maps: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-        captured: dict[str, Tensor] = {}
+    # ------------------------------------------------------------------ resolution
+    def _resolve(self, images: Tensor) -> None:
+        """Decide how to read the model, on the first batch, and check it."""
+        check_model_input(self.model, images)
+        images = cast_images(images, model_dtype(self.model))
+        with torch.no_grad():
+            try:
+                output = self.model(images)
+            except (RuntimeError, AssertionError) as err:
+                if isinstance(err, torch.OutOfMemoryError):
+                    raise
+                raise explain_forward_error(self.model, images, err) from err
+            expected = check_logits(output, images.shape[0], self.output_key)
+            check_finite(
+                expected,
+                "The model's logits on the first batch",
+                "the images are finite, so the weights or the numerics are the cause (e.g. a "
+                "float16 overflow).",
+            )
+            if self._try_timm(images, expected):
+                self.mode = "timm"
+                return
+            heads = self._heads or self._timm_heads() or self._find_head(images, expected)
+            self._attach(heads, images, expected)
+        self.mode = "hooks"
 
-        def keep_input(_m, args):
-            captured["features"] = args[0]
-
-        def keep_output(_m, _args, out):
-            captured["maps"] = out
-
-        handles = [self._head_module.register_forward_pre_hook(keep_input)]
-        if maps and self._maps_module is _FEATURES_AS_MAPS:
-            maps = False
-            captured["maps"] = None
-        elif maps:
-            handles.append(self._maps_module.register_forward_hook(keep_output))
+    def _try_timm(self, images: Tensor, expected: Tensor) -> bool:
+        if self._heads or self.feature_layer is not None or not _is_timm(self.model):
+            return False
+        classifier = self.model.get_classifier()
+        if not isinstance(classifier, nn.Module):
+            return False
         try:
-            logits = self.logits(images)
-        finally:
-            for h in handles:
-                h.remove()
-        if "features" not in captured:
+            feats = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+            logits = classifier(feats)
+        except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+            return False
+        if not close(logits, expected):
+            return False
+        self._heads, self._like, self._shared = (classifier,), (_flat(feats)[:1],), True
+        head = linear_head(self._heads, self._like, True)
+        self._linear = head is not None and close(head(_flat(feats)), expected)
+        return True
+
+    def _timm_heads(self) -> tuple[nn.Module, ...]:
+        """timm's distilled models: ``get_classifier()`` returns ``(head, head_dist)``."""
+        if not _is_timm(self.model):
+            return ()
+        classifier = self.model.get_classifier()
+        if isinstance(classifier, tuple | list) and all(
+            isinstance(m, nn.Module) for m in classifier
+        ):
+            return tuple(classifier)
+        return ()
+
+    def _candidates(self, images: Tensor) -> str:
+        names = output_candidates(self.model, lambda: self._forward(images))
+        return f"Submodules whose output has the logits' shape: {names or 'none'}."
+
+    def _find_head(self, images: Tensor, expected: Tensor) -> tuple[nn.Module, ...]:
+        calls: list[tuple[str, Tensor]] = []
+        with record_outputs(
+            self.model, lambda m: isinstance(m, nn.Linear), lambda n, o: calls.append((n, o))
+        ):
+            self._forward(images)
+        matches = [n for n, out in calls if isinstance(out, Tensor) and close(out, expected)]
+        if not matches:
             raise ValueError(
-                f"The head layer {self.head_name or type(self._head_module).__name__!r} did not "
-                "run in the forward pass; name the classifier head with head='...'."
+                f"Could not find the classifier head of {type(self.model).__name__}: no "
+                f"nn.Linear layer produces the model's {expected.shape[1]}-class output. "
+                f"{self._candidates(images)} Name the layer whose input is the penultimate "
+                "feature with OODUnleash(model, head='name'), e.g. head='fc'."
             )
-        fmap = captured.get("maps")
-        if "maps" in captured and fmap is None:
-            fmap = _flat(captured["features"])
-        if maps and not self._maps_checked:
-            pooled = (
-                None if fmap is None else (fmap.flatten(2).mean(dim=2) if fmap.dim() > 2 else fmap)
+        return (self.model.get_submodule(matches[-1]),)
+
+    def _attach(self, heads: tuple[nn.Module, ...], images: Tensor, expected: Tensor) -> None:
+        """Hook the head(s), check that they reproduce the model's output, find the maps."""
+        hooks = HeadHooks(heads)
+        with hooks.recording() as store:
+            self._forward(images)
+        inputs = [store.get(i) for i in range(len(heads))]
+        outputs = [store.get(("out", i)) for i in range(len(heads))]
+        ran = all(isinstance(t, Tensor) for t in (*inputs, *outputs))
+        if not ran or not close(torch.stack([_flat(o) for o in outputs]).mean(dim=0), expected):
+            hooks.remove()
+            name = self.head_name or "the classifier head"
+            problem = "did not run" if not ran else "does not produce the model's output"
+            raise ValueError(
+                f"head={name!r} {problem} (logits of shape {tuple(expected.shape)}): it is not "
+                f"the classifier head. {self._candidates(images)} Name the layer whose input is "
+                "the penultimate feature with head='...'."
             )
-            if pooled is None or not _close(pooled, _flat(captured["features"])):
-                raise ValueError(
-                    f"The output of feature_layer={self.feature_layer!r} is not the pre-pool "
-                    "feature map: its spatial mean differs from the classifier's input, so logits "
-                    "cannot be rebuilt from it. Name the layer right before global average "
-                    "pooling, or use a timm model."
-                )
-            self._maps_checked = True
-        return fmap, captured["features"], logits
+        self._heads, self._hooks = heads, hooks
+        self._shared = all(t is inputs[0] for t in inputs)
+        self._like = tuple(_flat(t)[:1].detach() for t in inputs)
+        feats = _flat(inputs[0]) if self._shared else torch.cat([_flat(t) for t in inputs], 1)
+        head = linear_head(heads, self._like, self._shared)
+        self._linear = head is not None and close(head(feats), expected)
+        self._find_maps_module(images, _flat(feats))
 
-
-#: Marks a model whose feature-map scores read the penultimate features.
-_FEATURES_AS_MAPS = nn.Identity()
-
-
-def _flat(t: Tensor) -> Tensor:
-    return t.flatten(1) if t.dim() > 2 else t
-
-
-@contextlib.contextmanager
-def _hooks(
-    model: nn.Module,
-    which: Callable[[nn.Module], bool],
-    record: Callable[[str, nn.Module, Any], None],
-) -> Iterator[None]:
-    handles = []
-    for name, module in model.named_modules():
-        if which(module):
-            handles.append(
-                module.register_forward_hook(lambda m, _a, out, n=name: record(n, m, out))
+    def _find_maps_module(self, images: Tensor, feats: Tensor) -> None:
+        """Found now, with the head, so that the hooks never change after the first call."""
+        if self._maps_module is None:
+            outputs: list[tuple[str, Tensor]] = []
+            with record_outputs(
+                self.model, lambda m: m is not self.model, lambda n, o: outputs.append((n, o))
+            ):
+                self._forward(images)
+            found, best_size = None, 0
+            for name, out in outputs:
+                if (
+                    isinstance(out, Tensor)
+                    and out.dim() > 2
+                    and out.shape[:2] == feats.shape[:2]
+                    and out.shape[2:].numel() >= best_size  # the map before pooling, not after
+                    and close(_pooled(out), feats)
+                ):
+                    found, best_size = name, out.shape[2:].numel()
+            self._maps_module = (
+                _FEATURES_AS_MAPS if found is None else self.model.get_submodule(found)
             )
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+        if self._maps_module is not _FEATURES_AS_MAPS:
+            self._hooks.watch_maps(self._maps_module)
 
 
 # --------------------------------------------------------------------------- collection
@@ -508,6 +528,97 @@ def gather_feature_set(data: FeatureSet, device: torch.device) -> FeatureSet:
     return out
 
 
+class _Collector:
+    """Accumulates what :func:`collect_features` keeps, batch by batch, checking each batch."""
+
+    def __init__(
+        self,
+        keep: set[str],
+        per_batch: dict[str, Callable[[FeatureSet], Tensor]],
+        store_device: torch.device | str,
+        source: str,
+    ) -> None:
+        self.keep, self.per_batch, self.store_device = keep, per_batch, store_device
+        self.source = source
+        self.parts: dict[str, list[Tensor]] = {name: [] for name in keep}
+        self.extra: dict[str, list[Tensor]] = {name: [] for name in per_batch}
+        self.unlabelled = False
+        self.seen = 0
+
+    def add(self, batch: FeatureSet, step: int) -> None:
+        self._check(batch, step)
+        for name in self.keep:
+            value = getattr(batch, name)
+            if value is None:
+                if name == "labels":
+                    self.unlabelled = True
+                    continue
+                raise ValueError(f"The model gave no {name} for this batch.")
+            value = value.detach()
+            if value.is_floating_point():
+                value = value.float()
+            self.parts[name].append(value.to(self.store_device))
+        for name, fn in self.per_batch.items():
+            from .scores.base import check_score_output  # scores import this module
+
+            with torch.no_grad():  # gradient scores switch autograd back on themselves
+                out = check_score_output(name, fn(batch), len(batch.images))
+            self.extra[name].append(out.to(self.store_device))
+        self.seen += len(batch.images)
+
+    def _check(self, batch: FeatureSet, step: int) -> None:
+        where = f"batch {step} of the {self.source!r} data"
+        for name in ("logits", "features"):
+            value = getattr(batch, name)
+            if name in self.keep and value is not None and not bool(torch.isfinite(value).all()):
+                images_ok = bool(torch.isfinite(batch.images).all())
+                check_finite(
+                    value,
+                    f"The model's {name} on {where}",
+                    "the images are finite, so the model's weights or numerics are the cause."
+                    if images_ok
+                    else "the images hold NaN/inf: clean the data.",
+                )
+        if batch.labels is not None and "labels" in self.keep and batch.logits is not None:
+            try:
+                check_labels(batch.labels, batch.logits.shape[1])
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"On {where}: {err}") from None
+
+    def result(self, extractor: FeatureExtractor, device: torch.device) -> FeatureSet:
+        out = FeatureSet(network=extractor, head=extractor.head, device=device)
+        for name, values in self.parts.items():
+            if values and not (name == "labels" and self.unlabelled):
+                setattr(out, name, torch.cat(values))
+        out.extra = {k: torch.cat(v) for k, v in self.extra.items()}
+        return out
+
+
+def _progress(
+    loader: Iterable,
+    device: torch.device,
+    *,
+    need_labels: bool,
+    max_batches: int | None,
+    progress: bool,
+    desc: str,
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """The loader's batches on ``device`` (at most ``max_batches``), behind a progress bar."""
+    total = None
+    with contextlib.suppress(TypeError):
+        total = len(loader)  # type: ignore[arg-type]
+    if max_batches is not None:
+        total = min(total, max_batches) if total is not None else max_batches
+    batches = iter_batches(loader, device, need_labels=need_labels, source=f"{desc!r} loader")
+    bar = tqdm(
+        batches, total=total, desc=desc, disable=not (progress and is_main_process()), leave=False
+    )
+    for step, batch in enumerate(bar):
+        if max_batches is not None and step >= max_batches:
+            break
+        yield batch
+
+
 def collect_features(
     extractor: FeatureExtractor,
     loader: Iterable,
@@ -538,6 +649,10 @@ def collect_features(
         store_device: Where the kept tensors live.
         max_batches: Stop after this many batches.
         progress: Show a progress bar (main process only).
+        desc: The data's name, in the progress bar and in errors.
+
+    Every batch is checked: kept logits and features must be finite, and kept labels must be
+    class indices of the model's outputs; errors name the batch and ``desc``.
 
     Returns:
         A :class:`FeatureSet` over the whole loader (all ranks' data under DDP).
@@ -550,66 +665,28 @@ def collect_features(
     # counts per rank); gather_feature_set joins the shards. The sampler needs the group.
     init_distributed()
     loader = shard_loader(loader)
-    per_batch = per_batch or {}
-    if device is None:
-        param = next(extractor.model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
+    device = model_device(extractor.model) if device is None else device
     want_maps = "feature_maps" in keep or bool(need_maps)
-    parts: dict[str, list[Tensor]] = {name: [] for name in keep}
-    unlabelled = False
-    extra: dict[str, list[Tensor]] = {name: [] for name in per_batch}
-    seen = 0
-    total = None
-    with contextlib.suppress(TypeError):
-        total = len(loader)  # type: ignore[arg-type]
-    if max_batches is not None:
-        total = min(total, max_batches) if total is not None else max_batches
-    batches = tqdm(
-        iter_batches(loader, device, need_labels=need_labels),
-        total=total,
+    collector = _Collector(keep, per_batch or {}, store_device, desc)
+    batches = _progress(
+        loader,
+        device,
+        need_labels=need_labels,
+        max_batches=max_batches,
+        progress=progress,
         desc=desc,
-        disable=not (progress and is_main_process()),
-        leave=False,
     )
     for step, (images, labels) in enumerate(batches):
-        if max_batches is not None and step >= max_batches:
-            break
         with torch.no_grad():
             batch = extractor(images, maps=want_maps)
-        batch.labels = labels
-        batch.images = images
-        for name in keep:
-            value = getattr(batch, name)
-            if value is None:
-                if name == "labels":
-                    unlabelled = True
-                    continue
-                raise ValueError(f"The model gave no {name} for this batch.")
-            value = value.detach()
-            if value.is_floating_point():
-                value = value.float()
-            parts[name].append(value.to(store_device))
-        for name, fn in per_batch.items():
-            with torch.no_grad():  # gradient scores switch autograd back on themselves
-                out = fn(batch)
-            if not isinstance(out, Tensor) or out.shape != (images.shape[0],):
-                raise ValueError(
-                    f"Score {name!r} must return a 1-D tensor with one value per sample "
-                    f"({images.shape[0]}), got "
-                    f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}."
-                )
-            extra[name].append(out.detach().float().to(store_device))
-        seen += images.shape[0]
-    result = FeatureSet(network=extractor, head=extractor.head, device=device)
-    for name, values in parts.items():
-        if values and not (name == "labels" and unlabelled):
-            setattr(result, name, torch.cat(values))
-    result.extra = {k: torch.cat(v) for k, v in extra.items()}
+        batch.labels, batch.images = labels, images
+        collector.add(batch, step)
+    result = collector.result(extractor, device)
     index = _sample_indices(loader)
     if index is not None:
-        result.index = index[:seen]
+        result.index = index[: collector.seen]
     elif not is_distributed():
-        result.index = torch.arange(seen)
+        result.index = torch.arange(collector.seen)
     # else: a loader oodunleash cannot shard is this rank's own shard: no dataset positions,
     # so the ranks' parts are concatenated (equal positions would drop other ranks' samples).
     return gather_feature_set(result, device)

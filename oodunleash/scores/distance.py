@@ -252,6 +252,14 @@ class KNN(OODScore):
 
     def fit(self, data: FeatureSet) -> KNN:
         feats = data.require("features", self.name)
+        kept = max(self.k, round(len(feats) * self.sample_fraction))
+        if self.k > min(len(feats), kept):
+            raise ValueError(
+                f"KNN k={self.k} exceeds the bank of {min(len(feats), kept)} training features "
+                f"({len(feats)} samples, sample_fraction={self.sample_fraction}): every score "
+                "would be the distance to the farthest feature. Choose k <= the bank size, or "
+                "fit on more data (max_batches=None)."
+            )
         if self.sample_fraction < 1:
             size = max(self.k, round(len(feats) * self.sample_fraction))
             feats = feats[self._subset(len(feats), size)]
