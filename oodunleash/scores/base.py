@@ -53,6 +53,10 @@ class OODScore:
     :meth:`get_config` reads), and list the attributes that hold fitted tensors in
     ``state_keys`` (that is what :meth:`state_dict` saves).
 
+    A fitted score is shared by every thread scoring with it, so :meth:`score` must only read
+    the fitted state (never store per-call results on ``self``); :meth:`fit` is not meant to
+    run while other threads score.
+
     Example:
         >>> import torch
         >>> from oodunleash.features import FeatureSet
