@@ -227,13 +227,18 @@ def _describe(images: Tensor) -> str:
     return f"images of shape {tuple(images.shape)} ({images.dtype}, on {images.device})"
 
 
-def check_model_input(model: nn.Module, images: Tensor, *, full: bool = True) -> None:
+def check_model_input(model: nn.Module, images: Tensor) -> None:
     """Checks before a forward pass; each error names the data and the model side.
 
-    Refuses: non-tensor input, integer images for a floating-point model and images on another
-    device than the model; with ``full`` (the first batch) also NaN/inf pixels, an unbatched
-    image and a wrong channel count (read from the first convolution) and a wrong size for a
-    fixed-size timm model.
+    Refuses: non-tensor input, integer images for a floating-point model, images on another
+    device than the model, NaN/inf pixels, an unbatched image and a wrong channel count (read
+    from the first convolution) and a wrong size for a fixed-size timm model.
+
+    Example:
+        >>> check_model_input(nn.Conv2d(3, 4, 1), torch.zeros(2, 1, 8, 8))
+        Traceback (most recent call last):
+        ...
+        ValueError: The images of shape (2, 1, 8, 8) (torch.float32, on cpu) have 1 channels but the model's first layer '' takes 3: convert the images (e.g. grayscale to RGB with images.expand(-1, 3, -1, -1)) or build the model with in_chans=1.
     """
     if not isinstance(images, Tensor):
         raise TypeError(f"Images must be a tensor batch, got {type(images).__name__}.")
@@ -248,8 +253,6 @@ def check_model_input(model: nn.Module, images: Tensor, *, full: bool = True) ->
             f"The {_describe(images)} are not on the model's device {device}: move them with "
             f"images.to({str(device)!r}) (or the model to the data's device)."
         )
-    if not full:
-        return
     check_finite(images, f"The {_describe(images)}", "clean the data or check its transform.")
     first = _first_layer(model)
     if first is not None and not isinstance(first[1], nn.Linear):
@@ -282,11 +285,11 @@ def check_model_input(model: nn.Module, images: Tensor, *, full: bool = True) ->
 
 
 def explain_forward_error(model: nn.Module, images: Tensor, err: Exception) -> ValueError:
-    """A short error for a forward pass that failed on the first batch: what went in, what the
-    model holds, and the first line of torch's message."""
+    """A short error for a forward pass that failed: what went in, what the model holds, and
+    the first line of torch's message."""
     reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
     return ValueError(
-        f"{type(model).__name__} failed on the first batch, {_describe(images)}; the model's "
+        f"{type(model).__name__} failed on a batch of {_describe(images)}; the model's "
         f"weights are {model_dtype(model)} on {model_device(model)}. Torch said: {reason}. "
         "Check the image size and channel count the model was built for."
     )
@@ -298,9 +301,11 @@ def iter_batches(
     *,
     need_labels: bool = True,
     source: str = "data loader",
+    dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """Yield ``(images, labels)`` moved to ``device``; raise, naming ``source``, if the loader
-    is empty."""
+    """Yield ``(images, labels)`` moved to ``device`` (floating images cast to ``dtype``, the
+    model's, when given: see :func:`model_dtype`); raise, naming ``source``, if the loader is
+    empty."""
     empty = True
     for batch in loader:
         empty = False
@@ -308,6 +313,6 @@ def iter_batches(
         if device is not None:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True) if labels is not None else None
-        yield images, labels
+        yield cast_images(images, dtype), labels
     if empty:
         raise ValueError(f"The {source} yielded no batches: is the dataset empty?")

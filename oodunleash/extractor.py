@@ -175,16 +175,24 @@ class FeatureExtractor:
 
     # ------------------------------------------------------------------ forward
     def _prepare(self, images: Tensor) -> Tensor:
-        """Resolve on the first batch; check and cast every batch."""
+        """Resolve on the first batch; check and cast every batch (a model already read can
+        still be handed data that does not fit it)."""
         if self.mode is None:
             with self._lock:
                 if self.mode is None:
                     self._resolve(images)
-        check_model_input(self.model, images, full=False)
+                    return cast_images(images, model_dtype(self.model))
+        check_model_input(self.model, images)
         return cast_images(images, model_dtype(self.model))
 
     def _forward(self, images: Tensor) -> Tensor:
-        return check_logits(self.model(images), images.shape[0], self.output_key)
+        try:
+            output = self.model(images)
+        except (RuntimeError, AssertionError) as err:
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            raise explain_forward_error(self.model, images, err) from err
+        return check_logits(output, images.shape[0], self.output_key)
 
     def _classifier(self, feats: Tensor) -> Tensor:
         return self.model.get_classifier()(feats)
@@ -204,17 +212,7 @@ class FeatureExtractor:
         if self._maps_module is _FEATURES_AS_MAPS:
             self._warn_no_maps()
             return _flat(feats), feats, logits
-        fmap = store.get("maps")
-        if not self._maps_checked:
-            if not isinstance(fmap, Tensor) or not close(_pooled(fmap), _flat(feats)):
-                raise ValueError(
-                    f"The output of feature_layer={self.feature_layer!r} is not the pre-pool "
-                    "feature map: its spatial mean differs from the classifier's input, so "
-                    "logits cannot be rebuilt from it. Name the layer right before global "
-                    "average pooling, or use a timm model."
-                )
-            self._maps_checked = True
-        return fmap, feats, logits
+        return store.get("maps"), feats, logits
 
     def _warn_no_maps(self) -> None:
         if not self._maps_checked:
@@ -235,13 +233,7 @@ class FeatureExtractor:
         check_model_input(self.model, images)
         images = cast_images(images, model_dtype(self.model))
         with torch.no_grad():
-            try:
-                output = self.model(images)
-            except (RuntimeError, AssertionError) as err:
-                if isinstance(err, torch.OutOfMemoryError):
-                    raise
-                raise explain_forward_error(self.model, images, err) from err
-            expected = check_logits(output, images.shape[0], self.output_key)
+            expected = self._forward(images)
             check_finite(
                 expected,
                 "The model's logits on the first batch",
@@ -352,3 +344,18 @@ class FeatureExtractor:
             )
         if self._maps_module is not _FEATURES_AS_MAPS:
             self._hooks.watch_maps(self._maps_module)
+        if self.feature_layer is not None:  # a named layer is checked now, like a named head
+            with self._hooks.recording() as store:
+                self._forward(images)
+            self._check_maps(store.get("maps"), feats)
+
+    def _check_maps(self, fmap: Tensor | None, feats: Tensor) -> None:
+        if not isinstance(fmap, Tensor) or not close(_pooled(fmap), _flat(feats)):
+            self._hooks.remove()
+            raise ValueError(
+                f"The output of feature_layer={self.feature_layer!r} is not the pre-pool "
+                "feature map: its spatial mean differs from the classifier's input, so "
+                "logits cannot be rebuilt from it. Name the layer right before global "
+                "average pooling, or use a timm model."
+            )
+        self._maps_checked = True

@@ -226,7 +226,10 @@ def collect_features(
     )
     for step, (images, labels) in enumerate(batches):
         with torch.no_grad():
-            batch = extractor(images, maps=want_maps)
+            try:
+                batch = extractor(images, maps=want_maps)
+            except (TypeError, ValueError) as err:  # name the data set and the batch
+                raise type(err)(f"On batch {step} of the {desc!r} data: {err}") from err
         batch.labels, batch.images = labels, images
         collector.add(batch, step)
     result = collector.result(extractor, device)

@@ -361,8 +361,15 @@ def resolve_scores(
 
 def _labelled_specs(scores: Any) -> list[tuple[str | None, Any]]:
     """``(label, spec)`` pairs; the label is ``None`` where the score's name serves."""
-    if isinstance(scores, str | OODScore):
+    if isinstance(scores, str | OODScore) or (
+        isinstance(scores, type) and issubclass(scores, OODScore)
+    ):
         return [(None, scores)]
+    if not isinstance(scores, Iterable):
+        raise TypeError(
+            "scores must be a registered name (see list_scores()), an OODScore, a list of them "
+            f"or a {{label: score}} dict; got {type(scores).__name__}."
+        )
     if isinstance(scores, Mapping):
         bad = [label for label in scores if not isinstance(label, str) or not label]
         if bad:
