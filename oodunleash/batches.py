@@ -19,6 +19,7 @@ __all__ = [
     "check_labels",
     "check_logits",
     "check_model_input",
+    "diagnose_input",
     "explain_forward_error",
     "images_of",
     "iter_batches",
@@ -228,48 +229,62 @@ def _describe(images: Tensor) -> str:
 
 
 def check_model_input(model: nn.Module, images: Tensor) -> None:
-    """Checks before a forward pass; each error names the data and the model side.
+    """Checks before a forward pass: ``images`` must be a tensor without NaN/inf values.
 
-    Refuses: non-tensor input, integer images for a floating-point model, images on another
-    device than the model, NaN/inf pixels, an unbatched image and a wrong channel count (read
-    from the first convolution) and a wrong size for a fixed-size timm model.
+    What depends on the model (dtype, device, shape) is diagnosed by :func:`diagnose_input`
+    only when the forward pass fails, so models that adapt their input themselves (an
+    ``x.float() / 255`` or an ``unsqueeze`` in ``forward``, token ids) keep working.
 
     Example:
-        >>> check_model_input(nn.Conv2d(3, 4, 1), torch.zeros(2, 1, 8, 8))
+        >>> check_model_input(nn.Linear(2, 2), torch.tensor([[0.0, float("inf")]]))
         Traceback (most recent call last):
         ...
-        ValueError: The images of shape (2, 1, 8, 8) (torch.float32, on cpu) have 1 channels but the model's first layer '' takes 3: convert the images (e.g. grayscale to RGB with images.expand(-1, 3, -1, -1)) or build the model with in_chans=1.
+        ValueError: The images of shape (1, 2) (torch.float32, on cpu) contain 1 NaN/inf value(s): clean the data or check its transform.
     """
     if not isinstance(images, Tensor):
         raise TypeError(f"Images must be a tensor batch, got {type(images).__name__}.")
+    check_finite(images, f"The {_describe(images)}", "clean the data or check its transform.")
+
+
+def _conv_rank(conv: nn.Module) -> int:
+    return next(
+        r for cls, r in ((nn.Conv1d, 3), (nn.Conv2d, 4), (nn.Conv3d, 5)) if isinstance(conv, cls)
+    )
+
+
+def diagnose_input(model: nn.Module, images: Tensor) -> str | None:
+    """Why ``images`` do not fit ``model``, naming both sides, or ``None`` when no known
+    mismatch is found: integer images for a floating-point model, another device, an unbatched
+    image and a wrong channel count (read from the first convolution), a wrong size for a
+    fixed-size timm model.
+
+    Example:
+        >>> print(diagnose_input(nn.Conv2d(3, 4, 1), torch.zeros(2, 1, 8, 8)))
+        The images of shape (2, 1, 8, 8) (torch.float32, on cpu) have 1 channels but the model's first layer '' takes 3: convert the images (e.g. grayscale to RGB with images.expand(-1, 3, -1, -1)) or build the model with in_chans=1.
+    """
     dtype, device = model_dtype(model), model_device(model)
     if dtype is not None and not images.is_floating_point():
-        raise TypeError(
+        return (
             f"The model's weights are {dtype} but the {_describe(images)} are not floating "
             "point: convert them, e.g. images.float() / 255 (torchvision's ToTensor does it)."
         )
     if images.device != device:
-        raise ValueError(
+        return (
             f"The {_describe(images)} are not on the model's device {device}: move them with "
             f"images.to({str(device)!r}) (or the model to the data's device)."
         )
-    check_finite(images, f"The {_describe(images)}", "clean the data or check its transform.")
     first = _first_layer(model)
     if first is not None and not isinstance(first[1], nn.Linear):
         name, conv = first
-        rank = next(
-            r
-            for cls, r in ((nn.Conv1d, 3), (nn.Conv2d, 4), (nn.Conv3d, 5))
-            if isinstance(conv, cls)
-        )
+        rank = _conv_rank(conv)
         if images.dim() == rank - 1:
-            raise ValueError(
+            return (
                 f"The {_describe(images)} look like one unbatched sample: the model's first "
                 f"layer {name!r} ({type(conv).__name__}) expects {rank}-D batches. Add the "
                 "batch dimension with images.unsqueeze(0)."
             )
         if images.dim() == rank and images.shape[1] != conv.in_channels:
-            raise ValueError(
+            return (
                 f"The {_describe(images)} have {images.shape[1]} channels but the model's "
                 f"first layer {name!r} takes {conv.in_channels}: convert the images (e.g. "
                 "grayscale to RGB with images.expand(-1, 3, -1, -1)) or build the model with "
@@ -277,16 +292,21 @@ def check_model_input(model: nn.Module, images: Tensor) -> None:
             )
     size = _expected_size(model)
     if size is not None and images.dim() == 4 and tuple(images.shape[-2:]) != size:
-        raise ValueError(
+        return (
             f"The {_describe(images)} are {tuple(images.shape[-2:])} pixels but the model takes "
             f"{size}: resize the images, or create the timm model with img_size="
             f"{tuple(images.shape[-2:])} (or dynamic_img_size=True)."
         )
+    return None
 
 
-def explain_forward_error(model: nn.Module, images: Tensor, err: Exception) -> ValueError:
-    """A short error for a forward pass that failed: what went in, what the model holds, and
-    the first line of torch's message."""
+def explain_forward_error(model: nn.Module, images: Tensor, err: Exception) -> Exception:
+    """A short error for a forward pass that failed: the mismatch :func:`diagnose_input` finds,
+    else what went in, what the model holds, and the first line of torch's message."""
+    problem = diagnose_input(model, images)
+    if problem is not None:
+        kind = TypeError if problem.startswith("The model's weights") else ValueError
+        return kind(problem)
     reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
     return ValueError(
         f"{type(model).__name__} failed on a batch of {_describe(images)}; the model's "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ from .batches import (
     check_finite,
     check_logits,
     check_model_input,
+    diagnose_input,
     explain_forward_error,
     model_dtype,
 )
@@ -146,7 +148,10 @@ class FeatureExtractor:
         """One forward pass: logits and features, plus feature maps when ``maps``."""
         images = self._prepare(images)
         if self.mode == "timm":
-            fmap = self.model.forward_features(images)
+            try:
+                fmap = self.model.forward_features(images)
+            except (RuntimeError, AssertionError) as err:
+                self._explain(images, err)
             feats = self.model.forward_head(fmap, pre_logits=True)
             logits = self._classifier(feats)
         else:
@@ -189,10 +194,20 @@ class FeatureExtractor:
         try:
             output = self.model(images)
         except (RuntimeError, AssertionError) as err:
-            if isinstance(err, torch.OutOfMemoryError):
+            self._explain(images, err)
+        try:
+            return check_logits(output, images.shape[0], self.output_key)
+        except ValueError as err:  # e.g. an unbatched image read as a batch of channels
+            problem = diagnose_input(self.model, images)
+            if problem is None:
                 raise
-            raise explain_forward_error(self.model, images, err) from err
-        return check_logits(output, images.shape[0], self.output_key)
+            raise ValueError(problem) from err
+
+    def _explain(self, images: Tensor, err: Exception) -> NoReturn:
+        """Re-raise a failed forward pass as an error naming the data and the model."""
+        if isinstance(err, torch.OutOfMemoryError):
+            raise err
+        raise explain_forward_error(self.model, images, err) from err
 
     def _classifier(self, feats: Tensor) -> Tensor:
         return self.model.get_classifier()(feats)

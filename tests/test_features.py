@@ -324,3 +324,46 @@ def test_float32_batches_are_cast_to_the_model_dtype(dtype):
     assert out.logits.dtype == dtype and torch.equal(out.logits, expected)
     data = collect_features(FeatureExtractor(net), loader(), keep={"features", "labels"})
     assert data.features.dtype == torch.float32 and len(data) == 21
+
+
+def test_hooks_survive_copies_and_pickling_and_leave_with_the_extractor():
+    import copy
+    import gc
+    import io
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    x = torch.randn(4, 2, 2, 2)
+    ex = FeatureExtractor(net)
+    features = ex(x).features
+    copied = copy.deepcopy(net)  # what export() does
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(copied(x), net(x)) and torch.equal(loaded(x), net(x))
+    assert torch.equal(FeatureExtractor(copied)(x).features, features)
+    assert net[3]._forward_pre_hooks
+    del ex
+    gc.collect()
+    assert not net[3]._forward_pre_hooks and not net[3]._forward_hooks
+
+
+def test_models_that_adapt_their_input_are_not_refused():
+    """Input checks run only when the forward fails: a model that converts uint8 pixels or
+    adds the channel dimension itself is read as usual."""
+
+    class Adapting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = cnn()
+
+        def forward(self, x):  # (batch, 8, 8) uint8 -> (batch, 3, 8, 8) float
+            return self.net(x.float().div(255).unsqueeze(1).expand(-1, 3, -1, -1))
+
+    model = Adapting().eval()
+    pixels = torch.randint(0, 255, (4, 8, 8), dtype=torch.uint8)
+    out = FeatureExtractor(model)(pixels)
+    with torch.no_grad():
+        assert torch.equal(out.logits, model(pixels))
+    assert out.features.shape == (4, 16)
