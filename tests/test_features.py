@@ -367,3 +367,19 @@ def test_models_that_adapt_their_input_are_not_refused():
     with torch.no_grad():
         assert torch.equal(out.logits, model(pixels))
     assert out.features.shape == (4, 16)
+
+
+def test_bfloat16_model_scores_float32_batches_end_to_end():
+    from oodunleash import OODUnleash
+
+    net = cnn().to(torch.bfloat16)
+    data = [
+        (torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.arange(16) % 5)
+    ]
+    unleashed = OODUnleash(net).fit_scores(data, ["residual", "vim"], progress=False)
+    far = [5 * torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(3))]
+    with pytest.warns(UserWarning, match="k=50 exceeds the bank of 16"):
+        unleashed.fit_scores(data, ["knn"], progress=False)
+    results = unleashed.evaluate(data, {"far": far}, ["vim", "odin", "energy"], progress=False)
+    assert set(results.to_dict()) >= {"vim", "odin", "energy"}
+    assert unleashed.score(far[0], "vim").dtype == torch.float32
