@@ -136,34 +136,16 @@ def run_entry(unleashed: OODUnleash, entry: str, data: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- mismatches
-class TupleOut(nn.Module):
-    def __init__(self):
+class Output(nn.Module):
+    """The CNN with its logits returned as ``wrap(logits)``."""
+
+    def __init__(self, wrap: Callable[[torch.Tensor], object]):
         super().__init__()
-        self.net = cnn()
+        self.net, self.wrap = cnn(), wrap
         self.eval()
 
     def forward(self, x):
-        return self.net(x), x.mean()
-
-
-class VectorOut(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = cnn()
-        self.eval()
-
-    def forward(self, x):
-        return self.net(x).sum(dim=1)
-
-
-class KeyedOut(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = cnn()
-        self.eval()
-
-    def forward(self, x):
-        return {"scores": self.net(x)}
+        return self.wrap(self.net(x))
 
 
 @dataclass
@@ -243,17 +225,25 @@ MISMATCH = {
         fit_first=False,
     ),
     "tuple output": Mismatch(
-        TupleOut, images, ValueError, r"returned tuple.*output_key", fit_first=False
+        lambda: Output(lambda z: (z, z.mean())),
+        images,
+        ValueError,
+        r"returned tuple.*output_key",
+        fit_first=False,
     ),
     "1-D output": Mismatch(
-        VectorOut,
+        lambda: Output(lambda z: z.sum(dim=1)),
         images,
         ValueError,
         r"logits of shape \(batch, classes\).*\(8,\)",
         fit_first=False,
     ),
     "dict output without logits": Mismatch(
-        KeyedOut, images, ValueError, r"with keys \['scores'\].*output_key", fit_first=False
+        lambda: Output(lambda z: {"scores": z}),
+        images,
+        ValueError,
+        r"with keys \['scores'\].*output_key",
+        fit_first=False,
     ),
 }
 
