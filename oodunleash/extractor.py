@@ -81,13 +81,17 @@ class FeatureExtractor:
 
     The first batch resolves and checks how the model is read: the head must reproduce the
     model's logits from the features (a wrong ``head=`` is refused, naming the submodules
-    whose output has the logits' shape), and a model/data mismatch (dtype, device, channels,
-    size, an unbatched image, NaN pixels) is reported naming both sides. Floating-point images
-    are cast to the model's dtype. The model is not put in eval mode here; callers decide.
+    whose output has the logits' shape). Every batch is checked for NaN/inf pixels, and a
+    forward pass that fails is reported naming both sides (integer images for a float model,
+    another device, the channel count, an unbatched image, the image size). Floating-point
+    images are cast to the model's dtype. The model is not put in eval mode here; callers
+    decide.
 
-    Threads: after the first call an extractor (and the model it reads) may be shared by
-    threads scoring at once. Its hooks are attached once, on the first call, and each thread
-    reads what they capture in its own storage; nothing is attached per call.
+    Threads: after the first call an extractor (and the model it reads, in eval mode) may be
+    shared by threads scoring at once. Its hooks are attached once, on the first call, and each
+    thread reads what they capture in its own storage; nothing is attached per call. The hooks
+    are removed when the extractor is garbage-collected; copies and pickles of the model carry
+    inert ones.
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
