@@ -196,6 +196,7 @@ class HeadHooks:
         return self.recorder.recording()
 
     def remove(self) -> None:
+        """Detach every hook from the model."""
         for handle in self.handles:
             handle.remove()
         self.handles = []
