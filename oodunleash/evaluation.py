@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._modules import model_device
+from .batches import named_ood_loaders
 from .features import FeatureExtractor, FeatureSet, collect_features
 from .metrics import Positive, accuracy
 from .results import EvaluationResults
-from .scores import OODScore, ScoreNotFittedError, get_score, list_scores, resolve_score
+from .scores import OODScore, ScoreNotFittedError, list_scores, resolve_score
+from .scores.base import check_score_output as _check_output
+from .scores.base import resolve_scores
 
 __all__ = ["Evaluator", "ScoreSpec", "ScoreSpecs"]
 
@@ -40,21 +42,15 @@ _BATCHWISE = frozenset({"gradients", "feature_maps"})
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
+    # Each module's own mode comes back: a model with some submodules in eval (frozen
+    # BatchNorm, say) and the rest in train must not come back all in train.
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
-
-
-def _check_output(name: str, out: Any, n: int) -> Tensor:
-    if not isinstance(out, Tensor) or out.shape != (n,):
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"Score {name!r} must return a 1-D tensor with one value per sample ({n}), got {got}."
-        )
-    return out.detach().float().cpu()
+        for module, training in modes:
+            module.training = training
 
 
 class Evaluator:
@@ -110,45 +106,10 @@ class Evaluator:
             )
         return ex
 
-    @staticmethod
-    def _labelled_specs(scores: ScoreSpecs) -> list[tuple[str | None, ScoreSpec]]:
-        """``(label, spec)`` pairs; the label is ``None`` where the score's name serves."""
-        if isinstance(scores, str | OODScore):
-            return [(None, scores)]
-        if isinstance(scores, Mapping):
-            bad = [label for label in scores if not isinstance(label, str) or not label]
-            if bad:
-                raise TypeError(f"Score labels must be non-empty strings, got {bad!r}.")
-            pairs: list[tuple[str | None, ScoreSpec]] = list(scores.items())
-        else:
-            pairs = [(None, spec) for spec in scores]
-        if not pairs:
-            raise ValueError("scores is empty: name at least one score (see list_scores()).")
-        return pairs
-
     def _resolve(self, scores: ScoreSpecs, *, reuse_fitted: bool) -> dict[str, OODScore]:
         """``{label: instance}``. With ``reuse_fitted``, a name or label that
         :meth:`fit_scores` stored resolves to that fitted instance."""
-        out: dict[str, OODScore] = {}
-        fitted = self.fitted_scores if reuse_fitted else {}
-        for label, spec in self._labelled_specs(scores):
-            if not isinstance(spec, str):
-                instance = resolve_score(spec)
-            elif label in fitted:
-                instance = fitted[label]
-            elif spec in fitted:  # a name, or a label given to fit_scores
-                instance = fitted[spec]
-            else:
-                instance = get_score(spec)
-                instance = fitted.get(instance.name, instance)
-            key = label or instance.name
-            if key in out:
-                raise ValueError(
-                    f"Two scores are named {key!r}, so one would hide the other's results. "
-                    f"Label them with a dict, e.g. {{'{key}_a': ..., '{key}_b': ...}}."
-                )
-            out[key] = instance
-        return out
+        return resolve_scores(scores, self.fitted_scores if reuse_fitted else {})
 
     def _instances(self, scores: ScoreSpecs | None) -> dict[str, OODScore]:
         """Instances to evaluate: fitted ones where ``fit_scores`` made them, new ones else."""
@@ -353,9 +314,7 @@ class Evaluator:
             >>> unleashed.last_results_ is results
             True
         """
-        oods = dict(ood_loaders) if isinstance(ood_loaders, Mapping) else {"ood": ood_loaders}
-        if not oods:
-            raise ValueError("ood_loaders is empty: pass {'name': loader, ...}.")
+        oods = named_ood_loaders(ood_loaders)
         instances = self._instances(scores)
         if fit_loader is not None:
             unfitted = {n: s for n, s in instances.items() if not s.is_fitted}

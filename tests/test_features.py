@@ -201,3 +201,185 @@ def test_distributed_gather_restores_dataset_order_and_drops_padding(monkeypatch
     assert torch.equal(gathered.index, torch.arange(5))
     assert torch.equal(gathered.logits[:, 0], values)
     assert torch.equal(gathered.extra["s"], values + 1)
+
+
+# --------------------------------------------------------------------------- checked heads
+def test_wrong_named_head_is_refused_naming_the_candidates():
+    net = cnn()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"head='0'.*not the classifier head.*\['6'\]"):
+        FeatureExtractor(net, head="0")(X)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(192, 10), nn.ReLU(), nn.Linear(10, 4))
+    with pytest.raises(ValueError, match=r"head='1'.*\['3'\]") as err:
+        FeatureExtractor(mlp, head="1")(X)
+    assert len(str(err.value)) < 400
+    # Nothing is left attached to the model, and its weights are untouched.
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in mlp.modules())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
+
+
+def test_head_check_catches_a_linear_head_that_is_not_the_last_operation():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.fc = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return 2 * self.fc(torch.relu(self.body(x)))
+
+    with pytest.raises(ValueError, match=r"head='fc' does not produce the model's output"):
+        FeatureExtractor(Scaled(), head="fc")(torch.randn(5, 4))
+    with pytest.raises(ValueError, match="Could not find the classifier head"):
+        FeatureExtractor(Scaled())(torch.randn(5, 4))
+
+
+def test_nonlinear_named_head_gives_features_but_no_linear_head():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(192, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    ).eval()
+    out = FeatureExtractor(net, head="2")(X)
+    assert out.features.shape == (6, 8) and out.head is None
+    with pytest.raises(ValueError, match="needs head"):
+        out.logits_from_features(out.features)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size", "shared"),
+    [
+        ("deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1}, 32, 0),
+        ("levit_128s", {"img_size": 64}, 64, 1),
+    ],
+)
+def test_timm_distilled_models_read_both_heads(name, kwargs, size, shared):
+    """get_classifier() is (head, head_dist); the eval output is their mean: DeiT's heads read
+    two tokens (features side by side), LeViT's one pooled feature (BatchNorm + Linear heads)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+    x = torch.randn(3, 3, size, size)
+    ex = FeatureExtractor(model)
+    with torch.no_grad():
+        out = ex(x)
+        expected = model(x)
+    assert isinstance(model.get_classifier(), tuple) and ex._shared == bool(shared)
+    dim = model.num_features * (1 if shared else 2)
+    assert out.features.shape == (3, dim) and out.head.weight.shape == (5, dim)
+    assert torch.allclose(out.logits, expected, atol=1e-6)
+    assert torch.allclose(out.head(out.features), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="not the classifier head"):
+        FeatureExtractor(model, head="head")(x)
+
+
+# --------------------------------------------------------------------------- outputs, dtypes
+class _HFOutput(dict):
+    """What transformers' ModelOutput is: an ordered mapping whose items are attributes too."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.net, self.kind = cnn(), kind
+
+    def forward(self, x):
+        logits = self.net(x)
+        if self.kind == "object":
+            return _HFOutput(loss=None, logits=logits, hidden_states=None)
+        if self.kind == "dict":
+            return {"pooled": logits.mean(1), "logits": logits}
+        return {"scores": logits}
+
+
+@pytest.mark.parametrize("kind", ["object", "dict"])
+def test_hugging_face_style_outputs_are_read(kind):
+    model = _Wrapped(kind).eval()
+    out = FeatureExtractor(model)(X, maps=True)
+    with torch.no_grad():
+        expected = model.net(X)
+    assert torch.allclose(out.logits, expected) and out.features.shape == (6, 16)
+    assert torch.allclose(out.head(out.features), expected, atol=1e-5)
+
+
+def test_output_key_names_another_item():
+    model = _Wrapped("other").eval()
+    with pytest.raises(ValueError, match="output_key"):
+        FeatureExtractor(model)(X)
+    out = FeatureExtractor(model, output_key="scores")(X)
+    assert out.logits.shape == (6, 5)
+    with pytest.raises(ValueError, match=r"output_key='nope'.*\['scores'\]"):
+        FeatureExtractor(model, output_key="nope")(X)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_float32_batches_are_cast_to_the_model_dtype(dtype):
+    net = cnn().to(dtype)
+    out = FeatureExtractor(net)(X, maps=True)
+    with torch.no_grad():
+        expected = net(X.to(dtype))
+    assert out.logits.dtype == dtype and torch.equal(out.logits, expected)
+    data = collect_features(FeatureExtractor(net), loader(), keep={"features", "labels"})
+    assert data.features.dtype == torch.float32 and len(data) == 21
+
+
+def test_hooks_survive_copies_and_pickling_and_leave_with_the_extractor():
+    import copy
+    import gc
+    import io
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    x = torch.randn(4, 2, 2, 2)
+    ex = FeatureExtractor(net)
+    features = ex(x).features
+    copied = copy.deepcopy(net)  # what export() does
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(copied(x), net(x)) and torch.equal(loaded(x), net(x))
+    assert torch.equal(FeatureExtractor(copied)(x).features, features)
+    assert net[3]._forward_pre_hooks
+    del ex
+    gc.collect()
+    assert not net[3]._forward_pre_hooks and not net[3]._forward_hooks
+
+
+def test_models_that_adapt_their_input_are_not_refused():
+    """Input checks run only when the forward fails: a model that converts uint8 pixels or
+    adds the channel dimension itself is read as usual."""
+
+    class Adapting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = cnn()
+
+        def forward(self, x):  # (batch, 8, 8) uint8 -> (batch, 3, 8, 8) float
+            return self.net(x.float().div(255).unsqueeze(1).expand(-1, 3, -1, -1))
+
+    model = Adapting().eval()
+    pixels = torch.randint(0, 255, (4, 8, 8), dtype=torch.uint8)
+    out = FeatureExtractor(model)(pixels)
+    with torch.no_grad():
+        assert torch.equal(out.logits, model(pixels))
+    assert out.features.shape == (4, 16)
+
+
+def test_bfloat16_model_scores_float32_batches_end_to_end():
+    from oodunleash import OODUnleash
+
+    net = cnn().to(torch.bfloat16)
+    data = [
+        (torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.arange(16) % 5)
+    ]
+    unleashed = OODUnleash(net).fit_scores(data, ["residual", "vim"], progress=False)
+    far = [5 * torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(3))]
+    with pytest.warns(UserWarning, match="k=50 exceeds the bank of 16"):
+        unleashed.fit_scores(data, ["knn"], progress=False)
+    results = unleashed.evaluate(data, {"far": far}, ["vim", "odin", "energy"], progress=False)
+    assert set(results.to_dict()) >= {"vim", "odin", "energy"}
+    assert unleashed.score(far[0], "vim").dtype == torch.float32

@@ -397,3 +397,49 @@ def test_knn_compact_state(data):
     whole = get_score("knn", k=8).fit(train)
     again = get_score("knn", k=8).load_state_dict(whole.state_dict())
     close(again.score(test), np_(whole.score(test)), 2e-3)
+
+
+# --------------------------------------------------------------------------- threads
+def test_scoring_from_two_threads_at_once_matches_single_thread_results():
+    """KNN and ViM read the penultimate features through hooks on the shared model: each
+    thread must get its own batch's features, every time."""
+    import threading
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128, 16),
+        nn.ReLU(),
+        nn.Linear(16, 4),
+    )
+    train = DataLoader(
+        TensorDataset(torch.randn(64, 1, 16, 16), torch.randint(0, 4, (64,))), batch_size=32
+    )
+    unleashed = oodunleash.OODUnleash(net).fit_scores(train, ["knn", "vim"], progress=False)
+    # Batches large enough that torch releases the GIL mid-forward (per-call hooks failed here
+    # 6-18 times in 250 calls).
+    batches = {"knn": torch.randn(32, 1, 16, 16), "vim": 3 * torch.randn(32, 1, 16, 16)}
+    expected = {name: unleashed.score(x, name) for name, x in batches.items()}
+    rounds, wrong, errors = 250, {"knn": 0, "vim": 0}, []
+    start = threading.Barrier(2)
+
+    def work(name):
+        try:
+            start.wait()
+            for _ in range(rounds):
+                if not torch.equal(unleashed.score(batches[name], name), expected[name]):
+                    wrong[name] += 1
+        except Exception as err:  # reported below; a thread's exception is otherwise lost
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and wrong == {"knn": 0, "vim": 0}

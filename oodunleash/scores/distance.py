@@ -8,6 +8,7 @@ the bank itself plus a few hundred MB of work space.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -252,6 +253,14 @@ class KNN(OODScore):
 
     def fit(self, data: FeatureSet) -> KNN:
         feats = data.require("features", self.name)
+        bank_size = min(len(feats), max(self.k, round(len(feats) * self.sample_fraction)))
+        if self.k > bank_size:
+            warnings.warn(
+                f"KNN k={self.k} exceeds the bank of {bank_size} training features: every score "
+                "is then the distance to the farthest training feature, which ranks OOD data "
+                f"badly. Choose k <= {bank_size}, or fit on more data.",
+                stacklevel=2,
+            )
         if self.sample_fraction < 1:
             size = max(self.k, round(len(feats) * self.sample_fraction))
             feats = feats[self._subset(len(feats), size)]
