@@ -309,10 +309,6 @@ def test_evaluate_moves_the_model_to_the_device_given():
 def test_scoring_hands_back_each_modules_own_mode():
     """A model whose root trains while a submodule is frozen in eval mode keeps both modes
     after ``score()``: the evaluator restores each module's mode, not the root's for all."""
-    from torch import nn
-
-    from oodunleash import OODUnleash
-
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
     net.train()
     net[2].eval()
