@@ -8,6 +8,7 @@ from . import metrics
 from .constraint import estimate_loss_constraint, mean_cross_entropy
 from .hub import HubError
 from .masking import LayerMasks, select_layers, topk_mask
+from .proxy import proxy_ood
 from .results import EvaluationResults
 from .scores import OODScore, get_score, list_scores, register_score
 from .training import (
@@ -16,6 +17,7 @@ from .training import (
     TrainingDivergedError,
     flooding_loss,
 )
+from .tuning import TuneResult, tune
 from .wrapper import NotFittedError, OODUnleash
 
 __version__ = "0.1.0"
@@ -40,4 +42,7 @@ __all__ = [
     "list_scores",
     "metrics",
     "register_score",
+    "TuneResult",
+    "proxy_ood",
+    "tune",
 ]
