@@ -66,14 +66,13 @@ class _Reader:
     one pass per validation set scores them (:meth:`OODUnleash.evaluate`)."""
 
     def __init__(
-        self, train_loader, val_loader, oods, variants, options, max_fit_batches, progress
+        self, train_loader, val_loader, oods, variants, *, max_fit_batches, keep_all, progress
     ):
         self.train_loader, self.val_loader, self.oods = train_loader, val_loader, oods
         self.variants: dict[str, Any] = dict(variants)
-        self.options, self.max_fit_batches, self.progress = options, max_fit_batches, progress
+        self.max_fit_batches, self.keep_all, self.progress = max_fit_batches, keep_all, progress
         self.skipped: dict[str, str] = {}
         self.fit_s = self.read_s = 0.0
-        self.keep_all = False
 
     def _fresh(self, labels: Iterable[str]) -> dict[str, Any]:
         # Score instances are fitted in place: every candidate gets its own copies.
@@ -139,45 +138,95 @@ class _Reader:
         return row
 
 
+class _Search:
+    """Runs the candidates, cheapest first, within the time budget."""
+
+    def __init__(self, model, train_loader, reader, specs, **settings: Any) -> None:
+        self.model, self.train_loader, self.reader, self.specs = model, train_loader, reader, specs
+        self.seed, self.epochs = settings["seed"], settings["epochs"]
+        self.options, self.progress = settings["options"], settings["progress"]
+        self.max_accuracy_drop, self.keep_all = settings["max_accuracy_drop"], settings["keep_all"]
+        self.epoch_s: dict[str, float] = {}  # measured seconds per fine-tune epoch, per method
+        self.pass_s = 0.0  # seconds of one forward pass over the training data
+        self.training_loss: list[float] = []  # measured once, shared by the fine-tunes
+
+    def choose(self, rows: Mapping[str, CandidateResult]) -> CandidateResult:
+        """:func:`select` over the rows in candidate order (ties go to the first listed)."""
+        return select([rows[s.name] for s in self.specs if s.name in rows], self.max_accuracy_drop)[
+            0
+        ]
+
+    def cost(self, spec: CandidateSpec) -> float:
+        """Estimated seconds; a fine-tune's epoch cost is measured once its method has run."""
+        if spec.kind == "finetune" and spec.method in self.epoch_s:
+            n = self.epochs if self.epochs is not None else METHOD_DEFAULTS[spec.method]["epochs"]
+            return n * self.epoch_s[spec.method] + self.reader.read_s
+        return estimated_seconds(spec, self.epochs, self.pass_s, self.reader.read_s)
+
+    def run(self, started: float, time_budget: float | None, fit_scale: float):
+        """``(rows, kept models, dropped)``: the unchanged model first, always."""
+        bar = tqdm(total=len(self.specs), desc="tune", disable=not self.progress)
+        bar.set_postfix_str("unchanged")
+        kept = {"unchanged": OODUnleash(self.model, **self.options)}
+        rows = {"unchanged": self.reader.read(self.specs[0], kept["unchanged"], None, 0.0)}
+        bar.update()
+        self.pass_s = self.reader.fit_s * fit_scale
+        dropped: dict[str, str] = {}
+        for spec in sorted(self.specs[1:], key=lambda s: (self.cost(s), s.priority)):
+            bar.set_postfix_str(spec.name)
+            bar.update()
+            elapsed = time.perf_counter() - started
+            if time_budget is not None and elapsed + self.cost(spec) > time_budget:
+                dropped[spec.name] = (
+                    f"time budget: needs about {self.cost(spec):.0f} s, "
+                    f"{max(0.0, time_budget - elapsed):.0f} s of {time_budget:g} s left"
+                )
+                continue
+            t0 = time.perf_counter()
+            try:
+                unleashed, xi = self.build(spec)
+            except (LossConstraintTooHighError, TrainingDivergedError) as err:
+                dropped[spec.name] = _reason(err)
+                continue
+            train_s = time.perf_counter() - t0
+            if spec.kind == "finetune":
+                self.epoch_s[spec.method] = train_s / max(1, len(unleashed.history_))
+            rows[spec.name] = self.reader.read(spec, unleashed, xi, train_s)
+            kept[spec.name] = unleashed
+            if not self.keep_all:  # free the models that lost
+                kept = {name: kept[name] for name in [self.choose(rows).name]}
+        bar.close()
+        return rows, kept, dropped
+
+    def build(self, spec: CandidateSpec) -> tuple[OODUnleash, float | None]:
+        """The wrapped model of a checkpoint or fine-tune candidate, and its ξ."""
+        if spec.kind == "checkpoint":
+            copied = copy.deepcopy(self.model)
+            copied.load_state_dict(dict(spec.state_dict or {}))
+            return OODUnleash(copied, **self.options), None
+        if spec.factor is not None and not self.training_loss:
+            with torch.no_grad():
+                loss = mean_cross_entropy(self.model, self.train_loader, progress=self.progress)
+            self.training_loss.append(loss)
+        unleashed = finetune(
+            self.model,
+            spec,
+            self.train_loader,
+            self.training_loss[0] if self.training_loss else None,
+            seed=self.seed,
+            epochs=self.epochs,
+            wrapper_options=self.options,
+            progress=self.progress,
+        )
+        return unleashed, unleashed.loss_constraint_
+
+
 def _fit_scale(train_loader: Iterable, max_fit_batches: int | None) -> float:
     """How many score-fitting passes make one pass over the whole training data."""
     batches = _length(train_loader, "")
     if max_fit_batches is None or batches is None or batches <= max_fit_batches:
         return 1.0
     return batches / max_fit_batches
-
-
-def _build(
-    spec: CandidateSpec,
-    model: nn.Module,
-    train_loader: Iterable,
-    training_loss: list[float],
-    seed: int,
-    epochs: int | None,
-    options: Mapping[str, Any],
-    progress: bool,
-) -> tuple[OODUnleash, float | None]:
-    """The wrapped model of a checkpoint or fine-tune candidate, and its ξ."""
-    if spec.kind == "checkpoint":
-        copied = copy.deepcopy(model)
-        copied.load_state_dict(dict(spec.state_dict or {}))
-        return OODUnleash(copied, **options), None
-    if spec.factor is not None and not training_loss:
-        # Measured once on the input model; every flooding fine-tune reuses it.
-        with torch.no_grad():
-            training_loss.append(mean_cross_entropy(model, train_loader, progress=progress))
-    loss = training_loss[0] if training_loss else None
-    unleashed = finetune(
-        model,
-        spec,
-        train_loader,
-        loss,
-        seed=seed,
-        epochs=epochs,
-        wrapper_options=options,
-        progress=progress,
-    )
-    return unleashed, unleashed.loss_constraint_
 
 
 def _check_options(max_accuracy_drop: float, time_budget: float | None) -> None:
@@ -273,59 +322,32 @@ def tune(
         val_loader, ood_loaders, ood_mode, proxy_families, proxy_size, seed
     )
     specs = candidate_specs(finetunes, checkpoints)
-    options = {"head": head, "feature_layer": feature_layer}
-    variants = score_variants(scores, _length(train_loader, "dataset"))
-    reader = _Reader(train_loader, val_loader, oods, variants, options, max_fit_batches, progress)
-    reader.keep_all = keep_all
-    bar = tqdm(total=len(specs), desc="tune", disable=not progress)
-
-    bar.set_postfix_str("unchanged")
-    kept: dict[str, OODUnleash] = {"unchanged": OODUnleash(model, **options)}
-    rows = {"unchanged": reader.read(specs[0], kept["unchanged"], None, 0.0)}
-    bar.update()
-    pass_s = reader.fit_s * _fit_scale(train_loader, max_fit_batches)
-    epoch_s: dict[str, float] = {}
-    dropped: dict[str, str] = {}
-    training_loss: list[float] = []
-
-    def cost(spec: CandidateSpec) -> float:
-        if spec.kind == "finetune" and spec.method in epoch_s:
-            n = epochs if epochs is not None else METHOD_DEFAULTS[spec.method]["epochs"]
-            return n * epoch_s[spec.method] + reader.read_s
-        return estimated_seconds(spec, epochs, pass_s, reader.read_s)
-
-    for spec in sorted(specs[1:], key=lambda s: (cost(s), s.priority)):
-        bar.set_postfix_str(spec.name)
-        elapsed = time.perf_counter() - started
-        if time_budget is not None and elapsed + cost(spec) > time_budget:
-            dropped[spec.name] = (
-                f"time budget: needs about {cost(spec):.0f} s, "
-                f"{max(0.0, time_budget - elapsed):.0f} s of {time_budget:g} s left"
-            )
-            bar.update()
-            continue
-        t0 = time.perf_counter()
-        try:
-            unleashed, xi = _build(
-                spec, model, train_loader, training_loss, seed, epochs, options, progress
-            )
-        except (LossConstraintTooHighError, TrainingDivergedError) as err:
-            dropped[spec.name] = _reason(err)
-            bar.update()
-            continue
-        train_s = time.perf_counter() - t0
-        if spec.kind == "finetune":
-            epoch_s[spec.method] = train_s / max(1, len(unleashed.history_))
-        rows[spec.name] = reader.read(spec, unleashed, xi, train_s)
-        kept[spec.name] = unleashed
-        chosen, _ = select(list(rows.values()), max_accuracy_drop)
-        if not keep_all:
-            kept = {chosen.name: kept[chosen.name]}  # free the models that lost
-        bar.update()
-    bar.close()
-
+    reader = _Reader(
+        train_loader,
+        val_loader,
+        oods,
+        score_variants(scores, _length(train_loader, "dataset")),
+        max_fit_batches=max_fit_batches,
+        keep_all=keep_all,
+        progress=progress,
+    )
+    search = _Search(
+        model,
+        train_loader,
+        reader,
+        specs,
+        seed=seed,
+        epochs=epochs,
+        options={"head": head, "feature_layer": feature_layer},
+        max_accuracy_drop=max_accuracy_drop,
+        keep_all=keep_all,
+        progress=progress,
+    )
+    rows, kept, dropped = search.run(
+        started, time_budget, _fit_scale(train_loader, max_fit_batches)
+    )
     ordered = {s.name: rows[s.name] for s in specs if s.name in rows}
-    chosen, _ = select(list(ordered.values()), max_accuracy_drop)
+    chosen = search.choose(rows)
     result = TuneResult(
         best=kept[chosen.name],
         best_name=f"{chosen.name} + {chosen.best_score}",
