@@ -133,7 +133,8 @@ class _Reader:
         )
         best = unleashed.fitted_scores_[row.best_score]
         if not self.keep_all:  # KNN banks add up over many candidates
-            unleashed.fitted_scores_ = {row.best_score: best}
+            # Under the score's own name, so evaluate() reports it once, as the default.
+            unleashed.fitted_scores_ = {best.name: best}
         unleashed.default_score = best
         return row
 
@@ -303,9 +304,9 @@ def tune(
         max_fit_batches: Fit the scores on at most this many training batches.
         head, feature_layer: Passed to :class:`~oodunleash.OODUnleash` for models whose head or
             feature maps are not found automatically.
-        keep_all: Keep every candidate's model and fitted score variants in
-            ``result.unleashed`` (for comparisons on test data; costs memory). By default only
-            the chosen one is kept.
+        keep_all: Keep every candidate's model and fitted score variants (under their labels)
+            in ``result.unleashed``, for comparisons on test data; costs memory. By default
+            only the chosen model is kept, with only the chosen score.
         progress: Show progress bars.
         verbose: Print the validation table when done.
 
