@@ -38,6 +38,7 @@ import oodunleash
 from oodunleash.benchmark import TensorLoader, in_batches, load_benchmark_data, train_classifier
 from oodunleash.datasets import GlyphsOOD
 from oodunleash.models import create_model
+from oodunleash.tuning.result import metrics_in_percent
 
 #: Candidates compared as fixed recipes (candidate, score) beside tune's choice.
 FIXED = {
@@ -48,20 +49,19 @@ FIXED = {
 
 
 def _percent(results: oodunleash.EvaluationResults) -> dict[str, Any]:
-    scores = {}
-    for label, per_ood in results.metrics.items():
-        rows = {o: {k: 100 * m[k] for k in ("auroc", "fpr95")} for o, m in per_ood.items()}
-        rows["mean"] = {k: sum(r[k] for r in rows.values()) / len(rows) for k in ("auroc", "fpr95")}
-        scores[label] = rows
-    return {"accuracy": 100 * results.id_accuracy, "scores": scores}
+    """Test accuracy and metrics in %, laid out like tune's validation metrics."""
+    return {"accuracy": 100 * results.id_accuracy, "scores": metrics_in_percent(results.metrics)}
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train, tune on proxies, read every candidate out on the real test sets."""
     started = time.perf_counter()
-    data = load_benchmark_data("fashion-mnist", train_size=args.train_size, split_seed=0)
+    data = load_benchmark_data(
+        "fashion-mnist", train_size=args.train_size, eval_cap=args.eval_cap, split_seed=0
+    )
     test_ood = dict(data["test_ood"])
-    test_ood["letters"] = GlyphsOOD(2000, seed=0).tensors()[0]  # absent from tuning
+    letters = GlyphsOOD(args.eval_cap or 2000, seed=0)  # a family absent from tuning
+    test_ood["letters"] = letters.tensors()[0]
     torch.manual_seed(seed)
     model = create_model("small_cnn", data["num_classes"])
     train = TensorLoader(*data["train"], batch_size=128, seed=seed)
@@ -189,6 +189,9 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=12000)
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of the model")
     parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument(
+        "--eval-cap", type=int, default=None, help="at most this many images per val/test set"
+    )
     parser.add_argument("--time-budget", type=float, default=None, help="per tune call (s)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(

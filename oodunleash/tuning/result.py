@@ -77,7 +77,8 @@ def select(
     Example:
         >>> def row(name, tier, acc, fpr):
         ...     metrics = {"energy": {"mean": {"fpr95": fpr, "auroc": 90.0}}}
-        ...     return CandidateResult(name, "x", tier, acc, metrics)
+        ...     kind = "unchanged" if tier == 0 else "finetune"
+        ...     return CandidateResult(name, kind, tier, acc, metrics)
         >>> rows = [row("unchanged", 0, 95.0, 40.0), row("um", 2, 93.0, 10.0),
         ...         row("umap", 2, 94.5, 20.0)]
         >>> chosen, floor = select(rows, max_accuracy_drop=1.0)
