@@ -280,3 +280,49 @@ def test_bad_arguments_fail_before_any_work(data):
     with pytest.raises(TypeError, match="torch.nn.Module"):
         tune("model", train, val, **FAST)
     assert isinstance(OODUnleash(model), OODUnleash)
+
+
+# ----------------------------------------------------------------------------- the measurement
+def _load_benchmark_script():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "benchmark_tune.py"
+    spec = importlib.util.spec_from_file_location("benchmark_tune", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(seed: int, fprs: dict[tuple[str, str], float], accuracy: dict[str, float], chosen):
+    test: dict = {}
+    for (candidate, score), fpr in fprs.items():
+        block = test.setdefault(candidate, {"accuracy": accuracy[candidate], "scores": {}})
+        per_set = {"near": {"auroc": 80.0, "fpr95": fpr}, "letters": {"auroc": 80.0, "fpr95": fpr}}
+        block["scores"][score] = per_set | {"mean": {"auroc": 80.0, "fpr95": fpr}}
+    val = {"candidates": {"unchanged": {"best_score": "knn k=10"}}}
+    return {"seed": seed, "test": test, "val": val, "chosen": list(chosen)}
+
+
+def test_the_measurement_summary_compares_tune_with_the_fixed_recipes_and_the_oracle():
+    bench = _load_benchmark_script()
+    accuracy = {"unchanged": 90.0, "um": 89.5, "umap": 88.0}
+    fprs = {
+        ("unchanged", "energy"): 60.0,
+        ("unchanged", "knn k=10"): 30.0,
+        ("um", "energy"): 40.0,
+        ("um", "knn k=10"): 20.0,
+        ("umap", "energy"): 5.0,  # best on test, but 2 points of accuracy: not the oracle
+        ("umap", "knn k=10"): 50.0,
+    }
+    runs = [
+        _fake_run(0, fprs, accuracy, ("um", "knn k=10")),
+        _fake_run(1, {k: v + 10 for k, v in fprs.items()}, accuracy, ("unchanged", "knn k=10")),
+    ]
+    text = bench.summarize(runs)
+    assert "| final model + energy | 65.0 | +0% | 90.00 | +0.00 |" in text
+    assert "| default UM + energy | 45.0 | -31% | 89.50 | -0.50 |" in text
+    assert "| tune's choice | 30.0 | -54% | 89.75 | -0.25 |" in text  # seeds: 20 and 30 + 10
+    assert "| oracle (best on test) | 25.0 | -62% | 89.50 | -0.50 |" in text
+    assert "| 0 | oracle (best on test) | um + knn k=10 | 20.0 | 89.50 |" in text
+    assert "seed 0: near 60.0 → 20.0, letters 60.0 → 20.0" in text
