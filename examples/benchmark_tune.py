@@ -75,6 +75,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         seed=seed,
         epochs=args.finetune_epochs,
         time_budget=args.time_budget,
+        proxy_size=args.proxy_size,
         scores=[s for s in oodunleash.list_scores() if s not in args.skip_scores],
         keep_all=True,
         progress=False,
@@ -189,6 +190,7 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=12000)
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of the model")
     parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--proxy-size", type=int, default=1000, help="images per proxy family")
     parser.add_argument(
         "--eval-cap", type=int, default=None, help="at most this many images per val/test set"
     )
