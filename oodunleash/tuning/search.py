@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..constraint import mean_cross_entropy
+from ..distributed import any_rank, is_main_process
 from ..proxy import proxy_ood
 from ..scores import OODScore
 from ..training import LossConstraintTooHighError, TrainingDivergedError
@@ -166,7 +167,8 @@ class _Search:
 
     def run(self, started: float, time_budget: float | None, fit_scale: float):
         """``(rows, kept models, dropped)``: the unchanged model first, always."""
-        bar = tqdm(total=len(self.specs), desc="tune", disable=not self.progress)
+        shown = self.progress and is_main_process()
+        bar = tqdm(total=len(self.specs), desc="tune", disable=not shown)
         bar.set_postfix_str("unchanged")
         kept = {"unchanged": OODUnleash(self.model, **self.options)}
         rows = {"unchanged": self.reader.read(self.specs[0], kept["unchanged"], None, 0.0)}
@@ -177,7 +179,8 @@ class _Search:
             bar.set_postfix_str(spec.name)
             bar.update()
             elapsed = time.perf_counter() - started
-            if time_budget is not None and elapsed + self.cost(spec) > time_budget:
+            over = time_budget is not None and elapsed + self.cost(spec) > time_budget
+            if any_rank(over):  # under torchrun every rank must drop the same candidates
                 dropped[spec.name] = (
                     f"time budget: needs about {self.cost(spec):.0f} s, "
                     f"{max(0.0, time_budget - elapsed):.0f} s of {time_budget:g} s left"
@@ -364,6 +367,6 @@ def tune(
         time_s=time.perf_counter() - started,
         unleashed=kept if keep_all else {},
     )
-    if verbose:
+    if verbose and is_main_process():
         print(result.to_markdown())
     return result
