@@ -39,6 +39,7 @@ from oodunleash.benchmark import TensorLoader, in_batches, load_benchmark_data, 
 from oodunleash.datasets import GlyphsOOD
 from oodunleash.models import create_model
 from oodunleash.tuning.result import metrics_in_percent
+from oodunleash.tuning.search import split_failures
 
 #: Candidates compared as fixed recipes (candidate, score) beside tune's choice.
 FIXED = {
@@ -48,9 +49,21 @@ FIXED = {
 }
 
 
-def _percent(results: oodunleash.EvaluationResults) -> dict[str, Any]:
-    """Test accuracy and metrics in %, laid out like tune's validation metrics."""
-    return {"accuracy": 100 * results.id_accuracy, "scores": metrics_in_percent(results.metrics)}
+def _test_metrics(unleashed: oodunleash.OODUnleash, test_id, test_ood) -> dict[str, Any]:
+    """Test accuracy and metrics in %, laid out like tune's validation metrics; a score that
+    fails on some test set (a NaN) is listed under ``"failed"``."""
+
+    def run(labels: list[str]) -> oodunleash.EvaluationResults:
+        scores = {label: label for label in labels}
+        return unleashed.evaluate(test_id, test_ood, scores, progress=False)
+
+    parts, failed = split_failures(list(unleashed.fitted_scores_), run)
+    metrics = {label: m for part in parts for label, m in part.metrics.items()}
+    return {
+        "accuracy": 100 * parts[0].id_accuracy,
+        "scores": metrics_in_percent(metrics),
+        "failed": {label: str(err) for label, err in failed.items()},
+    }
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -80,17 +93,12 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         keep_all=True,
         progress=False,
     )
-    test = {}
-    for name, unleashed in result.unleashed.items():
-        labels = {label: label for label in unleashed.fitted_scores_}
-        test[name] = _percent(
-            unleashed.evaluate(
-                in_batches(*data["test"], batch_size=512),
-                {k: in_batches(v, batch_size=512) for k, v in test_ood.items()},
-                labels,
-                progress=False,
-            )
-        )
+    test_id = in_batches(*data["test"], batch_size=512)
+    test_sets = {k: in_batches(v, batch_size=512) for k, v in test_ood.items()}
+    test = {
+        name: _test_metrics(unleashed, test_id, test_sets)
+        for name, unleashed in result.unleashed.items()
+    }
     return {
         "seed": seed,
         "settings": vars(args) | {"seeds": None},
@@ -103,8 +111,10 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _entry(run: dict[str, Any], candidate: str, score: str) -> tuple[float, float]:
+    """Test mean FPR95 and accuracy; NaN FPR95 where the score failed on test."""
     block = run["test"][candidate]
-    return block["scores"][score]["mean"]["fpr95"], block["accuracy"]
+    scores = block["scores"]
+    return scores[score]["mean"]["fpr95"] if score in scores else float("nan"), block["accuracy"]
 
 
 def _rows(run: dict[str, Any], fixed_posthoc: str | None) -> dict[str, tuple[str, float, float]]:

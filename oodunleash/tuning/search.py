@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -14,13 +14,16 @@ from tqdm.auto import tqdm
 from ..constraint import mean_cross_entropy
 from ..distributed import any_rank, is_main_process
 from ..proxy import proxy_ood
+from ..results import EvaluationResults
 from ..scores import OODScore
 from ..training import LossConstraintTooHighError, TrainingDivergedError
 from ..wrapper import METHOD_DEFAULTS, OODUnleash
 from .candidates import CandidateSpec, candidate_specs, estimated_seconds, finetune, score_variants
 from .result import CandidateResult, TuneResult, metrics_in_percent, select
 
-__all__ = ["tune"]
+__all__ = ["split_failures", "tune"]
+
+T = TypeVar("T")
 
 
 def _length(loader: Iterable, attribute: str) -> int | None:
@@ -35,6 +38,34 @@ def _reason(err: BaseException) -> str:
     text = str(err).split("\n")[0]
     cut = text.find(". ")
     return f"{type(err).__name__}: {text[: cut + 1] if cut > 0 else text}"[:240]
+
+
+def split_failures(
+    labels: list[str], run: Callable[[list[str]], T]
+) -> tuple[list[T], dict[str, Exception]]:
+    """``run(labels)``; where that raises, run each half again, down to single labels.
+
+    Returns the results of the groups that ran and ``{label: error}`` for the labels that
+    failed alone. One bad score (a NaN on some OOD set, a model it cannot read) then costs a
+    few extra passes, not the whole comparison.
+
+    Example:
+        >>> def run(labels):
+        ...     if "bad" in labels:
+        ...         raise ValueError("no")
+        ...     return labels
+        >>> split_failures(["a", "b", "bad", "c"], run)
+        ([['a', 'b'], ['c']], {'bad': ValueError('no')})
+    """
+    try:
+        return [run(labels)], {}
+    except Exception as err:  # noqa: BLE001 - isolated below, reported by label
+        if len(labels) == 1:
+            return [], {labels[0]: err}
+    middle = len(labels) // 2
+    first, first_failures = split_failures(labels[:middle], run)
+    second, second_failures = split_failures(labels[middle:], run)
+    return first + second, first_failures | second_failures
 
 
 def _validation_oods(
@@ -85,36 +116,27 @@ class _Reader:
 
     def _fit(self, unleashed: OODUnleash) -> None:
         common = {"max_batches": self.max_fit_batches, "progress": self.progress}
-        try:
-            unleashed.fit_scores(self.train_loader, self._fresh(self.variants), **common)
-            return
-        except Exception:  # noqa: BLE001 - one score that cannot read this model must not stop the rest
-            pass
-        for label in list(self.variants):  # find the culprits, one pass each
-            try:
-                unleashed.fit_scores(self.train_loader, self._fresh([label]), **common)
-            except Exception as err:  # noqa: BLE001
-                self._skip(label, err)
 
-    def _evaluate(self, unleashed: OODUnleash):
-        def run(labels, **kwargs):
+        def fit(labels: list[str]) -> None:
+            unleashed.fit_scores(self.train_loader, self._fresh(labels), **common)
+
+        for label, err in split_failures(list(self.variants), fit)[1].items():
+            self._skip(label, err)
+
+    def _evaluate(self, unleashed: OODUnleash) -> tuple[dict[str, Any], float]:
+        """``({score: {ood_set: metrics}}, ID accuracy)`` of every score that could read it."""
+
+        def run(labels: list[str]) -> EvaluationResults:
             scores = {label: label for label in labels}
-            return unleashed.evaluate(
-                self.val_loader, self.oods, scores, progress=self.progress, **kwargs
-            )
+            return unleashed.evaluate(self.val_loader, self.oods, scores, progress=self.progress)
 
-        try:
-            return run(self.variants)
-        except Exception:  # noqa: BLE001 - probe each score on one batch, then retry without
-            pass
-        for label in list(self.variants):
-            try:
-                run([label], max_batches=1)
-            except Exception as err:  # noqa: BLE001
-                self._skip(label, err)
-        if not self.variants:
+        parts, failures = split_failures(list(self.variants), run)
+        for label, err in failures.items():
+            self._skip(label, err)
+        if not parts:
             raise RuntimeError(f"No OOD score could read this model: {self.skipped}")
-        return run(self.variants)
+        metrics = {label: m for part in parts for label, m in part.metrics.items()}
+        return metrics, float(parts[0].id_accuracy)
 
     def _skip(self, label: str, err: BaseException) -> None:
         self.skipped[label] = _reason(err)
@@ -124,11 +146,11 @@ class _Reader:
         started = time.perf_counter()
         self._fit(unleashed)
         fitted = time.perf_counter()
-        results = self._evaluate(unleashed)
+        raw, accuracy = self._evaluate(unleashed)
         done = time.perf_counter()
         self.fit_s, self.read_s = fitted - started, done - started
-        metrics = metrics_in_percent({s: results.metrics[s] for s in self.variants})
-        accuracy = 100 * float(results.id_accuracy)
+        metrics = metrics_in_percent({s: raw[s] for s in self.variants})
+        accuracy *= 100
         row = CandidateResult(
             spec.name, spec.kind, spec.tier, accuracy, metrics, xi, train_s + done - started
         )
