@@ -15,9 +15,12 @@ training loss, + Energy), UMAP's default + Energy, the best single post-hoc scor
 unchanged model (chosen on test: optimistic), and the oracle (the best candidate and score on
 test within 1 point of the final model's test accuracy).
 
-Run on CPU, single-threaded, beside other work::
+Run on CPU, single-threaded, beside other work (the measurement in docs/tutorials/tune.md ran
+one process per seed, with a small training set to fit in the time 2 shared cores allowed)::
 
-    PYTHONPATH=. nice -n 10 python examples/benchmark_tune.py --seeds 0 1 2 --out runs/tune
+    for s in 0 1 2; do PYTHONPATH=. nice -n 10 python examples/benchmark_tune.py --seeds $s \
+        --train-size 4000 --epochs 25 --finetune-epochs 3 --eval-cap 1000 --proxy-size 500 \
+        --out runs/tune & done; wait
     python examples/benchmark_tune.py --summarize runs/tune   # the table again, from the JSONs
 """
 
