@@ -31,6 +31,8 @@ DOCUMENTED = (
     "oodunleash.hub",
     "oodunleash.datasets",
     "oodunleash.distributed",
+    "oodunleash.tuning",
+    "oodunleash.proxy",
 )
 
 
