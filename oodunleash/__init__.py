@@ -9,6 +9,7 @@ from .checkpoint import HubError
 from .config import Masked, Relative, UnleashConfig
 from .constraint import estimate_loss_constraint, mean_cross_entropy
 from .masking import LayerMasks, select_layers, topk_mask
+from .proxy import proxy_ood
 from .results import EvaluationResults
 from .scores import OODScore, get_score, list_scores, register_score
 from .training import (
@@ -17,6 +18,7 @@ from .training import (
     TrainingDivergedError,
     flooding_loss,
 )
+from .tuning import TuneResult, tune
 from .wrapper import NotFittedError, OODUnleash
 
 __version__ = "0.1.0"
@@ -44,4 +46,7 @@ __all__ = [
     "list_scores",
     "metrics",
     "register_score",
+    "TuneResult",
+    "proxy_ood",
+    "tune",
 ]

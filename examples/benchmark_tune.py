@@ -1,0 +1,238 @@
+"""Does ``oodunleash.tune`` choose well when it sees no real OOD data?
+
+Protocol (Fashion-MNIST, ID = classes 0-5, the benchmark's split and small CNN):
+
+* a small CNN is trained from scratch per seed on a seeded subsample of the training split;
+* :func:`oodunleash.tune` sees the training subsample, the validation split and nothing else:
+  its OOD sets are proxies built from the validation images (:func:`oodunleash.proxy_ood`);
+* every candidate (the trained model, the fine-tunes) is then read out on the test split
+  against real OOD sets that appear nowhere in tuning: near-OOD (test images of classes
+  6-9), scikit-learn digits, photo crops, Gaussian and uniform noise, and rendered letters.
+
+Reported per seed and as means over seeds: test mean FPR95 and ID accuracy of tune's choice
+against the final model + Energy, the fixed default (``OODUnleash`` defaults: UM, ξ = 3x the
+training loss, + Energy), UMAP's default + Energy, the best single post-hoc score on the
+unchanged model (chosen on test: optimistic), and the oracle (the best candidate and score on
+test within 1 point of the final model's test accuracy).
+
+Run on CPU, single-threaded, beside other work (the measurement in docs/tutorials/tune.md ran
+one process per seed, with a small training set to fit in the time 2 shared cores allowed)::
+
+    for s in 0 1 2; do PYTHONPATH=. nice -n 10 python examples/benchmark_tune.py --seeds $s \
+        --train-size 4000 --epochs 25 --finetune-epochs 3 --eval-cap 1000 --proxy-size 500 \
+        --out runs/tune & done; wait
+    python examples/benchmark_tune.py --summarize runs/tune   # the table again, from the JSONs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+from typing import Any
+
+import torch
+
+import oodunleash
+
+# The benchmark's data, model and training loop, imported in this one place (they may move
+# into an ``oodunleash.bench`` package; only these lines would change).
+from oodunleash.benchmark import TensorLoader, in_batches, load_benchmark_data, train_classifier
+from oodunleash.datasets import GlyphsOOD
+from oodunleash.models import create_model
+from oodunleash.tuning.result import metrics_in_percent
+from oodunleash.tuning.search import split_failures
+
+#: Candidates compared as fixed recipes (candidate, score) beside tune's choice.
+FIXED = {
+    "final model + energy": ("unchanged", "energy"),
+    "default UM + energy": ("um", "energy"),
+    "default UMAP + energy": ("umap", "energy"),
+}
+
+
+def _test_metrics(unleashed: oodunleash.OODUnleash, test_id, test_ood) -> dict[str, Any]:
+    """Test accuracy and metrics in %, laid out like tune's validation metrics; a score that
+    fails on some test set (a NaN) is listed under ``"failed"``."""
+
+    def run(labels: list[str]) -> oodunleash.EvaluationResults:
+        scores = {label: label for label in labels}
+        return unleashed.evaluate(test_id, test_ood, scores, progress=False)
+
+    parts, failed = split_failures(list(unleashed.fitted_scores_), run)
+    metrics = {label: m for part in parts for label, m in part.metrics.items()}
+    return {
+        "accuracy": 100 * parts[0].id_accuracy,
+        "scores": metrics_in_percent(metrics),
+        "failed": {label: str(err) for label, err in failed.items()},
+    }
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train, tune on proxies, read every candidate out on the real test sets."""
+    started = time.perf_counter()
+    data = load_benchmark_data(
+        "fashion-mnist", train_size=args.train_size, eval_cap=args.eval_cap, split_seed=0
+    )
+    test_ood = dict(data["test_ood"])
+    letters = GlyphsOOD(args.eval_cap or 2000, seed=0)  # a family absent from tuning
+    test_ood["letters"] = letters.tensors()[0]
+    torch.manual_seed(seed)
+    model = create_model("small_cnn", data["num_classes"])
+    train = TensorLoader(*data["train"], batch_size=128, seed=seed)
+    train_classifier(model, train, epochs=args.epochs, progress=False)
+    trained_s = time.perf_counter() - started
+
+    result = oodunleash.tune(
+        model,
+        train,
+        in_batches(*data["val"], batch_size=512),
+        seed=seed,
+        epochs=args.finetune_epochs,
+        time_budget=args.time_budget,
+        proxy_size=args.proxy_size,
+        scores=[s for s in oodunleash.list_scores() if s not in args.skip_scores],
+        keep_all=True,
+        progress=False,
+    )
+    test_id = in_batches(*data["test"], batch_size=512)
+    test_sets = {k: in_batches(v, batch_size=512) for k, v in test_ood.items()}
+    test = {
+        name: _test_metrics(unleashed, test_id, test_sets)
+        for name, unleashed in result.unleashed.items()
+    }
+    return {
+        "seed": seed,
+        "settings": vars(args) | {"seeds": None},
+        "train_s": trained_s,
+        "tune_s": result.time_s,
+        "val": result.to_dict(),
+        "test": test,
+        "chosen": [result.best_candidate, result.best_score],
+    }
+
+
+def _entry(run: dict[str, Any], candidate: str, score: str) -> tuple[float, float]:
+    """Test mean FPR95 and accuracy; NaN FPR95 where the score failed on test."""
+    block = run["test"][candidate]
+    scores = block["scores"]
+    return scores[score]["mean"]["fpr95"] if score in scores else float("nan"), block["accuracy"]
+
+
+def _rows(run: dict[str, Any], fixed_posthoc: str | None) -> dict[str, tuple[str, float, float]]:
+    """``{row: (what, test mean FPR95, test accuracy)}`` for one seed."""
+    rows = {}
+    for row, (candidate, score) in FIXED.items():
+        if candidate in run["test"]:
+            rows[row] = (f"{candidate} + {score}", *_entry(run, candidate, score))
+    unchanged = run["test"]["unchanged"]
+    if fixed_posthoc is not None:
+        rows["best fixed post-hoc score (test)"] = (
+            f"unchanged + {fixed_posthoc}",
+            *_entry(run, "unchanged", fixed_posthoc),
+        )
+    val_posthoc = run["val"]["candidates"]["unchanged"]["best_score"]
+    rows["tune, unchanged model only"] = (
+        f"unchanged + {val_posthoc}",
+        *_entry(run, "unchanged", val_posthoc),
+    )
+    candidate, score = run["chosen"]
+    rows["tune's choice"] = (f"{candidate} + {score}", *_entry(run, candidate, score))
+    floor = unchanged["accuracy"] - 1.0
+    oracle = min(
+        (block["scores"][s]["mean"]["fpr95"], c, s)
+        for c, block in run["test"].items()
+        if block["accuracy"] >= floor
+        for s in block["scores"]
+    )
+    rows["oracle (best on test)"] = (f"{oracle[1]} + {oracle[2]}", *_entry(run, *oracle[1:]))
+    return rows
+
+
+def summarize(runs: list[dict[str, Any]]) -> str:
+    """Markdown: per seed, then means over seeds."""
+    shared = set.intersection(*(set(r["test"]["unchanged"]["scores"]) for r in runs))
+    fixed_posthoc = min(
+        shared,
+        key=lambda s: sum(r["test"]["unchanged"]["scores"][s]["mean"]["fpr95"] for r in runs),
+    )
+    per_seed = {r["seed"]: _rows(r, fixed_posthoc) for r in runs}
+    names = list(next(iter(per_seed.values())))
+    lines = [
+        f"Seeds {sorted(per_seed)}; test mean FPR95 over {len(runs[0]['test']['unchanged']['scores']['energy']) - 1} "
+        "real OOD sets (%), ID test accuracy (%).",
+        "",
+        "| recipe | test mean FPR95 | Δ vs final + energy | test accuracy | Δ accuracy |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    base = [per_seed[s]["final model + energy"] for s in per_seed]
+    for name in names:
+        got = [per_seed[s][name] for s in per_seed if name in per_seed[s]]
+        fpr = sum(g[1] for g in got) / len(got)
+        acc = sum(g[2] for g in got) / len(got)
+        base_fpr = sum(b[1] for b in base) / len(base)
+        base_acc = sum(b[2] for b in base) / len(base)
+        lines.append(
+            f"| {name} | {fpr:.1f} | {100 * (fpr - base_fpr) / base_fpr:+.0f}% | {acc:.2f} | "
+            f"{acc - base_acc:+.2f} |"
+        )
+    lines += [
+        "",
+        "| seed | recipe | chosen | test mean FPR95 | test accuracy |",
+        "|---|---|---|---:|---:|",
+    ]
+    for seed, rows in per_seed.items():
+        for name, (what, fpr, acc) in rows.items():
+            lines.append(f"| {seed} | {name} | {what} | {fpr:.1f} | {acc:.2f} |")
+    lines += ["", "Per OOD set, test FPR95 (%), final model + energy → tune's choice:", ""]
+    for r in runs:
+        candidate, score = r["chosen"]
+        before = r["test"]["unchanged"]["scores"]["energy"]
+        after = r["test"][candidate]["scores"][score]
+        sets = [o for o in before if o != "mean"]
+        cells = ", ".join(f"{o} {before[o]['fpr95']:.1f} → {after[o]['fpr95']:.1f}" for o in sets)
+        lines.append(f"- seed {r['seed']}: {cells}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/tune")
+    parser.add_argument("--train-size", type=int, default=12000)
+    parser.add_argument("--epochs", type=int, default=15, help="training epochs of the model")
+    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--proxy-size", type=int, default=1000, help="images per proxy family")
+    parser.add_argument(
+        "--eval-cap", type=int, default=None, help="at most this many images per val/test set"
+    )
+    parser.add_argument("--time-budget", type=float, default=None, help="per tune call (s)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--skip-scores",
+        nargs="*",
+        default=["odin"],
+        help="registered scores left out (ODIN costs three passes per batch)",
+    )
+    parser.add_argument("--summarize", metavar="DIR", help="only print the summary of DIR")
+    args = parser.parse_args()
+    if args.summarize:
+        folder = pathlib.Path(args.summarize)
+        runs = [json.loads(p.read_text()) for p in sorted(folder.glob("seed*.json"))]
+        print(summarize(runs))
+        return
+    torch.set_num_threads(args.threads)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for seed in args.seeds:
+        run = run_seed(seed, args)
+        (out / f"seed{seed}.json").write_text(json.dumps(run, indent=1))
+        runs.append(run)
+        print(summarize(runs), flush=True)
+    (out / "summary.md").write_text(summarize(runs) + "\n")
+
+
+if __name__ == "__main__":
+    main()

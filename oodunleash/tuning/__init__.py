@@ -1,0 +1,24 @@
+"""Choosing a fine-tune and an OOD score on validation data: :func:`tune`.
+
+* :mod:`~oodunleash.tuning.candidates`: the candidate models and score variants compared;
+* :mod:`~oodunleash.tuning.result`: the selection rule and :class:`TuneResult`;
+* :mod:`~oodunleash.tuning.search`: :func:`tune` itself.
+
+Proxy OOD sets for validation without OOD data are in :mod:`oodunleash.proxy`.
+"""
+
+from .candidates import DEFAULT_FINETUNES, SCORE_GRID, CandidateSpec, parse_finetune, score_variants
+from .result import CandidateResult, TuneResult, select
+from .search import tune
+
+__all__ = [
+    "DEFAULT_FINETUNES",
+    "SCORE_GRID",
+    "CandidateResult",
+    "CandidateSpec",
+    "TuneResult",
+    "parse_finetune",
+    "score_variants",
+    "select",
+    "tune",
+]

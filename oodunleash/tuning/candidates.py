@@ -1,0 +1,202 @@
+"""What :func:`~oodunleash.tune` compares: candidate models and the score variants that read
+them out."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+from ..constraint import DEFAULT_CONSTRAINT_FACTOR
+from ..scores import OODScore, get_score, list_scores
+from ..wrapper import METHOD_DEFAULTS, OODUnleash
+
+__all__ = [
+    "DEFAULT_FINETUNES",
+    "SCORE_GRID",
+    "CandidateSpec",
+    "parse_finetune",
+    "score_variants",
+]
+
+Kind = Literal["unchanged", "checkpoint", "finetune"]
+
+#: Cost tier of each kind of candidate: a tie on validation goes to the lower tier.
+TIERS: dict[str, int] = {"unchanged": 0, "checkpoint": 1, "finetune": 2}
+
+#: The fine-tunes tried by default, in priority order (a time budget that cannot fit them all
+#: drops the later ones of equal cost first). ``"um"`` and ``"umap"`` are the library's
+#: defaults (ξ = ``DEFAULT_CONSTRAINT_FACTOR`` x the training loss); ``"control"`` runs the
+#: same fine-tune with plain cross-entropy; ``"um 2x"`` / ``"um 4x"`` bracket the default ξ.
+DEFAULT_FINETUNES: tuple[str, ...] = (
+    "um",
+    "umap",
+    "um control",
+    "umap control",
+    "um 2x",
+    "um 4x",
+)
+
+#: The hyperparameter values tried for the scores that have one that matters: each value
+#: becomes its own variant, chosen on validation like the model.
+SCORE_GRID: dict[str, tuple[str, str, tuple[Any, ...]]] = {
+    # registered name: (option, label prefix, values)
+    "dice": ("sparsity", "s", (0.5, 0.7, 0.9)),
+    "react": ("percentile", "p", (85.0, 90.0, 95.0)),
+    "knn": ("k", "k", (1, 10, 50)),
+}
+
+_FINETUNE = re.compile(r"^(um|umap)(?: (control|(\d+(?:\.\d+)?)x))?$")
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """One model to read out: the unchanged input, an earlier checkpoint, or a fine-tune.
+
+    Attributes:
+        name: Its label in tables (``"unchanged"``, ``"umap"``, ``"um control"``, ...).
+        kind: ``"unchanged"``, ``"checkpoint"`` or ``"finetune"``.
+        priority: Position in the candidate list; breaks ties after the cost tier.
+        method: ``"um"`` or ``"umap"`` (fine-tunes only).
+        factor: ξ as a multiple of the training loss; ``None`` for a plain-CE control.
+        state_dict: The weights of a checkpoint candidate.
+    """
+
+    name: str
+    kind: Kind
+    priority: int = 0
+    method: str | None = None
+    factor: float | None = None
+    state_dict: Mapping[str, Any] | None = None
+
+    @property
+    def tier(self) -> int:
+        """Cost tier: 0 unchanged, 1 checkpoint, 2 fine-tune."""
+        return TIERS[self.kind]
+
+
+def parse_finetune(name: str, priority: int = 0) -> CandidateSpec:
+    """The fine-tune a name describes: ``"um"``, ``"umap"``, ``"<method> control"`` or
+    ``"<method> <factor>x"`` (ξ = factor x the training loss).
+
+    Example:
+        >>> spec = parse_finetune("um 2x")
+        >>> spec.method, spec.factor
+        ('um', 2.0)
+        >>> parse_finetune("umap control").factor is None
+        True
+    """
+    match = _FINETUNE.match(name.strip()) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(
+            f"Unknown fine-tune {name!r}: write 'um' or 'umap', optionally followed by "
+            "' control' (plain cross-entropy) or ' <factor>x' (ξ = factor x the training "
+            f"loss), e.g. {list(DEFAULT_FINETUNES)}."
+        )
+    method, control, factor = match.groups()
+    if control == "control":
+        value = None
+    else:
+        value = float(factor) if factor is not None else DEFAULT_CONSTRAINT_FACTOR
+        if not value > 0:
+            raise ValueError(f"The ξ factor of {name!r} must be positive.")
+    return CandidateSpec(name.strip(), "finetune", priority, method, value)
+
+
+def candidate_specs(
+    finetunes: Sequence[str] | None,
+    checkpoints: Mapping[str, Mapping[str, Any]] | None,
+) -> list[CandidateSpec]:
+    """The unchanged model first, then the checkpoints, then the fine-tunes."""
+    specs = [CandidateSpec("unchanged", "unchanged", 0)]
+    for name, state in (checkpoints or {}).items():
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"checkpoints[{name!r}] must be a state_dict (a mapping of tensors), got "
+                f"{type(state).__name__}. Load a file first, e.g. safetensors.torch.load_file."
+            )
+        specs.append(
+            CandidateSpec(f"checkpoint {name}", "checkpoint", len(specs), None, None, state)
+        )
+    names = DEFAULT_FINETUNES if finetunes is None else finetunes
+    if isinstance(names, str):
+        names = [names]
+    specs += [parse_finetune(n, len(specs) + i) for i, n in enumerate(names)]
+    taken = [s.name for s in specs]
+    repeated = sorted({n for n in taken if taken.count(n) > 1})
+    if repeated:
+        raise ValueError(f"Candidate names must be unique; repeated: {repeated}.")
+    return specs
+
+
+def score_variants(
+    scores: Iterable[str] | Mapping[str, str | OODScore] | None,
+    train_size: int | None = None,
+) -> dict[str, str | OODScore]:
+    """``{label: score}`` to read every candidate out with.
+
+    ``None`` means every registered score; a registered name in :data:`SCORE_GRID` expands to
+    one variant per value (``"knn k=10"``, ...); a mapping is taken as it is. KNN variants whose
+    ``k`` is not below ``train_size`` are left out.
+
+    Example:
+        >>> list(score_variants(["energy", "dice"]))
+        ['energy', 'dice s=0.5', 'dice s=0.7', 'dice s=0.9']
+    """
+    if isinstance(scores, Mapping):
+        if not scores:
+            raise ValueError("scores is empty: name at least one score (see list_scores()).")
+        return dict(scores)
+    names = list_scores() if scores is None else [scores] if isinstance(scores, str) else scores
+    out: dict[str, str | OODScore] = {}
+    for name in names:
+        canonical = get_score(name).name  # validates the name, resolves aliases
+        if canonical not in SCORE_GRID:
+            out[canonical] = canonical
+            continue
+        option, short, values = SCORE_GRID[canonical]
+        for value in values:
+            if option == "k" and train_size is not None and value >= train_size:
+                continue
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            out[f"{canonical} {short}={shown}"] = get_score(canonical, **{option: value})
+    if not out:
+        raise ValueError("scores is empty: name at least one score (see list_scores()).")
+    return out
+
+
+def finetune(
+    model: nn.Module,
+    spec: CandidateSpec,
+    train_loader: Iterable,
+    training_loss: float | None,
+    *,
+    seed: int,
+    epochs: int | None,
+    wrapper_options: Mapping[str, Any],
+    progress: bool,
+) -> OODUnleash:
+    """The one place :func:`~oodunleash.tune` fine-tunes: UM or UMAP on a deep copy of
+    ``model`` (the caller's model is never touched), with ξ = ``spec.factor`` x
+    ``training_loss`` (measured once and shared by every fine-tune), or plain
+    cross-entropy for a control."""
+    unleashed = OODUnleash(copy.deepcopy(model), spec.method, seed=seed, **wrapper_options)
+    if spec.factor is None:
+        return unleashed.fit(train_loader, epochs=epochs, flooding=False, progress=progress)
+    xi = spec.factor * training_loss if training_loss is not None else None
+    return unleashed.fit(train_loader, epochs=epochs, loss_constraint=xi, progress=progress)
+
+
+def estimated_seconds(
+    spec: CandidateSpec, epochs: int | None, pass_s: float, read_s: float
+) -> float:
+    """Rough cost of a candidate: a fine-tune epoch counts as three forward passes over the
+    training data (forward, backward, update), plus the read-out."""
+    if spec.kind != "finetune":
+        return read_s
+    n_epochs = epochs if epochs is not None else METHOD_DEFAULTS[spec.method or "um"]["epochs"]
+    return n_epochs * 3 * pass_s + read_s

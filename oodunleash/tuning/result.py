@@ -1,0 +1,281 @@
+"""The outcome of :func:`~oodunleash.tune`: every candidate's validation metrics, the selection
+rule, and the chosen detector."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..results import save_figure
+from ..wrapper import OODUnleash
+
+__all__ = ["CandidateResult", "TuneResult", "select"]
+
+#: Key of the mean over validation OOD sets in :attr:`CandidateResult.metrics`.
+MEAN = "mean"
+
+
+@dataclass
+class CandidateResult:
+    """One candidate model, read out by every score variant on the validation data.
+
+    Attributes:
+        name: The candidate (``"unchanged"``, ``"umap"``, ``"checkpoint epoch 5"``, ...).
+        kind: ``"unchanged"``, ``"checkpoint"`` or ``"finetune"``.
+        tier: Cost tier (0 unchanged, 1 checkpoint, 2 fine-tune): ties go to the lower tier.
+        accuracy: Validation ID accuracy, in %.
+        metrics: ``{score: {ood_set: {"auroc", "fpr95"}, "mean": {"auroc", "fpr95"}}}``, in %.
+        loss_constraint: The ξ of a flooding fine-tune (``None`` otherwise).
+        time_s: Seconds spent on this candidate (fine-tune and read-out).
+    """
+
+    name: str
+    kind: str
+    tier: int
+    accuracy: float
+    metrics: dict[str, dict[str, dict[str, float]]]
+    loss_constraint: float | None = None
+    time_s: float = 0.0
+
+    @property
+    def best_score(self) -> str:
+        """The score with the lowest mean validation FPR95 (then the highest mean AUROC,
+        then the first listed)."""
+        return min(
+            self.metrics,
+            key=lambda s: (self.metrics[s][MEAN]["fpr95"], -self.metrics[s][MEAN]["auroc"]),
+        )
+
+    @property
+    def mean_fpr95(self) -> float:
+        """Mean validation FPR95 of :attr:`best_score`, in %."""
+        return self.metrics[self.best_score][MEAN]["fpr95"]
+
+    @property
+    def mean_auroc(self) -> float:
+        """Mean validation AUROC of :attr:`best_score`, in %."""
+        return self.metrics[self.best_score][MEAN]["auroc"]
+
+
+def select(
+    candidates: Sequence[CandidateResult], max_accuracy_drop: float
+) -> tuple[CandidateResult, float]:
+    """The selection rule of :func:`~oodunleash.tune`.
+
+    Among candidates whose validation accuracy is at most ``max_accuracy_drop`` points below
+    the unchanged model's, the one whose best score has the lowest mean validation FPR95; a tie
+    goes to the cheaper candidate (unchanged, then checkpoints, then fine-tunes), then to the
+    one listed first. The unchanged model is always eligible, so the choice is never worse than
+    it on validation.
+
+    Returns:
+        The chosen candidate and the accuracy threshold it had to meet.
+
+    Example:
+        >>> def row(name, tier, acc, fpr):
+        ...     metrics = {"energy": {"mean": {"fpr95": fpr, "auroc": 90.0}}}
+        ...     kind = "unchanged" if tier == 0 else "finetune"
+        ...     return CandidateResult(name, kind, tier, acc, metrics)
+        >>> rows = [row("unchanged", 0, 95.0, 40.0), row("um", 2, 93.0, 10.0),
+        ...         row("umap", 2, 94.5, 20.0)]
+        >>> chosen, floor = select(rows, max_accuracy_drop=1.0)
+        >>> chosen.name, floor  # "um" is better but costs 2 points
+        ('umap', 94.0)
+    """
+    reference = next((c for c in candidates if c.kind == "unchanged"), None)
+    if reference is None:
+        raise ValueError("The unchanged model must be among the candidates.")
+    floor = reference.accuracy - max_accuracy_drop
+    eligible = [c for c in candidates if c.accuracy >= floor - 1e-9]
+    order = {id(c): i for i, c in enumerate(candidates)}
+    chosen = min(eligible, key=lambda c: (round(c.mean_fpr95, 9), c.tier, order[id(c)]))
+    return chosen, floor
+
+
+@dataclass
+class TuneResult:
+    """What :func:`~oodunleash.tune` found. Printing it shows the validation table.
+
+    Attributes:
+        best: An :class:`~oodunleash.OODUnleash` around the chosen model, its scores fitted:
+            ``best.score(x)`` uses the chosen score. When the unchanged model or a checkpoint
+            wins, it wraps that model without a fine-tune (``best.is_fitted`` is then
+            ``False``, and ``best.model`` is the model to use; for the unchanged model it *is*
+            the model passed in).
+        best_name: ``"<candidate> + <score>"``, e.g. ``"umap + knn k=50"``.
+        best_candidate: The chosen candidate's name.
+        best_score: The chosen score's label.
+        candidates: ``{name: CandidateResult}`` of every candidate that ran.
+        reference_accuracy: The unchanged model's validation accuracy (%).
+        max_accuracy_drop: The allowed drop, in points.
+        ood_sets: Names of the validation OOD sets the metrics average over.
+        proxy: Whether those include proxy sets built by :func:`~oodunleash.proxy_ood`.
+        dropped: ``{candidate: reason}`` for candidates that did not run (time budget, ξ too
+            high, a failed fine-tune).
+        skipped_scores: ``{score: reason}`` for score variants that could not read this model.
+        time_s: Wall time of the whole call.
+        unleashed: With ``tune(..., keep_all=True)``: ``{candidate: OODUnleash}`` with every
+            score variant fitted; empty otherwise.
+    """
+
+    best: OODUnleash
+    best_name: str
+    best_candidate: str
+    best_score: str
+    candidates: dict[str, CandidateResult]
+    reference_accuracy: float
+    max_accuracy_drop: float
+    ood_sets: list[str]
+    proxy: bool
+    dropped: dict[str, str] = field(default_factory=dict)
+    skipped_scores: dict[str, str] = field(default_factory=dict)
+    time_s: float = 0.0
+    unleashed: dict[str, OODUnleash] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ access
+    def eligible(self, name: str) -> bool:
+        """Whether candidate ``name`` met the accuracy requirement."""
+        floor = self.reference_accuracy - self.max_accuracy_drop
+        return self.candidates[name].accuracy >= floor - 1e-9
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+    # ------------------------------------------------------------------ export
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the model, as JSON-able builtins (metrics in %)."""
+        return {
+            "best_name": self.best_name,
+            "best_candidate": self.best_candidate,
+            "best_score": self.best_score,
+            "reference_accuracy": self.reference_accuracy,
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "ood_sets": list(self.ood_sets),
+            "proxy": self.proxy,
+            "candidates": {
+                name: {
+                    "kind": c.kind,
+                    "accuracy": c.accuracy,
+                    "eligible": self.eligible(name),
+                    "best_score": c.best_score,
+                    "mean_fpr95": c.mean_fpr95,
+                    "mean_auroc": c.mean_auroc,
+                    "loss_constraint": c.loss_constraint,
+                    "time_s": c.time_s,
+                    "scores": c.metrics,
+                }
+                for name, c in self.candidates.items()
+            },
+            "dropped": dict(self.dropped),
+            "skipped_scores": dict(self.skipped_scores),
+            "time_s": self.time_s,
+        }
+
+    def to_json(self, path: str | pathlib.Path | None = None) -> str:
+        """:meth:`to_dict` as JSON text, also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            pathlib.Path(path).write_text(text + "\n", encoding="utf8")
+        return text
+
+    def to_markdown(self, all_scores: bool = False) -> str:
+        """The validation table: one row per candidate with its best score (``all_scores``:
+        one row per candidate and score), the chosen one in bold; metrics in %."""
+        oods = list(self.ood_sets)
+        head = ["candidate", "score", "val acc", "Δ acc", "AUROC", "FPR95"]
+        head += [f"FPR95 {o}" for o in oods]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+        for name, c in self.candidates.items():
+            labels = list(c.metrics) if all_scores else [c.best_score]
+            for label in labels:
+                m = c.metrics[label]
+                cells = [
+                    name + ("" if self.eligible(name) else " (accuracy)"),
+                    label,
+                    f"{c.accuracy:.2f}",
+                    f"{c.accuracy - self.reference_accuracy:+.2f}",
+                    f"{m[MEAN]['auroc']:.1f}",
+                    f"{m[MEAN]['fpr95']:.1f}",
+                ] + [f"{m[o]['fpr95']:.1f}" for o in oods]
+                if name == self.best_candidate and label == self.best_score:
+                    cells = [f"**{cell}**" for cell in cells]
+                lines.append("| " + " | ".join(cells) + " |")
+        source = "proxy OOD built from the validation images" if self.proxy else "given OOD sets"
+        notes = [
+            "",
+            f"Validation metrics in %, mean over {len(oods)} OOD sets ({source}). "
+            f"Chosen: **{self.best_name}**, the lowest mean FPR95 among candidates within "
+            f"{self.max_accuracy_drop:g} points of the unchanged model's accuracy "
+            f"({self.reference_accuracy:.2f}%); '(accuracy)' marks those below it.",
+        ]
+        for name, reason in self.dropped.items():
+            notes.append(f"Not run: {name} ({reason}).")
+        for label, reason in self.skipped_scores.items():
+            notes.append(f"Score left out: {label} ({reason}).")
+        return "\n".join(lines + notes)
+
+    def plot(self, path: str | pathlib.Path | None = None, *, ax: Any = None) -> Any:
+        """Validation accuracy against mean FPR95, one point per candidate (its best score),
+        the chosen one starred and the accuracy floor dashed. Needs matplotlib.
+
+        Args:
+            path: Save the figure there (format from the suffix); ``None``: only return it.
+            ax: Draw into this matplotlib axes instead of a new figure.
+
+        Returns:
+            The matplotlib figure.
+        """
+        if ax is None:
+            try:
+                from matplotlib.figure import Figure
+            except ImportError as err:  # pragma: no cover - depends on the environment
+                raise ImportError(
+                    "Plotting needs matplotlib: pip install 'oodunleash[plots]'."
+                ) from err
+            # A bare Figure, not pyplot: no GUI backend is touched, nothing stays open.
+            fig = Figure(figsize=(6.4, 4.4))
+            ax = fig.subplots()
+        else:
+            fig = ax.figure
+        for name, c in self.candidates.items():
+            chosen = name == self.best_candidate
+            ax.scatter(
+                c.mean_fpr95,
+                c.accuracy,
+                marker="*" if chosen else "o",
+                s=220 if chosen else 40,
+                color="tab:red" if chosen else ("tab:blue" if self.eligible(name) else "0.6"),
+                zorder=3,
+            )
+            ax.annotate(
+                f"{name} + {c.best_score}",
+                (c.mean_fpr95, c.accuracy),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
+            )
+        floor = self.reference_accuracy - self.max_accuracy_drop
+        ax.axhline(floor, linestyle="--", color="0.5", linewidth=1, label="accuracy floor")
+        ax.set_xlabel("mean validation FPR95 (%)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(f"tune: chose {self.best_name}")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        if path is not None:
+            save_figure(fig, path, dpi=120)
+        return fig
+
+
+def metrics_in_percent(
+    per_score: Mapping[str, Mapping[str, Mapping[str, float]]],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{score: {ood: {auroc, fpr95}}}`` fractions to percent, with the mean over OOD sets."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for score, per_ood in per_score.items():
+        rows = {o: {k: 100 * float(m[k]) for k in ("auroc", "fpr95")} for o, m in per_ood.items()}
+        rows[MEAN] = {k: sum(r[k] for r in rows.values()) / len(rows) for k in ("auroc", "fpr95")}
+        out[score] = rows
+    return out

@@ -1,0 +1,394 @@
+""":func:`tune`: pick the fine-tune and the OOD score on the user's validation data."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..constraint import mean_cross_entropy
+from ..distributed import any_rank, is_main_process
+from ..proxy import proxy_ood
+from ..results import EvaluationResults
+from ..scores import OODScore
+from ..training import LossConstraintTooHighError, TrainingDivergedError
+from ..wrapper import METHOD_DEFAULTS, OODUnleash
+from .candidates import CandidateSpec, candidate_specs, estimated_seconds, finetune, score_variants
+from .result import CandidateResult, TuneResult, metrics_in_percent, select
+
+__all__ = ["split_failures", "tune"]
+
+T = TypeVar("T")
+
+
+def _length(loader: Iterable, attribute: str) -> int | None:
+    try:
+        return len(getattr(loader, attribute)) if attribute else len(loader)  # type: ignore[arg-type]
+    except (AttributeError, TypeError):
+        return None
+
+
+def _reason(err: BaseException) -> str:
+    """The error's type and first sentence: enough for a table note."""
+    text = str(err).split("\n")[0]
+    cut = text.find(". ")
+    return f"{type(err).__name__}: {text[: cut + 1] if cut > 0 else text}"[:240]
+
+
+def split_failures(
+    labels: list[str], run: Callable[[list[str]], T]
+) -> tuple[list[T], dict[str, Exception]]:
+    """``run(labels)``; where that raises, run each half again, down to single labels.
+
+    Returns the results of the groups that ran and ``{label: error}`` for the labels that
+    failed alone. One bad score (a NaN on some OOD set, a model it cannot read) then costs a
+    few extra passes, not the whole comparison.
+
+    Example:
+        >>> def run(labels):
+        ...     if "bad" in labels:
+        ...         raise ValueError("no")
+        ...     return labels
+        >>> split_failures(["a", "b", "bad", "c"], run)
+        ([['a', 'b'], ['c']], {'bad': ValueError('no')})
+    """
+    try:
+        return [run(labels)], {}
+    except Exception as err:  # noqa: BLE001 - isolated below, reported by label
+        if len(labels) == 1:
+            return [], {labels[0]: err}
+    middle = len(labels) // 2
+    first, first_failures = split_failures(labels[:middle], run)
+    second, second_failures = split_failures(labels[middle:], run)
+    return first + second, first_failures | second_failures
+
+
+def _validation_oods(
+    val_loader: Iterable,
+    ood_loaders: Mapping[str, Iterable] | None,
+    ood_mode: str,
+    families: Sequence[str] | None,
+    size: int,
+    seed: int,
+) -> tuple[dict[str, Iterable], bool]:
+    """The validation OOD sets, and whether proxies are among them."""
+    if ood_mode not in ("replace", "extend"):
+        raise ValueError(f"ood_mode must be 'replace' or 'extend', got {ood_mode!r}.")
+    given = dict(ood_loaders) if ood_loaders is not None else {}
+    if ood_loaders is not None and not isinstance(ood_loaders, Mapping):
+        raise TypeError("ood_loaders must be a mapping {name: loader}, or None for proxy OOD.")
+    if ood_loaders is not None and not given:
+        raise ValueError("ood_loaders is empty: pass {'name': loader, ...}, or None.")
+    if given and ood_mode == "replace":
+        return given, False
+    proxies = proxy_ood(val_loader, families, n=size, seed=seed)
+    clash = sorted(set(proxies) & set(given))
+    if clash:
+        raise ValueError(f"ood_loaders reuse proxy family names {clash}; rename them.")
+    return {**proxies, **given}, True
+
+
+class _Reader:
+    """Reads a model out with every score variant: one pass over the training data fits them,
+    one pass per validation set scores them (:meth:`OODUnleash.evaluate`)."""
+
+    def __init__(
+        self, train_loader, val_loader, oods, variants, *, max_fit_batches, keep_all, progress
+    ):
+        self.train_loader, self.val_loader, self.oods = train_loader, val_loader, oods
+        self.variants: dict[str, Any] = dict(variants)
+        self.max_fit_batches, self.keep_all, self.progress = max_fit_batches, keep_all, progress
+        self.skipped: dict[str, str] = {}
+        self.fit_s = self.read_s = 0.0
+
+    def _fresh(self, labels: Iterable[str]) -> dict[str, Any]:
+        # Score instances are fitted in place: every candidate gets its own copies.
+        return {
+            label: copy.deepcopy(spec) if isinstance(spec, OODScore) else spec
+            for label, spec in self.variants.items()
+            if label in set(labels)
+        }
+
+    def _fit(self, unleashed: OODUnleash) -> None:
+        common = {"max_batches": self.max_fit_batches, "progress": self.progress}
+
+        def fit(labels: list[str]) -> None:
+            unleashed.fit_scores(self.train_loader, self._fresh(labels), **common)
+
+        for label, err in split_failures(list(self.variants), fit)[1].items():
+            self._skip(label, err)
+
+    def _evaluate(self, unleashed: OODUnleash) -> tuple[dict[str, Any], float]:
+        """``({score: {ood_set: metrics}}, ID accuracy)`` of every score that could read it."""
+
+        def run(labels: list[str]) -> EvaluationResults:
+            scores = {label: label for label in labels}
+            return unleashed.evaluate(self.val_loader, self.oods, scores, progress=self.progress)
+
+        parts, failures = split_failures(list(self.variants), run)
+        for label, err in failures.items():
+            self._skip(label, err)
+        if not parts:
+            raise RuntimeError(f"No OOD score could read this model: {self.skipped}")
+        metrics = {label: m for part in parts for label, m in part.metrics.items()}
+        return metrics, float(parts[0].id_accuracy)
+
+    def _skip(self, label: str, err: BaseException) -> None:
+        self.skipped[label] = _reason(err)
+        self.variants.pop(label, None)
+
+    def read(self, spec: CandidateSpec, unleashed: OODUnleash, xi: float | None, train_s: float):
+        started = time.perf_counter()
+        self._fit(unleashed)
+        fitted = time.perf_counter()
+        raw, accuracy = self._evaluate(unleashed)
+        done = time.perf_counter()
+        self.fit_s, self.read_s = fitted - started, done - started
+        metrics = metrics_in_percent({s: raw[s] for s in self.variants})
+        accuracy *= 100
+        row = CandidateResult(
+            spec.name, spec.kind, spec.tier, accuracy, metrics, xi, train_s + done - started
+        )
+        best = unleashed.fitted_scores_[row.best_score]
+        if not self.keep_all:  # KNN banks add up over many candidates
+            # Under the score's own name, so evaluate() reports it once, as the default.
+            unleashed.fitted_scores_ = {best.name: best}
+        unleashed.default_score = best
+        return row
+
+
+class _Search:
+    """Runs the candidates, cheapest first, within the time budget."""
+
+    def __init__(self, model, train_loader, reader, specs, **settings: Any) -> None:
+        self.model, self.train_loader, self.reader, self.specs = model, train_loader, reader, specs
+        self.seed, self.epochs = settings["seed"], settings["epochs"]
+        self.options, self.progress = settings["options"], settings["progress"]
+        self.max_accuracy_drop, self.keep_all = settings["max_accuracy_drop"], settings["keep_all"]
+        self.epoch_s: dict[str, float] = {}  # measured seconds per fine-tune epoch, per method
+        self.pass_s = 0.0  # seconds of one forward pass over the training data
+        self.training_loss: list[float] = []  # measured once, shared by the fine-tunes
+
+    def choose(self, rows: Mapping[str, CandidateResult]) -> CandidateResult:
+        """:func:`select` over the rows in candidate order (ties go to the first listed)."""
+        return select([rows[s.name] for s in self.specs if s.name in rows], self.max_accuracy_drop)[
+            0
+        ]
+
+    def cost(self, spec: CandidateSpec) -> float:
+        """Estimated seconds; a fine-tune's epoch cost is measured once its method has run."""
+        if spec.kind == "finetune" and spec.method in self.epoch_s:
+            n = self.epochs if self.epochs is not None else METHOD_DEFAULTS[spec.method]["epochs"]
+            return n * self.epoch_s[spec.method] + self.reader.read_s
+        return estimated_seconds(spec, self.epochs, self.pass_s, self.reader.read_s)
+
+    def run(self, started: float, time_budget: float | None, fit_scale: float):
+        """``(rows, kept models, dropped)``: the unchanged model first, always."""
+        shown = self.progress and is_main_process()
+        bar = tqdm(total=len(self.specs), desc="tune", disable=not shown)
+        bar.set_postfix_str("unchanged")
+        kept = {"unchanged": OODUnleash(self.model, **self.options)}
+        rows = {"unchanged": self.reader.read(self.specs[0], kept["unchanged"], None, 0.0)}
+        bar.update()
+        self.pass_s = self.reader.fit_s * fit_scale
+        dropped: dict[str, str] = {}
+        for spec in sorted(self.specs[1:], key=lambda s: (self.cost(s), s.priority)):
+            bar.set_postfix_str(spec.name)
+            bar.update()
+            elapsed = time.perf_counter() - started
+            over = time_budget is not None and elapsed + self.cost(spec) > time_budget
+            if any_rank(over):  # under torchrun every rank must drop the same candidates
+                dropped[spec.name] = (
+                    f"time budget: needs about {self.cost(spec):.0f} s, "
+                    f"{max(0.0, time_budget - elapsed):.0f} s of {time_budget:g} s left"
+                )
+                continue
+            t0 = time.perf_counter()
+            try:
+                unleashed, xi = self.build(spec)
+            except (LossConstraintTooHighError, TrainingDivergedError) as err:
+                dropped[spec.name] = _reason(err)
+                continue
+            train_s = time.perf_counter() - t0
+            if spec.kind == "finetune":
+                self.epoch_s[spec.method] = train_s / max(1, len(unleashed.history_))
+            rows[spec.name] = self.reader.read(spec, unleashed, xi, train_s)
+            kept[spec.name] = unleashed
+            if not self.keep_all:  # free the models that lost
+                kept = {name: kept[name] for name in [self.choose(rows).name]}
+        bar.close()
+        return rows, kept, dropped
+
+    def build(self, spec: CandidateSpec) -> tuple[OODUnleash, float | None]:
+        """The wrapped model of a checkpoint or fine-tune candidate, and its ξ."""
+        if spec.kind == "checkpoint":
+            copied = copy.deepcopy(self.model)
+            copied.load_state_dict(dict(spec.state_dict or {}))
+            return OODUnleash(copied, **self.options), None
+        if spec.factor is not None and not self.training_loss:
+            with torch.no_grad():
+                loss = mean_cross_entropy(self.model, self.train_loader, progress=self.progress)
+            self.training_loss.append(loss)
+        unleashed = finetune(
+            self.model,
+            spec,
+            self.train_loader,
+            self.training_loss[0] if self.training_loss else None,
+            seed=self.seed,
+            epochs=self.epochs,
+            wrapper_options=self.options,
+            progress=self.progress,
+        )
+        return unleashed, unleashed.loss_constraint_
+
+
+def _fit_scale(train_loader: Iterable, max_fit_batches: int | None) -> float:
+    """How many score-fitting passes make one pass over the whole training data."""
+    batches = _length(train_loader, "")
+    if max_fit_batches is None or batches is None or batches <= max_fit_batches:
+        return 1.0
+    return batches / max_fit_batches
+
+
+def _check_options(max_accuracy_drop: float, time_budget: float | None) -> None:
+    if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, int | float):
+        raise TypeError(f"max_accuracy_drop must be a number of points, got {max_accuracy_drop!r}.")
+    if not max_accuracy_drop >= 0:
+        raise ValueError(f"max_accuracy_drop must be >= 0 points, got {max_accuracy_drop}.")
+    if time_budget is not None and not (
+        isinstance(time_budget, int | float)
+        and not isinstance(time_budget, bool)
+        and time_budget > 0
+    ):
+        raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}.")
+
+
+def tune(
+    model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    ood_loaders: Mapping[str, Iterable] | None = None,
+    *,
+    max_accuracy_drop: float = 1.0,
+    seed: int = 0,
+    time_budget: float | None = None,
+    ood_mode: Literal["replace", "extend"] = "replace",
+    finetunes: Sequence[str] | None = None,
+    checkpoints: Mapping[str, Mapping[str, Any]] | None = None,
+    scores: Sequence[str] | Mapping[str, str | OODScore] | None = None,
+    epochs: int | None = None,
+    proxy_families: Sequence[str] | None = None,
+    proxy_size: int = 1000,
+    max_fit_batches: int | None = None,
+    head: str | None = None,
+    feature_layer: str | None = None,
+    keep_all: bool = False,
+    progress: bool = True,
+    verbose: bool = True,
+) -> TuneResult:
+    """Choose a fine-tune and an OOD score on validation data; never worse than ``model`` there.
+
+    Candidates: ``model`` itself (read-only), the ``checkpoints`` given, and the
+    ``finetunes`` (default: UM and UMAP with the library's ξ, their plain cross-entropy
+    controls, and UM with ξ at 2x and 4x the training loss), each on a deep copy. Every
+    candidate is read out by every score variant (all registered scores; DICE sparsity, ReAct
+    percentile and KNN ``k`` at a few values each): one pass over the training data fits
+    them, one pass per validation set scores them all. The choice: the lowest mean validation
+    FPR95 among candidates whose validation accuracy is at most ``max_accuracy_drop`` points
+    below ``model``'s; a tie goes to the cheaper candidate (no fine-tune first). ``model`` with
+    its best score is always eligible, so on validation the result is never worse than it.
+
+    Args:
+        model: The trained classifier. It is not modified.
+        train_loader: ID training data, ``(images, labels)``: fine-tunes and fitted scores.
+        val_loader: Labelled ID validation data (accuracy, and the ID side of the metrics).
+            Use an unshuffled loader.
+        ood_loaders: ``{name: loader}`` of validation OOD data. ``None`` (the usual case):
+            proxy outliers built from the validation images (:func:`~oodunleash.proxy_ood`).
+        max_accuracy_drop: Allowed loss of validation accuracy, in points (percent).
+        seed: Seeds the fine-tunes and the proxy sets.
+        time_budget: Seconds. Candidates run cheapest first; one whose estimated cost no
+            longer fits is dropped (the most expensive go first), and the result says which.
+            ``model`` itself is always read out.
+        ood_mode: With ``ood_loaders``: ``"replace"`` the proxies by them, or ``"extend"`` the
+            proxies with them.
+        finetunes: Fine-tune names: ``"um"``, ``"umap"``, ``"<method> control"``,
+            ``"<method> <factor>x"``; ``[]`` for post-hoc scores only.
+        checkpoints: ``{name: state_dict}`` of earlier training checkpoints of ``model``
+            (the paper's intermediate stage), read out as extra candidates.
+        scores: Registered score names (those in ``SCORE_GRID`` expand to their variants) or
+            ``{label: score}``; default every registered score.
+        epochs: Fine-tune epochs (default: the method's, 10).
+        proxy_families, proxy_size: Families and size of the proxy sets (see
+            :func:`~oodunleash.proxy_ood`).
+        max_fit_batches: Fit the scores on at most this many training batches.
+        head, feature_layer: Passed to :class:`~oodunleash.OODUnleash` for models whose head or
+            feature maps are not found automatically.
+        keep_all: Keep every candidate's model and fitted score variants (under their labels)
+            in ``result.unleashed``, for comparisons on test data; costs memory. By default
+            only the chosen model is kept, with only the chosen score.
+        progress: Show progress bars.
+        verbose: Print the validation table when done.
+
+    Returns:
+        A :class:`~oodunleash.tuning.TuneResult`: ``.best`` (an ``OODUnleash`` whose
+        ``score()`` uses the chosen score), ``.best_name``, every candidate's validation
+        metrics, ``.to_markdown()``, ``.to_dict()``, ``.plot(path)``.
+    """
+    started = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    _check_options(max_accuracy_drop, time_budget)
+    oods, proxy = _validation_oods(
+        val_loader, ood_loaders, ood_mode, proxy_families, proxy_size, seed
+    )
+    specs = candidate_specs(finetunes, checkpoints)
+    reader = _Reader(
+        train_loader,
+        val_loader,
+        oods,
+        score_variants(scores, _length(train_loader, "dataset")),
+        max_fit_batches=max_fit_batches,
+        keep_all=keep_all,
+        progress=progress,
+    )
+    search = _Search(
+        model,
+        train_loader,
+        reader,
+        specs,
+        seed=seed,
+        epochs=epochs,
+        options={"head": head, "feature_layer": feature_layer},
+        max_accuracy_drop=max_accuracy_drop,
+        keep_all=keep_all,
+        progress=progress,
+    )
+    rows, kept, dropped = search.run(
+        started, time_budget, _fit_scale(train_loader, max_fit_batches)
+    )
+    ordered = {s.name: rows[s.name] for s in specs if s.name in rows}
+    chosen = search.choose(rows)
+    result = TuneResult(
+        best=kept[chosen.name],
+        best_name=f"{chosen.name} + {chosen.best_score}",
+        best_candidate=chosen.name,
+        best_score=chosen.best_score,
+        candidates=ordered,
+        reference_accuracy=rows["unchanged"].accuracy,
+        max_accuracy_drop=float(max_accuracy_drop),
+        ood_sets=list(oods),
+        proxy=proxy,
+        dropped=dropped,
+        skipped_scores=dict(reader.skipped),
+        time_s=time.perf_counter() - started,
+        unleashed=kept if keep_all else {},
+    )
+    if verbose and is_main_process():
+        print(result.to_markdown())
+    return result

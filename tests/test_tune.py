@@ -1,0 +1,328 @@
+"""oodunleash.tune: the selection rule, the candidates, the result object."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import oodunleash
+from oodunleash import OODUnleash, proxy_ood, tune
+from oodunleash.scores import Energy
+from oodunleash.tuning import CandidateResult, parse_finetune, score_variants, select
+from oodunleash.tuning import search as search_module
+
+CLASSES = 3
+FAST = {"scores": ["energy", "msp", "knn"], "epochs": 1, "progress": False, "proxy_size": 60}
+
+
+def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class c lights up band c of an 8x8 image: easy to learn, so the training loss is low."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, CLASSES, (n,), generator=gen)
+    x = 0.3 * torch.randn(n, 1, 8, 8, generator=gen)
+    for c in range(CLASSES):
+        x[labels == c, :, 2 * c + 1 : 2 * c + 3, :] += 2.0
+    return x, labels
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 16),
+        nn.ReLU(),
+        nn.Linear(16, CLASSES),
+    )
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.manual_seed(0)
+    x, y = _images(300, 0)
+    vx, vy = _images(120, 1)
+    model = _net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    train = DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True)
+    val = DataLoader(TensorDataset(vx, vy), batch_size=40)
+    return model, train, val
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _row(name: str, tier: int, accuracy: float, fpr: float, auroc: float = 90.0):
+    kind = {0: "unchanged", 1: "checkpoint", 2: "finetune"}[tier]
+    return CandidateResult(
+        name, kind, tier, accuracy, {"s": {"mean": {"fpr95": fpr, "auroc": auroc}}}
+    )
+
+
+# ----------------------------------------------------------------------------- the rule
+def test_a_candidate_that_breaks_accuracy_is_never_chosen():
+    rows = [_row("unchanged", 0, 90.0, 50.0), _row("um", 2, 88.9, 1.0), _row("umap", 2, 89.1, 30.0)]
+    chosen, floor = select(rows, max_accuracy_drop=1.0)
+    assert (chosen.name, floor) == ("umap", 89.0)
+    chosen, _ = select(rows, max_accuracy_drop=1.2)  # a looser budget lets "um" in
+    assert chosen.name == "um"
+
+
+def test_the_unchanged_model_wins_when_every_fine_tune_is_worse():
+    rows = [_row("unchanged", 0, 90.0, 20.0), _row("um", 2, 91.0, 25.0), _row("umap", 2, 90, 20.1)]
+    assert select(rows, 1.0)[0].name == "unchanged"
+
+
+def test_ties_go_to_the_cheaper_candidate_then_the_first_listed():
+    rows = [_row("um", 2, 90.0, 20.0), _row("ckpt", 1, 90.0, 20.0), _row("unchanged", 0, 90, 20)]
+    assert select(rows, 1.0)[0].name == "unchanged"
+    assert select(rows[:2] + [_row("unchanged", 0, 90.0, 40.0)], 1.0)[0].name == "ckpt"
+    pair = [_row("unchanged", 0, 90, 40), _row("umap", 2, 90, 20), _row("um", 2, 90, 20)]
+    assert select(pair, 1.0)[0].name == "umap"
+
+
+def test_within_a_candidate_the_score_with_the_lowest_fpr_then_highest_auroc_wins():
+    row = CandidateResult(
+        "unchanged",
+        "unchanged",
+        0,
+        90.0,
+        {
+            "energy": {"mean": {"fpr95": 30.0, "auroc": 80.0}},
+            "knn k=10": {"mean": {"fpr95": 20.0, "auroc": 85.0}},
+            "dice s=0.7": {"mean": {"fpr95": 20.0, "auroc": 88.0}},
+        },
+    )
+    assert row.best_score == "dice s=0.7"
+    assert (row.mean_fpr95, row.mean_auroc) == (20.0, 88.0)
+
+
+def test_select_needs_the_unchanged_model():
+    with pytest.raises(ValueError, match="unchanged model must be among"):
+        select([_row("um", 2, 90.0, 20.0)], 1.0)
+
+
+def test_candidate_names_and_score_variants():
+    assert parse_finetune("um").factor == oodunleash.constraint.DEFAULT_CONSTRAINT_FACTOR
+    assert (parse_finetune("umap 2.5x").method, parse_finetune("umap 2.5x").factor) == ("umap", 2.5)
+    with pytest.raises(ValueError, match="Unknown fine-tune 'sgd'"):
+        parse_finetune("sgd")
+    variants = score_variants(["ebo", "knn", "react"], train_size=20)  # an alias, a grid
+    assert list(variants) == [
+        "energy",
+        "knn k=1",
+        "knn k=10",
+        "react p=85",
+        "react p=90",
+        "react p=95",
+    ]
+    assert variants["knn k=10"].k == 10 and variants["react p=85"].percentile == 85
+    with pytest.raises(ValueError, match="Unknown OOD score"):
+        score_variants(["nope"])
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_tune_never_touches_the_model_and_is_never_worse_on_validation(data, capsys):
+    model, train, val = data
+    before, training = _state(model), model.training
+    result = tune(model, train, val, finetunes=["um", "um control", "umap"], seed=0, **FAST)
+    assert _same(before, _state(model)) and model.training == training
+    ran = result.candidates
+    assert set(ran) == {"unchanged", "um", "um control", "umap"}, result.dropped
+    reference = ran["unchanged"]
+    chosen = ran[result.best_candidate]
+    assert chosen.mean_fpr95 <= reference.mean_fpr95
+    assert chosen.accuracy >= reference.accuracy - 1.0 - 1e-9
+    assert result.best_name == f"{result.best_candidate} + {result.best_score}"
+    for row in ran.values():  # every candidate read out by every variant, on every set
+        assert set(row.metrics) == {"energy", "msp", "knn k=1", "knn k=10", "knn k=50"}
+        assert set(row.metrics["energy"]) == set(result.ood_sets) | {"mean"}
+    assert ran["um"].loss_constraint == pytest.approx(
+        3 * oodunleash.mean_cross_entropy(model, train)
+    )
+    assert ran["um control"].loss_constraint is None
+    assert result.best_name in capsys.readouterr().out  # the table is printed
+
+
+def test_best_scores_with_the_chosen_score_and_reproduces_its_validation_numbers(data):
+    model, train, val = data
+    result = tune(model, train, val, finetunes=["um control"], verbose=False, **FAST)
+    best = result.best
+    chosen = best.default_score
+    assert best.fitted_scores_ == {chosen.name: chosen}  # only the chosen score is kept
+    assert result.best_score.split(" ")[0] == chosen.name
+    x = next(iter(val))[0]
+    assert torch.equal(best.score(x), best.score(x, chosen))
+    again = best.evaluate(val, proxy_ood(val, n=60, seed=0), progress=False)
+    assert again.score_names == [chosen.name]  # once, as the default
+    mean = again.averages()[chosen.name]["fpr95"]
+    assert 100 * mean == pytest.approx(result.candidates[result.best_candidate].mean_fpr95)
+    if result.best_candidate == "unchanged":
+        assert best.model is model
+
+
+def test_a_checkpoint_equal_to_the_model_ties_and_the_unchanged_model_wins(data):
+    model, train, val = data
+    result = tune(model, train, val, finetunes=[], checkpoints={"same": model.state_dict()}, **FAST)
+    ran = result.candidates
+    assert ran["checkpoint same"].metrics == ran["unchanged"].metrics
+    assert result.best_candidate == "unchanged"
+
+
+def test_time_budget_drops_the_most_expensive_candidates_and_says_which(data, monkeypatch):
+    model, train, val = data
+    cost = {"checkpoint early": 1.0, "um control": 1e6, "umap control": 1e7}
+
+    def fake_estimate(spec, epochs, pass_s, read_s):
+        return cost[spec.name]
+
+    monkeypatch.setattr(search_module, "estimated_seconds", fake_estimate)
+    early = {k: v + 0.01 for k, v in model.state_dict().items() if v.is_floating_point()}
+    early |= {k: v for k, v in model.state_dict().items() if not v.is_floating_point()}
+    result = tune(
+        model,
+        train,
+        val,
+        finetunes=["umap control", "um control"],
+        checkpoints={"early": early},
+        time_budget=3600,
+        **FAST,
+    )
+    assert set(result.candidates) == {"unchanged", "checkpoint early"}
+    assert list(result.dropped) == ["um control", "umap control"]  # cheapest first
+    assert all("time budget" in reason for reason in result.dropped.values())
+    assert "Not run: umap control (time budget" in result.to_markdown()
+
+
+def test_a_tiny_time_budget_still_reads_the_unchanged_model(data):
+    model, train, val = data
+    result = tune(model, train, val, finetunes=["um"], time_budget=1e-6, **FAST)
+    assert list(result.candidates) == ["unchanged"] and list(result.dropped) == ["um"]
+    assert result.best_candidate == "unchanged"
+
+
+def test_given_ood_loaders_replace_or_extend_the_proxies(data):
+    model, train, val = data
+    noise = {"noise": DataLoader(TensorDataset(4 * torch.randn(50, 1, 8, 8)), batch_size=25)}
+    replaced = tune(model, train, val, noise, finetunes=[], **FAST)
+    assert replaced.ood_sets == ["noise"] and replaced.proxy is False
+    extended = tune(
+        model, train, val, noise, ood_mode="extend", proxy_families=["jigsaw"], finetunes=[], **FAST
+    )
+    assert extended.ood_sets == ["jigsaw", "noise"] and extended.proxy is True
+    with pytest.raises(ValueError, match="reuse proxy family names \\['jigsaw'\\]"):
+        tune(model, train, val, {"jigsaw": noise["noise"]}, ood_mode="extend", **FAST)
+    with pytest.raises(ValueError, match="ood_mode must be"):
+        tune(model, train, val, noise, ood_mode="merge", **FAST)
+
+
+def test_a_score_that_cannot_read_the_model_is_left_out_and_said(data):
+    model, train, val = data
+
+    class Broken(Energy):
+        name = "broken"
+
+        def score(self, data):
+            raise RuntimeError("cannot read this model")
+
+    scores = {"energy": "energy", "broken": Broken()}
+    result = tune(model, train, val, finetunes=["um control"], **(FAST | {"scores": scores}))
+    assert list(result.skipped_scores) == ["broken"]
+    assert "cannot read this model" in result.skipped_scores["broken"]
+    assert all(list(c.metrics) == ["energy"] for c in result.candidates.values())
+
+
+def test_to_dict_to_markdown_and_plot(data, tmp_path):
+    model, train, val = data
+    result = tune(model, train, val, finetunes=["um control"], keep_all=True, **FAST)
+    as_dict = json.loads(json.dumps(result.to_dict()))
+    assert as_dict["best_name"] == result.best_name
+    assert set(as_dict["candidates"]) == {"unchanged", "um control"}
+    block = as_dict["candidates"]["unchanged"]
+    assert block["eligible"] is True and block["kind"] == "unchanged"
+    assert set(block["scores"]["msp"]["mean"]) == {"auroc", "fpr95"}
+    table = result.to_markdown()
+    assert f"**{result.best_candidate}**" in table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 2  # head, 2 rows
+    assert result.to_markdown(all_scores=True).count("| um control |") == 5
+    assert set(result.unleashed) == {"unchanged", "um control"}
+    path = tmp_path / "tune.png"
+    result.plot(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+
+
+def test_bad_arguments_fail_before_any_work(data):
+    model, train, val = data
+    with pytest.raises(ValueError, match="max_accuracy_drop must be >= 0"):
+        tune(model, train, val, max_accuracy_drop=-1, **FAST)
+    with pytest.raises(ValueError, match="time_budget must be a positive"):
+        tune(model, train, val, time_budget=0, **FAST)
+    with pytest.raises(TypeError, match="must be a state_dict"):
+        tune(model, train, val, checkpoints={"a": "path.safetensors"}, **FAST)
+    with pytest.raises(ValueError, match="names must be unique"):
+        tune(model, train, val, finetunes=["um", "um"], **FAST)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        tune("model", train, val, **FAST)
+    assert isinstance(OODUnleash(model), OODUnleash)
+
+
+# ----------------------------------------------------------------------------- the measurement
+def _load_benchmark_script():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "benchmark_tune.py"
+    spec = importlib.util.spec_from_file_location("benchmark_tune", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(seed: int, fprs: dict[tuple[str, str], float], accuracy: dict[str, float], chosen):
+    test: dict = {}
+    for (candidate, score), fpr in fprs.items():
+        block = test.setdefault(candidate, {"accuracy": accuracy[candidate], "scores": {}})
+        per_set = {"near": {"auroc": 80.0, "fpr95": fpr}, "letters": {"auroc": 80.0, "fpr95": fpr}}
+        block["scores"][score] = per_set | {"mean": {"auroc": 80.0, "fpr95": fpr}}
+    val = {"candidates": {"unchanged": {"best_score": "knn k=10"}}}
+    return {"seed": seed, "test": test, "val": val, "chosen": list(chosen)}
+
+
+def test_the_measurement_summary_compares_tune_with_the_fixed_recipes_and_the_oracle():
+    bench = _load_benchmark_script()
+    accuracy = {"unchanged": 90.0, "um": 89.5, "umap": 88.0}
+    fprs = {
+        ("unchanged", "energy"): 60.0,
+        ("unchanged", "knn k=10"): 30.0,
+        ("um", "energy"): 40.0,
+        ("um", "knn k=10"): 20.0,
+        ("umap", "energy"): 5.0,  # best on test, but 2 points of accuracy: not the oracle
+        ("umap", "knn k=10"): 50.0,
+    }
+    runs = [
+        _fake_run(0, fprs, accuracy, ("um", "knn k=10")),
+        _fake_run(1, {k: v + 10 for k, v in fprs.items()}, accuracy, ("unchanged", "knn k=10")),
+    ]
+    text = bench.summarize(runs)
+    assert "| final model + energy | 65.0 | +0% | 90.00 | +0.00 |" in text
+    assert "| default UM + energy | 45.0 | -31% | 89.50 | -0.50 |" in text
+    assert "| tune's choice | 30.0 | -54% | 89.75 | -0.25 |" in text  # seeds: 20 and 30 + 10
+    assert "| oracle (best on test) | 25.0 | -62% | 89.50 | -0.50 |" in text
+    assert "| 0 | oracle (best on test) | um + knn k=10 | 20.0 | 89.50 |" in text
+    assert "seed 0: near 60.0 → 20.0, letters 60.0 → 20.0" in text
