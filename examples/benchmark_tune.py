@@ -38,9 +38,14 @@ import oodunleash
 
 # The benchmark's data, model and training loop, imported in this one place (they may move
 # into an ``oodunleash.bench`` package; only these lines would change).
-from oodunleash.benchmark import TensorLoader, in_batches, load_benchmark_data, train_classifier
-from oodunleash.datasets import GlyphsOOD
-from oodunleash.models import create_model
+from oodunleash.bench.datasets import GlyphsOOD
+from oodunleash.bench.models import create_model
+from oodunleash.bench.protocol import (
+    TensorLoader,
+    in_batches,
+    load_benchmark_data,
+    train_classifier,
+)
 from oodunleash.tuning.result import metrics_in_percent
 from oodunleash.tuning.search import split_failures
 

@@ -90,6 +90,11 @@ class Evaluator:
         self.last_results: EvaluationResults | None = None
         self._extractor: FeatureExtractor | None = None
 
+    def set_default_score(self, score: ScoreSpec) -> None:
+        """Use ``score`` when none is named (checked now: an unknown name fails here)."""
+        resolve_score(score)
+        self.default_score = score
+
     def reset(self) -> None:
         """Forget fitted detectors and the feature extractor: they describe a model whose
         weights have since changed."""
@@ -100,7 +105,11 @@ class Evaluator:
     def feature_extractor(self) -> FeatureExtractor:
         """The :class:`~oodunleash.features.FeatureExtractor` reading the model."""
         ex = self._extractor
-        if ex is None or ex.model is not self.model:
+        if (
+            ex is None
+            or ex.model is not self.model
+            or (ex.head_name, ex.feature_layer) != (self.head, self.feature_layer)
+        ):
             ex = self._extractor = FeatureExtractor(
                 self.model, head=self.head, feature_layer=self.feature_layer
             )

@@ -145,14 +145,29 @@ class OODUnleash:
             head, feature_layer,
         ).resolve()  # fmt: skip
         self.model = model
+        self._evaluator = Evaluator(model)
         for field in dataclasses.fields(UnleashConfig):  # method, layers, ..., feature_layer
             setattr(self, _ATTRIBUTE.get(field.name, field.name), getattr(config, field.name))
         # Fail now, not after an epoch, when the selection is empty.
         self.layer_names: list[str] = list(select_layers(model, layers, exclude))
         self.masks_: LayerMasks | None = None
-        self._evaluator = Evaluator(
-            model, head=config.head, feature_layer=config.feature_layer, default_score=config.score
-        )
+
+    # The options scoring reads live on the evaluator; these keep them one value, settable.
+    default_score = property(
+        lambda self: self._evaluator.default_score,
+        lambda self, value: self._evaluator.set_default_score(value),
+        doc="The score :meth:`score` and :meth:`evaluate` use when none is named.",
+    )
+    head = property(
+        lambda self: self._evaluator.head,
+        lambda self, value: setattr(self._evaluator, "head", value),
+        doc="Name of the classifier head submodule, or ``None`` to find it.",
+    )
+    feature_layer = property(
+        lambda self: self._evaluator.feature_layer,
+        lambda self, value: setattr(self._evaluator, "feature_layer", value),
+        doc="Name of the submodule giving the pre-pool feature map, or ``None`` to find it.",
+    )
 
     @property
     def config(self) -> UnleashConfig:

@@ -8,7 +8,6 @@ commands do with files, flags and exit codes, not detection quality.
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import os
 import pathlib
@@ -343,20 +342,6 @@ def test_tune_saves_the_best(data, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- demo / benchmark
-def test_bench_commands_take_the_bench_package_first(monkeypatch):
-    import types
-
-    from oodunleash.cli import _bench
-
-    grid = types.ModuleType("oodunleash.bench.grid")
-    grid.parse_finetune = lambda name: name
-    monkeypatch.setitem(sys.modules, "oodunleash.bench.grid", grid)
-    assert _bench._bench("parse_finetune", "grid", "benchmark") is grid.parse_finetune
-    monkeypatch.setitem(sys.modules, "oodunleash.bench.grid", None)  # no bench: the old module
-    parse_finetune = _bench._bench("parse_finetune", "grid", "benchmark")
-    assert parse_finetune is importlib.import_module("oodunleash.benchmark").parse_finetune
-
-
 # --------------------------------------------------------------------------- bad input
 def _bad_cases(data: pathlib.Path, checkpoint: pathlib.Path) -> dict[str, tuple[list, str]]:
     id_ood = ["--id-dir", str(data / "val"), "--ood-dir", f"o={data / 'ood_loose'}"]
@@ -413,7 +398,8 @@ def _bad_cases(data: pathlib.Path, checkpoint: pathlib.Path) -> dict[str, tuple[
             "--std takes 1 or 3 numbers",
         ),
         "keep ratio out of range": (
-            ["fit", *_model_args(MODEL), *_dirs(data, val=None), "--keep-ratio", "1.5"],
+            ["fit", *_model_args(MODEL), *_dirs(data, val=None), "--method", "umap"]
+            + ["--keep-ratio", "1.5"],
             "keep_ratio must be in (0, 1]",
         ),
         "unreadable image": (

@@ -4,30 +4,17 @@ one of them is asked for."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
-from typing import Any
 
 from . import _inputs
 
 __all__ = ["cmd_benchmark", "cmd_demo"]
 
 
-def _bench(name: str, new_module: str, old_module: str) -> Any:
-    """``oodunleash.bench.<new_module>.<name>``, or ``oodunleash.<old_module>.<name>`` where
-    the bench package does not exist (yet)."""
-    try:
-        module = importlib.import_module(f"oodunleash.bench.{new_module}")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("oodunleash.bench", f"oodunleash.bench.{new_module}"):
-            raise
-        module = importlib.import_module(f"oodunleash.{old_module}")
-    return getattr(module, name)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train a small CNN, run UM and UMAP, print a before/after table."""
-    run_demo = _bench("run_demo", "demo", "demo")
+    from ..bench.demo import run_demo
+
     run_demo(
         args.out,
         dataset=args.dataset,
@@ -42,9 +29,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """The Fashion-MNIST benchmark (docs/benchmarks.md)."""
-    parse_finetune = _bench("parse_finetune", "grid", "benchmark")
-    run_benchmark = _bench("run_benchmark", "run", "benchmark")
-    summarize = _bench("summarize", "report", "benchmark")
+    from ..bench.grid import parse_finetune
+    from ..bench.report import summarize
+    from ..bench.run import run_benchmark
+
     if args.summarize_only:
         summarize(args.out)
     else:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from ..config import Relative
 from ..constraint import DEFAULT_CONSTRAINT_FACTOR
 from ..scores import OODScore, get_score, list_scores
 from ..wrapper import METHOD_DEFAULTS, OODUnleash
@@ -184,11 +185,13 @@ def finetune(
     ``model`` (the caller's model is never touched), with ξ = ``spec.factor`` x
     ``training_loss`` (measured once and shared by every fine-tune), or plain
     cross-entropy for a control."""
-    unleashed = OODUnleash(copy.deepcopy(model), spec.method, seed=seed, **wrapper_options)
-    if spec.factor is None:
-        return unleashed.fit(train_loader, epochs=epochs, flooding=False, progress=progress)
-    xi = spec.factor * training_loss if training_loss is not None else None
-    return unleashed.fit(train_loader, epochs=epochs, loss_constraint=xi, progress=progress)
+    options = dict(wrapper_options)
+    if spec.factor is not None:
+        known = training_loss is not None
+        options["constraint"] = spec.factor * training_loss if known else Relative(spec.factor)
+    unleashed = OODUnleash(copy.deepcopy(model), spec.method, seed=seed, **options)
+    flooding = spec.factor is not None
+    return unleashed.fit(train_loader, epochs=epochs, flooding=flooding, progress=progress)
 
 
 def estimated_seconds(
