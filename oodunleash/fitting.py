@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._modules import model_device
+from ._modules import model_device, unwrap_compiled
 from .config import (
     METHOD_DEFAULTS,
     Masked,
@@ -294,7 +294,7 @@ def fine_tune(
     if options.method == "um":
         return run(model, [p for p in model.parameters() if p.requires_grad], "UM"), None
     masks = LayerMasks(
-        model,
+        unwrap_compiled(model),  # layer names without torch.compile's `_orig_mod.` prefix
         options.layers,
         options.exclude,
         keep_ratio=options.keep_ratio,

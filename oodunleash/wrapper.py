@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from ._modules import model_device
+from ._modules import model_device, unwrap_compiled
 from .config import (
     METHOD_DEFAULTS,
     ConstraintSpec,
@@ -149,7 +149,8 @@ class OODUnleash:
         for field in dataclasses.fields(UnleashConfig):  # method, layers, ..., feature_layer
             setattr(self, _ATTRIBUTE.get(field.name, field.name), getattr(config, field.name))
         # Fail now, not after an epoch, when the selection is empty.
-        self.layer_names: list[str] = list(select_layers(model, layers, exclude))
+        plain = unwrap_compiled(model)  # names without torch.compile's `_orig_mod.` prefix
+        self.layer_names: list[str] = list(select_layers(plain, layers, exclude))
         self.masks_: LayerMasks | None = None
 
     # The options scoring reads live on the evaluator; these keep them one value, settable.
@@ -274,7 +275,8 @@ class OODUnleash:
                 check_constraint(self.constraint), "keep_ratio", Masked().keep_ratio
             )
         return estimate_loss_constraint(
-            self.model, loader, real_number(keep_ratio, "keep_ratio"), layers=self.layers,
+            unwrap_compiled(self.model), loader, real_number(keep_ratio, "keep_ratio"),
+            layers=self.layers,
             exclude=self.exclude, init=init or self.mask_init or "random", draws=draws,
             seed=self.seed, max_batches=max_batches, progress=progress,
         )  # fmt: skip
@@ -433,13 +435,14 @@ class OODUnleash:
             True
         """
         self._check_fitted("export()")
+        plain = unwrap_compiled(self.model)  # a torch.compile wrapper's own module
         if self.masks_ is not None:
-            return self.masks_.baked_copy(self.model)
-        return copy.deepcopy(self.model)
+            return self.masks_.baked_copy(plain)
+        return copy.deepcopy(plain)
 
     def sparsity(self) -> float:
         """Fraction of zero weights over the chosen layers of the (exported) model."""
-        plain = self.export() if self.masks_ is not None else self.model
+        plain = self.export() if self.masks_ is not None else unwrap_compiled(self.model)
         zeros = total = 0
         for name in self.layer_names:
             w = plain.get_submodule(name).weight

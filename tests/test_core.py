@@ -430,3 +430,24 @@ def test_high_constraint_warns_before_training():
     model = SmallNet(classes=3)
     with pytest.warns(UserWarning, match="more than a quarter"):
         OODUnleash(model).fit(make_loader(), epochs=1, loss_constraint=0.5, progress=False)
+
+
+@pytest.mark.parametrize("method", ["um", "umap"])
+def test_compiled_model_is_unwrapped_for_layer_names_export_and_saving(method, tmp_path):
+    """A ``torch.compile``d model fits; layer names, the export and the checkpoint are those of
+    the plain module: no ``_orig_mod.`` prefix, the user's class (issue 21)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    compiled = torch.compile(net, backend="eager")  # no compiler needed: the wrapper is the point
+    data = [(torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))) for _ in range(4)]
+    unleashed = OODUnleash(compiled, method, constraint=0.5).fit(data, epochs=1, progress=False)
+    assert unleashed.layer_names == ["1", "3"]
+    plain = unleashed.export()
+    assert type(plain) is nn.Sequential
+    assert set(plain.state_dict()) == set(net.state_dict())
+    folder = unleashed.save_pretrained(tmp_path / "ckpt")
+    reloaded = OODUnleash.from_pretrained(
+        folder, nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    )
+    x = torch.randn(5, 1, 4, 4)
+    assert torch.allclose(reloaded.model(x), plain(x))
