@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from timm.layers import StdConv2d
 from torch import nn
 
+from oodunleash import masking
 from oodunleash.masking import LayerMasks, _kth_smallest, num_kept, select_layers, topk_mask
 
 
@@ -212,3 +213,67 @@ def test_magnitude_init_keeps_largest_weights_and_seed_reproduces():
 def test_bad_keep_ratio(keep):
     with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\]"):
         LayerMasks(Tiny(), keep_ratio=keep)
+
+
+def _reference_model_wise_drops(masks: LayerMasks) -> dict[str, torch.Tensor]:
+    """The model-wide mask computed the plain way: one exact top-k over all standardised
+    scores."""
+    parts = []
+    for name in masks.layer_names:
+        s = masks.layer_scores(name).detach().float().reshape(-1)
+        parts.append((s - s.mean()) / s.std().clamp_min(1e-12))
+    joint = topk_mask(torch.cat(parts), masks.keep_ratio)
+    sizes = [p.numel() for p in parts]
+    return {
+        name: (part == 0).view_as(masks.layer_scores(name))
+        for name, part in zip(masks.layer_names, joint.split(sizes), strict=True)
+    }
+
+
+def _assert_model_wise_masks_exact(masks: LayerMasks) -> None:
+    reference = _reference_model_wise_drops(masks)
+    for exact in (True, False):  # training-time masks are the exact ones in this mode
+        for name in masks.layer_names:
+            assert torch.equal(masks._dropped(name, exact), reference[name]), (name, exact)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("layers", [None, "1", ["0", "3"]])
+def test_model_wise_masks_equal_the_exact_top_k(seed, layers):
+    # More scores than 8 samples: the threshold comes from the bracketed selection.
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3), nn.Conv2d(64, 64, 3), nn.Flatten(), nn.Linear(256, 100)
+    )
+    masks = LayerMasks(
+        model, layers=layers, keep_ratio=0.9, mode="model", seed=seed, sample_size=500
+    )
+    _assert_model_wise_masks_exact(masks)
+    with torch.no_grad():  # an optimizer-like update: the masks follow it exactly
+        for name in masks.layer_names:
+            masks.layer_scores(name).add_(torch.randn_like(masks.layer_scores(name)), alpha=0.1)
+    _assert_model_wise_masks_exact(masks)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.9, 0.999])
+def test_model_wise_masks_exact_with_ties_and_a_missed_bracket(keep, monkeypatch):
+    model = nn.Sequential(nn.Linear(100, 300), nn.Linear(300, 200), nn.Linear(200, 10))
+    masks = LayerMasks(model, keep_ratio=keep, mode="model", seed=4, sample_size=500)
+    with torch.no_grad():  # coarse scores: thousands of ties at any threshold
+        for name in masks.layer_names:
+            masks.layer_scores(name).copy_(torch.randint(0, 7, masks.layer_scores(name).shape))
+    _assert_model_wise_masks_exact(masks)
+    # A sample that brackets the wrong place (only the largest score) must fall back to the
+    # full selection.
+    masks._cache.clear()
+    largest = int(masks._standardised_scores().argmax())
+    masks._joint_sample = torch.full((500,), largest)
+    selected_sizes = []
+    select = masking._kth_smallest
+
+    def spy(values, k, **kwargs):
+        selected_sizes.append(values.numel())
+        return select(values, k, **kwargs)
+
+    monkeypatch.setattr(masking, "_kth_smallest", spy)
+    _assert_model_wise_masks_exact(masks)
+    assert 92_000 in selected_sizes  # the full selection over all scores ran
