@@ -380,8 +380,8 @@ class _DivergenceCheck:
             exploded = (window.min() > limit).float()
         # Summed over ranks: one rank raising alone would leave the others hanging.
         flags = all_reduce_sum(torch.cat([(~torch.isfinite(window)).float(), exploded[None]]))
-        flags, values = flags.cpu(), window.cpu()
         filled, self.filled = self.filled, 0
+        flags, values = torch.cat([flags, window]).cpu().split([filled + 1, filled])
         bad = flags[:filled].nonzero()
         if len(bad) == 0 and not flags[filled]:
             return float(values[-1])
