@@ -18,6 +18,7 @@ import contextlib
 import copy
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -28,14 +29,26 @@ __all__ = [
     "DEFAULT_LAYER_TYPES",
     "LayerMasks",
     "LayerSelector",
+    "masked_parameters",
     "num_kept",
     "select_layers",
     "topk_mask",
 ]
 
-#: Module types whose ``weight`` is masked when the user names no layers. Subclasses count too
-#: (timm's ``StdConv2d``, ``Conv2dSame``; ``nn.MultiheadAttention``'s ``out_proj``).
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+#: Module types masked when the user names no layers: their ``weight``, and for
+#: ``nn.MultiheadAttention`` the input projection (``in_proj_weight``, or ``q/k/v_proj_weight``
+#: when keys and values have their own sizes); its ``out_proj`` is an ``nn.Linear``. Subclasses
+#: count too (timm's ``StdConv2d``, ``Conv2dSame``).
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    nn.MultiheadAttention,
+)
+
+#: Weight parameters of ``nn.MultiheadAttention`` itself (not of a child module).
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 #: A layer selection: a name glob (``"layer4.*"``), a module type, or a sequence of both.
 LayerSelector = str | type[nn.Module] | Sequence[str | type[nn.Module]]
@@ -65,17 +78,45 @@ def _matches(name: str, module: nn.Module, globs: list[str], types: list[type]) 
     return any(fnmatch.fnmatchcase(name, g) for g in globs) or isinstance(module, tuple(types))
 
 
-def _weighted_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module that owns a ``weight`` parameter of at least two dimensions."""
-    found = {}
+def _is_maskable(weight: object) -> bool:
+    # Lazy modules have no shape yet; masking them would freeze a placeholder.
+    return (
+        isinstance(weight, nn.Parameter)
+        and not isinstance(weight, nn.parameter.UninitializedParameter)
+        and weight.dim() >= 2
+    )
+
+
+def _join(module_name: str, param: str) -> str:
+    return f"{module_name}.{param}" if module_name else param
+
+
+def masked_parameters(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Every weight a mask can apply to: ``{layer name: (module, parameter name)}``.
+
+    A module's 2-D-or-more ``weight`` is listed under the module's name; an
+    ``nn.MultiheadAttention`` projection under ``"<module name>.in_proj_weight"`` (or
+    ``q_proj_weight``, ...), since the module holds it itself.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv1d(2, 4, 3), nn.MultiheadAttention(4, 2))
+        >>> list(masked_parameters(net))
+        ['0', '1.in_proj_weight', '1.out_proj']
+    """
+    found: dict[str, tuple[nn.Module, str]] = {}
     for name, module in model.named_modules():
-        weight = module._parameters.get("weight")
-        # Lazy modules have no shape yet; masking them would freeze a placeholder.
-        if isinstance(weight, nn.parameter.UninitializedParameter):
-            continue
-        if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
-            found[name] = module
+        if _is_maskable(module._parameters.get("weight")):
+            found[name] = (module, "weight")
+        if isinstance(module, nn.MultiheadAttention):
+            for param in _ATTENTION_WEIGHTS:
+                if _is_maskable(module._parameters.get(param)):
+                    found[_join(name, param)] = (module, param)
     return found
+
+
+def _weighted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module that owns a weight a mask can apply to, by layer name."""
+    return {name: module for name, (module, _) in masked_parameters(model).items()}
 
 
 def select_layers(
@@ -88,11 +129,16 @@ def select_layers(
     Args:
         model: Any classifier.
         layers: Name globs and/or module types to include. ``None`` means every
-            :data:`DEFAULT_LAYER_TYPES` module (``nn.Conv2d`` and ``nn.Linear``, subclasses too).
+            :data:`DEFAULT_LAYER_TYPES` module (``nn.Conv1d/2d/3d``, ``nn.Linear`` and
+            ``nn.MultiheadAttention``'s projections, subclasses too); a warning names any other
+            module with a weight of two or more dimensions that is left dense
+            (``nn.Embedding``, ``nn.ConvTranspose2d``, ...).
         exclude: Name globs and/or module types to leave dense, applied after ``layers``.
 
     Returns:
-        ``{qualified_name: module}`` in model order.
+        ``{layer name: module}`` in model order. A layer name is the module's qualified
+        name, or ``"<module>.in_proj_weight"`` (and ``q/k/v_proj_weight``) for the input
+        projection of an ``nn.MultiheadAttention`` (see :func:`masked_parameters`).
 
     Raises:
         ValueError: if the selection matches nothing; the message lists the available layers.
@@ -113,6 +159,8 @@ def select_layers(
         if _matches(name, module, inc_globs, inc_types)
         and not _matches(name, module, exc_globs, exc_types)
     }
+    if layers is None:
+        _warn_left_dense(candidates, chosen, exc_globs, exc_types)
     if not chosen:
         available = ", ".join(f"{n} ({type(m).__name__})" for n, m in candidates.items())
         raise ValueError(
@@ -121,6 +169,29 @@ def select_layers(
             "Pass name globs such as 'layer4.*' or module types such as nn.Conv2d."
         )
     return chosen
+
+
+def _warn_left_dense(
+    candidates: dict[str, nn.Module],
+    chosen: dict[str, nn.Module],
+    exc_globs: list[str],
+    exc_types: list[type],
+) -> None:
+    """The default selection names the weighted layers it leaves dense (those the user
+    excluded are left out of the warning: that was asked for)."""
+    left = [
+        f"{name} ({type(module).__name__})"
+        for name, module in candidates.items()
+        if name not in chosen and not _matches(name, module, exc_globs, exc_types)
+    ]
+    if left:
+        warnings.warn(
+            f"The default layer selection masks nn.Conv1d/2d/3d, nn.Linear and "
+            f"nn.MultiheadAttention weights; these weighted layers stay dense: "
+            f"{', '.join(left)}. Pass layers= (name globs or module types) to mask them, or "
+            "exclude= to silence this.",
+            stacklevel=3,
+        )
 
 
 # --------------------------------------------------------------------------- mask arithmetic
@@ -198,27 +269,37 @@ class _MaskedWeight(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- module surgery
-_MASKED_CLASSES: dict[type, type] = {}
+_MASKED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
-def _masked_weight_property(module: nn.Module) -> Tensor:
-    owner, name = module.__dict__[_MASK_ATTR]
-    return owner.masked_weight(name, module._parameters["weight"], module.training)
+def _masked_property(param: str) -> property:
+    def read(module: nn.Module) -> Tensor:
+        owner, names = module.__dict__[_MASK_ATTR]
+        return owner._read_masked(names[param], module._parameters[param], module.training)
+
+    return property(read)
 
 
-def _masked_class(cls: type) -> type:
-    """A subclass of ``cls`` whose ``weight`` reads as the masked weight (made once per class)."""
-    if cls not in _MASKED_CLASSES:
-        _MASKED_CLASSES[cls] = type(
+def _masked_class(cls: type, params: tuple[str, ...]) -> type:
+    """A subclass of ``cls`` whose ``params`` read as masked weights (made once per class)."""
+    key = (cls, params)
+    if key not in _MASKED_CLASSES:
+        _MASKED_CLASSES[key] = type(
             f"Masked{cls.__name__}",
             (cls,),
             {
-                "weight": property(_masked_weight_property),
+                **{param: _masked_property(param) for param in params},
                 "_oodunleash_original_class": cls,
                 "__module__": cls.__module__,
             },
         )
-    return _MASKED_CLASSES[cls]
+    return _MASKED_CLASSES[key]
+
+
+def _unmask_module(module: nn.Module) -> None:
+    if _MASK_ATTR in module.__dict__:
+        module.__class__ = module._oodunleash_original_class
+        del module.__dict__[_MASK_ATTR]
 
 
 def _score_key(name: str) -> str:
@@ -282,6 +363,9 @@ class LayerMasks(nn.Module):
         self.tolerance = tolerance
         # Plain dicts: the modules belong to the model, not to this object.
         self._layers: dict[str, nn.Module] = select_layers(model, layers, exclude)
+        maskable = masked_parameters(model)
+        #: The masked parameter's name in its module (``weight``, ``in_proj_weight``, ...).
+        self._param_names = {name: maskable[name][1] for name in self._layers}
         self.scores = nn.ParameterDict()
         self._samples: dict[str, Tensor] = {}
         self._thresholds: dict[str, Tensor] = {}
@@ -292,8 +376,8 @@ class LayerMasks(nn.Module):
         self._joint_buffer: Tensor | None = None
         self._joint_sample: Tensor | None = None
         generator = torch.Generator().manual_seed(seed)
-        for name, module in self._layers.items():
-            weight = module._parameters["weight"]
+        for name in self._layers:
+            weight = self.raw_weight(name)
             if init == "magnitude":
                 scores = weight.detach().abs().clone().float()
             else:
@@ -315,6 +399,23 @@ class LayerMasks(nn.Module):
     def layer_scores(self, name: str) -> nn.Parameter:
         """The score tensor of layer ``name``."""
         return self.scores[_score_key(name)]
+
+    def parameter_name(self, name: str) -> str:
+        """The ``state_dict`` key of layer ``name``'s masked weight in the model.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2))
+            >>> masks = LayerMasks(net)
+            >>> [masks.parameter_name(n) for n in masks.layer_names]
+            ['0.weight', '1.in_proj_weight', '1.out_proj.weight']
+        """
+        param = self._param_names[name]
+        module_name = name.removesuffix(param).removesuffix(".") if param != "weight" else name
+        return _join(module_name, param)
+
+    def raw_weight(self, name: str) -> nn.Parameter:
+        """Layer ``name``'s weight parameter itself, unmasked (also while attached)."""
+        return self._layers[name]._parameters[self._param_names[name]]
 
     @property
     def is_attached(self) -> bool:
@@ -517,6 +618,9 @@ class LayerMasks(nn.Module):
             offset += size
         return drops
 
+    def _read_masked(self, name: str, weight: Tensor, training: bool) -> Tensor:
+        return self.masked_weight(name, weight, training)
+
     def masked_weight(self, name: str, weight: Tensor, training: bool = False) -> Tensor:
         """``weight * mask`` for layer ``name``, differentiable in the scores."""
         scores = self.layer_scores(name)
@@ -533,22 +637,23 @@ class LayerMasks(nn.Module):
     # ---------------------------------------------------------------- attach / detach
     def attach(self) -> LayerMasks:
         """Apply the masks: every chosen module now reads its weight masked."""
+        per_module: dict[int, tuple[nn.Module, dict[str, str]]] = {}
         for name, module in self._layers.items():
             if _MASK_ATTR in module.__dict__:
                 if module.__dict__[_MASK_ATTR][0] is not self:
                     raise RuntimeError(f"Layer {name!r} is already masked by another LayerMasks.")
                 continue
-            module.__class__ = _masked_class(type(module))
+            per_module.setdefault(id(module), (module, {}))[1][self._param_names[name]] = name
+        for module, names in per_module.values():
+            module.__class__ = _masked_class(type(module), tuple(sorted(names)))
             # object.__setattr__ keeps this reference out of nn.Module's registries.
-            object.__setattr__(module, _MASK_ATTR, (self, name))
+            object.__setattr__(module, _MASK_ATTR, (self, names))
         return self
 
     def detach(self) -> LayerMasks:
         """Remove the masks: every chosen module is its original class again."""
         for module in self._layers.values():
-            if _MASK_ATTR in module.__dict__:
-                module.__class__ = module._oodunleash_original_class
-                del module.__dict__[_MASK_ATTR]
+            _unmask_module(module)
         return self
 
     @contextlib.contextmanager
@@ -579,11 +684,9 @@ class LayerMasks(nn.Module):
         copy with the same layer names) and strip all mask machinery from it. Pruned weights
         become exact zeros."""
         for name in self._layers:
-            module = model.get_submodule(name)
-            if _MASK_ATTR in module.__dict__:
-                module.__class__ = module._oodunleash_original_class
-                del module.__dict__[_MASK_ATTR]
-            weight = module._parameters["weight"]
+            _unmask_module(model.get_submodule(self._module_name(name)))
+        for name in self._layers:
+            weight = model.get_parameter(self.parameter_name(name))
             weight.mul_(self.mask(name, exact=True).to(weight.device, weight.dtype))
         return model
 
@@ -592,6 +695,76 @@ class LayerMasks(nn.Module):
         with self.detached():
             plain = copy.deepcopy(model)
         return self.bake(plain)
+
+    def baked_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """``model.state_dict()`` with the exact masks multiplied into the masked weights,
+        without copying the model (the other entries are the model's own tensors).
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(4, 4))
+            >>> masks = LayerMasks(net, keep_ratio=0.5).attach()
+            >>> int((masks.baked_state_dict(net)["0.weight"] == 0).sum())
+            8
+        """
+        state = model.state_dict()  # reads the raw parameters, also while masks are attached
+        for name in self._layers:
+            key = self.parameter_name(name)
+            weight = state[key]
+            state[key] = weight * self.mask(name, exact=True).to(weight.device, weight.dtype)
+        return state
+
+    # ---------------------------------------------------------------- saving and loading
+    def mask_state(self) -> dict[str, dict[str, Tensor]]:
+        """What a checkpoint needs, per layer name: ``"scores"`` (a detached CPU copy) and
+        ``"mask"`` (the exact binary mask, bool, on CPU, ``True`` = kept).
+
+        :meth:`load_mask_state` restores it into a ``LayerMasks`` made with the same options
+        on the same architecture.
+        """
+        return {
+            name: {
+                "scores": self.layer_scores(name).detach().cpu().clone(),
+                "mask": ~self._dropped(name, exact=True).cpu(),
+            }
+            for name in self._layers
+        }
+
+    @torch.no_grad()
+    def load_mask_state(self, state: dict[str, dict[str, Tensor]]) -> LayerMasks:
+        """Copy saved scores (from :meth:`mask_state`) into these masks and check that they
+        reproduce the saved binary masks, where given.
+
+        Raises:
+            KeyError: a masked layer has no saved entry (the message lists them).
+            ValueError: a shape differs from the layer's, or the scores do not reproduce the
+                saved mask (damaged or from other options: ``keep_ratio``, ``mode``).
+        """
+        missing = [name for name in self._layers if name not in state]
+        if missing:
+            raise KeyError(f"The saved mask state lacks the layers {missing}.")
+        for name in self._layers:
+            scores = self.layer_scores(name)
+            saved = state[name]["scores"]
+            if tuple(saved.shape) != tuple(scores.shape):
+                raise ValueError(
+                    f"The saved scores of layer {name!r} have shape {tuple(saved.shape)}; the "
+                    f"layer's weight has {tuple(scores.shape)}: a different architecture."
+                )
+            scores.copy_(saved.to(scores.device, scores.dtype))
+        for name in self._layers:
+            saved_mask = state[name].get("mask")
+            if saved_mask is not None and not torch.equal(
+                ~self._dropped(name, exact=True).cpu(), saved_mask.cpu().bool()
+            ):
+                raise ValueError(
+                    f"The saved scores of layer {name!r} do not reproduce its saved mask: the "
+                    f"state is damaged, or was saved with other options than keep_ratio="
+                    f"{self.keep_ratio}, mode={self.mode!r}."
+                )
+        return self
+
+    def _module_name(self, name: str) -> str:
+        return self.parameter_name(name).rpartition(".")[0]
 
     def extra_repr(self) -> str:
         return (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import timm
@@ -10,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from timm.layers import StdConv2d
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from oodunleash import masking
+from oodunleash import OODUnleash, masking
 from oodunleash.masking import LayerMasks, _kth_smallest, num_kept, select_layers, topk_mask
 
 
@@ -277,3 +279,121 @@ def test_model_wise_masks_exact_with_ties_and_a_missed_bracket(keep, monkeypatch
     monkeypatch.setattr(masking, "_kth_smallest", spy)
     _assert_model_wise_masks_exact(masks)
     assert 92_000 in selected_sizes  # the full selection over all scores ran
+
+
+# --------------------------------------------------------------------------- coverage
+class Conv1dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 8, 3)
+        self.conv3d = nn.Conv3d(1, 2, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.conv3d(x[:, None, :, :, None])[:, 0, :, :, 0]  # a 3-D conv on the way
+        return self.fc(F.relu(self.conv(x)).mean(2))
+
+
+class AttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(self.attn(h, h, h)[0].mean(1))
+
+
+def _sequence_loader(shape: tuple[int, ...]):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, *shape, generator=g)
+    y = torch.randint(0, 3, (32,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+@pytest.mark.parametrize(
+    ("net", "shape", "expected"),
+    [
+        (Conv1dNet, (2, 10), ["conv", "conv3d", "fc"]),
+        (AttentionNet, (5, 4), ["embed", "attn.in_proj_weight", "attn.out_proj", "head"]),
+    ],
+)
+def test_umap_masks_conv1d_conv3d_and_attention_projections_and_export_bakes_them(
+    net, shape, expected
+):
+    torch.manual_seed(0)
+    model = net()
+    assert list(select_layers(model)) == expected
+    unleashed = OODUnleash(model, method="umap").fit(
+        _sequence_loader(shape), epochs=1, loss_constraint=0.2, progress=False
+    )
+    masks = unleashed.masks_
+    assert masks.layer_names == expected
+    plain = unleashed.export()
+    assert type(plain) is net and plain.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(4, *shape)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(x), model(x), atol=1e-5)  # the masked forward, baked
+    for name in expected:
+        baked = plain.get_parameter(masks.parameter_name(name))
+        assert torch.equal(baked == 0, masks.mask(name) == 0), name
+    assert all(not type(m).__name__.startswith("Masked") for m in plain.modules())
+
+
+def test_attention_with_separate_key_and_value_sizes_masks_all_three_projections():
+    mha = nn.MultiheadAttention(8, 2, kdim=6, vdim=5)
+    masks = LayerMasks(mha, keep_ratio=0.5).attach()
+    assert masks.layer_names == ["q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj"]
+    assert type(mha).__name__ == "MaskedMultiheadAttention"
+    reads = [mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight, mha.out_proj.weight]
+    for read in reads:  # every projection reads masked
+        assert int((read == 0).sum()) == read.numel() // 2
+    q, k, v = torch.randn(3, 1, 8), torch.randn(4, 1, 6), torch.randn(4, 1, 5)
+    masked_out = mha(q, k, v)[0]
+    plain = masks.baked_copy(mha)
+    assert type(plain) is nn.MultiheadAttention
+    assert torch.allclose(plain(q, k, v)[0], masked_out, atol=1e-6)
+    masks.detach()
+    assert type(mha) is nn.MultiheadAttention
+
+
+def test_default_selection_warns_naming_weighted_layers_it_leaves_dense():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.ConvTranspose1d(4, 4, 1), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"stay dense: 0 \(Embedding\), 1 \(ConvTranspose1d\)"):
+        assert list(select_layers(model)) == ["2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # excluded or explicitly chosen: nothing to say
+        select_layers(model, exclude=["0", "1"])
+        select_layers(model, layers=nn.Linear)
+
+
+# --------------------------------------------------------------------------- checkpoint API
+def test_mask_state_round_trip_and_checks():
+    torch.manual_seed(0)
+    model = AttentionNet()
+    masks = LayerMasks(model, keep_ratio=0.7, mode="model", seed=1)
+    with torch.no_grad():
+        for name in masks.layer_names:
+            masks.layer_scores(name).normal_()  # learnt scores, unlike a fresh init
+    state = masks.mask_state()
+    assert set(state) == set(masks.layer_names)
+    assert state["attn.in_proj_weight"]["mask"].dtype == torch.bool
+    fresh = LayerMasks(model, keep_ratio=0.7, mode="model", seed=2).load_mask_state(state)
+    for name in masks.layer_names:
+        assert torch.equal(fresh.mask(name), masks.mask(name))
+    assert torch.equal(fresh.raw_weight("head"), model.head.weight)
+    baked = masks.baked_state_dict(model)
+    reference = masks.baked_copy(model).state_dict()
+    assert baked.keys() == reference.keys()
+    assert all(torch.equal(baked[k], reference[k]) for k in baked)
+    other = LayerMasks(model, keep_ratio=0.5, mode="model")
+    with pytest.raises(ValueError, match="do not reproduce its saved mask.*keep_ratio=0.5"):
+        other.load_mask_state(state)
+    with pytest.raises(KeyError, match="lacks the layers"):
+        fresh.load_mask_state({k: v for k, v in state.items() if k != "head"})
+    state["head"]["scores"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="layer 'head' have shape \\(2, 2\\)"):
+        fresh.load_mask_state(state)
