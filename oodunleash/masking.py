@@ -268,6 +268,34 @@ class _MaskedWeight(torch.autograd.Function):
         return grad_weight, grad_scores, None
 
 
+class _MaskedWeights(torch.autograd.Function):
+    """Every masked layer's weight at once: ``weight * kept`` and the straight-through
+    gradients of :class:`_MaskedWeight`, as multi-tensor (``torch._foreach_*``) ops over all
+    layers. Inputs after ``owner`` and ``kept``: all weights, then all scores."""
+
+    @staticmethod
+    def forward(ctx, owner: LayerMasks, kept: list[Tensor], *tensors: Tensor) -> tuple[Tensor, ...]:
+        weights = list(tensors[: len(kept)])
+        ctx.owner, ctx.kept = owner, kept
+        ctx.save_for_backward(*weights)
+        return tuple(torch._foreach_mul(weights, kept))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        # The pass's graph is spent: the next forward pass makes new masked weights.
+        ctx.owner._batch = None
+        weights = list(ctx.saved_tensors)
+        n = len(weights)
+        grads = list(grads)
+        grad_weights: list[Tensor | None] = [None] * n
+        grad_scores: list[Tensor | None] = [None] * n
+        if any(ctx.needs_input_grad[2 : 2 + n]):
+            grad_weights = list(torch._foreach_mul(grads, ctx.kept))
+        if any(ctx.needs_input_grad[2 + n :]):
+            grad_scores = list(torch._foreach_mul(grads, weights))
+        return (None, None, *grad_weights, *grad_scores)
+
+
 # --------------------------------------------------------------------------- module surgery
 _MASKED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 
@@ -372,6 +400,10 @@ class LayerMasks(nn.Module):
         #: How many training-time thresholds were (re)computed; see :meth:`_training_drop`.
         self.threshold_updates = 0
         self._cache: dict[str, tuple[tuple, Tensor]] = {}
+        #: Every layer's masked weight of the current differentiable forward pass, and the
+        #: versions it was made from; see :meth:`_read_masked`.
+        self._batch: tuple[tuple, dict[str, Tensor]] | None = None
+        self._kept_cache: dict[str, tuple[Tensor, Tensor]] = {}
         self._batch_plan: tuple[torch.device, Tensor, Tensor] | None = None
         self._joint_buffer: Tensor | None = None
         self._joint_sample: Tensor | None = None
@@ -618,8 +650,53 @@ class LayerMasks(nn.Module):
             offset += size
         return drops
 
+    # Dynamo cannot trace the cache checks (tensor versions); under torch.compile the masks
+    # run eagerly between the compiled pieces of the forward pass.
+    @torch.compiler.disable
     def _read_masked(self, name: str, weight: Tensor, training: bool) -> Tensor:
-        return self.masked_weight(name, weight, training)
+        """What an attached module reads as its weight.
+
+        In a differentiable forward pass every layer's masked weight is made at the first
+        read, by one autograd function over all layers (``_MaskedWeights``), and the later
+        reads return it: one Python call and two multi-tensor ops per pass instead of a
+        custom autograd node, a mask application and a score gradient per layer. Elsewhere
+        (evaluation, ``torch.no_grad``) each layer is masked alone.
+        """
+        grad = torch.is_grad_enabled()
+        if not grad or len(self._layers) == 1 or not self._any_requires_grad():
+            return self.masked_weight(name, weight, training)
+        key = (training, *self._versions())
+        if self._batch is None or self._batch[0] != key:
+            self._batch = (key, self._masked_all(training))
+        return self._batch[1][name]
+
+    def _kept(self, name: str, exact: bool) -> Tensor:
+        """``~dropped`` of layer ``name``, made once per change of the mask."""
+        dropped = self._dropped(name, exact)
+        cached = self._kept_cache.get(name)
+        if cached is None or cached[0] is not dropped:
+            cached = self._kept_cache[name] = (dropped, ~dropped)
+        return cached[1]
+
+    def _any_requires_grad(self) -> bool:
+        return any(s.requires_grad for s in self.scores.values()) or any(
+            self.raw_weight(name).requires_grad for name in self._layers
+        )
+
+    def _versions(self) -> list[int]:
+        """In-place versions of every score and weight tensor: any update changes one."""
+        return [s._version for s in self.scores.values()] + [
+            self.raw_weight(name)._version for name in self._layers
+        ]
+
+    def _masked_all(self, training: bool) -> dict[str, Tensor]:
+        exact = not training
+        names = list(self._layers)
+        kept = [self._kept(name, exact) for name in names]
+        weights = [self.raw_weight(name) for name in names]
+        scores = [self.layer_scores(name) for name in names]
+        masked = _MaskedWeights.apply(self, kept, *weights, *scores)
+        return dict(zip(names, masked, strict=True))
 
     def masked_weight(self, name: str, weight: Tensor, training: bool = False) -> Tensor:
         """``weight * mask`` for layer ``name``, differentiable in the scores."""

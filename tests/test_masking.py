@@ -397,3 +397,55 @@ def test_mask_state_round_trip_and_checks():
     state["head"]["scores"] = torch.zeros(2, 2)
     with pytest.raises(ValueError, match="layer 'head' have shape \\(2, 2\\)"):
         fresh.load_mask_state(state)
+
+
+# --------------------------------------------------------------------------- batched masking
+@pytest.mark.parametrize("mode", ["layer", "model"])
+def test_one_autograd_function_masks_all_layers_with_the_per_layer_results(mode, monkeypatch):
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(3 if i == 0 else 16, 16, 3, padding=1) for i in range(5)]
+    blocks = [layer for conv in convs for layer in (conv, nn.BatchNorm2d(16), nn.ReLU())]
+    model = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    twin = copy.deepcopy(model)
+    # A small sample: the layer-wise training thresholds come from samples, as on big models.
+    options = {"keep_ratio": 0.9, "mode": mode, "seed": 3, "sample_size": 500}
+    masks = LayerMasks(model, **options).attach()
+    per_layer = LayerMasks(twin, **options).attach()
+    # The reference reads every layer through its own autograd function, as before batching.
+    monkeypatch.setattr(per_layer, "_read_masked", per_layer.masked_weight)
+    calls = {"batched": 0, "single": 0}
+    batched_apply, single_apply = masking._MaskedWeights.apply, masking._MaskedWeight.apply
+
+    def count(kind, apply):
+        def counted(*args):
+            calls[kind] += 1
+            return apply(*args)
+
+        return counted
+
+    monkeypatch.setattr(masking._MaskedWeights, "apply", count("batched", batched_apply))
+    monkeypatch.setattr(masking._MaskedWeight, "apply", count("single", single_apply))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (masks, per_layer)]
+    x = torch.randn(4, 3, 8, 8)
+    for _ in range(3):  # masks change between steps; each step rebuilds all masked weights
+        outputs = []
+        for net, optimizer in zip((model, twin), optimizers, strict=True):
+            optimizer.zero_grad()
+            out = net(x)
+            out.square().sum().backward()
+            optimizer.step()
+            outputs.append(out.detach())
+        assert torch.allclose(outputs[0], outputs[1], atol=1e-6)
+        for name in masks.layer_names:
+            assert torch.equal(masks.mask(name, exact=False), per_layer.mask(name, exact=False))
+            assert torch.equal(masks.layer_scores(name), per_layer.layer_scores(name)), name
+    n = len(masks.layer_names)
+    assert calls == {"batched": 3, "single": 3 * n}  # one call per pass, not one per layer
+    model.eval()
+    with torch.no_grad():  # evaluation reads each layer alone, no autograd function
+        model(x)
+    assert calls["batched"] == 3
+    masks.detach(), per_layer.detach()
