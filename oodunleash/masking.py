@@ -352,7 +352,9 @@ class LayerMasks(nn.Module):
         sample_size: Training-time masks (layer-wise mode) take their threshold from a fixed
             random sample of this many scores on larger layers, and on CPU keep the previous
             threshold while the sample's kept fraction stays within ``tolerance`` of
-            ``keep_ratio``. Evaluation and :meth:`bake` always use the exact top-k.
+            ``keep_ratio``. Evaluation and :meth:`bake` always use the exact top-k. In the
+            model-wide mode a sample of this size only brackets the exact threshold, which
+            holds at training time too.
         tolerance: See ``sample_size``.
 
     The masks are inert until :meth:`attach` (or the :meth:`attached` context manager).
