@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from oodunleash import OODUnleash
-from oodunleash.masking import LayerMasks, _kth_smallest
+from oodunleash.mask_ops import _kth_smallest
+from oodunleash.masking import LayerMasks
 
 #: ``(OODUnleash keyword arguments, fit keyword arguments)`` of each measured side.
 SIDES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
@@ -31,6 +29,14 @@ from .distributed import (
     is_main_process,
     sync_buffers,
 )
+from .divergence import DivergenceCheck, TrainingDivergedError
+from .losses import (
+    LossConstraintTooHighError,
+    check_below_chance,
+    energy_oe_loss,
+    flooding_loss,
+    oe_loss,
+)
 
 __all__ = [
     "LossConstraintTooHighError",
@@ -44,75 +50,6 @@ __all__ = [
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
-
-
-class TrainingDivergedError(FloatingPointError):
-    """The loss became NaN or infinite; the weights were restored to the last good epoch."""
-
-
-class LossConstraintTooHighError(ValueError):
-    """ξ is at or above ``ln(num_classes)``, the loss of a uniform guess. Raised before any
-    training step, so the model is unchanged; a sweep can catch it and go on."""
-
-
-def flooding_loss(ce: Tensor, level: float | None) -> Tensor:
-    """The flooding objective ``|ce − level| + level``.
-
-    Its gradient equals that of ``ce`` when ``ce > level`` and its negative below: descent
-    above the level, ascent below. ``level=None`` gives plain cross-entropy (the control).
-
-    Example:
-        >>> ce = torch.tensor(0.2, requires_grad=True)
-        >>> flooding_loss(ce, 0.5).backward()
-        >>> ce.grad
-        tensor(-1.)
-    """
-    if level is None:
-        return ce
-    return (ce - level).abs() + level
-
-
-def oe_loss(outlier_logits: Tensor) -> Tensor:
-    """Outlier exposure (Hendrycks et al. 2019): cross-entropy from the softmax to the uniform
-    distribution, averaged over the outliers."""
-    return -(outlier_logits.log_softmax(dim=1).mean(dim=1)).mean()
-
-
-def energy_oe_loss(
-    id_logits: Tensor, outlier_logits: Tensor, m_in: float = -25.0, m_out: float = -7.0
-) -> Tensor:
-    """Energy-bounded learning (Liu et al. 2020): squared hinge pushing ID energy below
-    ``m_in`` and outlier energy above ``m_out`` (energy = −logsumexp of the logits)."""
-    energy_in = -torch.logsumexp(id_logits, dim=1)
-    energy_out = -torch.logsumexp(outlier_logits, dim=1)
-    return F.relu(energy_in - m_in).pow(2).mean() + F.relu(m_out - energy_out).pow(2).mean()
-
-
-def check_below_chance(loss_constraint: float | None, num_classes: int) -> None:
-    """ξ must lie below ``ln(num_classes)``, the cross-entropy of a uniform guess: flooding
-    around a higher level climbs *up* the loss and trains the model to be wrong. Above a
-    quarter of it a warning is given: on the benchmark, such levels (ξ = 0.49 and 0.70 with
-    6 classes) cost UM 13-18 points of ID accuracy."""
-    if loss_constraint is None:
-        return
-    chance = math.log(num_classes)
-    if 0.25 * chance < loss_constraint < chance and is_main_process():
-        warnings.warn(
-            f"The loss constraint ξ = {loss_constraint:.4g} is more than a quarter of the "
-            f"loss of a uniform guess (ln({num_classes}) = {chance:.4g}); flooding this high "
-            "usually costs ID accuracy. The default recipe (a multiple of the training loss) assumes a "
-            "model trained to a low training loss; pass a smaller loss_constraint or "
-            "constraint_factor if this one is not.",
-            stacklevel=6,  # the caller of train(), past the step and the epoch loop
-        )
-    if loss_constraint >= math.log(num_classes):
-        raise LossConstraintTooHighError(
-            f"The loss constraint ξ = {loss_constraint:.4g} is not below ln({num_classes}) = "
-            f"{math.log(num_classes):.4g}, the loss of a uniform guess over {num_classes} "
-            "classes; flooding towards it would train the model to be wrong. Pass a smaller "
-            "loss_constraint, or lower constraint_factor (the default recipe sets ξ to a multiple "
-            "of the training loss, too high for a model that fits its data this poorly)."
-        )
 
 
 #: Normalisation layers whose affine parameters (scale and shift) ``train_norms`` trains.
@@ -343,65 +280,6 @@ def _with_norm_parameters(
     return params + [p for p in norm_affine_parameters(module)[0] if id(p) not in seen]
 
 
-# --------------------------------------------------------------------------- divergence
-class _DivergenceCheck:
-    """The losses of the steps since the last check, kept on the device (no host sync per
-    step) and inspected every ``check_every`` steps and at the end of each epoch."""
-
-    def __init__(self, config: TrainConfig, device: torch.device) -> None:
-        self.config = config
-        self.device = device
-        self.window = torch.zeros(config.check_every, device=device)
-        self.filled = 0
-        self.first_loss: Tensor | None = None
-        self.limit_floor = 0.0  # ln(classes), known after the first step
-
-    def record(self, loss: Tensor, num_classes: int) -> None:
-        loss = loss.detach().float()
-        if self.first_loss is None:
-            self.first_loss = loss.clone()
-            self.limit_floor = math.log(max(num_classes, 2))
-        self.window[self.filled].copy_(loss)
-        self.filled += 1
-
-    @property
-    def due(self) -> bool:
-        return self.filled == self.config.check_every
-
-    def check(self, epoch: int, steps_done: int) -> float | None:
-        """Raise :class:`TrainingDivergedError` if the window diverged; else return the
-        window's last loss (for the progress bar), or ``None`` if the window is empty."""
-        if self.filled == 0:
-            return None
-        window = self.window[: self.filled]
-        exploded = torch.zeros((), device=self.device)
-        if self.config.divergence_factor is not None and self.first_loss is not None:
-            limit = self.config.divergence_factor * self.first_loss.clamp_min(self.limit_floor)
-            exploded = (window.min() > limit).float()
-        # Summed over ranks: one rank raising alone would leave the others hanging.
-        flags = all_reduce_sum(torch.cat([(~torch.isfinite(window)).float(), exploded[None]]))
-        filled, self.filled = self.filled, 0
-        flags, values = torch.cat([flags, window]).cpu().split([filled + 1, filled])
-        bad = flags[:filled].nonzero()
-        if len(bad) == 0 and not flags[filled]:
-            return float(values[-1])
-        where = int(bad[0]) if len(bad) else filled - 1
-        value = float(values[where])
-        ranks = " (on at least one rank)" if is_distributed() else ""
-        what = (
-            f"became {value}"
-            if len(bad)
-            else f"stayed above {self.config.divergence_factor:g}x its first value (or "
-            f"ln(classes)) for {filled} steps, up to {value:.4g}"
-        )
-        raise TrainingDivergedError(
-            f"The loss {what} at epoch {epoch + 1}, batch {steps_done - filled + where + 1}"
-            f"{ranks}. The weights were restored to the end of epoch {epoch} "
-            f"({'the start of fitting' if epoch == 0 else 'the last good one'}). "
-            "Lower the learning rate, enable max_grad_norm, or check the inputs for NaN."
-        )
-
-
 # --------------------------------------------------------------------------- the loop
 class _Step:
     """One optimizer step on one batch; statistics stay on the device."""
@@ -499,7 +377,7 @@ def _run_epoch(
     step: _Step,
     loader: Iterable,
     epoch: int,
-    divergence: _DivergenceCheck,
+    divergence: DivergenceCheck,
     bar: tqdm,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the epoch's record for the history."""
@@ -585,7 +463,7 @@ def train(
         (steps_per_epoch or 1) * config.epochs,
         _cycle(outlier_loader) if outlier_loader is not None else None,
     )
-    divergence = _DivergenceCheck(config, device)
+    divergence = DivergenceCheck(config, device)
     history: list[dict[str, float]] = []
     good_state = _snapshot(module)
     was_training = module.training

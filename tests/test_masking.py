@@ -13,8 +13,9 @@ from timm.layers import StdConv2d
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from oodunleash import OODUnleash, masking
-from oodunleash.masking import LayerMasks, _kth_smallest, num_kept, select_layers, topk_mask
+from oodunleash import OODUnleash, mask_ops, thresholds
+from oodunleash.mask_ops import _kth_smallest
+from oodunleash.masking import LayerMasks, num_kept, select_layers, topk_mask
 
 
 class Tiny(nn.Module):
@@ -192,12 +193,13 @@ def test_batched_training_masks_equal_per_layer_selection(keep):
     model = nn.Sequential(nn.Linear(40, 30), nn.Linear(30, 20), nn.Linear(20, 1, bias=False))
     masks = LayerMasks(model, keep_ratio=keep, seed=1, sample_size=500)
     assert set(masks._samples) == {"0", "1"}  # 1200 and 600 weights are sampled, 20 are not
-    batched = masks._training_drops_batched()
+    thresholds, scores = masks._layer_thresholds, masks._all_scores()
+    batched = thresholds.drops_batched(scores)
     for name in masks.layer_names:
-        assert torch.equal(batched[name], masks._training_drop(name)), name
+        assert torch.equal(batched[name], thresholds.drop(name, scores[name])), name
     with torch.no_grad():  # an optimizer step moves scores; the batched result follows
         masks.layer_scores("1").mul_(-1)
-    assert torch.equal(masks._training_drops_batched()["1"], masks._training_drop("1"))
+    assert torch.equal(thresholds.drops_batched(scores)["1"], thresholds.drop("1", scores["1"]))
 
 
 def test_magnitude_init_keeps_largest_weights_and_seed_reproduces():
@@ -267,16 +269,16 @@ def test_model_wise_masks_exact_with_ties_and_a_missed_bracket(keep, monkeypatch
     # A sample that brackets the wrong place (only the largest score) must fall back to the
     # full selection.
     masks._cache.clear()
-    largest = int(masks._standardised_scores().argmax())
-    masks._joint_sample = torch.full((500,), largest)
+    largest = int(masks._joint.standardised(masks._all_scores()).argmax())
+    masks._joint.sample = torch.full((500,), largest)
     selected_sizes = []
-    select = masking._kth_smallest
+    select = thresholds._kth_smallest
 
     def spy(values, k, **kwargs):
         selected_sizes.append(values.numel())
         return select(values, k, **kwargs)
 
-    monkeypatch.setattr(masking, "_kth_smallest", spy)
+    monkeypatch.setattr(thresholds, "_kth_smallest", spy)
     _assert_model_wise_masks_exact(masks)
     assert 92_000 in selected_sizes  # the full selection over all scores ran
 
@@ -417,7 +419,7 @@ def test_one_autograd_function_masks_all_layers_with_the_per_layer_results(mode,
     # The reference reads every layer through its own autograd function, as before batching.
     monkeypatch.setattr(per_layer, "_read_masked", per_layer.masked_weight)
     calls = {"batched": 0, "single": 0}
-    batched_apply, single_apply = masking._MaskedWeights.apply, masking._MaskedWeight.apply
+    batched_apply, single_apply = mask_ops._MaskedWeights.apply, mask_ops._MaskedWeight.apply
 
     def count(kind, apply):
         def counted(*args):
@@ -426,8 +428,8 @@ def test_one_autograd_function_masks_all_layers_with_the_per_layer_results(mode,
 
         return counted
 
-    monkeypatch.setattr(masking._MaskedWeights, "apply", count("batched", batched_apply))
-    monkeypatch.setattr(masking._MaskedWeight, "apply", count("single", single_apply))
+    monkeypatch.setattr(mask_ops._MaskedWeights, "apply", count("batched", batched_apply))
+    monkeypatch.setattr(mask_ops._MaskedWeight, "apply", count("single", single_apply))
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (masks, per_layer)]
     x = torch.randn(4, 3, 8, 8)
     for _ in range(3):  # masks change between steps; each step rebuilds all masked weights
