@@ -44,6 +44,7 @@ __all__ = [
     "TrainingDivergedError",
     "energy_oe_loss",
     "flooding_loss",
+    "norm_affine_parameters",
     "oe_loss",
     "train",
 ]
