@@ -36,8 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from oodunleash import OODUnleash
-from oodunleash.mask_ops import _kth_smallest
 from oodunleash.masking import LayerMasks
+
+try:
+    from oodunleash._mask_ops import _kth_smallest
+except ImportError:  # releases before the masking module was split
+    from oodunleash.masking import _kth_smallest
 
 #: ``(OODUnleash keyword arguments, fit keyword arguments)`` of each measured side.
 SIDES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {

@@ -23,21 +23,21 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .mask_ops import (
+from ._mask_ops import (
     _MaskedWeight,
     _MaskedWeights,
     check_keep_ratio,
     num_kept,
     topk_mask,
 )
-from .selection import (
+from ._selection import (
     DEFAULT_LAYER_TYPES,
     LayerSelector,
     _join,
     masked_parameters,
     select_layers,
 )
-from .thresholds import JointThreshold, LayerThresholds
+from ._thresholds import JointThreshold, LayerThresholds
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",

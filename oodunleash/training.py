@@ -20,6 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._divergence import DivergenceCheck, TrainingDivergedError
+from ._losses import (
+    LossConstraintTooHighError,
+    check_below_chance,
+    energy_oe_loss,
+    flooding_loss,
+    oe_loss,
+)
 from .batches import check_labels, check_logits, images_of, iter_batches
 from .distributed import (
     all_reduce_sum,
@@ -28,14 +36,6 @@ from .distributed import (
     is_distributed,
     is_main_process,
     sync_buffers,
-)
-from .divergence import DivergenceCheck, TrainingDivergedError
-from .losses import (
-    LossConstraintTooHighError,
-    check_below_chance,
-    energy_oe_loss,
-    flooding_loss,
-    oe_loss,
 )
 
 __all__ = [

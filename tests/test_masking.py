@@ -13,8 +13,8 @@ from timm.layers import StdConv2d
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from oodunleash import OODUnleash, mask_ops, thresholds
-from oodunleash.mask_ops import _kth_smallest
+from oodunleash import OODUnleash, _mask_ops, _thresholds
+from oodunleash._mask_ops import _kth_smallest
 from oodunleash.masking import LayerMasks, num_kept, select_layers, topk_mask
 
 
@@ -272,13 +272,13 @@ def test_model_wise_masks_exact_with_ties_and_a_missed_bracket(keep, monkeypatch
     largest = int(masks._joint.standardised(masks._all_scores()).argmax())
     masks._joint.sample = torch.full((500,), largest)
     selected_sizes = []
-    select = thresholds._kth_smallest
+    select = _thresholds._kth_smallest
 
     def spy(values, k, **kwargs):
         selected_sizes.append(values.numel())
         return select(values, k, **kwargs)
 
-    monkeypatch.setattr(thresholds, "_kth_smallest", spy)
+    monkeypatch.setattr(_thresholds, "_kth_smallest", spy)
     _assert_model_wise_masks_exact(masks)
     assert 92_000 in selected_sizes  # the full selection over all scores ran
 
@@ -419,7 +419,7 @@ def test_one_autograd_function_masks_all_layers_with_the_per_layer_results(mode,
     # The reference reads every layer through its own autograd function, as before batching.
     monkeypatch.setattr(per_layer, "_read_masked", per_layer.masked_weight)
     calls = {"batched": 0, "single": 0}
-    batched_apply, single_apply = mask_ops._MaskedWeights.apply, mask_ops._MaskedWeight.apply
+    batched_apply, single_apply = _mask_ops._MaskedWeights.apply, _mask_ops._MaskedWeight.apply
 
     def count(kind, apply):
         def counted(*args):
@@ -428,8 +428,8 @@ def test_one_autograd_function_masks_all_layers_with_the_per_layer_results(mode,
 
         return counted
 
-    monkeypatch.setattr(mask_ops._MaskedWeights, "apply", count("batched", batched_apply))
-    monkeypatch.setattr(mask_ops._MaskedWeight, "apply", count("single", single_apply))
+    monkeypatch.setattr(_mask_ops._MaskedWeights, "apply", count("batched", batched_apply))
+    monkeypatch.setattr(_mask_ops._MaskedWeight, "apply", count("single", single_apply))
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (masks, per_layer)]
     x = torch.randn(4, 3, 8, 8)
     for _ in range(3):  # masks change between steps; each step rebuilds all masked weights

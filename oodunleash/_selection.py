@@ -1,5 +1,6 @@
-"""Which weights of a model get a mask: the default set of layer types, name globs and
-module types, and the weights that ``nn.MultiheadAttention`` holds itself."""
+"""Which weights of a model get a mask: the default set of layer types, name globs and module
+types, and the weights that ``nn.MultiheadAttention`` holds itself. The public names are
+documented and imported through :mod:`oodunleash.masking`."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from .mask_ops import _kth_smallest, _threshold, num_kept
+from ._mask_ops import _kth_smallest, _threshold, num_kept
 
 __all__ = ["JointThreshold", "LayerThresholds"]
 

@@ -38,6 +38,7 @@ class DivergenceCheck:
         self.limit_floor = 0.0  # ln(classes), known after the first step
 
     def record(self, loss: Tensor, num_classes: int) -> None:
+        """Keep one step's loss (a device-side copy, no sync)."""
         loss = loss.detach().float()
         if self.first_loss is None:
             self.first_loss = loss.clone()
@@ -47,6 +48,7 @@ class DivergenceCheck:
 
     @property
     def due(self) -> bool:
+        """Whether the window is full: time for :meth:`check`."""
         return self.filled == self.config.check_every
 
     def check(self, epoch: int, steps_done: int) -> float | None:
