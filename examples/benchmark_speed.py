@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--steps", type=int, help="batches per epoch (default 8; 30 on CUDA)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; 5 on CUDA)")
+    parser.add_argument("--size", type=int, help="only the rows at this input size (px)")
     parser.add_argument("--compile", action="store_true", help="add a fit(compile=True) side")
     parser.add_argument("--no-extras", action="store_true", help="skip the selection tables")
     args = parser.parse_args()
@@ -182,6 +183,8 @@ def main() -> None:
     configs = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
     if args.quick:
         configs = configs[:1]
+    if args.size:
+        configs = [c for c in configs if c[1] == args.size]
     sides = dict(SIDES)
     if args.compile:
         sides[COMPILED_SIDE[0]] = COMPILED_SIDE[1]
