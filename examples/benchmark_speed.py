@@ -1,40 +1,66 @@
-"""Cost of a UM and a UMAP training step relative to a plain PyTorch step (CPU or GPU).
+"""Cost of the library's training steps relative to a plain PyTorch step (CPU or GPU).
 
-For each model and input size the three sides run interleaved (plain, UM, UMAP, plain, ...) so
-that drifts in machine load hit all of them alike; a ratio is the median over repeats of the
-library's per-step time over the plain one in the same repeat. The UM/UMAP step time is the library's own epoch time (``history_[0]["time_s"]``) over
-the same batches, which excludes one-off set-up (estimating ξ, creating the mask scores) but
-includes everything done per step (flooding loss, statistics, the masks' threshold).
+Measured sides, each a ratio to a plain PyTorch step (SGD, cross-entropy) on the same batches:
 
-It also checks the kept fraction of the training-time masks (sampled threshold) against the
-target after several optimizer steps.
+- ``UM``: ``OODUnleash(model, method="um")`` with its defaults;
+- ``UMAP default``: ``method="umap"`` with its defaults (``mask_mode="model"``, keep 0.9,
+  trainable normalisation layers) -- what a user gets;
+- ``UMAP layer``: the same with ``mask_mode="layer"`` (one threshold per layer);
+- ``UMAP compiled`` (``--compile``): the default with ``fit(compile=True)``.
 
-    python examples/benchmark_speed.py            # ~3 minutes on 2 idle cores
-    python examples/benchmark_speed.py --quick    # ~1 minute
-    python examples/benchmark_speed.py --device cuda   # adds 32 px batch-128 and 224 px batch-64 rows
+For each model and input size the sides run interleaved (plain, UM, UMAP, plain, ...) so that
+drifts in machine load hit all of them alike; a ratio is the median over repeats of the
+library's per-step time over the plain one in the same repeat. The library's step time is its
+own epoch time (``history_[0]["time_s"]``) over the same batches, which excludes one-off set-up
+(estimating ξ, creating the mask scores) but includes everything done per step (flooding loss,
+statistics, the masks' thresholds).
 
-It also times the k-th-value selection behind a mask threshold, ``kthvalue`` against a sort,
-on the chosen device (the library sorts on CUDA, where ``kthvalue`` of one long row is slow).
-On CUDA the UMAP step is also timed with one sort per layer (the column "UMAP, per-layer
-sort"), the way the library selected thresholds before it batched them into one sort.
+    python examples/benchmark_speed.py                 # CPU rows: resnet18 64 px and 224 px
+    python examples/benchmark_speed.py --quick         # the 64 px row only, fewer repeats
+    python examples/benchmark_speed.py --device cuda   # adds ResNet-50 / ViT-S rows at batch 64-256
+
+It also times the k-th-value selection behind a mask threshold (``kthvalue`` against a sort)
+and checks the kept fraction of the training-time masks against the target.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import time
-from collections.abc import Iterator
-from unittest import mock
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
 
 from oodunleash import OODUnleash
-from oodunleash.masking import LayerMasks, _kth_smallest
+from oodunleash.masking import LayerMasks
+
+try:
+    from oodunleash._mask_ops import _kth_smallest
+except ImportError:  # releases before the masking module was split
+    from oodunleash.masking import _kth_smallest
+
+#: ``(OODUnleash keyword arguments, fit keyword arguments)`` of each measured side.
+SIDES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "UM": ({"method": "um"}, {}),
+    "UMAP default": ({"method": "umap"}, {}),
+    "UMAP layer": ({"method": "umap", "mask_mode": "layer"}, {}),
+}
+COMPILED_SIDE = ("UMAP compiled", ({"method": "umap"}, {"compile": True}))
+
+CPU_CONFIGS = [("resnet18", 64, 64), ("resnet18", 224, 16)]
+GPU_CONFIGS = [
+    ("resnet18", 224, 8),
+    ("resnet18", 32, 128),
+    ("resnet18", 224, 64),
+    ("resnet50", 224, 64),
+    ("resnet50", 224, 128),
+    ("vit_small_patch16_224", 224, 64),
+    ("vit_small_patch16_224", 224, 256),
+]
 
 
 def _sync(device: torch.device) -> None:
@@ -48,31 +74,26 @@ def plain_epoch(model, batches, lr=0.01):
         model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4
     )
     model.train()
+    device = batches[0][0].device
+    _sync(device)
     start = time.perf_counter()
     for x, y in batches:
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
-        loss.item()
+    _sync(device)
     return (time.perf_counter() - start) / len(batches)
 
 
-def library_epoch(model, batches, method):
+def library_epoch(model, batches, init_kwargs, fit_kwargs):
     # A copy: a UMAP fit leaves its mask attached to the model it wrapped.
-    unleashed = OODUnleash(copy.deepcopy(model), method=method)
-    unleashed.fit(batches, epochs=1, lr=0.01, loss_constraint=0.5, progress=False)
+    unleashed = OODUnleash(copy.deepcopy(model), **init_kwargs)
+    unleashed.fit(batches, epochs=1, loss_constraint=0.5, progress=False, **fit_kwargs)
     return unleashed.history_[0]["time_s"] / len(batches)
 
 
-@contextlib.contextmanager
-def per_layer_selection() -> Iterator[None]:
-    """Training-time thresholds selected layer by layer (on CUDA the library batches them)."""
-    with mock.patch.object(LayerMasks, "_can_batch", lambda self: False):
-        yield
-
-
-def measure(name, size, batch, steps, repeats, device="cpu"):
+def measure(name, size, batch, steps, repeats, sides, device="cpu"):
     kwargs = {"img_size": size} if "vit" in name else {}
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).to(device)
@@ -83,17 +104,13 @@ def measure(name, size, batch, steps, repeats, device="cpu"):
         )
         for _ in range(steps)
     ]
-    plain_epoch(model, batches[:1])  # warm-up: allocator, oneDNN primitives
-    sides = ["um", "umap"] + (["umap_per_layer"] if torch.device(device).type == "cuda" else [])
-    times = {side: [] for side in ["plain", *sides]}
+    plain_epoch(copy.deepcopy(model), batches[:1])  # warm-up: allocator, oneDNN primitives
+    times: dict[str, list[float]] = {side: [] for side in ["plain", *sides]}
     for _ in range(repeats):
         # Every side on a fresh copy of the same model, so none gains from warm buffers.
         times["plain"].append(plain_epoch(copy.deepcopy(model), batches))
-        times["um"].append(library_epoch(model, batches, "um"))
-        times["umap"].append(library_epoch(model, batches, "umap"))
-        if "umap_per_layer" in times:
-            with per_layer_selection():
-                times["umap_per_layer"].append(library_epoch(model, batches, "umap"))
+        for side, (init_kwargs, fit_kwargs) in sides.items():
+            times[side].append(library_epoch(model, batches, init_kwargs, fit_kwargs))
     # Ratios paired within a repeat cancel slow drifts in machine load; then the median.
     ratios = {
         side: statistics.median(s / p for s, p in zip(times[side], times["plain"], strict=True))
@@ -126,7 +143,7 @@ def selection_times(device: torch.device, repeats: int = 20) -> list[tuple[int, 
 
 def kept_fraction_drift(steps: int = 20) -> tuple[float, float]:
     """Largest deviation of the training-time kept fraction from the target over ``steps``
-    optimizer steps of UMAP-style score training on resnet18."""
+    optimizer steps of UMAP-style score training on resnet18 (layer-wise mode)."""
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10)
     masks = LayerMasks(model, keep_ratio=0.8).attach()
@@ -150,45 +167,47 @@ def kept_fraction_drift(steps: int = 20) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    parser.add_argument("--quick", action="store_true", help="64 px row only, fewer repeats")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--steps", type=int, help="batches per epoch (default 8; 30 on CUDA)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; 5 on CUDA)")
+    parser.add_argument("--size", type=int, help="only the rows at this input size (px)")
+    parser.add_argument("--compile", action="store_true", help="add a fit(compile=True) side")
+    parser.add_argument("--no-extras", action="store_true", help="skip the selection tables")
     args = parser.parse_args()
     device = torch.device(args.device)
-    steps, repeats = (2, 3) if args.quick else (6, 7)
-    if device.type == "cuda" and not args.quick:
-        # GPU steps are short: more of them, so the first step's one-off work (cuDNN's choice of
-        # algorithms, moving the threshold samples to the device) does not pass for per-step cost.
-        steps, repeats = 30, 5
-    configs = [
-        ("resnet18", 224, 8),
-        ("resnet18", 64, 32),
-        ("vit_tiny_patch16_224", 224, 8),
-        ("vit_tiny_patch16_224", 64, 32),
-    ]
-    if device.type == "cuda":
-        # Small images with a large batch, and a batch that keeps the GPU busy.
-        configs += [("resnet18", 32, 128), ("resnet18", 224, 64)]
+    # GPU steps are short: more of them, so the first step's one-off work (cuDNN's choice of
+    # algorithms, moving the threshold samples to the device) does not pass for per-step cost.
+    steps, repeats = (30, 5) if device.type == "cuda" else (8, 3)
+    steps, repeats = args.steps or steps, args.repeats or repeats
+    configs = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
+    if args.quick:
+        configs = configs[:1]
+    if args.size:
+        configs = [c for c in configs if c[1] == args.size]
+    sides = dict(SIDES)
+    if args.compile:
+        sides[COMPILED_SIDE[0]] = COMPILED_SIDE[1]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     print(
         f"steps per epoch {steps}, repeats {repeats} (interleaved); plain: median s/step; "
         "ratios: median over repeats of (library step / plain step) in the same repeat\n"
     )
-    per_layer_column = device.type == "cuda"
-    print(
-        "| model | px | batch | plain s/step | UM ratio | UMAP ratio | UMAP target |"
-        + (" UMAP, per-layer sort |" if per_layer_column else "")
-    )
-    print("|---|---|---|---|---|---|---|" + ("---|" if per_layer_column else ""))
+    print("| model | px | batch | plain s/step | " + " | ".join(sides) + " | UMAP target |")
+    print("|---|---|---|---|" + "---|" * len(sides) + "---|")
     for name, size, batch in configs:
-        med = measure(name, size, batch, steps, repeats, device)
-        target = 1.2 if size >= 224 else 1.5
+        # Fewer steps at 224 px on CPU, where one step takes seconds.
+        n_steps = max(2, steps // 2) if size >= 224 and device.type == "cpu" else steps
+        med = measure(name, size, batch, n_steps, repeats, sides, device)
+        target = 1.2 if size >= 224 or device.type == "cuda" else 1.5
+        ratios = " | ".join(f"{med[side]:.2f}" for side in sides)
         print(
-            f"| {name} | {size} | {batch} | {med['plain']:.4f} | {med['um']:.3f} "
-            f"| {med['umap']:.3f} | <= {target} |"
-            + (f" {med['umap_per_layer']:.3f} |" if per_layer_column else ""),
+            f"| {name} | {size} | {batch} | {med['plain']:.4f} | {ratios} | <= {target} |",
             flush=True,
         )
+    if args.no_extras:
+        return
     print("\n| values | kthvalue s | sort s | kthvalue / sort |")
     print("|---|---|---|---|")
     for n, select_s, sort_s in selection_times(device):
@@ -196,9 +215,9 @@ def main() -> None:
     n_steps = 10 if args.quick else 30
     drift, recomputed = kept_fraction_drift(n_steps)
     print(
-        f"\nUMAP training-time masks over {n_steps} steps at lr 0.1 (resnet18): largest "
-        f"|kept fraction - 0.8| over steps and layers {drift:.4f}; thresholds recomputed in "
-        f"{recomputed:.0%} of (step, layer) pairs"
+        f"\nUMAP layer-wise training-time masks over {n_steps} steps at lr 0.1 (resnet18): "
+        f"largest |kept fraction - 0.8| over steps and layers {drift:.4f}; thresholds "
+        f"recomputed in {recomputed:.0%} of (step, layer) pairs"
     )
 
 

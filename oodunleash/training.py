@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
@@ -22,10 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._divergence import DivergenceCheck, TrainingDivergedError
+from ._losses import (
+    LossConstraintTooHighError,
+    check_below_chance,
+    energy_oe_loss,
+    flooding_loss,
+    oe_loss,
+)
 from .batches import check_labels, check_logits, images_of, iter_batches
 from .distributed import (
     all_reduce_sum,
-    any_rank,
     check_distributed_sampler,
     check_same_on_all_ranks,
     is_distributed,
@@ -39,6 +44,7 @@ __all__ = [
     "TrainingDivergedError",
     "energy_oe_loss",
     "flooding_loss",
+    "norm_affine_parameters",
     "oe_loss",
     "train",
 ]
@@ -47,73 +53,35 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
 
 
-class TrainingDivergedError(FloatingPointError):
-    """The loss became NaN or infinite; the weights were restored to the last good epoch."""
+#: Normalisation layers whose affine parameters (scale and shift) ``train_norms`` trains.
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
 
 
-class LossConstraintTooHighError(ValueError):
-    """ξ is at or above ``ln(num_classes)``, the loss of a uniform guess. Raised before any
-    training step, so the model is unchanged; a sweep can catch it and go on."""
-
-
-def flooding_loss(ce: Tensor, level: float | None) -> Tensor:
-    """The flooding objective ``|ce − level| + level``.
-
-    Its gradient equals that of ``ce`` when ``ce > level`` and its negative below: descent
-    above the level, ascent below. ``level=None`` gives plain cross-entropy (the control).
+def norm_affine_parameters(module: nn.Module) -> tuple[list[nn.Parameter], int]:
+    """The trainable scale and shift parameters of ``module``'s normalisation layers, and how
+    many such parameters the caller froze (``requires_grad=False``): those stay frozen.
 
     Example:
-        >>> ce = torch.tensor(0.2, requires_grad=True)
-        >>> flooding_loss(ce, 0.5).backward()
-        >>> ce.grad
-        tensor(-1.)
+        >>> net = nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.BatchNorm1d(4))
+        >>> net[2].bias.requires_grad_(False)  # doctest: +ELLIPSIS
+        Parameter containing:...
+        >>> trainable, frozen = norm_affine_parameters(net)
+        >>> len(trainable), frozen
+        (3, 1)
     """
-    if level is None:
-        return ce
-    return (ce - level).abs() + level
-
-
-def oe_loss(outlier_logits: Tensor) -> Tensor:
-    """Outlier exposure (Hendrycks et al. 2019): cross-entropy from the softmax to the uniform
-    distribution, averaged over the outliers."""
-    return -(outlier_logits.log_softmax(dim=1).mean(dim=1)).mean()
-
-
-def energy_oe_loss(
-    id_logits: Tensor, outlier_logits: Tensor, m_in: float = -25.0, m_out: float = -7.0
-) -> Tensor:
-    """Energy-bounded learning (Liu et al. 2020): squared hinge pushing ID energy below
-    ``m_in`` and outlier energy above ``m_out`` (energy = −logsumexp of the logits)."""
-    energy_in = -torch.logsumexp(id_logits, dim=1)
-    energy_out = -torch.logsumexp(outlier_logits, dim=1)
-    return F.relu(energy_in - m_in).pow(2).mean() + F.relu(m_out - energy_out).pow(2).mean()
-
-
-def check_below_chance(loss_constraint: float | None, num_classes: int) -> None:
-    """ξ must lie below ``ln(num_classes)``, the cross-entropy of a uniform guess: flooding
-    around a higher level climbs *up* the loss and trains the model to be wrong. Above a
-    quarter of it a warning is given: on the benchmark, such levels (ξ = 0.49 and 0.70 with
-    6 classes) cost UM 13-18 points of ID accuracy."""
-    if loss_constraint is None:
-        return
-    chance = math.log(num_classes)
-    if 0.25 * chance < loss_constraint < chance and is_main_process():
-        warnings.warn(
-            f"The loss constraint ξ = {loss_constraint:.4g} is more than a quarter of the "
-            f"loss of a uniform guess (ln({num_classes}) = {chance:.4g}); flooding this high "
-            "usually costs ID accuracy. The default recipe (a multiple of the training loss) assumes a "
-            "model trained to a low training loss; pass a smaller loss_constraint or "
-            "constraint_factor if this one is not.",
-            stacklevel=3,
-        )
-    if loss_constraint >= math.log(num_classes):
-        raise LossConstraintTooHighError(
-            f"The loss constraint ξ = {loss_constraint:.4g} is not below ln({num_classes}) = "
-            f"{math.log(num_classes):.4g}, the loss of a uniform guess over {num_classes} "
-            "classes; flooding towards it would train the model to be wrong. Pass a smaller "
-            "loss_constraint, or lower constraint_factor (the default recipe sets ξ to a multiple "
-            "of the training loss, too high for a model that fits its data this poorly)."
-        )
+    params = [
+        p
+        for m in module.modules()
+        if isinstance(m, NORM_TYPES)
+        for p in m.parameters(recurse=False)
+    ]
+    trainable = [p for p in params if p.requires_grad]
+    return trainable, len(params) - len(trainable)
 
 
 @dataclass
@@ -123,6 +91,22 @@ class TrainConfig:
     ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or a callable taking the parameters;
     ``schedule`` is ``"cosine"`` (per step, to zero), ``"constant"`` or a callable
     ``(optimizer, total_steps) -> scheduler`` stepped once per batch.
+
+    ``train_norms``: :func:`train` also trains the scale and shift of ``module``'s
+    normalisation layers (:func:`norm_affine_parameters`; parameters with
+    ``requires_grad=False`` stay frozen), besides ``params``.
+
+    Speed: ``compile`` runs the forward pass through ``torch.compile`` (``True``, or a dict of
+    its keyword arguments such as ``{"mode": "max-autotune"}``); ``channels_last`` moves the
+    model and the 4-D image batches to that memory format; ``amp`` runs the forward pass in
+    float16 on CUDA and bfloat16 on CPU.
+
+    Divergence: the loss is not read on the host after every step (that would be a device
+    sync per step); every ``check_every`` steps and at the end of each epoch the losses of
+    the steps since the last check are inspected at once. A NaN or infinite loss, or a
+    check window in which *every* loss exceeds ``divergence_factor`` x max(first loss,
+    ln(classes)) (the loss of a uniform guess), raises :class:`TrainingDivergedError`, at most
+    ``check_every`` steps after it began. ``divergence_factor=None`` checks finiteness only.
 
     Example:
         >>> TrainConfig(epochs=1, outlier_loss="energy").outlier_weight  # Energy-OE default
@@ -147,10 +131,14 @@ class TrainConfig:
     amp: bool = False
     max_grad_norm: float | None = None
     freeze_norm_stats: bool = False
-    train_norms: bool = False  # UMAP: read by OODUnleash when it picks the trained parameters
+    train_norms: bool = False
     outlier_loss: Literal["oe", "energy"] | None = None
     outlier_weight: float | None = None
     energy_margins: tuple[float, float] = (-25.0, -7.0)
+    compile: bool | dict[str, Any] = False
+    channels_last: bool = False
+    check_every: int = 20
+    divergence_factor: float | None = 1e3
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -162,6 +150,20 @@ class TrainConfig:
         if self.outlier_loss is not None and self.outlier_weight is None:
             # The published defaults: 0.5 for OE, 0.1 for Energy-OE.
             self.outlier_weight = 0.5 if self.outlier_loss == "oe" else 0.1
+        if not isinstance(self.check_every, int) or self.check_every < 1:
+            raise ValueError(
+                f"check_every must be a positive integer (steps between divergence checks), "
+                f"got {self.check_every!r}."
+            )
+        if self.divergence_factor is not None and not self.divergence_factor > 1:
+            raise ValueError(
+                f"divergence_factor must be above 1 (or None), got {self.divergence_factor!r}."
+            )
+        if not isinstance(self.compile, bool | dict):
+            raise TypeError(
+                f"compile must be True/False or a dict of torch.compile keyword arguments, "
+                f"got {self.compile!r}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view (callables shown by name)."""
@@ -172,6 +174,7 @@ class TrainConfig:
         return out
 
 
+# --------------------------------------------------------------------------- set-up
 def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if callable(cfg.optimizer):
         return cfg.optimizer(params)
@@ -234,6 +237,198 @@ def _snapshot(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}
 
 
+def _steps_per_epoch(loader: Iterable, config: TrainConfig) -> int | None:
+    """``len(loader)`` (``None`` if it has none), checked against what the config needs."""
+    try:
+        steps = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        steps = None
+    if steps is None and not callable(config.schedule) and config.schedule != "constant":
+        raise TypeError(
+            "The cosine schedule needs len(loader); this loader has none. Pass "
+            "schedule='constant' or a scheduler factory."
+        )
+    if steps == 0:
+        raise ValueError("The data loader has no batches: is the dataset empty?")
+    return steps
+
+
+def _trained_module(module: nn.Module, steps: int | None, device: torch.device) -> nn.Module:
+    """``module`` itself, or wrapped in DistributedDataParallel under a process group."""
+    if not is_distributed():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Uneven shards would leave one rank waiting in a gradient all-reduce forever.
+    check_same_on_all_ranks(
+        -1 if steps is None else steps, "the number of batches per epoch", device
+    )
+    ids = [device] if device.type == "cuda" else None
+    # The wrapper broadcasts rank 0's parameters and buffers, so all ranks start equal.
+    # Gradients are averaged over ranks, so each rank's flooding term |CE_r - ξ| acts on
+    # its own per-rank batch (like BatchNorm statistics), not on the global batch.
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def _with_norm_parameters(
+    module: nn.Module, params: list[nn.Parameter], config: TrainConfig
+) -> list[nn.Parameter]:
+    """``params``, plus the normalisation layers' trainable scale and shift when
+    ``config.train_norms`` asks for them (each parameter once)."""
+    if not config.train_norms:
+        return params
+    seen = {id(p) for p in params}
+    return params + [p for p in norm_affine_parameters(module)[0] if id(p) not in seen]
+
+
+# --------------------------------------------------------------------------- the loop
+class _Step:
+    """One optimizer step on one batch; statistics stay on the device."""
+
+    def __init__(
+        self,
+        forward: Callable[[Tensor], Any],
+        params: list[nn.Parameter],
+        loss_constraint: float | None,
+        config: TrainConfig,
+        device: torch.device,
+        total_steps: int,
+        outliers: Iterator[Tensor] | None,
+    ) -> None:
+        self.forward = forward
+        self.params = params
+        self.loss_constraint = loss_constraint
+        self.config = config
+        self.device = device
+        self.outliers = outliers
+        self.optimizer = _make_optimizer(params, config)
+        self.scheduler = _make_scheduler(self.optimizer, config, total_steps)
+        self.use_amp = config.amp and device.type in ("cuda", "cpu")
+        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        fp16 = self.use_amp and self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        self.checked_range = False
+
+    def _inputs(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        # Labels are range-checked while still on the host, where the check costs no sync
+        # (labels already on the device are checked on the first step only).
+        self.host_labels = labels if labels.device.type == "cpu" else None
+        images = images.to(self.device, non_blocking=True)
+        if self.outliers is not None:
+            images = torch.cat([images, next(self.outliers).to(self.device, non_blocking=True)])
+        if self.config.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
+    def _loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        n_id = labels.shape[0]
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            logits = self.forward(images)
+        logits = check_logits(logits, images.shape[0]).float()
+        if self.host_labels is not None or not self.checked_range:
+            check_labels(labels if self.host_labels is None else self.host_labels, logits.shape[1])
+        if not self.checked_range:
+            check_below_chance(self.loss_constraint, logits.shape[1])
+            self.checked_range = True
+        id_logits = logits[:n_id]
+        ce = F.cross_entropy(id_logits, labels)
+        loss = flooding_loss(ce, self.loss_constraint)
+        out_term = torch.zeros((), device=self.device)
+        if self.outliers is not None:
+            if self.config.outlier_loss == "oe":
+                out_term = oe_loss(logits[n_id:])
+            else:
+                out_term = energy_oe_loss(id_logits, logits[n_id:], *self.config.energy_margins)
+            loss = loss + self.config.outlier_weight * out_term
+        return loss, ce, out_term, id_logits
+
+    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Train on one batch; return the loss, the step's statistics ``(loss, ce, correct,
+        below ξ, outlier loss)`` (sums over the batch, on the device) and the class count."""
+        images, labels = self._inputs(images, labels)
+        loss, ce, out_term, id_logits = self._loss(images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        n_id = labels.shape[0]
+        with torch.no_grad():
+            below = (
+                ce < self.loss_constraint
+                if self.loss_constraint is not None
+                else torch.zeros((), dtype=torch.bool, device=self.device)
+            )
+            stats = torch.stack(
+                [
+                    loss * n_id,
+                    ce * n_id,
+                    (id_logits.argmax(1) == labels).sum().float(),
+                    below.float(),
+                    out_term * n_id,
+                ]
+            )
+        return loss, stats, id_logits.shape[1]
+
+
+def _run_epoch(
+    step: _Step,
+    loader: Iterable,
+    epoch: int,
+    divergence: DivergenceCheck,
+    bar: tqdm,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns the epoch's record for the history."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    started = time.perf_counter()
+    # float64 sums; MPS has no float64.
+    dtype = torch.float32 if step.device.type == "mps" else torch.float64
+    sums = torch.zeros(5, dtype=dtype, device=step.device)  # loss, ce, correct, below, out
+    n = batches = 0
+    for images, labels in iter_batches(loader, None):
+        loss, stats, num_classes = step(images, labels)
+        sums += stats
+        n += labels.shape[0]
+        batches += 1
+        divergence.record(loss, num_classes)
+        bar.update()
+        if divergence.due:
+            last = divergence.check(epoch, batches)
+            if not bar.disable:
+                bar.set_postfix(loss=f"{last:.4f}")
+    divergence.check(epoch, batches)  # the end of an epoch is always checked
+    counts = torch.tensor([n, batches], dtype=dtype, device=step.device)
+    totals = all_reduce_sum(torch.cat([sums, counts])).cpu().tolist()
+    loss, ce, correct, below, out, n, batches = totals
+    record = {
+        "epoch": epoch + 1,
+        "loss": loss / n,
+        "ce": ce / n,
+        "accuracy": correct / n,
+        "frac_below_constraint": below / batches,
+        "lr": step.optimizer.param_groups[0]["lr"],
+        "time_s": time.perf_counter() - started,
+    }
+    if step.outliers is not None:
+        record["outlier_loss"] = out / n
+    return record
+
+
+def _forward(trained: nn.Module, config: TrainConfig) -> Callable[[Tensor], Any]:
+    """The module's forward pass, compiled if the config asks for it."""
+    if config.channels_last:
+        trained.to(memory_format=torch.channels_last)
+    if config.compile is False:
+        return trained
+    options = {} if config.compile is True else dict(config.compile)
+    return torch.compile(trained, **options)
+
+
 def train(
     module: nn.Module,
     params: list[nn.Parameter],
@@ -249,10 +444,10 @@ def train(
 ) -> list[dict[str, float]]:
     """Run the fine-tune of ``params`` (which belong to ``module``) and return the history.
 
-    ``module`` maps images to logits. On a NaN/inf loss the state of ``module`` is restored to
-    the end of the last complete epoch and :class:`TrainingDivergedError` is raised; on any other
-    exception (a ``KeyboardInterrupt`` included) the state is restored the same way and the
-    exception propagates.
+    ``module`` maps images to logits. When the loss diverges (see :class:`TrainConfig`) the
+    state of ``module`` is restored to the end of the last complete epoch and
+    :class:`TrainingDivergedError` is raised; on any other exception (a ``KeyboardInterrupt``
+    included) the state is restored the same way and the exception propagates.
 
     ``hook`` (see :class:`oodunleash.resume.EpochHook`): ``hook.start(optimizer, scheduler,
     scaler)`` returns the first epoch and the history so far (a resumed fit);
@@ -262,45 +457,23 @@ def train(
     if outlier_loader is not None and config.outlier_loss is None:
         # A copy: the caller's config stays as given.
         config = replace(config, outlier_loss="oe")
-    try:
-        steps_per_epoch = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        steps_per_epoch = None
-    if steps_per_epoch is None and not callable(config.schedule) and config.schedule != "constant":
-        raise TypeError(
-            "The cosine schedule needs len(loader); this loader has none. Pass "
-            "schedule='constant' or a scheduler factory."
-        )
-    if steps_per_epoch == 0:
-        raise ValueError("The data loader has no batches: is the dataset empty?")
-
-    trained = module
-    if is_distributed():
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Uneven shards would leave one rank waiting in a gradient all-reduce forever.
-        check_same_on_all_ranks(
-            -1 if steps_per_epoch is None else steps_per_epoch,
-            "the number of batches per epoch",
-            device,
-        )
-        ids = [device] if device.type == "cuda" else None
-        # The wrapper broadcasts rank 0's parameters and buffers, so all ranks start equal.
-        # Gradients are averaged over ranks, so each rank's flooding term |CE_r - ξ| acts on
-        # its own per-rank batch (like BatchNorm statistics), not on the global batch.
-        trained = DistributedDataParallel(module, device_ids=ids)
-
-    optimizer = _make_optimizer(params, config)
-    scheduler = _make_scheduler(optimizer, config, (steps_per_epoch or 1) * config.epochs)
-    use_amp = config.amp and device.type in ("cuda", "cpu")
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
-    outliers = _cycle(outlier_loader) if outlier_loader is not None else None
-
+    steps_per_epoch = _steps_per_epoch(loader, config)
+    params = _with_norm_parameters(module, params, config)
+    trained = _trained_module(module, steps_per_epoch, device)
+    step = _Step(
+        _forward(trained, config),
+        params,
+        loss_constraint,
+        config,
+        device,
+        (steps_per_epoch or 1) * config.epochs,
+        _cycle(outlier_loader) if outlier_loader is not None else None,
+    )
+    divergence = DivergenceCheck(config, device)
     history: list[dict[str, float]] = []
     first_epoch = 0
     if hook is not None:
-        first_epoch, history = hook.start(optimizer, scheduler, scaler)
+        first_epoch, history = hook.start(step.optimizer, step.scheduler, step.scaler)
     good_state = _snapshot(module)
     was_training = module.training
     show = progress and is_main_process()
@@ -308,95 +481,13 @@ def train(
         module.train()
         with _norm_stats_frozen(module, config.freeze_norm_stats):
             for epoch in range(first_epoch, config.epochs):
-                sampler = getattr(loader, "sampler", None)
-                if hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(epoch)
-                started = time.perf_counter()
-                sums = torch.zeros(6, dtype=torch.float64)  # loss, ce, correct, below, n, out
-                batches = 0
-                bar = tqdm(
-                    iter_batches(loader, device),
-                    total=steps_per_epoch,
-                    desc=f"{desc} {epoch + 1}/{config.epochs}",
-                    disable=not show,
-                    leave=False,
-                )
-                for step, (images, labels) in enumerate(bar):
-                    n_id = images.shape[0]
-                    if outliers is not None:
-                        images = torch.cat([images, next(outliers).to(device)])
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                        logits = trained(images)
-                    logits = check_logits(logits, images.shape[0]).float()
-                    check_labels(labels, logits.shape[1])
-                    if epoch == 0 and step == 0:
-                        check_below_chance(loss_constraint, logits.shape[1])
-                    id_logits = logits[:n_id]
-                    ce = F.cross_entropy(id_logits, labels)
-                    loss = flooding_loss(ce, loss_constraint)
-                    out_term = torch.zeros((), device=device)
-                    if outliers is not None:
-                        if config.outlier_loss == "oe":
-                            out_term = oe_loss(logits[n_id:])
-                        else:
-                            out_term = energy_oe_loss(
-                                id_logits, logits[n_id:], *config.energy_margins
-                            )
-                        loss = loss + config.outlier_weight * out_term
-                    # Decided jointly: a rank raising alone would leave the others hanging.
-                    # The handler below restores the last good state before this propagates.
-                    if any_rank(not bool(torch.isfinite(loss)), device):
-                        raise TrainingDivergedError(
-                            f"The loss became {float(loss.detach())} at epoch {epoch + 1}, batch {step + 1}"
-                            f"{' (on at least one rank)' if is_distributed() else ''}. "
-                            f"The weights were restored to the end of epoch {epoch} "
-                            f"({'the start of fitting' if epoch == 0 else 'the last good one'}). "
-                            "Lower the learning rate, enable max_grad_norm, or check the inputs "
-                            "for NaN."
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if config.max_grad_norm is not None:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
-                    with torch.no_grad():
-                        sums += torch.tensor(
-                            [
-                                float(loss) * n_id,
-                                float(ce) * n_id,
-                                float((id_logits.argmax(1) == labels).sum()),
-                                float(loss_constraint is not None and float(ce) < loss_constraint),
-                                n_id,
-                                float(out_term) * n_id,
-                            ],
-                            dtype=torch.float64,
-                        )
-                    batches += 1
-                    if show and step % 10 == 0:
-                        bar.set_postfix(loss=f"{loss.item():.4f}", ce=f"{ce.item():.4f}")
-                bar.close()
-                totals = all_reduce_sum(sums.to(device)).cpu()
-                n_batches = all_reduce_sum(torch.tensor(float(batches), device=device)).item()
-                n = totals[4].item()
-                record = {
-                    "epoch": epoch + 1,
-                    "loss": totals[0].item() / n,
-                    "ce": totals[1].item() / n,
-                    "accuracy": totals[2].item() / n,
-                    "frac_below_constraint": totals[3].item() / n_batches,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "time_s": time.perf_counter() - started,
-                }
-                if outliers is not None:
-                    record["outlier_loss"] = totals[5].item() / n
-                history.append(record)
+                label = f"{desc} {epoch + 1}/{config.epochs}"
+                with tqdm(total=steps_per_epoch, desc=label, disable=not show, leave=False) as bar:
+                    history.append(_run_epoch(step, loader, epoch, divergence, bar))
                 # Each rank's last forward moved its BatchNorm statistics on its own batch.
                 sync_buffers(module)
                 if hook is not None:
-                    hook.epoch_end(history, optimizer, scheduler, scaler)
+                    hook.epoch_end(history, step.optimizer, step.scheduler, step.scaler)
                 good_state = _snapshot(module)
     except BaseException:
         # Never leave the model half-trained after an error or a Ctrl-C.
@@ -405,5 +496,5 @@ def train(
     finally:
         module.train(was_training)
         # The last step's gradients would hold a model-sized block of memory for nothing.
-        optimizer.zero_grad(set_to_none=True)
+        step.optimizer.zero_grad(set_to_none=True)
     return history
