@@ -62,8 +62,8 @@ def energy_oe_loss(
 def check_below_chance(loss_constraint: float | None, num_classes: int) -> None:
     """ξ must lie below ``ln(num_classes)``, the cross-entropy of a uniform guess: flooding
     around a higher level climbs *up* the loss and trains the model to be wrong. Above a
-    quarter of it a warning is given: on the benchmark, such levels (ξ = 0.49 and 0.70 with
-    6 classes) cost UM 13-18 points of ID accuracy."""
+    quarter of it a warning is given: such levels cost UM much of its ID accuracy on the
+    demo's drafts (docs/benchmarks/demo.md)."""
     if loss_constraint is None:
         return
     chance = math.log(num_classes)
@@ -72,8 +72,8 @@ def check_below_chance(loss_constraint: float | None, num_classes: int) -> None:
             f"The loss constraint ξ = {loss_constraint:.4g} is more than a quarter of the "
             f"loss of a uniform guess (ln({num_classes}) = {chance:.4g}); flooding this high "
             "usually costs ID accuracy. The default recipe (a multiple of the training loss) assumes a "
-            "model trained to a low training loss; pass a smaller loss_constraint or "
-            "constraint_factor if this one is not.",
+            "model trained to a low training loss; pass a smaller ξ "
+            "(OODUnleash(model, constraint=ξ) or constraint=Relative(factor)) if this one is not.",
             stacklevel=6,  # the caller of train(), past the step and the epoch loop
         )
     if loss_constraint >= math.log(num_classes):
@@ -81,6 +81,7 @@ def check_below_chance(loss_constraint: float | None, num_classes: int) -> None:
             f"The loss constraint ξ = {loss_constraint:.4g} is not below ln({num_classes}) = "
             f"{math.log(num_classes):.4g}, the loss of a uniform guess over {num_classes} "
             "classes; flooding towards it would train the model to be wrong. Pass a smaller "
-            "loss_constraint, or lower constraint_factor (the default recipe sets ξ to a multiple "
-            "of the training loss, too high for a model that fits its data this poorly)."
+            "ξ (OODUnleash(model, constraint=ξ)), or a lower factor (constraint=Relative(2.0); "
+            "the default recipe sets ξ to a multiple of the training loss, too high for a model "
+            "that fits its data this poorly)."
         )

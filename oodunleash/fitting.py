@@ -31,7 +31,7 @@ from .constraint import relative_loss_constraint
 from .distributed import init_distributed, rank, shard_loader, sync_module
 from .masking import LayerMasks
 from .resume import EpochHook, FitStateError, read_fit_state
-from .training import TrainConfig, TrainingDivergedError, train
+from .training import TrainConfig, TrainingDivergedError, norm_affine_parameters, train
 
 __all__ = [
     "check_epoch",
@@ -65,29 +65,6 @@ class _MaskedNetwork(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
-
-
-#: Normalisation layers whose affine parameters ``fit(train_norms=True)`` trains.
-_NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
-    nn.LayerNorm,
-    nn.GroupNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
-
-
-def _norm_affine_parameters(model: nn.Module) -> tuple[list[nn.Parameter], int]:
-    """The trainable scale and shift parameters of ``model``'s normalisation layers, and how
-    many such parameters the caller froze (``requires_grad=False``): those stay frozen, as
-    UM leaves them."""
-    params = [
-        p
-        for m in model.modules()
-        if isinstance(m, _NORM_TYPES)
-        for p in m.parameters(recurse=False)
-    ]
-    trainable = [p for p in params if p.requires_grad]
-    return trainable, len(params) - len(trainable)
 
 
 def check_model(model: Any) -> None:
@@ -192,7 +169,7 @@ def trained_norm_parameters(
                 "over frozen weights."
             )
         return []
-    norm_params, frozen_norms = _norm_affine_parameters(model)
+    norm_params, frozen_norms = norm_affine_parameters(model)
     if train_norms and not norm_params:
         if frozen_norms:
             raise ValueError(

@@ -28,7 +28,7 @@ from ._losses import (
     flooding_loss,
     oe_loss,
 )
-from .batches import check_labels, check_logits, images_of, iter_batches
+from .batches import cast_images, check_labels, check_logits, images_of, iter_batches, model_dtype
 from .distributed import (
     all_reduce_sum,
     check_distributed_sampler,
@@ -308,12 +308,13 @@ class _Step:
         fp16 = self.use_amp and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         self.checked_range = False
+        self.input_dtype: torch.dtype | None = None
 
     def _inputs(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         # Labels are range-checked while still on the host, where the check costs no sync
         # (labels already on the device are checked on the first step only).
         self.host_labels = labels if labels.device.type == "cpu" else None
-        images = images.to(self.device, non_blocking=True)
+        images = cast_images(images.to(self.device, non_blocking=True), self.input_dtype)
         if self.outliers is not None:
             images = torch.cat([images, next(self.outliers).to(self.device, non_blocking=True)])
         if self.config.channels_last and images.dim() == 4:
@@ -323,7 +324,17 @@ class _Step:
     def _loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n_id = labels.shape[0]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            logits = self.forward(images)
+            try:
+                logits = self.forward(images)
+            except ValueError as exc:
+                if "Expected more than 1 value per channel" not in str(exc):
+                    raise
+                raise ValueError(
+                    f"A training batch of {images.shape[0]} sample(s) reached a BatchNorm layer, "
+                    "which cannot normalise one value per channel in train mode. Drop the "
+                    "short last batch (DataLoader(..., drop_last=True)) or use a batch size "
+                    "that divides the data set."
+                ) from exc
         logits = check_logits(logits, images.shape[0]).float()
         if self.host_labels is not None or not self.checked_range:
             check_labels(labels if self.host_labels is None else self.host_labels, logits.shape[1])
@@ -469,6 +480,7 @@ def train(
         (steps_per_epoch or 1) * config.epochs,
         _cycle(outlier_loader) if outlier_loader is not None else None,
     )
+    step.input_dtype = model_dtype(module)  # a bfloat16 model takes float32 batches too
     divergence = DivergenceCheck(config, device)
     history: list[dict[str, float]] = []
     first_epoch = 0

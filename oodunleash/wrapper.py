@@ -41,7 +41,7 @@ from .fitting import (
     train_config,
     trained_norm_parameters,
 )
-from .masking import LayerMasks, LayerSelector, select_layers
+from .masking import LayerMasks, LayerSelector, masked_parameters, select_layers
 from .metrics import Positive
 from .results import EvaluationResults
 from .rollback import RollbackCopy
@@ -294,6 +294,8 @@ class OODUnleash:
         weight_decay: float | None = None,
         schedule: Any = "cosine",
         amp: bool = False,
+        compile: bool | dict[str, Any] = False,
+        channels_last: bool = False,
         max_grad_norm: float | None = None,
         freeze_norm_stats: bool = False,
         train_norms: bool | None = None,
@@ -328,6 +330,10 @@ class OODUnleash:
             schedule: ``"cosine"`` (per step, to zero), ``"constant"`` or a callable
                 ``(optimizer, total_steps) -> scheduler``.
             amp: Mixed precision (float16 on CUDA, bfloat16 on CPU).
+            compile: ``torch.compile`` the training step (``True``, or a dict of
+                ``torch.compile`` arguments); the result matches eager within float tolerance.
+            channels_last: Train with channels-last memory format (faster convolutions on
+                recent GPUs and CPUs).
             max_grad_norm: Clip gradients to this norm (a positive number).
             freeze_norm_stats: Keep BatchNorm running statistics fixed during the fine-tune
                 (UMAP otherwise moves them although the weights are frozen).
@@ -380,7 +386,8 @@ class OODUnleash:
         norm_params = trained_norm_parameters(self.model, self.method, train_norms)
         config = train_config(
             self.method, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
-            weight_decay=weight_decay, schedule=schedule, amp=amp, max_grad_norm=max_grad_norm,
+            weight_decay=weight_decay, schedule=schedule, amp=amp, compile=compile,
+            channels_last=channels_last, max_grad_norm=max_grad_norm,
             freeze_norm_stats=freeze_norm_stats, train_norms=bool(norm_params),
             outlier_loss=outlier_loss or ("oe" if outlier_loader is not None else None),
             outlier_weight=outlier_weight,
@@ -443,9 +450,11 @@ class OODUnleash:
     def sparsity(self) -> float:
         """Fraction of zero weights over the chosen layers of the (exported) model."""
         plain = self.export() if self.masks_ is not None else unwrap_compiled(self.model)
+        weights = masked_parameters(plain)  # layer name -> (module, parameter name)
         zeros = total = 0
         for name in self.layer_names:
-            w = plain.get_submodule(name).weight
+            module, param = weights[name]
+            w = getattr(module, param)
             zeros += int((w == 0).sum())
             total += w.numel()
         return zeros / max(total, 1)

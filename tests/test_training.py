@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodunleash import training
+from oodunleash import OODUnleash, training
 from oodunleash.training import TrainConfig, TrainingDivergedError, train
 
 CPU = torch.device("cpu")
@@ -209,3 +209,41 @@ def test_channels_last_matches_the_default_layout():
 
 def test_bfloat16_autocast_on_cpu_trains_close_to_float32():
     _same_run({}, {"amp": True, "channels_last": True}, atol=0.05)
+
+
+def test_a_bfloat16_model_fits_on_float32_batches():
+    """Batches are cast to the model's dtype: a bfloat16 model trains on float32 images."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    net = net.to(torch.bfloat16)
+    data = [(torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))) for _ in range(3)]
+    before = net[1].weight.detach().clone()
+    OODUnleash(net, constraint=0.3).fit(data, epochs=1, progress=False)
+    assert net[1].weight.dtype == torch.bfloat16
+    assert not torch.equal(net[1].weight, before)
+
+
+def test_batchnorm_with_a_last_batch_of_one_is_named_and_rolled_back():
+    """BatchNorm1d cannot train on one sample: the error says so and names the fix
+    (drop_last=True), and the fit leaves the model as it was."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    data = [
+        (torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))),
+        (torch.randn(1, 1, 4, 4), torch.tensor([1])),
+    ]
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="drop_last=True"):
+        OODUnleash(net, constraint=0.3).fit(data, epochs=1, progress=False)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+def test_fit_passes_compile_and_channels_last_to_the_training_config():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+    data = [(torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
+    unleashed = OODUnleash(net, constraint=0.3).fit(
+        data, epochs=1, compile={"backend": "eager"}, channels_last=True, progress=False
+    )
+    assert unleashed.train_config_.compile == {"backend": "eager"}
+    assert unleashed.train_config_.channels_last is True

@@ -24,9 +24,10 @@ def plain_layer_name(name: str) -> str:
     return name[len(_COMPILED) :] if name.startswith(_COMPILED) else name
 
 
-def _weight_key(name: str) -> str:
-    name = plain_layer_name(name)
-    return f"{name}.weight" if name else "weight"
+def _weight_key(masks: LayerMasks, name: str) -> str:
+    """The plain model's ``state_dict`` key of layer ``name``'s masked weight (``weight``, or
+    e.g. ``in_proj_weight`` of an attention layer)."""
+    return plain_layer_name(masks.parameter_name(name))
 
 
 def baked_state_dict(model: nn.Module, masks: LayerMasks | None) -> dict[str, Tensor]:
@@ -35,7 +36,7 @@ def baked_state_dict(model: nn.Module, masks: LayerMasks | None) -> dict[str, Te
     state = model.state_dict()
     if masks is not None:
         for name in masks.layer_names:
-            key = _weight_key(name)
+            key = _weight_key(masks, name)
             weight = state[key]
             state[key] = weight * masks.mask(name, exact=True).to(weight.device, weight.dtype)
     return tensors_for_saving(state, "The model's state_dict")
@@ -50,7 +51,7 @@ def masks_for_saving(
         return None, {}
     zeros = total = 0
     for name in masks.layer_names:
-        weight = baked[_weight_key(name)]
+        weight = baked[_weight_key(masks, name)]
         zeros += int((weight == 0).sum())
         total += weight.numel()
     info: dict[str, Any] = {
@@ -66,7 +67,7 @@ def masks_for_saving(
         state = model.state_dict()
         for name in masks.layer_names:
             keep = masks.mask(name, exact=True).detach().cpu().bool()
-            dense = state[_weight_key(name)].detach().cpu()
+            dense = state[_weight_key(masks, name)].detach().cpu()
             plain = plain_layer_name(name)
             tensors[f"{plain}/scores"] = masks.layer_scores(name).detach().cpu().contiguous()
             tensors[f"{plain}/mask"] = pack_bits(keep)
@@ -112,7 +113,7 @@ def restore_masks(
                     f"{MASKS_NAME} in {where}: layer {name!r} stores {pruned.numel()} pruned "
                     f"values for {int((~keep).sum())} pruned weights."
                 )
-            weight = model.get_submodule(name).weight  # the raw parameter: masks are detached
+            weight = masks.raw_weight(name)  # the parameter itself, also while masked
             weight[~keep.to(weight.device)] = pruned.to(weight.device, weight.dtype)
             scores.copy_(parts["scores"].to(scores.device, scores.dtype))
             stored[name] = keep
