@@ -12,7 +12,7 @@ __all__ = ["cmd_benchmark", "cmd_demo"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train a small CNN, run UM and UMAP, print a before/after table."""
+    """Train a small CNN, tune it on validation data, compare tune's choice on test."""
     from ..bench.demo import run_demo
 
     run_demo(
