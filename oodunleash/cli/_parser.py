@@ -196,7 +196,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(handler=_bench.cmd_demo)
+    _add_benchmark(sub)
 
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "benchmark",
         help="Fashion-MNIST benchmark: per-epoch OOD curves, ξ recipes, final vs control vs "
@@ -244,7 +247,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--scores",
         nargs="+",
         default=None,
-        help="OOD scores to report (default: oodunleash.benchmark.ALL_SCORES); any registered "
+        help="OOD scores to report (default: oodunleash.bench.protocol.ALL_SCORES); any registered "
         "name, e.g. vim gradnorm. A resumed run keeps the scores it started with",
     )
     bench.add_argument("--no-curve", action="store_true", help="skip the per-epoch OOD evaluation")
