@@ -65,6 +65,7 @@ class Step:
         device: torch.device,
         total_steps: int,
         outliers: Iterator[Tensor] | None,
+        input_dtype: torch.dtype | None = None,
     ) -> None:
         self.forward = forward
         self.params = params
@@ -79,7 +80,7 @@ class Step:
         fp16 = self.use_amp and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         self.checked_range = False
-        self.input_dtype: torch.dtype | None = None
+        self.input_dtype = input_dtype  # a bfloat16 model takes float32 batches too
 
     def _inputs(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         # Labels are range-checked while still on the host, where the check costs no sync

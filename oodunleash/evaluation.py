@@ -90,11 +90,6 @@ class Evaluator:
         self.last_results: EvaluationResults | None = None
         self._extractor: FeatureExtractor | None = None
 
-    def set_default_score(self, score: ScoreSpec) -> None:
-        """Use ``score`` when none is named (checked now: an unknown name fails here)."""
-        resolve_score(score)
-        self.default_score = score
-
     def reset(self) -> None:
         """Forget fitted detectors and the feature extractor: they describe a model whose
         weights have since changed."""

@@ -298,8 +298,8 @@ def train(
         device,
         (steps_per_epoch or 1) * config.epochs,
         _cycle(outlier_loader) if outlier_loader is not None else None,
+        model_dtype(module),
     )
-    step.input_dtype = model_dtype(module)  # a bfloat16 model takes float32 batches too
     divergence = DivergenceCheck(config, device)
     history: list[dict[str, float]] = []
     first_epoch = 0

@@ -45,7 +45,7 @@ from .masking import LayerMasks, LayerSelector, masked_parameters, select_layers
 from .metrics import Positive
 from .results import EvaluationResults
 from .rollback import RollbackCopy
-from .scores import OODScore
+from .scores import resolve_score
 from .training import TrainingDivergedError
 
 __all__ = ["METHOD_DEFAULTS", "NotFittedError", "OODUnleash"]
@@ -57,6 +57,27 @@ _ATTRIBUTE = {"score": "default_score"}
 
 class NotFittedError(ValueError, AttributeError):
     """Raised when a fitted attribute or method is used before :meth:`OODUnleash.fit`."""
+
+
+def _on_evaluator(
+    name: str,
+    doc: str,
+    *,
+    convert: Callable[[Any], Any] | None = None,
+    check: Callable[[Any], Any] | None = None,
+) -> property:
+    """A wrapper attribute that reads and writes the evaluator's own ``name``: the value set is
+    ``check``ed, then stored as ``convert(value)``."""
+
+    def get(self: OODUnleash) -> Any:
+        return getattr(self._evaluator, name)
+
+    def set_(self: OODUnleash, value: Any) -> None:
+        if check is not None:
+            check(value)
+        setattr(self._evaluator, name, value if convert is None else convert(value))
+
+    return property(get, set_, doc=doc)
 
 
 class OODUnleash:
@@ -153,21 +174,24 @@ class OODUnleash:
         self.layer_names: list[str] = list(select_layers(plain, layers, exclude))
         self.masks_: LayerMasks | None = None
 
-    # The options scoring reads live on the evaluator; these keep them one value, settable.
-    default_score = property(
-        lambda self: self._evaluator.default_score,
-        lambda self, value: self._evaluator.set_default_score(value),
-        doc="The score :meth:`score` and :meth:`evaluate` use when none is named.",
+    # What scoring reads lives on the evaluator; the wrapper's names are views of it, settable.
+    default_score = _on_evaluator(
+        "default_score",
+        "The score :meth:`score` and :meth:`evaluate` use when none is named.",
+        check=resolve_score,  # an unknown name fails when set, not when first scored
     )
-    head = property(
-        lambda self: self._evaluator.head,
-        lambda self, value: setattr(self._evaluator, "head", value),
-        doc="Name of the classifier head submodule, or ``None`` to find it.",
+    head = _on_evaluator("head", "Name of the classifier head submodule, or ``None`` to find it.")
+    feature_layer = _on_evaluator(
+        "feature_layer",
+        "Name of the submodule giving the pre-pool feature map, or ``None`` to find it.",
     )
-    feature_layer = property(
-        lambda self: self._evaluator.feature_layer,
-        lambda self, value: setattr(self._evaluator, "feature_layer", value),
-        doc="Name of the submodule giving the pre-pool feature map, or ``None`` to find it.",
+    fitted_scores_ = _on_evaluator(
+        "fitted_scores",
+        "``{name: OODScore}`` filled by :meth:`fit_scores` (reset by :meth:`fit`).",
+        convert=dict,
+    )
+    last_results_ = _on_evaluator(
+        "last_results", "The results of the last :meth:`evaluate` call, or ``None``."
     )
 
     @property
@@ -458,24 +482,6 @@ class OODUnleash:
             zeros += int((w == 0).sum())
             total += w.numel()
         return zeros / max(total, 1)
-
-    @property
-    def fitted_scores_(self) -> dict[str, OODScore]:
-        """``{name: OODScore}`` filled by :meth:`fit_scores` (reset by :meth:`fit`)."""
-        return self._evaluator.fitted_scores
-
-    @fitted_scores_.setter
-    def fitted_scores_(self, value: dict[str, OODScore]) -> None:
-        self._evaluator.fitted_scores = dict(value)
-
-    @property
-    def last_results_(self) -> EvaluationResults | None:
-        """The results of the last :meth:`evaluate` call, or ``None``."""
-        return self._evaluator.last_results
-
-    @last_results_.setter
-    def last_results_(self, value: EvaluationResults | None) -> None:
-        self._evaluator.last_results = value
 
     @property
     def feature_extractor(self) -> FeatureExtractor:
