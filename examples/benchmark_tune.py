@@ -84,7 +84,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     letters = GlyphsOOD(args.eval_cap or 2000, seed=0)  # a family absent from tuning
     test_ood["letters"] = letters.tensors()[0]
     torch.manual_seed(seed)
-    model = create_model("small_cnn", data["num_classes"])
+    model = create_model(args.model, data["num_classes"])
     train = TensorLoader(*data["train"], batch_size=128, seed=seed)
     train_classifier(model, train, epochs=args.epochs, progress=False)
     trained_s = time.perf_counter() - started
@@ -204,6 +204,7 @@ def summarize(runs: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--model", choices=["small_cnn", "resnet18"], default="small_cnn")
     parser.add_argument("--out", default="runs/tune")
     parser.add_argument("--train-size", type=int, default=12000)
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of the model")
