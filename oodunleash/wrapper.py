@@ -412,16 +412,12 @@ class OODUnleash:
         return self._evaluator.feature_extractor
 
     def fit_scores(
-        self,
-        loader: Iterable,
-        scores: ScoreSpecs | None = None,
-        *,
-        max_batches: int | None = None,
-        progress: bool = True,
+        self, loader: Iterable, scores: ScoreSpecs | None = None, **options: Any
     ) -> OODUnleash:
         """Fit detectors on ID training data in one pass of the model; store them in
-        ``fitted_scores_``. See :meth:`oodunleash.evaluation.Evaluator.fit_scores`."""
-        self._evaluator.fit_scores(loader, scores, max_batches=max_batches, progress=progress)
+        ``fitted_scores_``; return ``self``. ``options`` (``max_batches``, ``progress``): see
+        :meth:`oodunleash.evaluation.Evaluator.fit_scores`."""
+        self._evaluator.fit_scores(loader, scores, **options)
         return self
 
     def score(self, x: Tensor, score: ScoreSpec | None = None) -> Tensor:
