@@ -1,4 +1,4 @@
-"""Cost of the library's training steps relative to a plain PyTorch step (CPU or GPU).
+"""Cost of the library's training steps and evaluation against plain PyTorch (CPU or GPU).
 
 Measured sides, each a ratio to a plain PyTorch step (SGD, cross-entropy) on the same batches:
 
@@ -199,6 +199,26 @@ def kept_fraction_drift(steps: int = 20) -> tuple[float, float]:
     return worst, recomputed
 
 
+def train_table(configs, sides, device, steps, repeats) -> None:
+    """Print the training-step table: each side's step time over a plain step's."""
+    print(
+        f"steps per epoch {steps}, repeats {repeats} (interleaved); plain: median s/step; "
+        "ratios: median over repeats of (library step / plain step) in the same repeat\n"
+    )
+    print("| model | px | batch | plain s/step | " + " | ".join(sides) + " | UMAP target |")
+    print("|---|---|---|---|" + "---|" * len(sides) + "---|")
+    for name, size, batch in configs:
+        # Fewer steps at 224 px on CPU, where one step takes seconds.
+        n_steps = max(2, steps // 2) if size >= 224 and device.type == "cpu" else steps
+        med = measure(name, size, batch, n_steps, repeats, sides, device)
+        target = 1.2 if size >= 224 or device.type == "cuda" else 1.5
+        ratios = " | ".join(f"{med[side]:.2f}" for side in sides)
+        print(
+            f"| {name} | {size} | {batch} | {med['plain']:.4f} | {ratios} | <= {target} |",
+            flush=True,
+        )
+
+
 # --------------------------------------------------------------------------- evaluation
 def _eval_model(name: str, size: int, device: torch.device) -> tuple[torch.nn.Module, int]:
     """The model of an ``--eval`` row, in eval mode, and its input channels."""
@@ -276,12 +296,9 @@ def measure_eval(name, size, batch, steps, repeats, device, amp=False, clock=tim
     return {"plain": images / statistics.median(times["plain"]), **ratios}
 
 
-def eval_table(device, steps, repeats, amp=False, quick=False, cpu_time=False) -> None:
-    """Print the ``--eval`` table; ``cpu_time`` times by this process's CPU time (a machine
-    shared with other jobs) instead of the wall clock."""
-    configs = EVAL_GPU_CONFIGS if device.type == "cuda" else EVAL_CPU_CONFIGS
-    if quick:
-        configs = configs[:1]
+def eval_table(configs, device, steps, repeats, amp=False, cpu_time=False) -> None:
+    """Print the ``--eval`` table of ``configs`` (``(model, px, batch)`` rows); ``cpu_time``
+    times by this process's CPU time (a machine shared with other jobs), not the wall clock."""
     clock = time.process_time if cpu_time else time.perf_counter
     print(
         f"evaluation: {steps} batches per data set, ID + OOD, repeats {repeats} (interleaved), "
@@ -307,8 +324,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 px row only, fewer repeats")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--steps", type=int, help="batches per epoch (default 8; 30 on CUDA)")
-    parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; 5 on CUDA)")
+    parser.add_argument(
+        "--steps", type=int, help="batches per epoch, or per data set with --eval (8/6; 30 CUDA)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="interleaved repeats (3; 5 with --eval or on CUDA)"
+    )
     parser.add_argument("--size", type=int, help="only the rows at this input size (px)")
     parser.add_argument("--compile", action="store_true", help="add a fit(compile=True) side")
     parser.add_argument("--no-extras", action="store_true", help="skip the selection tables")
@@ -320,43 +341,32 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.cpu_time and device.type != "cpu":
+        parser.error("--cpu-time counts CPU time: it measures nothing of a GPU's work.")
     if args.threads:
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
-    if args.eval:
-        steps, repeats = (30, 5) if device.type == "cuda" else (6, 5)
-        steps, repeats = args.steps or steps, args.repeats or repeats
-        eval_table(device, steps, repeats, args.amp, args.quick, args.cpu_time)
-        return
     # GPU steps are short: more of them, so the first step's one-off work (cuDNN's choice of
     # algorithms, moving the threshold samples to the device) does not pass for per-step cost.
-    steps, repeats = (30, 5) if device.type == "cuda" else (8, 3)
+    cuda = device.type == "cuda"
+    steps, repeats = (30, 5) if cuda else ((6, 5) if args.eval else (8, 3))
     steps, repeats = args.steps or steps, args.repeats or repeats
-    configs = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
+    if args.eval:
+        configs = EVAL_GPU_CONFIGS if cuda else EVAL_CPU_CONFIGS
+    else:
+        configs = GPU_CONFIGS if cuda else CPU_CONFIGS
     if args.quick:
         configs = configs[:1]
     if args.size:
         configs = [c for c in configs if c[1] == args.size]
+    if args.eval:
+        eval_table(configs, device, steps, repeats, args.amp, args.cpu_time)
+        return
     sides = dict(SIDES)
     if args.compile:
         sides[COMPILED_SIDE[0]] = COMPILED_SIDE[1]
-    print(
-        f"steps per epoch {steps}, repeats {repeats} (interleaved); plain: median s/step; "
-        "ratios: median over repeats of (library step / plain step) in the same repeat\n"
-    )
-    print("| model | px | batch | plain s/step | " + " | ".join(sides) + " | UMAP target |")
-    print("|---|---|---|---|" + "---|" * len(sides) + "---|")
-    for name, size, batch in configs:
-        # Fewer steps at 224 px on CPU, where one step takes seconds.
-        n_steps = max(2, steps // 2) if size >= 224 and device.type == "cpu" else steps
-        med = measure(name, size, batch, n_steps, repeats, sides, device)
-        target = 1.2 if size >= 224 or device.type == "cuda" else 1.5
-        ratios = " | ".join(f"{med[side]:.2f}" for side in sides)
-        print(
-            f"| {name} | {size} | {batch} | {med['plain']:.4f} | {ratios} | <= {target} |",
-            flush=True,
-        )
+    train_table(configs, sides, device, steps, repeats)
     if args.no_extras:
         return
     print("\n| values | kthvalue s | sort s | kthvalue / sort |")

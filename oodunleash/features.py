@@ -190,7 +190,7 @@ class _Store:
 
     def result(self) -> dict[str, Tensor]:
         self._move()
-        return {name: torch.cat(parts) for name, parts in self.moved.items()}
+        return {n: p[0] if len(p) == 1 else torch.cat(p) for n, p in self.moved.items()}
 
 
 class _Collector:

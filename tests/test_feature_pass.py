@@ -1,8 +1,12 @@
 """The pass over a data set reads nothing back to the host per batch: its checks (NaN/inf
 images, logits and features; labels outside the classes) run on the device and are read once,
-and still name the first failing batch, as when every batch was read back on its own."""
+and still name the first failing batch, as when every batch was read back on its own. Plus a
+run of the speed benchmark's evaluation table on one tiny row."""
 
 from __future__ import annotations
+
+import importlib.util
+import pathlib
 
 import pytest
 import torch
@@ -135,3 +139,18 @@ def test_kept_tensors_move_to_the_store_in_chunks(monkeypatch):
         moved = collect_features(ex, batches(5), keep={"logits", "labels"}, store_device="meta")
     assert reads.calls.count("to") == 2 * 5
     assert moved.logits.shape == whole.logits.shape and moved.labels.shape == (40,)
+
+
+def test_speed_benchmark_eval_table_times_every_side(capsys):
+    """``examples/benchmark_speed.py --eval`` on one tiny row: a plain rate and one ratio per
+    library side, each positive."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "benchmark_speed.py"
+    spec = importlib.util.spec_from_file_location("benchmark_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.eval_table([("small_cnn", 28, 8)], torch.device("cpu"), steps=2, repeats=1)
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["small_cnn", "28", "8"] and cells[-1] == ">= 0.95"
+    rates = [float(c.split()[0]) for c in cells[3:-1]]
+    assert len(rates) == 1 + len(bench.EVAL_SIDES) and min(rates) > 0
