@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from oodunleash import OODUnleash
 from oodunleash import features as features_module
+from oodunleash.bench.models import SmallCNN
 from oodunleash.features import FeatureExtractor, collect_features
 from oodunleash.scores import KNN
 
@@ -33,13 +34,7 @@ HOST_READS = {
 
 def cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 5),
-    ).eval()
+    return SmallCNN(num_classes=5, in_chans=3, width=4).eval()
 
 
 def batches(n: int, *, shift: float = 0.0, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
@@ -124,7 +119,7 @@ def test_nonfinite_logits_of_finite_images_name_the_batch_and_the_weights():
 def test_kept_tensors_move_to_the_store_in_chunks(monkeypatch):
     """Where the store is another device, kept tensors wait on the model's device and move
     there once per field (two and six batches: the same moves), or in chunks of at most
-    ``_MOVE_BYTES`` (here one byte: every batch); they are joined in order."""
+    ``_MOVE_BYTES`` (here one byte: every batch)."""
     ex = FeatureExtractor(cnn())
     whole = collect_features(ex, batches(5), keep={"logits", "labels"})
     moves = []
@@ -151,6 +146,6 @@ def test_speed_benchmark_eval_table_times_every_side(capsys):
     bench.eval_table([("small_cnn", 28, 8)], torch.device("cpu"), steps=2, repeats=1)
     row = capsys.readouterr().out.strip().splitlines()[-1]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:3] == ["small_cnn", "28", "8"] and cells[-1] == ">= 0.95"
-    rates = [float(c.split()[0]) for c in cells[3:-1]]
+    assert cells[:4] == ["small_cnn", "28", "8", "2"] and cells[-1] == ">= 0.95"
+    rates = [float(c.split()[0]) for c in cells[4:-1]]
     assert len(rates) == 1 + len(bench.EVAL_SIDES) and min(rates) > 0
