@@ -1,4 +1,4 @@
-"""Cost of the library's training steps relative to a plain PyTorch step (CPU or GPU).
+"""Cost of the library's training steps and evaluation against plain PyTorch (CPU or GPU).
 
 Measured sides, each a ratio to a plain PyTorch step (SGD, cross-entropy) on the same batches:
 
@@ -21,11 +21,26 @@ statistics, the masks' thresholds).
 
 It also times the k-th-value selection behind a mask threshold (``kthvalue`` against a sort)
 and checks the kept fraction of the training-time masks against the target.
+
+``--eval`` measures evaluation instead: images/s of one pass over an ID and an OOD set (1024
+images each on the CPU, 30 batches on CUDA), the library against a plain ``torch.no_grad``
+inference loop over the same batches (same batch size, same autocast setting with ``--amp``),
+interleaved, median of the per-repeat ratios (``--cpu-time``: CPU time, for a busy machine):
+
+- ``evaluate``: ``OODUnleash(model).evaluate(id_batches, {"ood": ood_batches})`` with its
+  default score, metrics included -- what a user calls (after a first call, which resolves how
+  the model is read);
+- ``feature pass``: :func:`oodunleash.features.collect_features` over both sets, keeping logits
+  and penultimate features -- the pass every score reads.
+
+    python examples/benchmark_speed.py --eval --threads 1 --cpu-time  # resnet18 64 px, small CNN
+    python examples/benchmark_speed.py --eval --device cuda --amp    # adds ResNet-50 / ViT-S rows
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -36,6 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from oodunleash import OODUnleash
+from oodunleash.bench.models import SmallCNN
+from oodunleash.features import collect_features
 from oodunleash.masking import LayerMasks
 
 try:
@@ -61,6 +78,27 @@ GPU_CONFIGS = [
     ("vit_small_patch16_224", 224, 64),
     ("vit_small_patch16_224", 224, 256),
 ]
+
+#: ``(model, px, batch)`` rows of ``--eval``; ``small_cnn`` is the demo's 28 px grayscale CNN.
+EVAL_CPU_CONFIGS = [
+    ("resnet18", 64, 64),
+    ("resnet18", 64, 256),
+    ("small_cnn", 28, 64),
+    ("small_cnn", 28, 256),
+]
+EVAL_GPU_CONFIGS = [
+    *EVAL_CPU_CONFIGS,
+    ("resnet50", 224, 64),
+    ("resnet50", 224, 256),
+    ("vit_small_patch16_224", 224, 64),
+    ("vit_small_patch16_224", 224, 256),
+]
+#: The library's evaluation sides of ``--eval``.
+EVAL_SIDES = ("evaluate", "feature pass")
+EVAL_TARGET = 0.95
+#: Images per data set of an ``--eval`` row on the CPU: what the library does once per data set
+#: (the metrics, setting up the pass) is then spread over as many images at every batch size.
+EVAL_IMAGES = 1024
 
 
 def _sync(device: torch.device) -> None:
@@ -165,31 +203,8 @@ def kept_fraction_drift(steps: int = 20) -> tuple[float, float]:
     return worst, recomputed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64 px row only, fewer repeats")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--steps", type=int, help="batches per epoch (default 8; 30 on CUDA)")
-    parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; 5 on CUDA)")
-    parser.add_argument("--size", type=int, help="only the rows at this input size (px)")
-    parser.add_argument("--compile", action="store_true", help="add a fit(compile=True) side")
-    parser.add_argument("--no-extras", action="store_true", help="skip the selection tables")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    # GPU steps are short: more of them, so the first step's one-off work (cuDNN's choice of
-    # algorithms, moving the threshold samples to the device) does not pass for per-step cost.
-    steps, repeats = (30, 5) if device.type == "cuda" else (8, 3)
-    steps, repeats = args.steps or steps, args.repeats or repeats
-    configs = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
-    if args.quick:
-        configs = configs[:1]
-    if args.size:
-        configs = [c for c in configs if c[1] == args.size]
-    sides = dict(SIDES)
-    if args.compile:
-        sides[COMPILED_SIDE[0]] = COMPILED_SIDE[1]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
+def train_table(configs, sides, device, steps, repeats) -> None:
+    """Print the training-step table: each side's step time over a plain step's."""
     print(
         f"steps per epoch {steps}, repeats {repeats} (interleaved); plain: median s/step; "
         "ratios: median over repeats of (library step / plain step) in the same repeat\n"
@@ -206,6 +221,165 @@ def main() -> None:
             f"| {name} | {size} | {batch} | {med['plain']:.4f} | {ratios} | <= {target} |",
             flush=True,
         )
+
+
+# --------------------------------------------------------------------------- evaluation
+def _eval_model(name: str, size: int, device: torch.device) -> tuple[torch.nn.Module, int]:
+    """The model of an ``--eval`` row, in eval mode, and its input channels."""
+    torch.manual_seed(0)
+    if name == "small_cnn":
+        model, chans = SmallCNN(num_classes=10, in_chans=1), 1
+    else:
+        kwargs = {"img_size": size} if "vit" in name else {}
+        model, chans = timm.create_model(name, pretrained=False, num_classes=10, **kwargs), 3
+    return model.to(device).eval(), chans
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    # The training step's choice: float16 on CUDA, bfloat16 elsewhere.
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=amp)
+
+
+def _timed(run, device: torch.device, amp: bool, clock=time.perf_counter) -> float:
+    """Seconds of ``run()`` under the autocast setting, the device synchronised at both ends."""
+    _sync(device)
+    start = clock()
+    with _autocast(device, amp):
+        run()
+    _sync(device)
+    return clock() - start
+
+
+def plain_inference(model, datasets) -> None:
+    """The baseline: a textbook inference loop over each data set."""
+    with torch.no_grad():
+        for batches in datasets:
+            for x, _ in batches:
+                model(x)
+
+
+def measure_eval(name, size, batch, steps, repeats, device, amp=False, clock=time.perf_counter):
+    """Median images/s of the plain loop, and each side of :data:`EVAL_SIDES`'s ratios
+    (library images/s over plain images/s in the same repeat), one per repeat; timed by
+    ``clock`` (``time.process_time`` counts this process's CPU time, not the wall clock)."""
+    model, chans = _eval_model(name, size, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def batches(shift: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (
+                torch.randn(batch, chans, size, size, device=device, generator=gen) + shift,
+                torch.randint(0, 10, (batch,), device=device, generator=gen),
+            )
+            for _ in range(steps)
+        ]
+
+    id_set, ood_set = batches(0.0), batches(1.0)
+    unleashed = OODUnleash(model)
+    sides = {
+        "plain": lambda: plain_inference(model, (id_set, ood_set)),
+        "evaluate": lambda: unleashed.evaluate(id_set, {"ood": ood_set}, progress=False),
+        "feature pass": lambda: [
+            collect_features(unleashed.feature_extractor, data, keep=("logits", "features"))
+            for data in (id_set, ood_set)
+        ],
+    }
+    for run in sides.values():  # warm-up; the first evaluate resolves how the model is read
+        _timed(run, device, amp)
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for _ in range(repeats):
+        for side, run in sides.items():
+            times[side].append(_timed(run, device, amp, clock))
+    images = 2 * steps * batch
+    ratios = {
+        # A throughput ratio: plain time over library time in the same repeat.
+        side: [p / s for s, p in zip(times[side], times["plain"], strict=True)]
+        for side in EVAL_SIDES
+    }
+    return {"plain": images / statistics.median(times["plain"]), **ratios}
+
+
+def _ratio_cell(ratios: list[float]) -> str:
+    """The median ratio, whether it meets the target, and the range over the repeats."""
+    median = statistics.median(ratios)
+    missed = "" if median >= EVAL_TARGET else " missed"
+    return f"{median:.3f}{missed} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def eval_table(configs, device, steps=None, repeats=5, amp=False, cpu_time=False) -> None:
+    """Print the ``--eval`` table of ``configs`` (``(model, px, batch)`` rows). ``steps``:
+    batches per data set, by default :data:`EVAL_IMAGES` images' worth (30 batches on CUDA);
+    ``cpu_time`` times by this process's CPU time (a machine shared with other jobs), not the
+    wall clock."""
+    clock = time.process_time if cpu_time else time.perf_counter
+    print(
+        f"evaluation of an ID and an OOD set, repeats {repeats} (interleaved), autocast "
+        f"{'on' if amp else 'off'}, {'process CPU time' if cpu_time else 'wall clock'}; plain: "
+        "median images/s of a torch.no_grad loop; ratios: median over repeats of (library "
+        "images/s / plain images/s) in the same repeat, and their range\n"
+    )
+    head = "| model | px | batch | batches per set | plain images/s | "
+    print(head + " | ".join(EVAL_SIDES) + " | target |")
+    print("|---|---|---|---|---|" + "---|" * len(EVAL_SIDES) + "---|")
+    for name, size, batch in configs:
+        n = steps or (30 if device.type == "cuda" else max(2, EVAL_IMAGES // batch))
+        med = measure_eval(name, size, batch, n, repeats, device, amp, clock)
+        cells = " | ".join(_ratio_cell(med[side]) for side in EVAL_SIDES)
+        print(
+            f"| {name} | {size} | {batch} | {n} | {med['plain']:.0f} | {cells} | "
+            f">= {EVAL_TARGET} |",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="64 px row only, fewer repeats")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument(
+        "--steps", type=int, help="batches per epoch (8; 30 on CUDA) or data set (--eval)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="interleaved repeats (3; 7 with --eval; 5 on CUDA)"
+    )
+    parser.add_argument("--size", type=int, help="only the rows at this input size (px)")
+    parser.add_argument("--compile", action="store_true", help="add a fit(compile=True) side")
+    parser.add_argument("--no-extras", action="store_true", help="skip the selection tables")
+    parser.add_argument("--eval", action="store_true", help="evaluation throughput instead")
+    parser.add_argument("--amp", action="store_true", help="--eval under autocast (bf16/fp16)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    parser.add_argument(
+        "--cpu-time", action="store_true", help="--eval timed by process CPU time (busy machine)"
+    )
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.cpu_time and device.type != "cpu":
+        parser.error("--cpu-time counts CPU time: it measures nothing of a GPU's work.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
+    # GPU steps are short: more of them, so the first step's one-off work (cuDNN's choice of
+    # algorithms, moving the threshold samples to the device) does not pass for per-step cost.
+    cuda = device.type == "cuda"
+    steps, repeats = (30, 5) if cuda else (8, 3)
+    repeats = args.repeats or (7 if args.eval and not cuda else repeats)
+    if args.eval:
+        configs = EVAL_GPU_CONFIGS if cuda else EVAL_CPU_CONFIGS
+    else:
+        configs = GPU_CONFIGS if cuda else CPU_CONFIGS
+    if args.quick:
+        configs = configs[:1]
+    if args.size:
+        configs = [c for c in configs if c[1] == args.size]
+    if args.eval:
+        eval_table(configs, device, args.steps, repeats, args.amp, args.cpu_time)
+        return
+    sides = dict(SIDES)
+    if args.compile:
+        sides[COMPILED_SIDE[0]] = COMPILED_SIDE[1]
+    train_table(configs, sides, device, args.steps or steps, repeats)
     if args.no_extras:
         return
     print("\n| values | kthvalue s | sort s | kthvalue / sort |")

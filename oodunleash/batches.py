@@ -16,6 +16,8 @@ from ._modules import model_device
 __all__ = [
     "cast_images",
     "check_finite",
+    "check_label_dtype",
+    "check_label_range",
     "check_labels",
     "check_logits",
     "check_model_input",
@@ -26,6 +28,8 @@ __all__ = [
     "logits_of",
     "model_dtype",
     "named_ood_loaders",
+    "nonfinite_error",
+    "nonfinite_images_error",
     "split_batch",
 ]
 
@@ -156,12 +160,31 @@ def check_logits(logits: Any, batch_size: int, output_key: str | None = None) ->
 
 def check_labels(labels: Tensor, num_classes: int) -> None:
     """Labels must be integer class indices in ``[0, num_classes)``."""
+    check_label_dtype(labels)
+    if labels.numel():
+        check_label_range(int(labels.min()), int(labels.max()), num_classes)
+
+
+def check_label_dtype(labels: Tensor) -> None:
+    """Labels must be integer class indices: a ``TypeError`` for floating or boolean ones."""
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"Labels must be integer class indices, got dtype {labels.dtype}.")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+
+
+def check_label_range(low: int, high: int, num_classes: int) -> None:
+    """Labels from ``low`` to ``high`` must lie in ``[0, num_classes)`` (read apart from the
+    labels, so that a pass can take their extremes on the device and check them once).
+
+    Example:
+        >>> check_label_range(0, 7, 5)
+        Traceback (most recent call last):
+        ...
+        ValueError: Labels must lie in [0, 5) for a model with 5 outputs; got values from 0 to 7. Check that the loader holds the in-distribution classes the model was trained on, remapped to 0..classes-1.
+    """
+    if low < 0 or high >= num_classes:
         raise ValueError(
             f"Labels must lie in [0, {num_classes}) for a model with {num_classes} outputs; "
-            f"got values from {int(labels.min())} to {int(labels.max())}. Check that the "
+            f"got values from {low} to {high}. Check that the "
             "loader holds the in-distribution classes the model was trained on, remapped to "
             "0..classes-1."
         )
@@ -177,8 +200,13 @@ def check_finite(values: Tensor, what: str, fix: str) -> None:
         ValueError: The scores contain 1 NaN/inf value(s): check the data.
     """
     if values.is_floating_point() and not bool(torch.isfinite(values).all()):
-        bad = int((~torch.isfinite(values)).sum())
-        raise ValueError(f"{what} contain {bad} NaN/inf value(s): {fix}")
+        raise nonfinite_error(what, int((~torch.isfinite(values)).sum()), fix)
+
+
+def nonfinite_error(what: str, count: int, fix: str) -> ValueError:
+    """The error of :func:`check_finite` for ``count`` NaN/inf values counted elsewhere (on
+    the device during a pass, read back once at its end)."""
+    return ValueError(f"{what} contain {count} NaN/inf value(s): {fix}")
 
 
 # --------------------------------------------------------------------------- model inputs
@@ -224,7 +252,11 @@ def _expected_size(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _describe(images: Tensor) -> str:
+#: The fix :func:`check_model_input` names for NaN/inf pixels.
+_CLEAN_IMAGES = "clean the data or check its transform."
+
+
+def _describe(images: Any) -> str:
     return f"images of shape {tuple(images.shape)} ({images.dtype}, on {images.device})"
 
 
@@ -243,7 +275,13 @@ def check_model_input(model: nn.Module, images: Tensor) -> None:
     """
     if not isinstance(images, Tensor):
         raise TypeError(f"Images must be a tensor batch, got {type(images).__name__}.")
-    check_finite(images, f"The {_describe(images)}", "clean the data or check its transform.")
+    check_finite(images, f"The {_describe(images)}", _CLEAN_IMAGES)
+
+
+def nonfinite_images_error(images: Any, count: int) -> ValueError:
+    """The error of :func:`check_model_input` for ``count`` NaN/inf values in ``images`` (a
+    tensor, or anything with its ``shape``, ``dtype`` and ``device``)."""
+    return nonfinite_error(f"The {_describe(images)}", count, _CLEAN_IMAGES)
 
 
 def _conv_rank(conv: nn.Module) -> int:

@@ -276,6 +276,7 @@ class Evaluator:
                 per_batch={n: s.score for n, s in batchwise.items()},
                 need_maps=any("feature_maps" in s.requires for s in batchwise.values()),
                 device=model_device(self.model),
+                store_device=model_device(self.model),  # the scores read it there
                 max_batches=max_batches,
                 progress=progress,
                 desc=desc,

@@ -148,9 +148,13 @@ class FeatureExtractor:
         """Plain forward pass (keeps autograd as the caller sets it)."""
         return self._forward(self._prepare(images))
 
-    def __call__(self, images: Tensor, *, maps: bool = False) -> FeatureSet:
-        """One forward pass: logits and features, plus feature maps when ``maps``."""
-        images = self._prepare(images)
+    def __call__(self, images: Tensor, *, maps: bool = False, check: bool = True) -> FeatureSet:
+        """One forward pass: logits and features, plus feature maps when ``maps``.
+
+        ``check=False`` leaves out the per-call NaN/inf check of the images (a host sync) for a
+        caller that checks them itself, as :func:`~oodunleash.features.collect_features` does
+        once per data set; the first call checks them all the same."""
+        images = self._prepare(images, check)
         if self.mode == "timm":
             try:
                 fmap = self.model.forward_features(images)
@@ -183,15 +187,16 @@ class FeatureExtractor:
         return head(_pooled(maps))
 
     # ------------------------------------------------------------------ forward
-    def _prepare(self, images: Tensor) -> Tensor:
-        """Resolve on the first batch; check and cast every batch (a model already read can
-        still be handed data that does not fit it)."""
+    def _prepare(self, images: Tensor, check: bool = True) -> Tensor:
+        """Resolve on the first batch; check (unless the caller does) and cast every batch (a
+        model already read can still be handed data that does not fit it)."""
         if self.mode is None:
             with self._lock:
                 if self.mode is None:
                     self._resolve(images)
                     return cast_images(images, model_dtype(self.model))
-        check_model_input(self.model, images)
+        if check:
+            check_model_input(self.model, images)
         return cast_images(images, model_dtype(self.model))
 
     def _forward(self, images: Tensor) -> Tensor:

@@ -13,13 +13,20 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._modules import model_device
-from .batches import check_finite, check_labels, iter_batches
+from .batches import (
+    check_label_dtype,
+    check_label_range,
+    iter_batches,
+    nonfinite_error,
+    nonfinite_images_error,
+)
 from .distributed import (
     all_gather_variable,
     init_distributed,
@@ -76,25 +83,139 @@ def gather_feature_set(data: FeatureSet, device: torch.device) -> FeatureSet:
     return out
 
 
+#: Kept tensors wait on the model's device and move to the store device together once they
+#: hold this many bytes (and at the end of the pass): one copy per chunk instead of per batch.
+_MOVE_BYTES = 256 * 2**20
+
+#: What a NaN/inf in the logits or features of finite images points to.
+_NUMERICS_FIX = "the images are finite, so the model's weights or numerics are the cause."
+
+
+class _BatchChecks:
+    """The checks of every batch of a pass, computed on the device as the batches come and read
+    back once, by :meth:`raise_first`: NaN/inf in the images and in the kept logits and
+    features, labels outside the model's classes. The error raised is the one the first failing
+    batch would raise if each batch were read back on its own."""
+
+    def __init__(self, source: str, device: torch.device | str) -> None:
+        self.source = source
+        self.zero = torch.zeros((), dtype=torch.long, device=device)
+        # A row per batch (NaN/inf count of the images, logits, features; lowest and highest
+        # label) and what its messages name: the step, the images, the number of classes.
+        self.rows: list[Tensor] = []
+        self.about: list[tuple[int, SimpleNamespace, int | None]] = []
+
+    def where(self, step: int) -> str:
+        return f"batch {step} of the {self.source!r} data"
+
+    def _nonfinite(self, values: Tensor | None) -> Tensor:
+        if values is None or not values.is_floating_point():
+            return self.zero
+        return torch.isfinite(values).logical_not_().sum()
+
+    def add(
+        self,
+        step: int,
+        images: Tensor,
+        logits: Tensor | None = None,
+        features: Tensor | None = None,
+        labels: Tensor | None = None,
+        classes: int | None = None,
+    ) -> None:
+        """Count this batch's problems on the device; ``labels`` are checked against the
+        model's number of ``classes``. A wrong label dtype needs no read-back: it raises at
+        once, after the batch's other checks are recorded (they come first in
+        :meth:`raise_first`)."""
+        low = high = self.zero
+        wrong_dtype, range_of = None, None
+        if labels is not None and classes is not None:
+            try:
+                check_label_dtype(labels)
+            except TypeError as err:
+                wrong_dtype = TypeError(f"On {self.where(step)}: {err}")
+            if wrong_dtype is None and labels.numel():
+                low, high = torch.aminmax(labels)
+                range_of = classes
+        counts = (self._nonfinite(images), self._nonfinite(logits), self._nonfinite(features))
+        self.rows.append(torch.stack([*counts, low.long(), high.long()]))
+        described = SimpleNamespace(shape=images.shape, dtype=images.dtype, device=images.device)
+        self.about.append((step, described, range_of))
+        if wrong_dtype is not None:
+            raise wrong_dtype
+
+    def raise_first(self) -> None:
+        """Read back the batches added since the last call (one host sync) and raise the first
+        batch's error, if any."""
+        if not self.rows:
+            return
+        table = torch.stack(self.rows).tolist()
+        about, self.rows, self.about = self.about, [], []
+        for (step, images, classes), row in zip(about, table, strict=True):
+            bad_images, bad_logits, bad_features, low, high = row
+            where = self.where(step)
+            if bad_images:
+                raise ValueError(f"On {where}: {nonfinite_images_error(images, bad_images)}")
+            for name, bad in (("logits", bad_logits), ("features", bad_features)):
+                if bad:
+                    raise nonfinite_error(f"The model's {name} on {where}", bad, _NUMERICS_FIX)
+            if classes is not None:
+                try:
+                    check_label_range(low, high, classes)
+                except ValueError as err:
+                    raise ValueError(f"On {where}: {err}") from None
+
+
+class _Store:
+    """Per-sample tensors of a pass by name: they wait where they were computed and move to
+    ``device`` together, once they hold :data:`_MOVE_BYTES` and at the end."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.moved: dict[str, list[Tensor]] = {}
+        self.waiting: dict[str, list[Tensor]] = {}
+        self.waiting_bytes = 0
+
+    def add(self, name: str, value: Tensor) -> None:
+        self.waiting.setdefault(name, []).append(value)
+        if value.device != self.device:
+            self.waiting_bytes += value.numel() * value.element_size()
+            if self.waiting_bytes >= _MOVE_BYTES:
+                self._move()
+
+    def _move(self) -> None:
+        for name, values in self.waiting.items():
+            if values:
+                self.moved.setdefault(name, []).append(torch.cat(values).to(self.device))
+        self.waiting, self.waiting_bytes = {}, 0
+
+    def result(self) -> dict[str, Tensor]:
+        self._move()
+        return {n: p[0] if len(p) == 1 else torch.cat(p) for n, p in self.moved.items()}
+
+
 class _Collector:
-    """Accumulates what :func:`collect_features` keeps, batch by batch, checking each batch."""
+    """Accumulates what :func:`collect_features` keeps, batch by batch, on the model's device;
+    the batches' checks wait in :attr:`checks` for one read-back."""
 
     def __init__(
         self,
         keep: set[str],
         per_batch: dict[str, Callable[[FeatureSet], Tensor]],
+        device: torch.device,
         store_device: torch.device | str,
         source: str,
     ) -> None:
-        self.keep, self.per_batch, self.store_device = keep, per_batch, store_device
-        self.source = source
-        self.parts: dict[str, list[Tensor]] = {name: [] for name in keep}
-        self.extra: dict[str, list[Tensor]] = {name: [] for name in per_batch}
+        self.keep, self.per_batch = keep, per_batch
+        self.checks = _BatchChecks(source, device)
+        self.parts, self.extra = _Store(store_device), _Store(store_device)
         self.unlabelled = False
         self.seen = 0
 
     def add(self, batch: FeatureSet, step: int) -> None:
-        self._check(batch, step)
+        checked = [getattr(batch, n) if n in self.keep else None for n in ("logits", "features")]
+        labels = batch.labels if "labels" in self.keep and batch.logits is not None else None
+        classes = batch.logits.shape[1] if labels is not None else None
+        self.checks.add(step, batch.images, *checked, labels=labels, classes=classes)
         for name in self.keep:
             value = getattr(batch, name)
             if value is None:
@@ -103,42 +224,21 @@ class _Collector:
                     continue
                 raise ValueError(f"The model gave no {name} for this batch.")
             value = value.detach()
-            if value.is_floating_point():
-                value = value.float()
-            self.parts[name].append(value.to(self.store_device))
+            self.parts.add(name, value.float() if value.is_floating_point() else value)
         for name, fn in self.per_batch.items():
             from .scores.base import check_score_output  # scores import this module
 
             with torch.no_grad():  # gradient scores switch autograd back on themselves
-                out = check_score_output(name, fn(batch), len(batch.images))
-            self.extra[name].append(out.to(self.store_device))
+                out = check_score_output(name, fn(batch), len(batch.images), to_cpu=False)
+            self.extra.add(name, out)
         self.seen += len(batch.images)
-
-    def _check(self, batch: FeatureSet, step: int) -> None:
-        where = f"batch {step} of the {self.source!r} data"
-        for name in ("logits", "features"):
-            value = getattr(batch, name)
-            if name in self.keep and value is not None and not bool(torch.isfinite(value).all()):
-                images_ok = bool(torch.isfinite(batch.images).all())
-                check_finite(
-                    value,
-                    f"The model's {name} on {where}",
-                    "the images are finite, so the model's weights or numerics are the cause."
-                    if images_ok
-                    else "the images hold NaN/inf: clean the data.",
-                )
-        if batch.labels is not None and "labels" in self.keep and batch.logits is not None:
-            try:
-                check_labels(batch.labels, batch.logits.shape[1])
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"On {where}: {err}") from None
 
     def result(self, extractor: FeatureExtractor, device: torch.device) -> FeatureSet:
         out = FeatureSet(network=extractor, head=extractor.head, device=device)
-        for name, values in self.parts.items():
-            if values and not (name == "labels" and self.unlabelled):
-                setattr(out, name, torch.cat(values))
-        out.extra = {k: torch.cat(v) for k, v in self.extra.items()}
+        for name, value in self.parts.result().items():
+            if not (name == "labels" and self.unlabelled):
+                setattr(out, name, value)
+        out.extra = self.extra.result()
         return out
 
 
@@ -165,6 +265,19 @@ def _progress(
         if max_batches is not None and step >= max_batches:
             break
         yield batch
+
+
+def _extract(
+    extractor: FeatureExtractor, images: Tensor, maps: bool, step: int, checks: _BatchChecks
+) -> FeatureSet:
+    """One batch through the model; its images' NaN/inf check waits in ``checks``."""
+    with torch.no_grad():
+        try:
+            return extractor(images, maps=maps, check=False)
+        except (TypeError, ValueError) as err:  # name the data set and the batch
+            checks.add(step, images)  # NaN/inf images explain a failure first
+            checks.raise_first()
+            raise type(err)(f"On {checks.where(step)}: {err}") from err
 
 
 def collect_features(
@@ -194,13 +307,18 @@ def collect_features(
         need_labels: Raise if a batch has no labels.
         need_maps: Compute feature maps for ``per_batch`` (default: when ``keep`` has them).
         device: Where the model runs (default: its parameters' device).
-        store_device: Where the kept tensors live.
+        store_device: Where the kept tensors live (pass ``device`` to keep them, and the
+            score math that reads them, on the model's device).
         max_batches: Stop after this many batches.
         progress: Show a progress bar (main process only).
         desc: The data's name, in the progress bar and in errors.
 
-    Every batch is checked: kept logits and features must be finite, and kept labels must be
-    class indices of the model's outputs; errors name the batch and ``desc``.
+    Every batch is checked: its images and kept logits and features must be finite, and kept
+    labels must be class indices of the model's outputs. The checks run on the device and are
+    read back once, after the last batch (a problem raises then, or when the pass fails); the
+    error names the first failing batch and ``desc``, as if each batch were checked alone.
+    Nothing else is copied to the host per batch: kept tensors move to ``store_device`` in
+    chunks of 256 MiB and at the end.
 
     Returns:
         A :class:`FeatureSet` over the whole loader (all ranks' data under DDP).
@@ -215,7 +333,7 @@ def collect_features(
     loader = shard_loader(loader)
     device = model_device(extractor.model) if device is None else device
     want_maps = "feature_maps" in keep or bool(need_maps)
-    collector = _Collector(keep, per_batch or {}, store_device, desc)
+    collector = _Collector(keep, per_batch or {}, device, store_device, desc)
     batches = _progress(
         loader,
         device,
@@ -224,14 +342,15 @@ def collect_features(
         progress=progress,
         desc=desc,
     )
-    for step, (images, labels) in enumerate(batches):
-        with torch.no_grad():
-            try:
-                batch = extractor(images, maps=want_maps)
-            except (TypeError, ValueError) as err:  # name the data set and the batch
-                raise type(err)(f"On batch {step} of the {desc!r} data: {err}") from err
-        batch.labels, batch.images = labels, images
-        collector.add(batch, step)
+    try:
+        for step, (images, labels) in enumerate(batches):
+            batch = _extract(extractor, images, want_maps, step, collector.checks)
+            batch.labels, batch.images = labels, images
+            collector.add(batch, step)
+    except Exception:
+        collector.checks.raise_first()  # a problem in an earlier batch is the one to report
+        raise
+    collector.checks.raise_first()
     result = collector.result(extractor, device)
     index = _sample_indices(loader)
     if index is not None:

@@ -99,7 +99,9 @@ def _probe(module: nn.Module, dim: int, like: Tensor) -> LinearHead | None:
     mode BatchNorm would use (and update) batch statistics."""
     if any(m.training for m in module.modules() if isinstance(m, _BatchNorm | nn.Dropout)):
         return None
-    probe = torch.cat([torch.zeros(1, dim), torch.eye(dim)]).to(like.device, like.dtype)
+    # Built on the device: a copy from the host would wait for the device on every batch.
+    eye = torch.eye(dim, device=like.device, dtype=like.dtype)
+    probe = torch.cat([eye.new_zeros(1, dim), eye])
     with torch.no_grad():
         out = module(probe)
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != dim + 1:

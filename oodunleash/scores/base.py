@@ -392,9 +392,10 @@ def _labelled_specs(scores: Any) -> list[tuple[str | None, Any]]:
     return pairs
 
 
-def check_score_output(name: str, out: Any, n: int) -> Tensor:
-    """A score's output for ``n`` samples as a detached float32 CPU tensor; a ``ValueError``
-    naming the score unless it is a 1-D tensor of ``n`` values.
+def check_score_output(name: str, out: Any, n: int, *, to_cpu: bool = True) -> Tensor:
+    """A score's output for ``n`` samples as a detached float32 tensor, on the CPU unless
+    ``to_cpu=False`` (a pass that keeps per-batch scores on the device until its end); a
+    ``ValueError`` naming the score unless it is a 1-D tensor of ``n`` values.
 
     Example:
         >>> check_score_output("mine", torch.zeros(2, 1), 2)
@@ -407,4 +408,5 @@ def check_score_output(name: str, out: Any, n: int) -> Tensor:
         raise ValueError(
             f"Score {name!r} must return a 1-D tensor with one value per sample ({n}), got {got}."
         )
-    return out.detach().float().cpu()
+    out = out.detach().float()
+    return out.cpu() if to_cpu else out
