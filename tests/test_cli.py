@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hub_server import FakeHub, use_fake_hub
+from tests.helpers.hub_server import FakeHub, use_fake_hub
 from PIL import Image
 
 import oodunleash

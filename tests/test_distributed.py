@@ -36,12 +36,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from oodunleash import flooding_loss
+from tests import ddp_worker as worker
 
 pytestmark = pytest.mark.distributed
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))  # the worker module sits beside this file, not in a package
-import ddp_worker as worker  # noqa: E402
 
 SINGLE_BATCH = worker.WORLD * worker.BATCH  # one process reads both ranks' batches at once
 RTOL = 1e-6  # ξ, logits: float32 sums in a different order

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from checkpoint_models import TinyNet, state_equal, tiny_umap
+from tests.checkpoint.builders import TinyNet, state_equal, tiny_umap
 from torch import nn
 
 import oodunleash.checkpoint.folder as folder_module
@@ -32,7 +32,7 @@ from oodunleash.checkpoint import (
     CorruptCheckpointError,
 )
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parent
 FIXTURE_V1 = TESTS / "fixtures" / "checkpoint_v0_1" / "sequential_umap"
 
 
@@ -343,9 +343,9 @@ LAST_OLD_STEP = {"exchange": 8, "fallback": 9}
 
 
 def _run_worker(folder: Path, seed: int, kill_at: int, mode: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parents[1]))  # the repository: tests is a package
     return subprocess.run(
-        [sys.executable, str(TESTS / "checkpoint_kill_worker.py"), str(folder), str(seed),
+        [sys.executable, str(TESTS / "kill_worker.py"), str(folder), str(seed),
          str(kill_at), mode],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

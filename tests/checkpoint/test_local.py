@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import warnings
 
-import checkpoint_models as models
 import pytest
 import timm
 import torch
 import yaml
-from checkpoint_models import (
+from tests.checkpoint import builders as models
+from tests.checkpoint.builders import (
     CLASS_NAMES,
     PREPROCESSING,
     TinyNet,
