@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorData
 
 from oodunleash import OODUnleash, Relative, TrainingDivergedError
 from oodunleash.distributed import gather_samples, is_distributed, rank, world_size
+from tests.helpers.toys import state_copy
 
 #: Per-rank batch size under DDP; the single-process reference uses ``WORLD * BATCH``.
 BATCH = 4
@@ -59,10 +60,6 @@ def dist_sampler(dataset: TensorDataset, shuffle: bool) -> DistributedSampler:
     if is_distributed():
         return DistributedSampler(dataset, shuffle=shuffle, seed=0)
     return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=0)
-
-
-def state_of(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -122,7 +119,7 @@ def scenario_um(batch: int, xi: float | None, fitted: bool = True) -> dict[str, 
     )
     return {
         "xi": unleashed.loss_constraint_,
-        "state": state_of(net),
+        "state": state_copy(net),
         "history": [{k: v for k, v in h.items() if k != "time_s"} for h in unleashed.history_],
     }
 
@@ -144,7 +141,7 @@ def scenario_um_outliers(batch: int) -> dict[str, Any]:
         progress=False,
     )
     return {
-        "state": state_of(net),
+        "state": state_copy(net),
         "history": [{k: v for k, v in h.items() if k != "time_s"} for h in unleashed.history_],
     }
 
@@ -241,7 +238,7 @@ def scenario_nan(batch: int) -> dict[str, Any]:
     data = make_data(32)
     data.tensors[0][3] = float("nan")
     net = make_net()
-    before = state_of(net)
+    before = state_copy(net)
     try:
         OODUnleash(net).fit(
             DataLoader(data, batch_size=batch), epochs=1, loss_constraint=0.5, progress=False
@@ -249,7 +246,7 @@ def scenario_nan(batch: int) -> dict[str, Any]:
         message = None
     except TrainingDivergedError as error:
         message = str(error)
-    restored = all(torch.equal(before[k], v) for k, v in state_of(net).items())
+    restored = all(torch.equal(before[k], v) for k, v in state_copy(net).items())
     return {"message": message, "restored": restored}
 
 
@@ -283,7 +280,7 @@ def scenario_batchnorm() -> dict[str, Any]:
     net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
     loader = DataLoader(make_data(32, seed=11), batch_size=BATCH, shuffle=True)
     OODUnleash(net).fit(loader, epochs=1, loss_constraint=1e-3, progress=False)
-    return {"state": state_of(net)}
+    return {"state": state_copy(net)}
 
 
 def scenario_after_fit() -> dict[str, Any]:
@@ -303,7 +300,7 @@ def scenario_after_fit() -> dict[str, Any]:
     )
     net.zero_grad()
     OODUnleash(net).fit(loader, epochs=1, loss_constraint=1e-3, progress=False)
-    return {"local_grads": local_grads, "refit_state": state_of(net)}
+    return {"local_grads": local_grads, "refit_state": state_copy(net)}
 
 
 def run_all(out_dir: str) -> None:

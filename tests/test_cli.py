@@ -17,12 +17,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tests.helpers.hub_server import FakeHub, use_fake_hub
 from PIL import Image
 
 import oodunleash
 from oodunleash import OODUnleash
 from oodunleash.cli import main
+from tests.helpers.hub_server import FakeHub, use_fake_hub
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODEL = "test_resnet"

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from oodunleash import flooding_loss
 from tests import ddp_worker as worker
+from tests.helpers.toys import state_copy
 
 pytestmark = pytest.mark.distributed
 
@@ -173,7 +174,7 @@ def _per_rank_flooding_reference(xi: float) -> dict[str, torch.Tensor]:
             torch.stack(per_rank).mean().backward()
             optimizer.step()
             scheduler.step()
-    return worker.state_of(net)
+    return state_copy(net)
 
 
 def test_um_floods_per_rank_when_batches_straddle_xi(ranks):

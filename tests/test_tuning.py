@@ -14,6 +14,7 @@ from oodunleash import OODUnleash, proxy_ood, tune
 from oodunleash.scores import Energy
 from oodunleash.tuning import CandidateResult, parse_finetune, score_variants, select
 from oodunleash.tuning import search as search_module
+from tests.helpers.toys import same_state, state_copy
 
 CLASSES = 3
 FAST = {"scores": ["energy", "msp", "knn"], "epochs": 1, "progress": False, "proxy_size": 60}
@@ -58,14 +59,6 @@ def data():
     train = DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True)
     val = DataLoader(TensorDataset(vx, vy), batch_size=40)
     return model, train, val
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _row(name: str, tier: int, accuracy: float, fpr: float, auroc: float = 90.0):
@@ -140,9 +133,9 @@ def test_candidate_names_and_score_variants():
 # ----------------------------------------------------------------------------- end to end
 def test_tune_never_touches_the_model_and_is_never_worse_on_validation(data, capsys):
     model, train, val = data
-    before, training = _state(model), model.training
+    before, training = state_copy(model), model.training
     result = tune(model, train, val, finetunes=["um", "um control", "umap"], seed=0, **FAST)
-    assert _same(before, _state(model)) and model.training == training
+    assert same_state(before, state_copy(model)) and model.training == training
     ran = result.candidates
     assert set(ran) == {"unchanged", "um", "um control", "umap"}, result.dropped
     reference = ran["unchanged"]

@@ -14,7 +14,6 @@ import signal
 import sys
 from pathlib import Path
 
-
 import oodunleash.checkpoint.folder as folder_module
 from tests.checkpoint.builders import tiny_umap
 

@@ -10,9 +10,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from tests.checkpoint import builders as models
-from tests.checkpoint.builders import CLASS_NAMES, PREPROCESSING, TinyNet, assert_same_scoring
-from tests.helpers.hub_server import FakeHub, use_fake_hub
 from huggingface_hub.errors import (
     HfHubHTTPError,
     LocalEntryNotFoundError,
@@ -31,6 +28,9 @@ from oodunleash.checkpoint import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
+from tests.checkpoint import builders as models
+from tests.checkpoint.builders import CLASS_NAMES, PREPROCESSING, TinyNet, assert_same_scoring
+from tests.helpers.hub_server import FakeHub, use_fake_hub
 
 TOKEN = "hf_fake_write_token"
 

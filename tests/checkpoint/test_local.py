@@ -10,15 +10,6 @@ import pytest
 import timm
 import torch
 import yaml
-from tests.checkpoint import builders as models
-from tests.checkpoint.builders import (
-    CLASS_NAMES,
-    PREPROCESSING,
-    TinyNet,
-    assert_same_scoring,
-    loader,
-    state_equal,
-)
 from torch import nn
 
 from oodunleash import OODUnleash
@@ -34,6 +25,15 @@ from oodunleash.checkpoint import (
     pack_bits,
     unpack_bits,
 )
+from tests.checkpoint import builders as models
+from tests.checkpoint.builders import (
+    CLASS_NAMES,
+    PREPROCESSING,
+    TinyNet,
+    assert_same_scoring,
+    loader,
+)
+from tests.helpers.toys import same_state
 
 SCORES = ["energy", "msp", "knn", "mahalanobis", "react", "vim"]
 
@@ -124,7 +124,7 @@ def test_local_round_trip_timm_um(timm_um, tmp_path, images, monkeypatch):
     assert loaded.train_config_.to_dict() == timm_um.train_config_.to_dict()
     assert loaded.class_names == CLASS_NAMES
     assert not loaded.model.training
-    assert state_equal(loaded.model.state_dict(), timm_um.model.state_dict())
+    assert same_state(loaded.model.state_dict(), timm_um.model.state_dict())
     assert_same_scoring(timm_um, loaded, images)
     assert loaded.last_results_.to_dict() == timm_um.last_results_.to_dict()
     for name, score in timm_um.fitted_scores_.items():
@@ -147,7 +147,7 @@ def test_umap_default_bakes_masks(timm_umap, tmp_path, images):
     loaded = OODUnleash.from_pretrained(folder)
     assert loaded.method == "umap"
     assert loaded.masks_ is None  # a plain sparse model
-    assert state_equal(loaded.model.state_dict(), timm_umap.export().state_dict())
+    assert same_state(loaded.model.state_dict(), timm_umap.export().state_dict())
     for name in timm_umap.layer_names:
         weight = loaded.model.get_submodule(name).weight
         assert float((weight == 0).float().mean()) == pytest.approx(0.3, abs=0.01)
@@ -218,7 +218,7 @@ def test_custom_model_shape_mismatch_names_the_keys(custom_umap, tmp_path):
     message = str(info.value)
     assert "conv.weight: checkpoint (4, 3, 3, 3) vs model (6, 3, 3, 3)" in message
     assert "fc.weight" in message and "bn.running_mean" in message
-    assert state_equal(wrong.state_dict(), before)  # nothing was loaded into it
+    assert same_state(wrong.state_dict(), before)  # nothing was loaded into it
 
     class Renamed(TinyNet):
         def __init__(self) -> None:
@@ -452,7 +452,7 @@ def test_compiled_state_into_a_plain_model(tmp_path):
     source = TinyNet()
     state = {f"_orig_mod.{k}": v for k, v in source.state_dict().items()}
     load_model_state(plain, state, "test")
-    assert state_equal(plain.state_dict(), source.state_dict())
+    assert same_state(plain.state_dict(), source.state_dict())
     del state["_orig_mod.fc.bias"]
     with pytest.raises(CheckpointMismatchError, match="_orig_mod"):
         load_model_state(TinyNet(), {**state, "fc.bias": torch.zeros(3)}, "test")
