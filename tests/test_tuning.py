@@ -14,6 +14,7 @@ from oodunleash import OODUnleash, proxy_ood, tune
 from oodunleash.scores import Energy
 from oodunleash.tuning import CandidateResult, parse_finetune, score_variants, select
 from oodunleash.tuning import search as search_module
+from tests.helpers.scripts import load_script
 from tests.helpers.toys import same_state, state_copy
 
 CLASSES = 3
@@ -276,17 +277,6 @@ def test_bad_arguments_fail_before_any_work(data):
 
 
 # ----------------------------------------------------------------------------- the measurement
-def _load_benchmark_script():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "benchmark_tune.py"
-    spec = importlib.util.spec_from_file_location("benchmark_tune", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _fake_run(seed: int, fprs: dict[tuple[str, str], float], accuracy: dict[str, float], chosen):
     test: dict = {}
     for (candidate, score), fpr in fprs.items():
@@ -298,7 +288,7 @@ def _fake_run(seed: int, fprs: dict[tuple[str, str], float], accuracy: dict[str,
 
 
 def test_the_measurement_summary_compares_tune_with_the_fixed_recipes_and_the_oracle():
-    bench = _load_benchmark_script()
+    bench = load_script("examples/benchmark_tune.py")
     accuracy = {"unchanged": 90.0, "um": 89.5, "umap": 88.0}
     fprs = {
         ("unchanged", "energy"): 60.0,

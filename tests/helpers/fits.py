@@ -1,4 +1,5 @@
-"""A small fit to interrupt, and a snapshot of everything a fit may change: shared by the tests of rollback, resume and fit's input checks."""
+"""A small fit to interrupt, and a snapshot of everything a fit may change: shared by the
+tests of rollback, resume and fit's input checks."""
 
 from __future__ import annotations
 
