@@ -132,11 +132,10 @@ def scenario_um_outliers(batch: int) -> dict[str, Any]:
     outlier_loader = DataLoader(
         outliers, batch_size=batch // 2, sampler=dist_sampler(outliers, shuffle=True)
     )
-    unleashed = OODUnleash(net, method="um").fit(
+    unleashed = OODUnleash(net, method="um", constraint=1e-3).fit(
         loader,
         epochs=2,
         lr=0.05,
-        loss_constraint=1e-3,
         outlier_loader=outlier_loader,
         progress=False,
     )
@@ -204,9 +203,9 @@ def scenario_umap(batch: int) -> dict[str, Any]:
             seen.append(module.weight.detach() != 0)
 
     hook = big.register_forward_pre_hook(record)
-    unleashed = OODUnleash(net, method="umap", keep_ratio=0.5, mask_mode="layer", seed=5).fit(
-        loader, epochs=2, lr=0.1, loss_constraint=1e-3, progress=False
-    )
+    unleashed = OODUnleash(
+        net, method="umap", keep_ratio=0.5, mask_mode="layer", seed=5, constraint=1e-3
+    ).fit(loader, epochs=2, lr=0.1, progress=False)
     hook.remove()
     masks = unleashed.masks_
     return {
@@ -240,8 +239,8 @@ def scenario_nan(batch: int) -> dict[str, Any]:
     net = make_net()
     before = state_copy(net)
     try:
-        OODUnleash(net).fit(
-            DataLoader(data, batch_size=batch), epochs=1, loss_constraint=0.5, progress=False
+        OODUnleash(net, constraint=0.5).fit(
+            DataLoader(data, batch_size=batch), epochs=1, progress=False
         )
         message = None
     except TrainingDivergedError as error:
@@ -268,7 +267,7 @@ def scenario_uneven() -> dict[str, Any]:
     """Ranks with 2 and 3 batches: both must raise instead of waiting for each other."""
     loader = DataLoader(make_data(20), batch_size=BATCH, sampler=_UnevenShards())
     try:
-        OODUnleash(make_net()).fit(loader, epochs=1, loss_constraint=0.5, progress=False)
+        OODUnleash(make_net(), constraint=0.5).fit(loader, epochs=1, progress=False)
         return {"message": None}
     except ValueError as error:
         return {"message": str(error)}
@@ -279,7 +278,7 @@ def scenario_batchnorm() -> dict[str, Any]:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
     loader = DataLoader(make_data(32, seed=11), batch_size=BATCH, shuffle=True)
-    OODUnleash(net).fit(loader, epochs=1, loss_constraint=1e-3, progress=False)
+    OODUnleash(net, constraint=1e-3).fit(loader, epochs=1, progress=False)
     return {"state": state_copy(net)}
 
 
@@ -288,7 +287,7 @@ def scenario_after_fit() -> dict[str, Any]:
     second fit stays in sync across ranks."""
     net = make_net(seed=4)
     loader = DataLoader(make_data(32, seed=4), batch_size=BATCH)
-    OODUnleash(net).fit(loader, epochs=1, loss_constraint=1e-3, progress=False)
+    OODUnleash(net, constraint=1e-3).fit(loader, epochs=1, progress=False)
     x, y, _ = make_data(8, seed=10 + rank()).tensors  # different data on each rank
     net.zero_grad(set_to_none=True)  # fit leaves the last step's (averaged) gradients
     reference = copy.deepcopy(net)
@@ -299,7 +298,7 @@ def scenario_after_fit() -> dict[str, Any]:
         for p, q in zip(net.parameters(), reference.parameters(), strict=True)
     )
     net.zero_grad()
-    OODUnleash(net).fit(loader, epochs=1, loss_constraint=1e-3, progress=False)
+    OODUnleash(net, constraint=1e-3).fit(loader, epochs=1, progress=False)
     return {"local_grads": local_grads, "refit_state": state_copy(net)}
 
 

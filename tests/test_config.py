@@ -238,7 +238,7 @@ def test_options_of_a_release_0_1_checkpoint_load():
 @pytest.mark.parametrize("xi", [0, -1.0, float("nan")])
 def test_bad_loss_constraint(xi):
     with pytest.raises(ValueError, match="loss_constraint"):
-        OODUnleash(ConvNet(dropout=0.5)).fit(labelled_loader(), loss_constraint=xi, progress=False)
+        OODUnleash(ConvNet(dropout=0.5), constraint=xi).fit(labelled_loader(), progress=False)
 
 
 def test_bad_keep_ratio_and_method():

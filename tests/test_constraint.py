@@ -12,6 +12,7 @@ from torch import nn
 from oodunleash import (
     OODUnleash,
 )
+from oodunleash.config import Masked
 from oodunleash.masking import LayerMasks, topk_mask
 from tests.helpers.toys import ConvNet, labelled_loader, state_copy
 
@@ -52,7 +53,7 @@ def test_fit_sets_constraint_by_recipe_when_not_given():
     assert unleashed.loss_constraint_ == pytest.approx(expected)
     # the paper's recipe: the masked-model estimate
     model.load_state_dict(state)
-    masked = OODUnleash(model, seed=3, constraint="masked", constraint_keep_ratio=0.9)
+    masked = OODUnleash(model, seed=3, constraint=Masked(0.9))
     expected = masked.estimate_loss_constraint(loader, progress=False)
     masked.fit(loader, epochs=1, progress=False)
     assert masked.loss_constraint_ == pytest.approx(expected)

@@ -80,7 +80,7 @@ def test_loader_without_labels_is_rejected():
 def test_labels_outside_model_classes_are_rejected():
     loader = labelled_loader(classes=5)
     with pytest.raises(ValueError, match=r"Labels must lie in \[0, 3\)"):
-        OODUnleash(ConvNet(3, dropout=0.5)).fit(loader, loss_constraint=0.1, progress=False)
+        OODUnleash(ConvNet(3, dropout=0.5), constraint=0.1).fit(loader, progress=False)
 
 
 def test_model_output_shape_is_checked():
@@ -95,4 +95,4 @@ def test_model_output_shape_is_checked():
 def test_empty_loader_is_rejected():
     empty = DataLoader(TensorDataset(torch.empty(0, 1, 8, 8), torch.empty(0, dtype=torch.long)))
     with pytest.raises(ValueError, match="no batches"):
-        OODUnleash(ConvNet(dropout=0.5)).fit(empty, loss_constraint=0.1, progress=False)
+        OODUnleash(ConvNet(dropout=0.5), constraint=0.1).fit(empty, progress=False)

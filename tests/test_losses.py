@@ -28,11 +28,11 @@ def test_constraint_at_or_above_chance_is_refused_before_any_step():
     before = state_copy(model)
     # Its own class (a ValueError), so that a sweep can catch it and go on.
     with pytest.raises(LossConstraintTooHighError, match=r"not below ln\(3\) = 1\.099.*uniform"):
-        OODUnleash(model).fit(labelled_loader(), loss_constraint=1.2, progress=False)
+        OODUnleash(model, constraint=1.2).fit(labelled_loader(), progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_high_constraint_warns_before_training():
     model = ConvNet(3, dropout=0.5)
     with pytest.warns(UserWarning, match="more than a quarter"):
-        OODUnleash(model).fit(labelled_loader(), epochs=1, loss_constraint=0.5, progress=False)
+        OODUnleash(model, constraint=0.5).fit(labelled_loader(), epochs=1, progress=False)

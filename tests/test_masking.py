@@ -318,8 +318,8 @@ def test_umap_masks_conv1d_conv3d_and_attention_projections_and_export_bakes_the
     torch.manual_seed(0)
     model = net()
     assert list(select_layers(model)) == expected
-    unleashed = OODUnleash(model, method="umap").fit(
-        _sequence_loader(shape), epochs=1, loss_constraint=0.2, progress=False
+    unleashed = OODUnleash(model, method="umap", constraint=0.2).fit(
+        _sequence_loader(shape), epochs=1, progress=False
     )
     masks = unleashed.masks_
     assert masks.layer_names == expected

@@ -76,7 +76,7 @@ def pretrained_digits():
     outliers = DataLoader(TensorDataset(aux), batch_size=64, shuffle=True)
     torch.manual_seed(0)
     base = _net()
-    OODUnleash(base, seed=0).fit(loader, epochs=15, lr=0.1, loss_constraint=1e-4, progress=False)
+    OODUnleash(base, seed=0, constraint=1e-4).fit(loader, epochs=15, lr=0.1, progress=False)
     return base, loader, outliers, id_x[700:], held_out
 
 

@@ -132,14 +132,13 @@ def test_nan_loss_stops_and_rolls_the_whole_fit_back():
     poisoned = x.clone()
     poisoned[0, 0, 0, 0] = float("nan")
     batches = [(x, y), (x, y)]
-    unleashed = OODUnleash(model)
-    unleashed.fit(batches, epochs=1, loss_constraint=0.1, progress=False)
+    unleashed = OODUnleash(model, constraint=0.1)
+    unleashed.fit(batches, epochs=1, progress=False)
     good = state_copy(model)
     with pytest.raises(TrainingDivergedError, match=r"epoch 2, batch 2"):
         unleashed.fit(
             _EpochData([[(x, y), (x, y)], [(x, y), (poisoned, y)]]),
             epochs=2,
-            loss_constraint=0.1,
             progress=False,
         )
     after = state_copy(model)
@@ -182,7 +181,7 @@ def test_keyboard_interrupt_leaves_model_unmasked_and_unchanged():
 
     for method in ("umap", "um"):
         with pytest.raises(KeyboardInterrupt):
-            OODUnleash(model, method=method).fit(Loader(), loss_constraint=0.5, progress=False)
+            OODUnleash(model, method=method, constraint=0.5).fit(Loader(), progress=False)
         assert not any("_oodunleash_mask" in m.__dict__ for m in model.modules())
         assert type(model.conv) is nn.Conv2d
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

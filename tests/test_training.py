@@ -242,16 +242,14 @@ def test_um_step_ascends_when_loss_is_below_constraint():
     model = ConvNet(dropout=0.5).eval()
     loader = labelled_loader()
     # Pre-train so that CE is well below a large ξ, then one UM epoch must raise the CE.
-    OODUnleash(model).fit(loader, epochs=5, lr=0.1, loss_constraint=1e-6, progress=False)
-    unleashed = OODUnleash(model).fit(
-        loader, epochs=1, lr=0.05, loss_constraint=1.0, progress=False
-    )
+    OODUnleash(model, constraint=1e-6).fit(loader, epochs=5, lr=0.1, progress=False)
+    unleashed = OODUnleash(model, constraint=1.0).fit(loader, epochs=1, lr=0.05, progress=False)
     history = unleashed.history_[0]
     assert history["frac_below_constraint"] == 1.0
     from oodunleash import mean_cross_entropy
 
     before = mean_cross_entropy(copy.deepcopy(model), loader)
-    OODUnleash(model).fit(loader, epochs=1, lr=0.05, loss_constraint=1.0, progress=False)
+    OODUnleash(model, constraint=1.0).fit(loader, epochs=1, lr=0.05, progress=False)
     assert mean_cross_entropy(model, loader) > before
 
 
@@ -265,7 +263,7 @@ def test_flooding_false_is_the_plain_cross_entropy_control():
     assert "control" in repr(control)
     assert control.history_[0]["frac_below_constraint"] == 0.0
     # identical to flooding at a level no batch ever reaches (ce > ξ everywhere: descent)
-    tiny = OODUnleash(b, seed=1).fit(loader, epochs=2, loss_constraint=1e-9, progress=False)
+    tiny = OODUnleash(b, seed=1, constraint=1e-9).fit(loader, epochs=2, progress=False)
     for k, v in a.state_dict().items():
         assert torch.allclose(v, b.state_dict()[k], atol=1e-6)
     assert control.history_[-1]["ce"] == pytest.approx(tiny.history_[-1]["ce"], rel=1e-5)
@@ -276,8 +274,8 @@ def test_flooding_false_is_the_plain_cross_entropy_control():
 def test_umap_train_norms_trains_only_the_norm_affine_and_the_scores():
     model = ConvNet(dropout=0.5)
     before = state_copy(model)
-    unleashed = OODUnleash(model, method="umap", keep_ratio=0.75, exclude="fc")
-    unleashed.fit(labelled_loader(), epochs=2, loss_constraint=0.5, train_norms=True)
+    unleashed = OODUnleash(model, method="umap", keep_ratio=0.75, exclude="fc", constraint=0.5)
+    unleashed.fit(labelled_loader(), epochs=2, train_norms=True)
     after = state_copy(unleashed.export())
     assert not torch.equal(before["bn.weight"], after["bn.weight"])
     assert not torch.equal(before["bn.bias"], after["bn.bias"])
@@ -292,8 +290,8 @@ def test_umap_train_norms_leaves_norm_parameters_the_user_froze_frozen():
     model = ConvNet(dropout=0.5)
     model.bn.bias.requires_grad_(False)
     before = state_copy(model)
-    unleashed = OODUnleash(model, method="umap", exclude="fc")
-    unleashed.fit(labelled_loader(), epochs=2, loss_constraint=0.5, train_norms=True)
+    unleashed = OODUnleash(model, method="umap", exclude="fc", constraint=0.5)
+    unleashed.fit(labelled_loader(), epochs=2, train_norms=True)
     after = state_copy(unleashed.export())
     assert not torch.equal(before["bn.weight"], after["bn.weight"])
     assert torch.equal(before["bn.bias"], after["bn.bias"])
@@ -301,27 +299,25 @@ def test_umap_train_norms_leaves_norm_parameters_the_user_froze_frozen():
     # With every norm parameter frozen, the default trains none and True is refused.
     frozen = ConvNet(dropout=0.5)
     frozen.bn.requires_grad_(False)
-    refit = OODUnleash(frozen, method="umap", exclude="fc")
-    assert not refit.fit(labelled_loader(), epochs=1, loss_constraint=0.5).train_config_.train_norms
+    refit = OODUnleash(frozen, method="umap", exclude="fc", constraint=0.5)
+    assert not refit.fit(labelled_loader(), epochs=1).train_config_.train_norms
     with pytest.raises(ValueError, match="all 2 scale/shift.*requires_grad=False.*requires_grad_"):
-        refit.fit(labelled_loader(), epochs=1, loss_constraint=0.5, train_norms=True)
+        refit.fit(labelled_loader(), epochs=1, train_norms=True)
 
 
 def test_umap_defaults_one_threshold_keeping_90_percent_with_trainable_norms():
     model = ConvNet(dropout=0.5)
     bn_weight = model.bn.weight.detach().clone()
-    unleashed = OODUnleash(model, method="umap", exclude="fc")
+    unleashed = OODUnleash(model, method="umap", exclude="fc", constraint=0.5)
     assert (unleashed.keep_ratio, unleashed.mask_mode) == (0.9, "model")
-    unleashed.fit(labelled_loader(), epochs=1, loss_constraint=0.5, progress=False)
+    unleashed.fit(labelled_loader(), epochs=1, progress=False)
     assert unleashed.train_config_.train_norms
     assert not torch.equal(model.bn.weight, bn_weight)
     # A model without normalisation layers is fine by default: there is just nothing to train.
     plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
-    plain_fit = OODUnleash(plain, method="umap").fit(
-        labelled_loader(), epochs=1, loss_constraint=0.5
-    )
+    plain_fit = OODUnleash(plain, method="umap", constraint=0.5).fit(labelled_loader(), epochs=1)
     assert not plain_fit.train_config_.train_norms
-    um = OODUnleash(ConvNet(dropout=0.5)).fit(labelled_loader(), epochs=1, loss_constraint=0.5)
+    um = OODUnleash(ConvNet(dropout=0.5), constraint=0.5).fit(labelled_loader(), epochs=1)
     assert not um.train_config_.train_norms
 
 
@@ -336,11 +332,11 @@ def test_train_norms_is_refused_where_it_has_no_meaning():
 def test_umap_moves_norm_stats_unless_frozen():
     model = ConvNet(dropout=0.5)
     before = model.bn.running_mean.clone()
-    OODUnleash(model, method="umap").fit(labelled_loader(), epochs=1, loss_constraint=0.5)
+    OODUnleash(model, method="umap", constraint=0.5).fit(labelled_loader(), epochs=1)
     assert not torch.equal(before, model.bn.running_mean)
 
 
 def test_fit_releases_gradients():
     model = ConvNet(dropout=0.5)
-    OODUnleash(model).fit(labelled_loader(), epochs=1, loss_constraint=0.5, progress=False)
+    OODUnleash(model, constraint=0.5).fit(labelled_loader(), epochs=1, progress=False)
     assert all(p.grad is None for p in model.parameters())

@@ -15,7 +15,7 @@ from oodunleash.scores import Energy
 from oodunleash.tuning import CandidateResult, parse_finetune, score_variants, select
 from oodunleash.tuning import search as search_module
 from tests.helpers.scripts import load_script
-from tests.helpers.toys import same_state, state_copy
+from tests.helpers.toys import same_state, sequential_cnn, state_copy
 
 CLASSES = 3
 FAST = {"scores": ["energy", "msp", "knn"], "epochs": 1, "progress": False, "proxy_size": 60}
@@ -32,16 +32,7 @@ def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32, 16),
-        nn.ReLU(),
-        nn.Linear(16, CLASSES),
-    )
+    return sequential_cnn(1, 8, CLASSES, hidden=16, pool=2, batchnorm=True)
 
 
 @pytest.fixture(scope="module")

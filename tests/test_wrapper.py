@@ -22,8 +22,8 @@ def test_um_trains_dense_weights_and_leaves_no_mask():
     model = ConvNet(dropout=0.5)
     keys = list(model.state_dict())
     before = state_copy(model)
-    unleashed = OODUnleash(model, method="um").fit(
-        labelled_loader(), epochs=2, loss_constraint=0.5, progress=False
+    unleashed = OODUnleash(model, method="um", constraint=0.5).fit(
+        labelled_loader(), epochs=2, progress=False
     )
     assert unleashed.masks_ is None
     assert list(model.state_dict()) == keys
@@ -45,20 +45,20 @@ def test_same_seed_gives_identical_results():
     b_model = copy.deepcopy(a_model)
     loader = labelled_loader()
     shuffled = DataLoader(loader.dataset, batch_size=16, shuffle=True)
-    ua = OODUnleash(a_model, method="umap", seed=11).fit(shuffled, epochs=2, loss_constraint=0.5)
-    ub = OODUnleash(b_model, method="umap", seed=11).fit(shuffled, epochs=2, loss_constraint=0.5)
+    ua = OODUnleash(a_model, method="umap", seed=11, constraint=0.5).fit(shuffled, epochs=2)
+    ub = OODUnleash(b_model, method="umap", seed=11, constraint=0.5).fit(shuffled, epochs=2)
     for name in ua.masks_.layer_names:
         assert torch.equal(ua.masks_.layer_scores(name), ub.masks_.layer_scores(name))
     assert ua.history_[-1]["loss"] == ub.history_[-1]["loss"]
     with pytest.raises(ValueError, match="carries the UMAP mask"):
         OODUnleash(b_model)
     c_model = ub.export()
-    uc = OODUnleash(c_model, method="um", seed=2).fit(
-        shuffled, epochs=1, loss_constraint=0.5, progress=False
+    uc = OODUnleash(c_model, method="um", seed=2, constraint=0.5).fit(
+        shuffled, epochs=1, progress=False
     )
     d_model = ub.export()
-    ud = OODUnleash(d_model, method="um", seed=2).fit(
-        shuffled, epochs=1, loss_constraint=0.5, progress=False
+    ud = OODUnleash(d_model, method="um", seed=2, constraint=0.5).fit(
+        shuffled, epochs=1, progress=False
     )
     assert uc.history_[0]["loss"] == ud.history_[0]["loss"]
     assert all(torch.equal(v, d_model.state_dict()[k]) for k, v in c_model.state_dict().items())
@@ -68,10 +68,8 @@ def test_same_seed_gives_identical_results():
 def test_umap_freezes_weights_and_keeps_exact_fraction():
     model = ConvNet(dropout=0.5)
     before = state_copy(model)
-    unleashed = OODUnleash(model, method="umap", keep_ratio=0.75, exclude="fc")
-    unleashed.fit(
-        labelled_loader(), epochs=2, loss_constraint=0.5, freeze_norm_stats=True, train_norms=False
-    )
+    unleashed = OODUnleash(model, method="umap", keep_ratio=0.75, exclude="fc", constraint=0.5)
+    unleashed.fit(labelled_loader(), epochs=2, freeze_norm_stats=True, train_norms=False)
     after = state_copy(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN stats
     assert all(p.requires_grad for p in model.parameters())  # restored after fit
@@ -95,8 +93,8 @@ def test_timm_families_umap_export_loads_into_fresh_model(name, kwargs, size):
     model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs)
     keys = list(model.state_dict())
     loader = labelled_loader(n=8, batch=4, size=size, channels=3)
-    unleashed = OODUnleash(model, method="umap", keep_ratio=0.8, mask_mode="layer")
-    unleashed.fit(loader, epochs=1, lr=0.1, loss_constraint=0.5, progress=False)
+    unleashed = OODUnleash(model, method="umap", keep_ratio=0.8, mask_mode="layer", constraint=0.5)
+    unleashed.fit(loader, epochs=1, lr=0.1, progress=False)
     assert list(model.state_dict()) == keys
     x = torch.randn(2, 3, size, size)
     model.eval()

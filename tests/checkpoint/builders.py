@@ -48,8 +48,10 @@ def timm_um(scores: list[str], evaluate: bool = False) -> OODUnleash:
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
-    unleashed = OODUnleash(model, "um", layers=nn.Conv2d, exclude="stem.*", score="energy")
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.9, progress=False)
+    unleashed = OODUnleash(
+        model, "um", layers=nn.Conv2d, exclude="stem.*", score="energy", constraint=0.9
+    )
+    unleashed.fit(loader(), epochs=1, progress=False)
     unleashed.fit_scores(loader(), scores, progress=False)
     if evaluate:
         unleashed.evaluate(loader(seed=3), {"noise": ood_loader()}, scores, progress=False)
@@ -62,8 +64,8 @@ def timm_umap(scores: list[str]) -> OODUnleash:
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
-    unleashed = OODUnleash(model, "umap", layers="layer*", keep_ratio=0.7, seed=3)
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.5, progress=False)
+    unleashed = OODUnleash(model, "umap", layers="layer*", keep_ratio=0.7, seed=3, constraint=0.5)
+    unleashed.fit(loader(), epochs=1, progress=False)
     if scores:
         unleashed.fit_scores(loader(), scores, progress=False)
     return unleashed
@@ -72,8 +74,10 @@ def timm_umap(scores: list[str]) -> OODUnleash:
 def custom_umap() -> OODUnleash:
     """A fitted model-wise UMAP wrapper of :class:`TinyNet` with Mahalanobis fitted."""
     torch.manual_seed(0)
-    unleashed = OODUnleash(TinyNet(width=4), "umap", keep_ratio=0.6, mask_mode="model")
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.8, progress=False)
+    unleashed = OODUnleash(
+        TinyNet(width=4), "umap", keep_ratio=0.6, mask_mode="model", constraint=0.8
+    )
+    unleashed.fit(loader(), epochs=1, progress=False)
     unleashed.fit_scores(loader(), ["mahalanobis"], progress=False)
     return unleashed
 
@@ -81,8 +85,8 @@ def custom_umap() -> OODUnleash:
 def tiny_umap(seed: int) -> OODUnleash:
     """A small fitted UMAP wrapper with a KNN score; the same ``seed`` gives the same wrapper."""
     torch.manual_seed(seed)
-    unleashed = OODUnleash(TinyNet(), "umap", keep_ratio=0.6, seed=seed)
-    unleashed.fit(loader(seed=seed), epochs=1, loss_constraint=0.5, progress=False)
+    unleashed = OODUnleash(TinyNet(), "umap", keep_ratio=0.6, seed=seed, constraint=0.5)
+    unleashed.fit(loader(seed=seed), epochs=1, progress=False)
     unleashed.fit_scores(loader(seed=seed), ["knn"], progress=False)
     return unleashed
 

@@ -1,9 +1,9 @@
 """The small models and data the tests train: one definition, shared by every test module.
 
 ``ConvNet`` is the toy classifier (a convolution, optional batch norm and dropout, a global mean
-and a linear head); its arguments reproduce each variant the tests need, and the layers are
-created in one fixed order, so a seeded ``ConvNet`` starts from the same weights wherever it is
-built. ``labelled_loader`` is its data: Gaussian images whose labels are, optionally, added to
+and a linear head), ``sequential_cnn`` the same idea as an ``nn.Sequential`` with a hidden layer;
+their arguments reproduce each variant the tests need, and the layers are created in one fixed
+order, so a seeded model starts from the same weights wherever it is built. ``labelled_loader`` is its data: Gaussian images whose labels are, optionally, added to
 the pixels so a few epochs learn them.
 """
 
@@ -40,6 +40,30 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(F.relu(self.bn(self.conv(x)))).mean((2, 3)))
+
+
+def sequential_cnn(
+    channels: int,
+    width: int,
+    classes: int,
+    *,
+    hidden: int,
+    pool: int = 1,
+    batchnorm: bool = False,
+) -> nn.Sequential:
+    """conv 3x3 → [batch norm] → ReLU → average pool to ``pool`` x ``pool`` → linear →
+    ReLU → linear: an ``nn.Sequential``, for the tests that name its layers by index."""
+    norm = [nn.BatchNorm2d(width)] if batchnorm else []
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 3, padding=1),
+        *norm,
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(pool),
+        nn.Flatten(),
+        nn.Linear(width * pool * pool, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
+    )
 
 
 def labelled_loader(
