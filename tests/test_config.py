@@ -10,9 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from oodunleash import (
-    OODUnleash,
-)
+from oodunleash import OODUnleash
 from oodunleash.config import METHOD_DEFAULTS, Masked, Relative, UnleashConfig
 from oodunleash.constraint import estimate_loss_constraint
 from oodunleash.scores import get_score

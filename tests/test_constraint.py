@@ -9,15 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodunleash import (
-    OODUnleash,
-)
+from oodunleash import OODUnleash
 from oodunleash.config import Masked
 from oodunleash.masking import LayerMasks, topk_mask
 from tests.helpers.toys import ConvNet, labelled_loader, state_copy
 
 
-# ---------------------------------------------------------------- ξ
 def test_loss_constraint_matches_hand_computation_and_leaves_model_untouched():
     model = ConvNet(dropout=0.5)
     model.train()  # estimate must switch to eval mode (dropout off, BN running stats)

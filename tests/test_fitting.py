@@ -8,14 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from oodunleash import (
-    OODUnleash,
-)
+from oodunleash import OODUnleash
 from tests.helpers.fits import assert_same, dataset, make_net, snapshot, wrapper
 from tests.helpers.toys import ConvNet, labelled_loader
 
 
-# ---------------------------------------------------------------- bad inputs
 def _generator_loader():
     return (batch for batch in DataLoader(dataset(), batch_size=16))
 

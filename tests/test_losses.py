@@ -8,11 +8,7 @@ import math
 import pytest
 import torch
 
-from oodunleash import (
-    LossConstraintTooHighError,
-    OODUnleash,
-    flooding_loss,
-)
+from oodunleash import LossConstraintTooHighError, OODUnleash, flooding_loss
 from oodunleash.training import energy_oe_loss, oe_loss
 from tests.helpers.toys import ConvNet, labelled_loader, state_copy
 

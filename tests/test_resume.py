@@ -15,7 +15,6 @@ from oodunleash.resume import STATE_FILE, FitStateError
 from tests.helpers.fits import Interrupt, assert_same, dataset, make_net, snapshot
 
 
-# ---------------------------------------------------------------- resume
 def _history(unleashed):
     return [{k: v for k, v in rec.items() if k != "time_s"} for rec in unleashed.history_]
 

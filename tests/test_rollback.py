@@ -1,4 +1,5 @@
-"""fit is all or nothing: interrupted, diverged or refused, it leaves the model and the wrapper as they were (oodunleash.rollback)."""
+"""fit is all or nothing (oodunleash.rollback): interrupted, diverged or refused, it leaves the
+model and the wrapper as they were."""
 
 from __future__ import annotations
 

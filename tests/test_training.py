@@ -237,6 +237,7 @@ def test_fit_passes_compile_and_channels_last_to_the_training_config():
     assert unleashed.train_config_.channels_last is True
 
 
+# --------------------------------------------------------------------------- flooding
 def test_um_step_ascends_when_loss_is_below_constraint():
     torch.manual_seed(0)
     model = ConvNet(dropout=0.5).eval()
@@ -271,6 +272,7 @@ def test_flooding_false_is_the_plain_cross_entropy_control():
         OODUnleash(a).fit(loader, loss_constraint=0.3, flooding=False, progress=False)
 
 
+# --------------------------------------------------------------------------- norm layers
 def test_umap_train_norms_trains_only_the_norm_affine_and_the_scores():
     model = ConvNet(dropout=0.5)
     before = state_copy(model)

@@ -10,10 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from oodunleash import (
-    NotFittedError,
-    OODUnleash,
-)
+from oodunleash import NotFittedError, OODUnleash
 from tests.helpers.toys import ConvNet, labelled_loader, state_copy
 
 

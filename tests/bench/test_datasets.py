@@ -8,10 +8,7 @@ import pytest
 import torch
 
 from oodunleash.bench import datasets as ds
-from tests.bench.fake_data import (
-    assert_sample,
-    write_fake_fmnist,
-)
+from tests.bench.fake_data import assert_sample, write_fake_fmnist
 
 
 @pytest.mark.parametrize(

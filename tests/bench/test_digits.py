@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from oodunleash.bench import datasets as ds
-from tests.bench.fake_data import (
-    assert_sample,
-)
+from tests.bench.fake_data import assert_sample
 
 
 def test_digits_ood() -> None:

@@ -7,9 +7,7 @@ import math
 import pytest
 
 from oodunleash.bench import plots, report
-from oodunleash.bench.grid import (
-    from_name,
-)
+from oodunleash.bench.grid import from_name
 from oodunleash.bench.report import select_configs
 
 

@@ -10,11 +10,7 @@ from PIL import Image
 
 import oodunleash
 from oodunleash import OODUnleash
-from tests.cli.commands import (
-    model_args,
-    read_csv,
-    run,
-)
+from tests.cli.commands import model_args, read_csv, run
 
 
 def test_list_scores(capsys):

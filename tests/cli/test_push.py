@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from tests.cli.commands import (
-    assert_same_scores,
-    model_args,
-    run,
-)
+from tests.cli.commands import assert_same_scores, model_args, run
 
 
 def test_push_then_score_from_the_hub(checkpoint, data, hub, capsys):
