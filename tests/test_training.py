@@ -1,4 +1,5 @@
-"""The training loop: deferred divergence checks, no per-step host reads, compile, fast path."""
+"""The training loop (oodunleash.training): the flooding step, UMAP's norm layers, deferred
+divergence checks, no per-step host reads, compile, fast path."""
 
 from __future__ import annotations
 
