@@ -84,7 +84,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     letters = GlyphsOOD(args.eval_cap or 2000, seed=0)  # a family absent from tuning
     test_ood["letters"] = letters.tensors()[0]
     torch.manual_seed(seed)
-    model = create_model("small_cnn", data["num_classes"])
+    model = create_model(args.model, data["num_classes"])
     train = TensorLoader(*data["train"], batch_size=128, seed=seed)
     train_classifier(model, train, epochs=args.epochs, progress=False)
     trained_s = time.perf_counter() - started
@@ -201,9 +201,84 @@ def summarize(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _recipe_table(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple]]:
+    """``{(candidate, score): [(val FPR95, val Δacc, test FPR95, test Δacc) per run]}``, the
+    accuracy changes against the unchanged model of the same run; only recipes every run has."""
+    table: dict[tuple[str, str], list[tuple]] = {}
+    for run in runs:
+        candidates = run["val"]["candidates"]
+        val_ref = candidates["unchanged"]["accuracy"]
+        test_ref = run["test"]["unchanged"]["accuracy"]
+        for candidate, block in candidates.items():
+            test = run["test"].get(candidate)
+            for score, metrics in block.get("scores", {}).items():
+                test_fpr = float("nan")
+                if test is not None and score in test["scores"]:
+                    test_fpr = test["scores"][score]["mean"]["fpr95"]
+                table.setdefault((candidate, score), []).append((
+                    metrics["mean"]["fpr95"], block["accuracy"] - val_ref, test_fpr,
+                    (test["accuracy"] if test else float("nan")) - test_ref,
+                ))  # fmt: skip
+    return {recipe: rows for recipe, rows in table.items() if len(rows) == len(runs)}
+
+
+def fixed_recipes(groups: dict[str, list[dict[str, Any]]], max_drop: float = 1.0, top: int = 8):
+    """Markdown: which one fixed recipe (candidate + score) a default should be, chosen on
+    validation only (proxy OOD), pooled over every model and seed; test shown beside it.
+
+    A recipe is eligible when its mean validation accuracy change is within ``max_drop``
+    points; the ranking is by mean validation FPR95 over all runs of all models."""
+    tables = {pathlib.Path(name).name: _recipe_table(runs) for name, runs in groups.items()}
+    shared = set.intersection(*(set(t) for t in tables.values()))
+
+    def mean(name: str, recipe: tuple[str, str], column: int) -> float:
+        rows = tables[name][recipe]
+        return sum(r[column] for r in rows) / len(rows)
+
+    pooled = {
+        recipe: (
+            sum(mean(n, recipe, 0) for n in tables) / len(tables),
+            min(mean(n, recipe, 1) for n in tables),
+        )
+        for recipe in shared
+    }
+    # Ties at the reported precision go to the cheaper recipe: no fine-tune first.
+    eligible = sorted(
+        ((round(fpr, 1), recipe[0] != "unchanged"), recipe)
+        for recipe, (fpr, drop) in pooled.items()
+        if drop >= -max_drop
+    )
+    reference = [("unchanged", "energy"), ("um", "energy"), ("umap", "energy")]
+    shown = [recipe for _, recipe in eligible[:top]] + [r for r in reference if r in shared]
+    header = " | ".join(f"{n}: val FPR95 / Δacc | {n}: test FPR95 / Δacc" for n in tables)
+    lines = [
+        f"Fixed recipes ranked on validation (proxy OOD) over {', '.join(tables)}; eligible: "
+        f"mean validation accuracy within {max_drop:g} point of the unchanged model on every "
+        "model. Test columns are reported, not used.",
+        "",
+        f"| rank | recipe | pooled val FPR95 | {header} |",
+        "|---:|---|---:|" + "---:|---:|" * len(tables),
+    ]
+    ranks = {recipe: i + 1 for i, (_, recipe) in enumerate(eligible)}
+    for recipe in dict.fromkeys(shown):
+        cells = " | ".join(
+            f"{mean(n, recipe, 0):.1f} / {mean(n, recipe, 1):+.2f} | "
+            f"{mean(n, recipe, 2):.1f} / {mean(n, recipe, 3):+.2f}"
+            for n in tables
+        )
+        rank = ranks.get(recipe, "not eligible")
+        lines.append(f"| {rank} | {' + '.join(recipe)} | {pooled[recipe][0]:.1f} | {cells} |")
+    return "\n".join(lines)
+
+
+def _read_runs(folder: str) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(pathlib.Path(folder).glob("seed*.json"))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--model", choices=["small_cnn", "resnet18"], default="small_cnn")
     parser.add_argument("--out", default="runs/tune")
     parser.add_argument("--train-size", type=int, default=12000)
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of the model")
@@ -220,12 +295,19 @@ def main() -> None:
         default=["odin"],
         help="registered scores left out (ODIN costs three passes per batch)",
     )
-    parser.add_argument("--summarize", metavar="DIR", help="only print the summary of DIR")
+    parser.add_argument(
+        "--summarize",
+        metavar="DIR",
+        nargs="+",
+        help="only print the summary of each DIR (one model each) and, for several, the fixed "
+        "recipes ranked on validation over all of them",
+    )
     args = parser.parse_args()
     if args.summarize:
-        folder = pathlib.Path(args.summarize)
-        runs = [json.loads(p.read_text()) for p in sorted(folder.glob("seed*.json"))]
-        print(summarize(runs))
+        groups = {folder: _read_runs(folder) for folder in args.summarize}
+        for folder, runs in groups.items():
+            print(f"## {folder}\n\n{summarize(runs)}\n")
+        print(fixed_recipes(groups))
         return
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)

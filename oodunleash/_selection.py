@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["DEFAULT_LAYER_TYPES", "LayerSelector", "masked_parameters", "select_layers"]
+__all__ = [
+    "DEFAULT_LAYER_TYPES",
+    "LayerSelector",
+    "masked_parameters",
+    "select_layers",
+    "zero_fraction",
+]
 
 #: Module types masked when the user names no layers: their ``weight``, and for
 #: ``nn.MultiheadAttention`` the input projection (``in_proj_weight``, or ``q/k/v_proj_weight``
@@ -87,6 +93,21 @@ def masked_parameters(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
                 if _is_maskable(module._parameters.get(param)):
                     found[_join(name, param)] = (module, param)
     return found
+
+
+def zero_fraction(weights: Iterable[Tensor]) -> float:
+    """Share of exact zeros over all ``weights`` together (0.0 when there are none).
+
+    Example:
+        >>> import torch
+        >>> zero_fraction([torch.tensor([0.0, 1.0]), torch.zeros(2)])
+        0.75
+    """
+    zeros = total = 0
+    for weight in weights:
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return zeros / max(total, 1)
 
 
 def _weighted_modules(model: nn.Module) -> dict[str, nn.Module]:

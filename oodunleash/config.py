@@ -70,6 +70,9 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: The wrapper attribute of an option whose name is taken by a method there (``score``).
+_ATTRIBUTE = {"score": "default_score"}
+
 #: Options that shape the UMAP mask; UM (which fine-tunes the dense weights) refuses them.
 UMAP_ONLY: tuple[str, ...] = ("keep_ratio", "mask_mode", "mask_init")
 
@@ -207,6 +210,13 @@ def short_constraint(value: float | Relative | Masked) -> float | str | Relative
     return value
 
 
+#: Deprecated wrapper options and attributes: ``{alias: (recipe, its field)}``.
+_RECIPE_ALIASES: dict[str, tuple[type[Relative] | type[Masked], str]] = {
+    "constraint_factor": (Relative, "factor"),
+    "constraint_keep_ratio": (Masked, "keep_ratio"),
+}
+
+
 def constraint_with_aliases(
     constraint: ConstraintSpec, factor: Any, keep_ratio: Any
 ) -> ConstraintSpec:
@@ -222,11 +232,9 @@ def constraint_with_aliases(
         Relative(factor=2.0)
     """
     typed = check_constraint(constraint)
-    aliases = (
-        ("constraint_factor", factor, Relative, "factor"),
-        ("constraint_keep_ratio", keep_ratio, Masked, "keep_ratio"),
-    )
-    for alias, value, recipe, field in aliases:
+    given = {"constraint_factor": factor, "constraint_keep_ratio": keep_ratio}
+    for alias, (recipe, field) in _RECIPE_ALIASES.items():
+        value = given[alias]
         if value is None:
             continue
         name = recipe.__name__
@@ -244,6 +252,21 @@ def constraint_with_aliases(
                 f"constraint={name}({field}={value!r})."
             )
     return short_constraint(typed)
+
+
+def deprecated_recipe_attribute(name: str) -> property:
+    """The wrapper's read-only attribute ``name`` (a key of the deprecated aliases): the
+    alias's field of the wrapper's constraint when that is the alias's recipe, else the
+    recipe's default."""
+    recipe, field = _RECIPE_ALIASES[name]
+
+    def get(self: Any) -> float:
+        message = f"OODUnleash.{name} is deprecated: read unleashed.config.loss_constraint."
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        spec = check_constraint(self.constraint)
+        return getattr(spec if isinstance(spec, recipe) else recipe(), field)
+
+    return property(get, doc=f"Deprecated: the {field} of a :class:`{recipe.__name__}` constraint.")
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -345,6 +368,18 @@ class UnleashConfig:
                 raise TypeError(
                     f"{name} must be the name of a submodule (e.g. 'fc'), got {value!r}."
                 )
+
+    def set_attributes(self, owner: Any) -> None:
+        """Store each option as an attribute of ``owner`` (the wrapper; ``score`` goes to
+        ``default_score``, since ``score`` is a method there)."""
+        for field in dataclasses.fields(self):
+            setattr(owner, _ATTRIBUTE.get(field.name, field.name), getattr(self, field.name))
+
+    @classmethod
+    def from_attributes(cls, owner: Any) -> UnleashConfig:
+        """The options stored on ``owner`` by :meth:`set_attributes` (checked again)."""
+        fields = dataclasses.fields(cls)
+        return cls(**{f.name: getattr(owner, _ATTRIBUTE.get(f.name, f.name)) for f in fields})
 
     def resolve(self) -> UnleashConfig:
         """This config with the method's defaults in place of ``None``."""

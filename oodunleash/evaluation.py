@@ -13,7 +13,8 @@ Scores are **higher for in-distribution** samples.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,7 @@ from .scores import OODScore, ScoreNotFittedError, list_scores, resolve_score
 from .scores.base import check_score_output as _check_output
 from .scores.base import resolve_scores
 
-__all__ = ["Evaluator", "ScoreSpec", "ScoreSpecs"]
+__all__ = ["Evaluator", "ScoreSpec", "ScoreSpecs", "evaluator_attribute"]
 
 #: A score: a registered name (see :func:`oodunleash.list_scores`) or an :class:`OODScore`.
 ScoreSpec = str | OODScore
@@ -51,6 +52,28 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def evaluator_attribute(
+    name: str,
+    doc: str,
+    *,
+    convert: Callable[[Any], Any] | None = None,
+    check: Callable[[Any], Any] | None = None,
+) -> property:
+    """An attribute of a class holding an :class:`Evaluator` as ``_evaluator`` that reads and
+    writes the evaluator's own ``name``: a value set is ``check``ed, then stored as
+    ``convert(value)``. One copy of each setting, so the two never disagree."""
+
+    def get(owner: Any) -> Any:
+        return getattr(owner._evaluator, name)
+
+    def set_(owner: Any, value: Any) -> None:
+        if check is not None:
+            check(value)
+        setattr(owner._evaluator, name, value if convert is None else convert(value))
+
+    return property(get, set_, doc=doc)
 
 
 class Evaluator:
@@ -277,6 +300,7 @@ class Evaluator:
         tpr: float = 0.95,
         max_batches: int | None = None,
         progress: bool = True,
+        device: torch.device | str | None = None,
     ) -> EvaluationResults:
         """Score an ID test set and OOD sets with many detectors; compute the metrics.
 
@@ -297,6 +321,7 @@ class Evaluator:
             tpr: True-positive rate of the FPR metric.
             max_batches: Use only this many batches of each loader.
             progress: Show progress bars.
+            device: Move the model there first (default: where it is).
 
         Returns:
             :class:`~oodunleash.results.EvaluationResults` (also stored as ``last_results``, the wrapper's ``last_results_``):
@@ -318,6 +343,8 @@ class Evaluator:
             >>> unleashed.last_results_ is results
             True
         """
+        if device is not None:
+            self.model.to(device)
         oods = named_ood_loaders(ood_loaders)
         instances = self._instances(scores)
         if fit_loader is not None:

@@ -24,10 +24,11 @@ from .config import (
     Masked,
     Relative,
     UnleashConfig,
+    check_constraint,
     check_loss_constraint,
     real_number,
 )
-from .constraint import relative_loss_constraint
+from .constraint import estimate_loss_constraint, relative_loss_constraint
 from .distributed import init_distributed, rank, shard_loader, sync_module
 from .masking import LayerMasks
 from .resume import EpochHook, FitStateError, read_fit_state
@@ -220,6 +221,34 @@ def choose_constraint(
     if isinstance(spec, Relative):
         return relative_loss_constraint(model, loader, spec.factor, progress=progress)
     return spec
+
+
+def masked_constraint(
+    model: nn.Module,
+    config: UnleashConfig,
+    loader: Iterable,
+    keep_ratio: float | None,
+    *,
+    masks: LayerMasks | None,
+    init: str | None,
+    **options: Any,
+) -> float:
+    """ξ by the paper's recipe for :meth:`OODUnleash.estimate_loss_constraint`: ``keep_ratio``
+    defaults to the ``Masked`` constraint's (else its default), ``init`` to UMAP's
+    ``mask_init`` (else random). ``options`` go to :func:`~oodunleash.constraint.estimate_loss_constraint`."""
+    init_distributed()
+    if masks is not None and masks.is_attached:
+        raise RuntimeError(
+            "The model carries a learnt UMAP mask; estimate ξ on the original model: "
+            "OODUnleash(original_model).estimate_loss_constraint(...)."
+        )
+    if keep_ratio is None:
+        keep_ratio = getattr(check_constraint(config.constraint), "keep_ratio", Masked().keep_ratio)
+    return estimate_loss_constraint(
+        unwrap_compiled(model), shard_loader(loader), real_number(keep_ratio, "keep_ratio"),
+        layers=config.layers, exclude=config.exclude, init=init or config.mask_init or "random",
+        seed=config.seed, **options,
+    )  # fmt: skip
 
 
 def check_same_fit(saved: Mapping[str, Any], record: Mapping[str, Any], where: Any) -> None:

@@ -36,6 +36,7 @@ from ._selection import (
     _join,
     masked_parameters,
     select_layers,
+    zero_fraction,
 )
 from ._thresholds import JointThreshold, LayerThresholds
 
@@ -48,6 +49,7 @@ __all__ = [
     "num_kept",
     "select_layers",
     "topk_mask",
+    "zero_fraction",
 ]
 
 _MASK_ATTR = "_oodunleash_mask"

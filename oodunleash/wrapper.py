@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -13,36 +11,21 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, fitting
 from ._modules import model_device, unwrap_compiled
 from .config import (
     METHOD_DEFAULTS,
     ConstraintSpec,
-    Masked,
     Method,
-    Relative,
     UnleashConfig,
     check_constraint,
     constraint_with_aliases,
-    real_number,
+    deprecated_recipe_attribute,
 )
-from .constraint import estimate_loss_constraint
-from .distributed import init_distributed, is_main_process, shard_loader
-from .evaluation import Evaluator, ScoreSpec, ScoreSpecs
+from .distributed import is_main_process
+from .evaluation import Evaluator, ScoreSpec, ScoreSpecs, evaluator_attribute
 from .features import FeatureExtractor
-from .fitting import (
-    check_model,
-    check_reiterable,
-    deprecated_fit_constraint,
-    rolled_back,
-    run_fit,
-    saved_fit_state,
-    summary,
-    train_config,
-    trained_norm_parameters,
-)
-from .masking import LayerMasks, LayerSelector, masked_parameters, select_layers
-from .metrics import Positive
+from .masking import LayerMasks, LayerSelector, masked_parameters, select_layers, zero_fraction
 from .results import EvaluationResults
 from .rollback import RollbackCopy
 from .scores import resolve_score
@@ -51,33 +34,8 @@ from .training import TrainingDivergedError
 __all__ = ["METHOD_DEFAULTS", "NotFittedError", "OODUnleash"]
 
 
-#: The attribute holding an option whose name is taken by a method (``score``).
-_ATTRIBUTE = {"score": "default_score"}
-
-
 class NotFittedError(ValueError, AttributeError):
     """Raised when a fitted attribute or method is used before :meth:`OODUnleash.fit`."""
-
-
-def _on_evaluator(
-    name: str,
-    doc: str,
-    *,
-    convert: Callable[[Any], Any] | None = None,
-    check: Callable[[Any], Any] | None = None,
-) -> property:
-    """A wrapper attribute that reads and writes the evaluator's own ``name``: the value set is
-    ``check``ed, then stored as ``convert(value)``."""
-
-    def get(self: OODUnleash) -> Any:
-        return getattr(self._evaluator, name)
-
-    def set_(self: OODUnleash, value: Any) -> None:
-        if check is not None:
-            check(value)
-        setattr(self._evaluator, name, value if convert is None else convert(value))
-
-    return property(get, set_, doc=doc)
 
 
 class OODUnleash:
@@ -159,7 +117,7 @@ class OODUnleash:
         constraint_factor: float | None = None,
         constraint_keep_ratio: float | None = None,
     ) -> None:
-        check_model(model)
+        fitting.check_model(model)
         constraint = constraint_with_aliases(constraint, constraint_factor, constraint_keep_ratio)
         config = UnleashConfig(
             method, layers, exclude, keep_ratio, mask_mode, mask_init, constraint, score, seed,
@@ -167,40 +125,36 @@ class OODUnleash:
         ).resolve()  # fmt: skip
         self.model = model
         self._evaluator = Evaluator(model)
-        for field in dataclasses.fields(UnleashConfig):  # method, layers, ..., feature_layer
-            setattr(self, _ATTRIBUTE.get(field.name, field.name), getattr(config, field.name))
+        config.set_attributes(self)  # self.method, self.layers, ..., self.feature_layer
         # Fail now, not after an epoch, when the selection is empty.
         plain = unwrap_compiled(model)  # names without torch.compile's `_orig_mod.` prefix
         self.layer_names: list[str] = list(select_layers(plain, layers, exclude))
         self.masks_: LayerMasks | None = None
 
     # What scoring reads lives on the evaluator; the wrapper's names are views of it, settable.
-    default_score = _on_evaluator(
+    default_score = evaluator_attribute(
         "default_score",
         "The score :meth:`score` and :meth:`evaluate` use when none is named.",
         check=resolve_score,  # an unknown name fails when set, not when first scored
     )
-    head = _on_evaluator("head", "Name of the classifier head submodule, or ``None`` to find it.")
-    feature_layer = _on_evaluator(
+    head = evaluator_attribute("head", "The classifier head's name, or ``None`` to find it.")
+    feature_layer = evaluator_attribute(
         "feature_layer",
         "Name of the submodule giving the pre-pool feature map, or ``None`` to find it.",
     )
-    fitted_scores_ = _on_evaluator(
+    fitted_scores_ = evaluator_attribute(
         "fitted_scores",
         "``{name: OODScore}`` filled by :meth:`fit_scores` (reset by :meth:`fit`).",
         convert=dict,
     )
-    last_results_ = _on_evaluator(
+    last_results_ = evaluator_attribute(
         "last_results", "The results of the last :meth:`evaluate` call, or ``None``."
     )
 
     @property
     def config(self) -> UnleashConfig:
         """The options as an :class:`~oodunleash.config.UnleashConfig` (checked again)."""
-        fields = dataclasses.fields(UnleashConfig)
-        return UnleashConfig(
-            **{f.name: getattr(self, _ATTRIBUTE.get(f.name, f.name)) for f in fields}
-        )
+        return UnleashConfig.from_attributes(self)
 
     def get_params(self) -> dict[str, Any]:
         """The constructor's options, JSON-able: ``OODUnleash(model, **params)`` rebuilds an
@@ -216,20 +170,8 @@ class OODUnleash:
         """
         return self.config.to_dict(layer_names=self.layer_names)
 
-    def _recipe_field(self, name: str, recipe: type[Relative] | type[Masked], field: str) -> float:
-        message = f"OODUnleash.{name} is deprecated: read unleashed.config.loss_constraint."
-        warnings.warn(message, DeprecationWarning, stacklevel=3)
-        spec = check_constraint(self.constraint)
-        return getattr(spec if isinstance(spec, recipe) else recipe(), field)
-
-    constraint_factor = property(
-        lambda self: self._recipe_field("constraint_factor", Relative, "factor"),
-        doc="Deprecated: the factor of a :class:`~oodunleash.config.Relative` constraint.",
-    )
-    constraint_keep_ratio = property(
-        lambda self: self._recipe_field("constraint_keep_ratio", Masked, "keep_ratio"),
-        doc="Deprecated: the keep ratio of a :class:`~oodunleash.config.Masked` constraint.",
-    )
+    constraint_factor = deprecated_recipe_attribute("constraint_factor")
+    constraint_keep_ratio = deprecated_recipe_attribute("constraint_keep_ratio")
 
     @property
     def device(self) -> torch.device:
@@ -287,22 +229,9 @@ class OODUnleash:
             >>> xi == unleashed.estimate_loss_constraint(data, progress=False)  # seeded masks
             True
         """
-        init_distributed()
-        loader = shard_loader(loader)
-        if self.masks_ is not None and self.masks_.is_attached:
-            raise RuntimeError(
-                "The model carries a learnt UMAP mask; estimate ξ on the original model: "
-                "OODUnleash(original_model).estimate_loss_constraint(...)."
-            )
-        if keep_ratio is None:  # the Masked recipe's, else its default
-            keep_ratio = getattr(
-                check_constraint(self.constraint), "keep_ratio", Masked().keep_ratio
-            )
-        return estimate_loss_constraint(
-            unwrap_compiled(self.model), loader, real_number(keep_ratio, "keep_ratio"),
-            layers=self.layers,
-            exclude=self.exclude, init=init or self.mask_init or "random", draws=draws,
-            seed=self.seed, max_batches=max_batches, progress=progress,
+        return fitting.masked_constraint(
+            self.model, self.config, loader, keep_ratio, masks=self.masks_, init=init,
+            draws=draws, max_batches=max_batches, progress=progress,
         )  # fmt: skip
 
     def fit(
@@ -406,9 +335,9 @@ class OODUnleash:
             >>> control.fit(data, epochs=1, flooding=False, progress=False).loss_constraint_ is None
             True
         """
-        given = deprecated_fit_constraint(loss_constraint, flooding)
-        norm_params = trained_norm_parameters(self.model, self.method, train_norms)
-        config = train_config(
+        given = fitting.deprecated_fit_constraint(loss_constraint, flooding)
+        norm_params = fitting.trained_norm_parameters(self.model, self.method, train_norms)
+        config = fitting.train_config(
             self.method, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
             weight_decay=weight_decay, schedule=schedule, amp=amp, compile=compile,
             channels_last=channels_last, max_grad_norm=max_grad_norm,
@@ -416,10 +345,10 @@ class OODUnleash:
             outlier_loss=outlier_loss or ("oe" if outlier_loader is not None else None),
             outlier_weight=outlier_weight,
         )  # fmt: skip
-        check_reiterable(loader, "loader")
+        fitting.check_reiterable(loader, "loader")
         if outlier_loader is not None:
-            check_reiterable(outlier_loader, "outlier_loader")
-        saved = saved_fit_state(checkpoint_dir, resume, outlier_loader)
+            fitting.check_reiterable(outlier_loader, "outlier_loader")
+        saved = fitting.saved_fit_state(checkpoint_dir, resume, outlier_loader)
         started = time.perf_counter()
         rollback = RollbackCopy(self.model, owners=(self, self._evaluator))
         try:
@@ -427,7 +356,7 @@ class OODUnleash:
                 self.masks_.detach()
                 self.masks_ = None
             spec = given if given is not None else check_constraint(self.constraint)
-            xi, history, self.masks_ = run_fit(
+            xi, history, self.masks_ = fitting.run_fit(
                 self.model, self.config, config, loader, outlier_loader=outlier_loader,
                 constraint=spec if flooding else None, norm_params=norm_params,
                 estimate_masked=self.estimate_loss_constraint, params=self.get_params(),
@@ -440,12 +369,12 @@ class OODUnleash:
             self._evaluator.reset()  # fitted detectors describe the old features
         except TrainingDivergedError as exc:
             rollback.restore()
-            raise rolled_back(exc) from exc
+            raise fitting.rolled_back(exc) from exc
         except BaseException:
             rollback.restore()
             raise
         if progress and is_main_process():
-            print(summary(self.method, xi, history, time.perf_counter() - started))
+            print(fitting.summary(self.method, xi, history, time.perf_counter() - started))
         return self
 
     def export(self) -> nn.Module:
@@ -475,13 +404,7 @@ class OODUnleash:
         """Fraction of zero weights over the chosen layers of the (exported) model."""
         plain = self.export() if self.masks_ is not None else unwrap_compiled(self.model)
         weights = masked_parameters(plain)  # layer name -> (module, parameter name)
-        zeros = total = 0
-        for name in self.layer_names:
-            module, param = weights[name]
-            w = getattr(module, param)
-            zeros += int((w == 0).sum())
-            total += w.numel()
-        return zeros / max(total, 1)
+        return zero_fraction(getattr(*weights[name]) for name in self.layer_names)
 
     @property
     def feature_extractor(self) -> FeatureExtractor:
@@ -489,16 +412,12 @@ class OODUnleash:
         return self._evaluator.feature_extractor
 
     def fit_scores(
-        self,
-        loader: Iterable,
-        scores: ScoreSpecs | None = None,
-        *,
-        max_batches: int | None = None,
-        progress: bool = True,
+        self, loader: Iterable, scores: ScoreSpecs | None = None, **options: Any
     ) -> OODUnleash:
         """Fit detectors on ID training data in one pass of the model; store them in
-        ``fitted_scores_``. See :meth:`oodunleash.evaluation.Evaluator.fit_scores`."""
-        self._evaluator.fit_scores(loader, scores, max_batches=max_batches, progress=progress)
+        ``fitted_scores_``; return ``self``. ``options`` (``max_batches``, ``progress``): see
+        :meth:`oodunleash.evaluation.Evaluator.fit_scores`."""
+        self._evaluator.fit_scores(loader, scores, **options)
         return self
 
     def score(self, x: Tensor, score: ScoreSpec | None = None) -> Tensor:
@@ -511,23 +430,13 @@ class OODUnleash:
         id_loader: Iterable,
         ood_loaders: Mapping[str, Iterable] | Iterable,
         scores: ScoreSpecs | None = None,
-        *,
-        fit_loader: Iterable | None = None,
-        positive: Positive = "id",
-        tpr: float = 0.95,
-        max_batches: int | None = None,
-        progress: bool = True,
-        device: torch.device | str | None = None,
+        **options: Any,
     ) -> EvaluationResults:
         """Score an ID test set and OOD sets with many detectors; compute the metrics; store
-        them in ``last_results_``. ``device``: move the model there first (default: where it
-        is). See :meth:`oodunleash.evaluation.Evaluator.evaluate` for the arguments."""
-        if device is not None:
-            self.model.to(device)
-        return self._evaluator.evaluate(
-            id_loader, ood_loaders, scores, fit_loader=fit_loader, positive=positive, tpr=tpr,
-            max_batches=max_batches, progress=progress,
-        )  # fmt: skip
+        them in ``last_results_``. ``options`` (``fit_loader``, ``positive``, ``tpr``,
+        ``max_batches``, ``progress``, ``device``): see
+        :meth:`oodunleash.evaluation.Evaluator.evaluate`."""
+        return self._evaluator.evaluate(id_loader, ood_loaders, scores, **options)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_state(self, what: str, options: dict[str, Any]) -> checkpoint.WrapperState:

@@ -66,20 +66,13 @@ def flooding(ax: plt.Axes) -> None:
     ax.plot(ce, ce, color=GREY, lw=1, ls="--", label="CE (plain fine-tune)")
     ax.axvline(xi, color=GREY, ls=":", lw=1)
     ax.annotate("ξ", xy=(xi, 0.02), xytext=(xi + 0.02, 0.02), fontsize=10)
-    ax.annotate(
-        "below ξ:\ngradient ascent",
-        xy=(0.2, 0.62),
-        xytext=(0.04, 0.95),
-        fontsize=9,
-        arrowprops={"arrowstyle": "->", "color": GREY},
-    )
-    ax.annotate(
-        "above ξ:\ngradient descent",
-        xy=(0.95, 0.95),
-        xytext=(0.62, 1.25),
-        fontsize=9,
-        arrowprops={"arrowstyle": "->", "color": GREY},
-    )
+    arrows = [
+        ("below ξ:\ngradient ascent", (0.2, 0.62), (0.04, 0.95)),
+        ("above ξ:\ngradient descent", (0.95, 0.95), (0.62, 1.25)),
+    ]
+    for text, point, label_at in arrows:
+        arrow = {"arrowstyle": "->", "color": GREY}
+        ax.annotate(text, xy=point, xytext=label_at, fontsize=9, arrowprops=arrow)
     ax.set(
         xlim=(0, 1.2),
         ylim=(0, 1.45),

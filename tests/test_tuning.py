@@ -300,3 +300,42 @@ def test_the_measurement_summary_compares_tune_with_the_fixed_recipes_and_the_or
     assert "| oracle (best on test) | 25.0 | -62% | 89.50 | -0.50 |" in text
     assert "| 0 | oracle (best on test) | um + knn k=10 | 20.0 | 89.50 |" in text
     assert "seed 0: near 60.0 → 20.0, letters 60.0 → 20.0" in text
+
+
+def _fake_validated_run(val: dict[tuple[str, str], tuple[float, float]], test_fpr_offset: float):
+    """A run whose validation block has ``{(candidate, score): (val FPR95, val accuracy)}`` and
+    whose test block has the same numbers plus ``test_fpr_offset``."""
+    run = _fake_run(
+        0,
+        {recipe: fpr + test_fpr_offset for recipe, (fpr, _) in val.items()},
+        {candidate: accuracy for (candidate, _), (_, accuracy) in val.items()},
+        ("unchanged", "energy"),
+    )
+    candidates: dict = {}
+    for (candidate, score), (fpr, accuracy) in val.items():
+        block = candidates.setdefault(candidate, {"accuracy": accuracy, "scores": {}})
+        block["scores"][score] = {"mean": {"auroc": 80.0, "fpr95": fpr}}
+    run["val"] = {"candidates": candidates}
+    return run
+
+
+def test_fixed_recipes_are_ranked_on_validation_pooled_over_models():
+    bench = _load_benchmark_script()
+    small = {
+        ("unchanged", "energy"): (60.0, 90.0),
+        ("unchanged", "knn k=1"): (20.0, 90.0),
+        ("um control", "knn k=1"): (20.0, 89.5),  # ties with unchanged: the cheaper one first
+        ("um", "knn k=1"): (5.0, 87.0),  # best FPR95, but 3 points of accuracy: not eligible
+        ("um", "energy"): (50.0, 87.0),
+    }
+    big = {recipe: (fpr + 10, acc) for recipe, (fpr, acc) in small.items()}
+    big[("um control", "knn k=1")] = (40.0, 89.5)
+    groups = {
+        "runs/cnn": [_fake_validated_run(small, 100.0)],
+        "runs/resnet": [_fake_validated_run(big, 0.0)],
+    }
+    text = bench.fixed_recipes(groups)
+    assert "| 1 | unchanged + knn k=1 | 25.0 | 20.0 / +0.00 | 120.0 / +0.00 | 30.0 / +0.00" in text
+    assert "| 2 | um control + knn k=1 | 30.0 |" in text
+    assert "| not eligible | um + energy | 55.0 |" in text
+    assert "um + knn k=1" not in text.split("| not eligible |")[0]  # never ranked

@@ -12,14 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import (
-    ImageTensorDataset,
-    check_classes,
-    check_fraction,
-    check_split,
-    remap_labels,
-    stratified_holdout,
-)
+from . import images
+from .images import ImageTensorDataset
 
 __all__ = ["DIGIT_CLASSES", "DigitsID", "DigitsOOD", "digits_near_ood_split"]
 
@@ -54,8 +48,8 @@ class DigitsOOD(ImageTensorDataset):
     """
 
     def __init__(self, normalize: bool = True) -> None:
-        images, labels = _digits_28()
-        super().__init__(images, torch.full_like(labels, -1), normalize)
+        pixels, labels = _digits_28()
+        super().__init__(pixels, torch.full_like(labels, -1), normalize)
 
 
 class DigitsID(ImageTensorDataset):
@@ -98,22 +92,22 @@ class DigitsID(ImageTensorDataset):
         *,
         ood_label: int | None = None,
     ) -> None:
-        check_split(split, ("train", "val", "test"))
-        check_fraction("val_fraction", val_fraction)
-        check_fraction("test_fraction", test_fraction, allow_zero=False)
-        kept_classes = tuple(range(10)) if classes is None else check_classes(classes, 10)
-        images, labels = _digits_28()
+        images.check_split(split, ("train", "val", "test"))
+        images.check_fraction("val_fraction", val_fraction)
+        images.check_fraction("test_fraction", test_fraction, allow_zero=False)
+        kept_classes = tuple(range(10)) if classes is None else images.check_classes(classes, 10)
+        pixels, labels = _digits_28()
         labels_np = labels.numpy()
-        rest, test = stratified_holdout(labels_np, test_fraction, seed, stage=1)
-        train_pos, val_pos = stratified_holdout(labels_np[rest], val_fraction, seed, stage=2)
+        rest, test = images.stratified_holdout(labels_np, test_fraction, seed, stage=1)
+        train_pos, val_pos = images.stratified_holdout(labels_np[rest], val_fraction, seed, stage=2)
         rows_np = {"train": rest[train_pos], "val": rest[val_pos], "test": test}[split]
         rows_np = rows_np[np.isin(labels_np[rows_np], kept_classes)]
         rows = torch.from_numpy(rows_np)
-        targets = remap_labels(labels[rows], kept_classes, 10)
+        targets = images.remap_labels(labels[rows], kept_classes, 10)
         if ood_label is not None:
             targets = torch.full_like(targets, int(ood_label))
         super().__init__(
-            images[rows], targets, normalize, tuple(DIGIT_CLASSES[c] for c in kept_classes)
+            pixels[rows], targets, normalize, tuple(DIGIT_CLASSES[c] for c in kept_classes)
         )
         self.split = split
         self.classes = kept_classes
@@ -146,7 +140,7 @@ def digits_near_ood_split(
         >>> sorted(splits), splits["ood"][0][1]
         (['ood', 'test', 'train', 'val'], -1)
     """
-    ids = check_classes(id_classes, 10)
+    ids = images.check_classes(id_classes, 10)
     ood_classes = tuple(c for c in range(10) if c not in ids)
     if not ood_classes:
         raise ValueError("id_classes uses all 10 digits; hold at least one back as OOD.")

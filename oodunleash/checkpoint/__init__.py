@@ -12,8 +12,8 @@ Example:
     >>> def make_net():
     ...     return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
     >>> data = [(torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,))) for _ in range(2)]
-    >>> unleashed = OODUnleash(make_net(), "umap").fit(data, epochs=1, loss_constraint=0.5,
-    ...                                                progress=False)
+    >>> unleashed = OODUnleash(make_net(), "umap", constraint=0.5).fit(data, epochs=1,
+    ...                                                            progress=False)
     >>> folder = unleashed.save_pretrained(tempfile.mkdtemp() + "/ckpt")
     >>> again = OODUnleash.from_pretrained(folder, model=make_net)
     >>> x = torch.randn(4, 1, 4, 4)
@@ -24,6 +24,7 @@ Example:
 import os
 from pathlib import Path  # noqa: F401 - the return type OODUnleash.save_pretrained names
 
+from . import format as _format
 from .errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -31,15 +32,7 @@ from .errors import (
     HubError,
     IncompatibleCheckpointError,
 )
-from .format import (
-    CONFIG_NAME,
-    FORMAT_VERSION,
-    MASKS_NAME,
-    MODEL_CARD_NAME,
-    SCORES_NAME,
-    TIMM_CONFIG_NAME,
-    WEIGHTS_NAME,
-)
+from .format import *  # noqa: F403 - the layout's file names and version, as format.__all__ lists
 from .hub_io import download_checkpoint, push_checkpoint
 from .load import load_checkpoint
 from .save import save_checkpoint
@@ -51,13 +44,7 @@ PathLike = str | os.PathLike
 
 __all__ = [
     "PathLike",
-    "CONFIG_NAME",
-    "FORMAT_VERSION",
-    "MASKS_NAME",
-    "MODEL_CARD_NAME",
-    "SCORES_NAME",
-    "TIMM_CONFIG_NAME",
-    "WEIGHTS_NAME",
+    *_format.__all__,
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..masking import LayerMasks, topk_mask
+from ..masking import LayerMasks, topk_mask, zero_fraction
 from .errors import CheckpointMismatchError, CorruptCheckpointError
 from .format import MASKS_NAME
 from .tensors import load_tensors, pack_bits, split_prefixed, tensors_for_saving, unpack_bits
@@ -49,14 +49,10 @@ def masks_for_saving(
     unless ``keep_masks``)."""
     if masks is None:
         return None, {}
-    zeros = total = 0
-    for name in masks.layer_names:
-        weight = baked[_weight_key(masks, name)]
-        zeros += int((weight == 0).sum())
-        total += weight.numel()
+    sparsity = zero_fraction(baked[_weight_key(masks, name)] for name in masks.layer_names)
     info: dict[str, Any] = {
         "storage": "scores" if keep_masks else "baked",
-        "sparsity": zeros / max(total, 1),
+        "sparsity": sparsity,
         "keep_ratio": masks.keep_ratio,
         "mode": masks.mode,
         "init": masks.init,

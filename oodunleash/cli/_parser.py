@@ -226,27 +226,19 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         default="all",
         help="which per-epoch safetensors checkpoints to keep",
     )
-    bench.add_argument(
-        "--eval-cap", type=int, default=None, help="subsample every val/test set (smoke tests)"
-    )
+    bench.add_argument("--eval-cap", type=int, help="subsample every val/test set (smoke tests)")
     bench.add_argument(
         "--time-budget",
         type=float,
-        default=None,
         help="seconds; fine-tunes that would start later are skipped (the grid is ordered by "
         "priority)",
     )
     bench.add_argument("--quick", action="store_true", help="a tiny fine-tune grid (smoke test)")
-    bench.add_argument(
-        "--grid",
-        nargs="+",
-        default=None,
-        help="fine-tunes to run instead of the default grid, e.g. um/train_x4/lr0.01/ep10",
-    )
+    grid_help = "fine-tunes to run instead of the default grid, e.g. um/train_x4/lr0.01/ep10"
+    bench.add_argument("--grid", nargs="+", help=grid_help)
     bench.add_argument(
         "--scores",
         nargs="+",
-        default=None,
         help="OOD scores to report (default: oodunleash.bench.protocol.ALL_SCORES); any registered "
         "name, e.g. vim gradnorm. A resumed run keeps the scores it started with",
     )

@@ -148,6 +148,16 @@ _ALIASES: dict[str, str] = {}
 S = TypeVar("S")
 
 
+def positive_option(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    """A score's hyperparameter ``value`` as a float, refused with its name unless it is
+    positive (or zero, with ``allow_zero``)."""
+    number = float(value)
+    if not (number >= 0 if allow_zero else number > 0):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be {kind}, got {value}.")
+    return number
+
+
 def _normalise(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 

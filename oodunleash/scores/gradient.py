@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..features import FeatureSet
-from .base import OODScore, register_score
+from .base import OODScore, positive_option, register_score
 
 __all__ = ["ODIN", "GradNorm"]
 
@@ -44,12 +44,8 @@ class ODIN(OODScore):
         epsilon: float = 0.0014,
         std: Sequence[float] | None = None,
     ) -> None:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}.")
-        if epsilon < 0:
-            raise ValueError(f"epsilon must be non-negative, got {epsilon}.")
-        self.temperature = float(temperature)
-        self.epsilon = float(epsilon)
+        self.temperature = positive_option("temperature", temperature)
+        self.epsilon = positive_option("epsilon", epsilon, allow_zero=True)
         self.std = tuple(float(s) for s in std) if std is not None else None
 
     def score(self, data: FeatureSet) -> Tensor:
@@ -85,9 +81,7 @@ class GradNorm(OODScore):
     requires = frozenset({"logits", "features"})
 
     def __init__(self, temperature: float = 1.0) -> None:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}.")
-        self.temperature = float(temperature)
+        self.temperature = positive_option("temperature", temperature)
 
     def score(self, data: FeatureSet) -> Tensor:
         logits = data.require("logits", self.name).float()

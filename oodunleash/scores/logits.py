@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..features import FeatureSet
-from .base import OODScore, register_score
+from .base import OODScore, positive_option, register_score
 
 __all__ = ["GEN", "MSP", "Energy", "Entropy", "MaxLogit", "energy"]
 
@@ -64,9 +64,7 @@ class Energy(OODScore):
     requires = frozenset({"logits"})
 
     def __init__(self, temperature: float = 1.0) -> None:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}.")
-        self.temperature = float(temperature)
+        self.temperature = positive_option("temperature", temperature)
 
     def score(self, data: FeatureSet) -> Tensor:
         return energy(_logits(data, self.name), self.temperature)
@@ -96,11 +94,9 @@ class GEN(OODScore):
     requires = frozenset({"logits"})
 
     def __init__(self, gamma: float = 0.1, top_m: int = 100) -> None:
-        if not gamma > 0:
-            raise ValueError(f"gamma must be positive, got {gamma}.")
         if top_m < 1:
             raise ValueError(f"top_m must be at least 1, got {top_m}.")
-        self.gamma = float(gamma)
+        self.gamma = positive_option("gamma", gamma)
         self.top_m = int(top_m)
 
     def score(self, data: FeatureSet) -> Tensor:
