@@ -320,7 +320,7 @@ def _fake_validated_run(val: dict[tuple[str, str], tuple[float, float]], test_fp
 
 
 def test_fixed_recipes_are_ranked_on_validation_pooled_over_models():
-    bench = _load_benchmark_script()
+    bench = load_script("examples/benchmark_tune.py")
     small = {
         ("unchanged", "energy"): (60.0, 90.0),
         ("unchanged", "knn k=1"): (20.0, 90.0),
