@@ -22,12 +22,12 @@ the site by ``exclude_docs`` in ``mkdocs.yml``) adds what a tutorial site needs 
   Each name is a module, or a module followed by attributes. While one is missing, the page's
   blocks are skipped with a reason naming it. ``OODUNLEASH_DOCS_REQUIRE_ALL=1`` (set it in CI
   once every module has landed) turns those skips into failures.
-* **A fresh start per page.** Scores a page registers are unregistered before the next page.
-* **Quiet output, fixed seeds, one thread.** What a block prints (progress bars included) is
-  shown only when it fails, or always with ``OODUNLEASH_DOCS_SHOW_OUTPUT=1``; every page starts
-  from ``torch.manual_seed(0)``; torch runs single-threaded (``OODUNLEASH_DOCS_THREADS``
-  overrides), which is as fast for the pages' tiny models and immune to OpenMP's busy-waiting
-  when other processes share the cores.
+* **A fresh start per page**, as for the docstring examples (:mod:`tests.helpers.session`):
+  every page starts from ``torch.manual_seed(0)`` with only the built-in scores (a page's own are
+  unregistered before the next page), and torch runs single-threaded
+  (``OODUNLEASH_DOCS_THREADS`` overrides).
+* **Quiet output.** What a block prints (progress bars included) is shown only when it fails, or
+  always with ``OODUNLEASH_DOCS_SHOW_OUTPUT=1``.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ import re
 
 import pytest
 
+from tests.helpers.session import example_threads, fresh_start
+
 REQUIRE_ALL_ENV = "OODUNLEASH_DOCS_REQUIRE_ALL"
 SHOW_OUTPUT_ENV = "OODUNLEASH_DOCS_SHOW_OUTPUT"
-THREADS_ENV = "OODUNLEASH_DOCS_THREADS"
 REQUIRES = re.compile(r"^<!--\s*docs-test:\s*requires\s+(?P<names>[^>]*?)\s*-->", re.MULTILINE)
 
 
@@ -55,7 +56,7 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
     except ImportError:  # pragma: no cover
         return
-    torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
+    torch.set_num_threads(example_threads())
 
 
 # --------------------------------------------------------------------------- requirements
@@ -130,30 +131,6 @@ except ImportError:  # pragma: no cover
 _state: dict[str, tuple[str, dict]] = {}
 
 
-#: The OOD scores registered before any page ran; pages that register their own (the scores
-#: tutorial) must not leak them into the next page, or into a re-run of the same page.
-_builtin_scores: list[str] | None = None
-
-
-def _fresh_page() -> None:
-    """Start a page as a new Python session would: seeded, with only the built-in scores."""
-    global _builtin_scores
-    try:
-        from oodunleash.scores import list_scores, unregister_score
-    except ImportError:
-        pass
-    else:
-        if _builtin_scores is None:
-            _builtin_scores = list_scores()
-        for name in set(list_scores()) - set(_builtin_scores):
-            unregister_score(name)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return
-    torch.manual_seed(0)
-
-
 if register_runner is not None:
 
     @register_runner(default=True)
@@ -172,7 +149,7 @@ if register_runner is not None:
                 source = "\n" * done.count("\n") + test.source[len(done) :]
             else:
                 namespace, source = args, test.source
-                _fresh_page()
+                fresh_start()
             output = io.StringIO()
             quiet = os.environ.get(SHOW_OUTPUT_ENV) != "1"
             try:

@@ -123,7 +123,6 @@ def estimate_loss_constraint(
         ξ as a Python float.
 
     Example:
-        >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
         >>> data = [(torch.randn(32, 4), torch.randint(0, 3, (32,)))]
         >>> before = [p.clone() for p in net.parameters()]

@@ -108,7 +108,6 @@ class TrainConfig:
     Example:
         >>> TrainConfig(epochs=1, outlier_loss="energy").outlier_weight  # Energy-OE default
         0.1
-        >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
         >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
         >>> history = train(net, list(net.parameters()), data, loss_constraint=0.5,

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorData
 
 from oodunleash import OODUnleash, Relative, TrainingDivergedError
 from oodunleash.distributed import gather_samples, is_distributed, rank, world_size
+from tests.helpers.toys import state_copy
 
 #: Per-rank batch size under DDP; the single-process reference uses ``WORLD * BATCH``.
 BATCH = 4
@@ -59,10 +60,6 @@ def dist_sampler(dataset: TensorDataset, shuffle: bool) -> DistributedSampler:
     if is_distributed():
         return DistributedSampler(dataset, shuffle=shuffle, seed=0)
     return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=0)
-
-
-def state_of(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -122,7 +119,7 @@ def scenario_um(batch: int, xi: float | None, fitted: bool = True) -> dict[str, 
     )
     return {
         "xi": unleashed.loss_constraint_,
-        "state": state_of(net),
+        "state": state_copy(net),
         "history": [{k: v for k, v in h.items() if k != "time_s"} for h in unleashed.history_],
     }
 
@@ -135,16 +132,15 @@ def scenario_um_outliers(batch: int) -> dict[str, Any]:
     outlier_loader = DataLoader(
         outliers, batch_size=batch // 2, sampler=dist_sampler(outliers, shuffle=True)
     )
-    unleashed = OODUnleash(net, method="um").fit(
+    unleashed = OODUnleash(net, method="um", constraint=1e-3).fit(
         loader,
         epochs=2,
         lr=0.05,
-        loss_constraint=1e-3,
         outlier_loader=outlier_loader,
         progress=False,
     )
     return {
-        "state": state_of(net),
+        "state": state_copy(net),
         "history": [{k: v for k, v in h.items() if k != "time_s"} for h in unleashed.history_],
     }
 
@@ -207,9 +203,9 @@ def scenario_umap(batch: int) -> dict[str, Any]:
             seen.append(module.weight.detach() != 0)
 
     hook = big.register_forward_pre_hook(record)
-    unleashed = OODUnleash(net, method="umap", keep_ratio=0.5, mask_mode="layer", seed=5).fit(
-        loader, epochs=2, lr=0.1, loss_constraint=1e-3, progress=False
-    )
+    unleashed = OODUnleash(
+        net, method="umap", keep_ratio=0.5, mask_mode="layer", seed=5, constraint=1e-3
+    ).fit(loader, epochs=2, lr=0.1, progress=False)
     hook.remove()
     masks = unleashed.masks_
     return {
@@ -241,15 +237,15 @@ def scenario_nan(batch: int) -> dict[str, Any]:
     data = make_data(32)
     data.tensors[0][3] = float("nan")
     net = make_net()
-    before = state_of(net)
+    before = state_copy(net)
     try:
-        OODUnleash(net).fit(
-            DataLoader(data, batch_size=batch), epochs=1, loss_constraint=0.5, progress=False
+        OODUnleash(net, constraint=0.5).fit(
+            DataLoader(data, batch_size=batch), epochs=1, progress=False
         )
         message = None
     except TrainingDivergedError as error:
         message = str(error)
-    restored = all(torch.equal(before[k], v) for k, v in state_of(net).items())
+    restored = all(torch.equal(before[k], v) for k, v in state_copy(net).items())
     return {"message": message, "restored": restored}
 
 
@@ -271,7 +267,7 @@ def scenario_uneven() -> dict[str, Any]:
     """Ranks with 2 and 3 batches: both must raise instead of waiting for each other."""
     loader = DataLoader(make_data(20), batch_size=BATCH, sampler=_UnevenShards())
     try:
-        OODUnleash(make_net()).fit(loader, epochs=1, loss_constraint=0.5, progress=False)
+        OODUnleash(make_net(), constraint=0.5).fit(loader, epochs=1, progress=False)
         return {"message": None}
     except ValueError as error:
         return {"message": str(error)}
@@ -282,8 +278,8 @@ def scenario_batchnorm() -> dict[str, Any]:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
     loader = DataLoader(make_data(32, seed=11), batch_size=BATCH, shuffle=True)
-    OODUnleash(net).fit(loader, epochs=1, loss_constraint=1e-3, progress=False)
-    return {"state": state_of(net)}
+    OODUnleash(net, constraint=1e-3).fit(loader, epochs=1, progress=False)
+    return {"state": state_copy(net)}
 
 
 def scenario_after_fit() -> dict[str, Any]:
@@ -291,7 +287,7 @@ def scenario_after_fit() -> dict[str, Any]:
     second fit stays in sync across ranks."""
     net = make_net(seed=4)
     loader = DataLoader(make_data(32, seed=4), batch_size=BATCH)
-    OODUnleash(net).fit(loader, epochs=1, loss_constraint=1e-3, progress=False)
+    OODUnleash(net, constraint=1e-3).fit(loader, epochs=1, progress=False)
     x, y, _ = make_data(8, seed=10 + rank()).tensors  # different data on each rank
     net.zero_grad(set_to_none=True)  # fit leaves the last step's (averaged) gradients
     reference = copy.deepcopy(net)
@@ -302,8 +298,8 @@ def scenario_after_fit() -> dict[str, Any]:
         for p, q in zip(net.parameters(), reference.parameters(), strict=True)
     )
     net.zero_grad()
-    OODUnleash(net).fit(loader, epochs=1, loss_constraint=1e-3, progress=False)
-    return {"local_grads": local_grads, "refit_state": state_of(net)}
+    OODUnleash(net, constraint=1e-3).fit(loader, epochs=1, progress=False)
+    return {"local_grads": local_grads, "refit_state": state_copy(net)}
 
 
 def run_all(out_dir: str) -> None:

@@ -51,21 +51,14 @@ from oodunleash.scores import (
     get_score,
     register_score,
 )
+from tests.helpers.toys import sequential_cnn
 
 GEN_ = torch.Generator().manual_seed(0)
 
 
 def cnn(classes: int = 5) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(6, 8),
-        nn.ReLU(),
-        nn.Linear(8, classes),
-    ).eval()
+    return sequential_cnn(3, 6, classes, hidden=8).eval()
 
 
 def sized_cnn() -> nn.Module:

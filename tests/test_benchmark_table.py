@@ -9,7 +9,6 @@ those numbers and the command behind them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import re
@@ -17,7 +16,8 @@ import re
 import pytest
 from markdown.extensions.toc import slugify
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.helpers.scripts import ROOT, load_script
+
 DOCS = ROOT / "docs"
 SUMMARY = DOCS / "data" / "benchmark_summary.json"
 PAGE = DOCS / "benchmarks.md"
@@ -54,13 +54,6 @@ README_ROWS = {
     "resnet18_full_um",
     "resnet18_full_umap",
 }
-
-
-def _hooks():
-    spec = importlib.util.spec_from_file_location("mkdocs_hooks", ROOT / "scripts/mkdocs_hooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _rows() -> list[dict]:
@@ -110,13 +103,13 @@ def _table_rows(markdown: str) -> list[list[str]]:
 
 
 def _outside_generated_region(text: str) -> str:
-    hooks = _hooks()
+    hooks = load_script("scripts/mkdocs_hooks.py")
     before, _, rest = text.partition(hooks.BENCHMARK_MARKER)
     return before + rest.partition(hooks.BENCHMARK_END)[2]
 
 
 def test_page_holds_the_table_generated_from_the_json_and_no_numbers_of_its_own() -> None:
-    hooks = _hooks()
+    hooks = load_script("scripts/mkdocs_hooks.py")
     text = PAGE.read_text("utf8")
     assert text.count(hooks.BENCHMARK_MARKER) == text.count(hooks.BENCHMARK_END) == 1
     assert hooks.fill_benchmark_tables(text) == text, (
@@ -129,7 +122,7 @@ def test_page_holds_the_table_generated_from_the_json_and_no_numbers_of_its_own(
 
 
 def test_site_build_replaces_a_stale_table() -> None:
-    hooks = _hooks()
+    hooks = load_script("scripts/mkdocs_hooks.py")
     stale = f"# Page\n\n{hooks.BENCHMARK_MARKER}\n| old | 99.9 → 0.1 |\n{hooks.BENCHMARK_END}\n"
     rendered = hooks.on_page_markdown(stale)
     assert "99.9 → 0.1" not in rendered
@@ -140,13 +133,13 @@ def test_site_build_replaces_a_stale_table() -> None:
 
 
 def test_an_unclosed_table_marker_is_an_error() -> None:
-    hooks = _hooks()
+    hooks = load_script("scripts/mkdocs_hooks.py")
     with pytest.raises(ValueError, match="without its closing"):
         hooks.fill_benchmark_tables(f"{hooks.BENCHMARK_MARKER}\n| table |\n")
 
 
 def test_rendered_table_matches_the_json() -> None:
-    hooks = _hooks()
+    hooks = load_script("scripts/mkdocs_hooks.py")
     rendered = hooks.on_page_markdown(PAGE.read_text("utf8"))
     table = _table_rows(rendered)
     rows = _rows()
@@ -169,7 +162,9 @@ def test_rendered_table_matches_the_json() -> None:
 
 
 def test_links_resolve_from_a_page_inside_the_log() -> None:
-    table = _hooks().benchmark_table(json.loads(SUMMARY.read_text("utf8")), "benchmarks")
+    table = load_script("scripts/mkdocs_hooks.py").benchmark_table(
+        json.loads(SUMMARY.read_text("utf8")), "benchmarks"
+    )
     row = _rows()[0]
     expected = row["source"]["page"].removeprefix("benchmarks/") + "#" + row["source"]["anchor"]
     assert f"]({expected})" in table

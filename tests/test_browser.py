@@ -11,23 +11,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.helpers.scripts import load_script
+
 REQUIRE_ENV = "OODUNLEASH_REQUIRE_BROWSER"
 
 
-def _load_check_site():
-    spec = importlib.util.spec_from_file_location("check_site", ROOT / "scripts" / "check_site.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("check_site", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-check_site = _load_check_site()
+check_site = load_script("scripts/check_site.py")
 
 
 def _missing(what: str) -> None:

@@ -8,39 +8,22 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from oodunleash import OODUnleash
 from oodunleash.config import METHOD_DEFAULTS, Masked, Relative, UnleashConfig
 from oodunleash.constraint import estimate_loss_constraint
 from oodunleash.scores import get_score
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
-
-
-def loader():
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(32, 1, 6, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=16)
+from tests.helpers.toys import ConvNet, labelled_loader
 
 
 def test_method_defaults_have_one_home():
     from oodunleash import wrapper
 
     assert wrapper.METHOD_DEFAULTS is METHOD_DEFAULTS
-    umap = OODUnleash(Net(), "umap")
+    umap = OODUnleash(ConvNet(width=4, batchnorm=False), "umap")
     assert (umap.keep_ratio, umap.mask_mode, umap.mask_init) == (0.9, "model", "random")
-    um = OODUnleash(Net(), "um")
+    um = OODUnleash(ConvNet(width=4, batchnorm=False), "um")
     assert (um.keep_ratio, um.mask_mode, um.mask_init) == (None, None, None)
 
 
@@ -49,12 +32,14 @@ def test_method_defaults_have_one_home():
     [(np.float32(0.8), 0.8), (np.float64(0.5), 0.5), (torch.tensor(0.7), 0.7)],
 )
 def test_numpy_and_torch_scalars_count_as_numbers(option, value):
-    unleashed = OODUnleash(Net(), "umap", keep_ratio=option, constraint=torch.tensor(0.2))
+    unleashed = OODUnleash(
+        ConvNet(width=4, batchnorm=False), "umap", keep_ratio=option, constraint=torch.tensor(0.2)
+    )
     assert type(unleashed.keep_ratio) is float
     assert unleashed.keep_ratio == pytest.approx(value)
     assert unleashed.constraint == pytest.approx(0.2) and type(unleashed.constraint) is float
     assert Relative(np.float32(2.0)).factor == 2.0
-    assert OODUnleash(Net(), seed=np.int64(4)).seed == 4
+    assert OODUnleash(ConvNet(width=4, batchnorm=False), seed=np.int64(4)).seed == 4
 
 
 @pytest.mark.parametrize(
@@ -62,7 +47,7 @@ def test_numpy_and_torch_scalars_count_as_numbers(option, value):
 )
 def test_um_refuses_mask_options(option, value):
     with pytest.raises(ValueError, match=rf"{option} applies to method='umap'.*Drop {option}"):
-        OODUnleash(Net(), "um", **{option: value})
+        OODUnleash(ConvNet(width=4, batchnorm=False), "um", **{option: value})
 
 
 @pytest.mark.parametrize(
@@ -90,7 +75,7 @@ def test_um_refuses_mask_options(option, value):
     ],
 )
 def test_bad_options_fail_at_construction_naming_the_option(options, error, match):
-    net = Net()
+    net = ConvNet(width=4, batchnorm=False)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(error, match=match):
         OODUnleash(net, **options)
@@ -107,34 +92,55 @@ def test_recipes_check_their_parameter(recipe, match):
 
 
 def test_constraint_forms_and_shorthands():
-    assert OODUnleash(Net()).config.loss_constraint == Relative(3.0)
-    assert OODUnleash(Net(), constraint="masked").config.loss_constraint == Masked(0.965)
-    assert OODUnleash(Net(), constraint=Relative()).constraint == "relative"  # shorthand
-    assert OODUnleash(Net(), constraint=Masked(0.9)).constraint == Masked(0.9)
-    assert OODUnleash(Net(), constraint=0.25).config.loss_constraint == 0.25
+    assert OODUnleash(ConvNet(width=4, batchnorm=False)).config.loss_constraint == Relative(3.0)
+    assert OODUnleash(
+        ConvNet(width=4, batchnorm=False), constraint="masked"
+    ).config.loss_constraint == Masked(0.965)
+    assert (
+        OODUnleash(ConvNet(width=4, batchnorm=False), constraint=Relative()).constraint
+        == "relative"
+    )  # shorthand
+    assert OODUnleash(
+        ConvNet(width=4, batchnorm=False), constraint=Masked(0.9)
+    ).constraint == Masked(0.9)
+    assert (
+        OODUnleash(ConvNet(width=4, batchnorm=False), constraint=0.25).config.loss_constraint
+        == 0.25
+    )
 
 
 def test_deprecated_constraint_aliases_still_work_and_warn():
     with pytest.warns(DeprecationWarning, match="constraint=Relative"):
-        unleashed = OODUnleash(Net(), constraint_factor=2.0)
+        unleashed = OODUnleash(ConvNet(width=4, batchnorm=False), constraint_factor=2.0)
     assert unleashed.constraint == Relative(2.0)
     with pytest.warns(DeprecationWarning, match="constraint=Masked"):
-        masked = OODUnleash(Net(), constraint="masked", constraint_keep_ratio=0.9)
+        masked = OODUnleash(
+            ConvNet(width=4, batchnorm=False), constraint="masked", constraint_keep_ratio=0.9
+        )
     assert masked.constraint == Masked(0.9)
     with pytest.warns(DeprecationWarning):
         assert masked.constraint_keep_ratio == 0.9
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="Relative\\(factor=2"):
-        OODUnleash(Net(), constraint="masked", constraint_factor=2)
+        OODUnleash(ConvNet(width=4, batchnorm=False), constraint="masked", constraint_factor=2)
     with warnings.catch_warnings():  # the default of the other recipe is harmless
         warnings.simplefilter("ignore", DeprecationWarning)
-        assert OODUnleash(Net(), constraint="masked", constraint_factor=3.0).constraint == "masked"
+        assert (
+            OODUnleash(
+                ConvNet(width=4, batchnorm=False), constraint="masked", constraint_factor=3.0
+            ).constraint
+            == "masked"
+        )
 
 
 def test_fit_loss_constraint_is_a_deprecated_alias():
     with pytest.warns(DeprecationWarning, match="constraint=ξ"):
-        unleashed = OODUnleash(Net()).fit(loader(), epochs=1, loss_constraint=0.2, progress=False)
+        unleashed = OODUnleash(ConvNet(width=4, batchnorm=False)).fit(
+            labelled_loader(32, size=6, signal=False), epochs=1, loss_constraint=0.2, progress=False
+        )
     assert unleashed.loss_constraint_ == 0.2
-    new = OODUnleash(Net(), constraint=0.2).fit(loader(), epochs=1, progress=False)
+    new = OODUnleash(ConvNet(width=4, batchnorm=False), constraint=0.2).fit(
+        labelled_loader(32, size=6, signal=False), epochs=1, progress=False
+    )
     assert new.loss_constraint_ == 0.2
 
 
@@ -149,19 +155,21 @@ def test_fit_loss_constraint_is_a_deprecated_alias():
     ],
 )
 def test_get_params_is_json_and_rebuilds_an_equal_wrapper(options):
-    unleashed = OODUnleash(Net(), **options)
+    unleashed = OODUnleash(ConvNet(width=4, batchnorm=False), **options)
     params = unleashed.get_params()
     assert json.loads(json.dumps(params)) == params
-    again = OODUnleash(Net(), **json.loads(json.dumps(params)))
+    again = OODUnleash(ConvNet(width=4, batchnorm=False), **json.loads(json.dumps(params)))
     assert again.get_params() == params
     assert UnleashConfig.from_dict(params).to_dict() == params
 
 
 def test_get_params_names_layers_chosen_by_type():
-    unleashed = OODUnleash(Net(), layers=nn.Conv2d)
+    unleashed = OODUnleash(ConvNet(width=4, batchnorm=False), layers=nn.Conv2d)
     params = unleashed.get_params()
     assert params["layers"] == ["conv"] and params["exclude"] is None
-    assert OODUnleash(Net(), **params).layer_names == unleashed.layer_names
+    assert (
+        OODUnleash(ConvNet(width=4, batchnorm=False), **params).layer_names == unleashed.layer_names
+    )
 
 
 @pytest.mark.parametrize(
@@ -179,13 +187,13 @@ def test_from_dict_names_the_wrong_field(data, match):
 
 
 def test_repr_shows_keep_ratio_for_umap_only():
-    assert "keep_ratio" not in repr(OODUnleash(Net(), "um"))
-    assert "keep_ratio=0.9" in repr(OODUnleash(Net(), "umap"))
+    assert "keep_ratio" not in repr(OODUnleash(ConvNet(width=4, batchnorm=False), "um"))
+    assert "keep_ratio=0.9" in repr(OODUnleash(ConvNet(width=4, batchnorm=False), "umap"))
 
 
 def test_estimate_loss_constraint_honours_mask_init():
-    net = Net()
-    data = loader()
+    net = ConvNet(width=4, batchnorm=False)
+    data = labelled_loader(32, size=6, signal=False)
     umap = OODUnleash(net, "umap", mask_init="magnitude", seed=2)
     expected = estimate_loss_constraint(net, data, 0.5, init="magnitude", seed=2, progress=False)
     assert umap.estimate_loss_constraint(data, 0.5, progress=False) == expected
@@ -214,9 +222,27 @@ def test_options_of_a_release_0_1_checkpoint_load():
     config = UnleashConfig.from_legacy(um)
     assert (config.keep_ratio, config.mask_mode, config.mask_init) == (None, None, None)
     assert config.constraint == Masked(0.9) and config.score == "vim" and config.seed == 4
-    assert OODUnleash(Net(), **config.to_dict()).layer_names == ["conv", "fc"]
+    assert OODUnleash(ConvNet(width=4, batchnorm=False), **config.to_dict()).layer_names == [
+        "conv",
+        "fc",
+    ]
     umap = dict(um, method="umap", constraint="relative", keep_ratio=0.6, mask_mode="model")
     config = UnleashConfig.from_legacy(umap)
     assert (config.keep_ratio, config.mask_mode, config.constraint) == (0.6, "model", "relative")
     with pytest.raises(ValueError, match="keep_ratio"):
         UnleashConfig.from_legacy(dict(umap, keep_ratio=5))
+
+
+@pytest.mark.parametrize("xi", [0, -1.0, float("nan")])
+def test_bad_loss_constraint(xi):
+    with pytest.raises(ValueError, match="loss_constraint"):
+        OODUnleash(ConvNet(dropout=0.5), constraint=xi).fit(labelled_loader(), progress=False)
+
+
+def test_bad_keep_ratio_and_method():
+    with pytest.raises(ValueError, match="keep_ratio"):
+        OODUnleash(ConvNet(dropout=0.5), method="umap", keep_ratio=1.2)
+    with pytest.raises(ValueError, match="method"):
+        OODUnleash(ConvNet(dropout=0.5), method="prune")
+    with pytest.raises(TypeError, match="nn.Module"):
+        OODUnleash(lambda x: x)

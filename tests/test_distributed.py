@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from oodunleash import flooding_loss
+from tests import ddp_worker as worker
+from tests.helpers.toys import state_copy
 
 pytestmark = pytest.mark.distributed
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))  # the worker module sits beside this file, not in a package
-import ddp_worker as worker  # noqa: E402
 
 SINGLE_BATCH = worker.WORLD * worker.BATCH  # one process reads both ranks' batches at once
 RTOL = 1e-6  # ξ, logits: float32 sums in a different order
@@ -64,8 +64,8 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         pytest.skip("torch.distributed with the gloo backend is not available")
     out = tmp_path_factory.mktemp("ddp")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(TESTS.parent), str(TESTS), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(  # the repository: the worker imports tests.helpers
+        [str(TESTS.parent), env.get("PYTHONPATH", "")]
     ).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -174,7 +174,7 @@ def _per_rank_flooding_reference(xi: float) -> dict[str, torch.Tensor]:
             torch.stack(per_rank).mean().backward()
             optimizer.step()
             scheduler.step()
-    return worker.state_of(net)
+    return state_copy(net)
 
 
 def test_um_floods_per_rank_when_batches_straddle_xi(ranks):

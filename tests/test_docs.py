@@ -20,8 +20,8 @@ import sys
 import pytest
 
 import oodunleash
+from tests.helpers.scripts import ROOT, load_script
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
 #: Modules without a page in the API reference, and why.
@@ -110,9 +110,7 @@ def test_every_public_module_has_an_api_page() -> None:
 
 
 def test_every_export_links_to_its_documentation() -> None:
-    spec = importlib.util.spec_from_file_location("mkdocs_hooks", ROOT / "scripts/mkdocs_hooks.py")
-    hooks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hooks)
+    hooks = load_script("scripts/mkdocs_hooks.py")
     unlinked = [
         name
         for name in oodunleash.__all__
@@ -127,9 +125,7 @@ def test_every_export_links_to_its_documentation() -> None:
 def test_pages_declare_only_oodunleash_names_that_exist() -> None:
     """Pages skipped while a module is missing must run for real once it exists: every
     ``docs-test: requires`` name of the project must resolve now."""
-    spec = importlib.util.spec_from_file_location("docs_conftest", DOCS / "conftest.py")
-    docs_conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(docs_conftest)
+    docs_conftest = load_script("docs/conftest.py", "docs_conftest")
     unresolved = []
     for page in sorted(DOCS.rglob("*.md")):
         for name in docs_conftest.page_requirements(page):

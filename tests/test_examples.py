@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.scripts import load_script
 
 
 def _result(fpr: float, accuracy: float) -> dict:
@@ -24,7 +15,7 @@ def _result(fpr: float, accuracy: float) -> dict:
     return {"val": {**scores, "accuracy": accuracy}, "test": {**scores, "accuracy": accuracy}}
 
 
-posthoc = _load("posthoc_scores")
+posthoc = load_script("examples/posthoc_scores.py")
 SCORE_LABELS = list(posthoc.SCORES)
 
 

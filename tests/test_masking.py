@@ -16,17 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from oodunleash import OODUnleash, _mask_ops, _thresholds
 from oodunleash._mask_ops import _kth_smallest
 from oodunleash.masking import LayerMasks, num_kept, select_layers, topk_mask
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+from tests.helpers.toys import ConvNet
 
 
 @pytest.mark.parametrize("n", [1, 7, 288, 1000, 4096])
@@ -79,13 +69,13 @@ def test_selection_by_glob_type_and_exclude():
 
 def test_selection_matching_nothing_names_available_layers():
     with pytest.raises(ValueError, match=r"matches no parameter.*conv \(Conv2d\).*fc \(Linear\)"):
-        select_layers(Tiny(), layers="head*")
+        select_layers(ConvNet(width=4, padding=0), layers="head*")
     with pytest.raises(TypeError, match="name globs"):
-        select_layers(Tiny(), layers=[3])
+        select_layers(ConvNet(width=4, padding=0), layers=[3])
 
 
 def test_attach_keeps_state_dict_keys_and_masks_the_forward():
-    model = Tiny().eval()
+    model = ConvNet(width=4, padding=0).eval()
     keys = list(model.state_dict())
     masks = LayerMasks(model, keep_ratio=0.5, seed=1)
     x = torch.randn(2, 1, 6, 6)
@@ -149,7 +139,7 @@ def test_straight_through_gradient_reaches_scores():
 
 
 def test_mask_recomputed_after_scores_change_and_deepcopy_works():
-    model = Tiny()
+    model = ConvNet(width=4, padding=0)
     masks = LayerMasks(model, keep_ratio=0.5).attach()
     before = masks.mask("fc").clone()
     with torch.no_grad():
@@ -203,7 +193,7 @@ def test_batched_training_masks_equal_per_layer_selection(keep):
 
 
 def test_magnitude_init_keeps_largest_weights_and_seed_reproduces():
-    model = Tiny()
+    model = ConvNet(width=4, padding=0)
     masks = LayerMasks(model, keep_ratio=0.5, init="magnitude")
     w = model.fc.weight.detach().abs().flatten()
     kept = masks.mask("fc").flatten().bool()
@@ -216,7 +206,7 @@ def test_magnitude_init_keeps_largest_weights_and_seed_reproduces():
 @pytest.mark.parametrize("keep", [0.0, -0.1, 1.5, "0.5"])
 def test_bad_keep_ratio(keep):
     with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\]"):
-        LayerMasks(Tiny(), keep_ratio=keep)
+        LayerMasks(ConvNet(width=4, padding=0), keep_ratio=keep)
 
 
 def _reference_model_wise_drops(masks: LayerMasks) -> dict[str, torch.Tensor]:
@@ -328,8 +318,8 @@ def test_umap_masks_conv1d_conv3d_and_attention_projections_and_export_bakes_the
     torch.manual_seed(0)
     model = net()
     assert list(select_layers(model)) == expected
-    unleashed = OODUnleash(model, method="umap").fit(
-        _sequence_loader(shape), epochs=1, loss_constraint=0.2, progress=False
+    unleashed = OODUnleash(model, method="umap", constraint=0.2).fit(
+        _sequence_loader(shape), epochs=1, progress=False
     )
     masks = unleashed.masks_
     assert masks.layer_names == expected

@@ -14,32 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from oodunleash import OODUnleash, mean_cross_entropy
 from oodunleash.constraint import DEFAULT_CONSTRAINT_FACTOR
-from oodunleash.training import energy_oe_loss, oe_loss
-
-
-def test_oe_loss_matches_hand_computation():
-    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
-    expected = 0.0
-    for row in logits.tolist():
-        log_z = math.log(sum(math.exp(v) for v in row))
-        expected += -sum(v - log_z for v in row) / 3  # CE to the uniform distribution
-    assert oe_loss(logits).item() == pytest.approx(expected / 2, rel=1e-6)
-    # uniform logits are the minimum: log(C)
-    assert oe_loss(torch.zeros(4, 3)).item() == pytest.approx(math.log(3), rel=1e-6)
-
-
-def test_energy_oe_loss_matches_hand_computation():
-    id_logits = torch.tensor([[10.0, 0.0], [30.0, 1.0]])
-    out_logits = torch.tensor([[8.0, 8.0], [1.0, 2.0]])
-
-    def energy(row):
-        return -math.log(sum(math.exp(v) for v in row))
-
-    in_terms = [max(0.0, energy(r) + 25.0) ** 2 for r in id_logits.tolist()]
-    out_terms = [max(0.0, -7.0 - energy(r)) ** 2 for r in out_logits.tolist()]
-    expected = sum(in_terms) / 2 + sum(out_terms) / 2
-    assert energy_oe_loss(id_logits, out_logits).item() == pytest.approx(expected, rel=1e-5)
-    assert energy_oe_loss(id_logits, out_logits, m_in=-5, m_out=-50).item() == pytest.approx(0.0)
 
 
 def _digits():
@@ -76,7 +50,7 @@ def pretrained_digits():
     outliers = DataLoader(TensorDataset(aux), batch_size=64, shuffle=True)
     torch.manual_seed(0)
     base = _net()
-    OODUnleash(base, seed=0).fit(loader, epochs=15, lr=0.1, loss_constraint=1e-4, progress=False)
+    OODUnleash(base, seed=0, constraint=1e-4).fit(loader, epochs=15, lr=0.1, progress=False)
     return base, loader, outliers, id_x[700:], held_out
 
 

@@ -14,17 +14,11 @@ from sklearn.covariance import EmpiricalCovariance
 from torch import nn
 
 import oodunleash
+from oodunleash import OODScore, get_score, register_score
 from oodunleash.features import FeatureSet, LinearHead
-from oodunleash.scores import (
-    REQUIREMENTS,
-    OODScore,
-    ScoreNotFittedError,
-    get_score,
-    list_scores,
-    register_score,
-    unregister_score,
-)
+from oodunleash.scores import REQUIREMENTS, ScoreNotFittedError, list_scores, unregister_score
 from oodunleash.scores.distance import kth_neighbour_similarity
+from tests.helpers.toys import sequential_cnn
 
 CLASSES, DIM = 4, 8
 
@@ -408,15 +402,7 @@ def test_scoring_from_two_threads_at_once_matches_single_thread_results():
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(128, 16),
-        nn.ReLU(),
-        nn.Linear(16, 4),
-    )
+    net = sequential_cnn(1, 32, 4, hidden=16, pool=2)
     train = DataLoader(
         TensorDataset(torch.randn(64, 1, 16, 16), torch.randint(0, 4, (64,))), batch_size=32
     )

@@ -1,4 +1,5 @@
-"""The training loop: deferred divergence checks, no per-step host reads, compile, fast path."""
+"""The training loop (oodunleash.training): the flooding step, UMAP's norm layers, deferred
+divergence checks, no per-step host reads, compile, fast path."""
 
 from __future__ import annotations
 
@@ -11,19 +12,9 @@ from torch import nn
 
 from oodunleash import OODUnleash, _step
 from oodunleash.training import TrainConfig, TrainingDivergedError, train
+from tests.helpers.toys import ConvNet, labelled_loader, state_copy
 
 CPU = torch.device("cpu")
-
-
-class ConvNet(nn.Module):
-    def __init__(self, classes: int = 3) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, classes)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
 def batches(n: int, seed: int = 0, size: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -65,31 +56,27 @@ def fit(model, data, **config):
     )
 
 
-def state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 # --------------------------------------------------------------------------- divergence
 @pytest.mark.parametrize(("bad_batch", "check_every", "stopped_after"), [(3, 4, 4), (6, 4, 8)])
 def test_nan_stops_within_one_check_window_and_restores(bad_batch, check_every, stopped_after):
     torch.manual_seed(0)
-    model = ConvNet()
+    model = ConvNet(channels=3)
     data = batches(12)
     fit(model, data[:2])  # a first fit; the failing one must come back to this state
-    good = state(model)
+    good = state_copy(model)
     poisoned = [(x.clone(), y) for x, y in data]
     poisoned[bad_batch - 1][0][0, 0, 0, 0] = float("nan")
     loader = Counting(poisoned)
     with pytest.raises(TrainingDivergedError, match=f"became nan at epoch 1, batch {bad_batch}"):
         fit(model, loader, check_every=check_every)
     assert loader.served == stopped_after  # at most check_every steps past the bad one
-    assert all(torch.equal(v, good[k]) for k, v in state(model).items())
+    assert all(torch.equal(v, good[k]) for k, v in state_copy(model).items())
 
 
 def test_nan_in_a_later_epoch_keeps_the_good_epochs():
     torch.manual_seed(0)
-    model = ConvNet()
-    start = state(model)
+    model = ConvNet(channels=3)
+    start = state_copy(model)
 
     class TwoEpochs(Counting):
         def __iter__(self):
@@ -100,7 +87,7 @@ def test_nan_in_a_later_epoch_keeps_the_good_epochs():
     poisoned[1][0][:] = float("inf")
     with pytest.raises(TrainingDivergedError, match="epoch 2, batch 2.*end of epoch 1"):
         fit(model, TwoEpochs(batches(3)), epochs=2)
-    after = state(model)
+    after = state_copy(model)
     assert all(torch.isfinite(v.float()).all() for v in after.values())
     assert not torch.equal(after["fc.weight"], start["fc.weight"])  # epoch 1 was kept
 
@@ -110,11 +97,11 @@ def test_a_finite_but_exploding_loss_counts_as_divergence():
     # learning rate produces), far above the first loss and ln(3), for a whole window.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(108, 3))  # no BatchNorm to absorb the scale
-    good = state(model)
+    good = state_copy(model)
     data = [(x * (1e8 if i >= 4 else 1.0), y) for i, (x, y) in enumerate(batches(12))]
     with pytest.raises(TrainingDivergedError, match=r"stayed above 1000x .* batch 8"):
         fit(model, data, check_every=4)
-    assert all(torch.equal(v, good[k]) for k, v in state(model).items())
+    assert all(torch.equal(v, good[k]) for k, v in state_copy(model).items())
     # The rule reads only whole windows above the limit, and can be switched off.
     history = fit(nn.Sequential(nn.Flatten(), nn.Linear(108, 3)), data, divergence_factor=None)
     assert history[0]["loss"] > 1e6
@@ -147,10 +134,12 @@ def test_no_host_read_per_step(monkeypatch):
         monkeypatch.setattr(torch.Tensor, method, counted)
     torch.manual_seed(0)
     data = batches(4) * 10  # 40 steps
-    fit(ConvNet(), data, check_every=20)
+    fit(ConvNet(channels=3), data, check_every=20)
     per_40_steps = len(reads)
     reads.clear()
-    fit(ConvNet(), data * 2, check_every=20)  # 80 steps: two more checks, no more per step
+    fit(
+        ConvNet(channels=3), data * 2, check_every=20
+    )  # 80 steps: two more checks, no more per step
     assert reads.count("item") == 0
     assert len(reads) - per_40_steps <= 2 * 4, reads  # one transfer and three host reads
     assert per_40_steps <= 12, reads
@@ -168,24 +157,24 @@ def test_check_settings_are_validated():
 # --------------------------------------------------------------------------- parameters
 def test_train_norms_adds_the_normalisation_layers_to_the_trained_parameters():
     torch.manual_seed(0)
-    model = ConvNet()
-    before = state(model)
+    model = ConvNet(channels=3)
+    before = state_copy(model)
     config = TrainConfig(epochs=1, train_norms=True)
     train(model, [], batches(3), loss_constraint=0.1, config=config, device=CPU, progress=False)
-    after = state(model)
+    after = state_copy(model)
     assert not torch.equal(after["bn.weight"], before["bn.weight"])
     assert not torch.equal(after["bn.bias"], before["bn.bias"])
     assert torch.equal(after["conv.weight"], before["conv.weight"])
     assert torch.equal(after["fc.weight"], before["fc.weight"])
     model.bn.bias.requires_grad_(False)  # frozen by the caller: stays frozen
     train(model, [], batches(3), loss_constraint=0.1, config=config, device=CPU, progress=False)
-    assert torch.equal(state(model)["bn.bias"], after["bn.bias"])
+    assert torch.equal(state_copy(model)["bn.bias"], after["bn.bias"])
 
 
 # --------------------------------------------------------------------------- fast path
 def _same_run(config_a: dict, config_b: dict, atol: float, model: nn.Module | None = None):
     torch.manual_seed(0)
-    model = ConvNet() if model is None else model
+    model = ConvNet(channels=3) if model is None else model
     twin = copy.deepcopy(model)
     data = batches(4, size=8)
     history_a = fit(model, data, epochs=2, **config_a)
@@ -247,3 +236,110 @@ def test_fit_passes_compile_and_channels_last_to_the_training_config():
     )
     assert unleashed.train_config_.compile == {"backend": "eager"}
     assert unleashed.train_config_.channels_last is True
+
+
+# --------------------------------------------------------------------------- flooding
+def test_um_step_ascends_when_loss_is_below_constraint():
+    torch.manual_seed(0)
+    model = ConvNet(dropout=0.5).eval()
+    loader = labelled_loader()
+    # Pre-train so that CE is well below a large ξ, then one UM epoch must raise the CE.
+    OODUnleash(model, constraint=1e-6).fit(loader, epochs=5, lr=0.1, progress=False)
+    unleashed = OODUnleash(model, constraint=1.0).fit(loader, epochs=1, lr=0.05, progress=False)
+    history = unleashed.history_[0]
+    assert history["frac_below_constraint"] == 1.0
+    from oodunleash import mean_cross_entropy
+
+    before = mean_cross_entropy(copy.deepcopy(model), loader)
+    OODUnleash(model, constraint=1.0).fit(loader, epochs=1, lr=0.05, progress=False)
+    assert mean_cross_entropy(model, loader) > before
+
+
+def test_flooding_false_is_the_plain_cross_entropy_control():
+    torch.manual_seed(0)
+    a = ConvNet(dropout=0.5)
+    b = copy.deepcopy(a)
+    loader = labelled_loader()
+    control = OODUnleash(a, seed=1).fit(loader, epochs=2, flooding=False, progress=False)
+    assert control.loss_constraint_ is None
+    assert "control" in repr(control)
+    assert control.history_[0]["frac_below_constraint"] == 0.0
+    # identical to flooding at a level no batch ever reaches (ce > ξ everywhere: descent)
+    tiny = OODUnleash(b, seed=1, constraint=1e-9).fit(loader, epochs=2, progress=False)
+    for k, v in a.state_dict().items():
+        assert torch.allclose(v, b.state_dict()[k], atol=1e-6)
+    assert control.history_[-1]["ce"] == pytest.approx(tiny.history_[-1]["ce"], rel=1e-5)
+    with pytest.raises(ValueError, match="flooding=False"):
+        OODUnleash(a).fit(loader, loss_constraint=0.3, flooding=False, progress=False)
+
+
+# --------------------------------------------------------------------------- norm layers
+def test_umap_train_norms_trains_only_the_norm_affine_and_the_scores():
+    model = ConvNet(dropout=0.5)
+    before = state_copy(model)
+    unleashed = OODUnleash(model, method="umap", keep_ratio=0.75, exclude="fc", constraint=0.5)
+    unleashed.fit(labelled_loader(), epochs=2, train_norms=True)
+    after = state_copy(unleashed.export())
+    assert not torch.equal(before["bn.weight"], after["bn.weight"])
+    assert not torch.equal(before["bn.bias"], after["bn.bias"])
+    assert torch.equal(before["fc.weight"], after["fc.weight"])  # weights stay frozen
+    kept = after["conv.weight"] != 0
+    assert torch.equal(after["conv.weight"][kept], before["conv.weight"][kept])
+    assert unleashed.train_config_.train_norms
+    assert all(p.requires_grad for p in model.parameters())  # restored after fit
+
+
+def test_umap_train_norms_leaves_norm_parameters_the_user_froze_frozen():
+    model = ConvNet(dropout=0.5)
+    model.bn.bias.requires_grad_(False)
+    before = state_copy(model)
+    unleashed = OODUnleash(model, method="umap", exclude="fc", constraint=0.5)
+    unleashed.fit(labelled_loader(), epochs=2, train_norms=True)
+    after = state_copy(unleashed.export())
+    assert not torch.equal(before["bn.weight"], after["bn.weight"])
+    assert torch.equal(before["bn.bias"], after["bn.bias"])
+    assert not model.bn.bias.requires_grad and model.bn.weight.requires_grad
+    # With every norm parameter frozen, the default trains none and True is refused.
+    frozen = ConvNet(dropout=0.5)
+    frozen.bn.requires_grad_(False)
+    refit = OODUnleash(frozen, method="umap", exclude="fc", constraint=0.5)
+    assert not refit.fit(labelled_loader(), epochs=1).train_config_.train_norms
+    with pytest.raises(ValueError, match="all 2 scale/shift.*requires_grad=False.*requires_grad_"):
+        refit.fit(labelled_loader(), epochs=1, train_norms=True)
+
+
+def test_umap_defaults_one_threshold_keeping_90_percent_with_trainable_norms():
+    model = ConvNet(dropout=0.5)
+    bn_weight = model.bn.weight.detach().clone()
+    unleashed = OODUnleash(model, method="umap", exclude="fc", constraint=0.5)
+    assert (unleashed.keep_ratio, unleashed.mask_mode) == (0.9, "model")
+    unleashed.fit(labelled_loader(), epochs=1, progress=False)
+    assert unleashed.train_config_.train_norms
+    assert not torch.equal(model.bn.weight, bn_weight)
+    # A model without normalisation layers is fine by default: there is just nothing to train.
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    plain_fit = OODUnleash(plain, method="umap", constraint=0.5).fit(labelled_loader(), epochs=1)
+    assert not plain_fit.train_config_.train_norms
+    um = OODUnleash(ConvNet(dropout=0.5), constraint=0.5).fit(labelled_loader(), epochs=1)
+    assert not um.train_config_.train_norms
+
+
+def test_train_norms_is_refused_where_it_has_no_meaning():
+    with pytest.raises(ValueError, match="train_norms applies to UMAP.*method='umap'"):
+        OODUnleash(ConvNet(dropout=0.5), method="um").fit(labelled_loader(), train_norms=True)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with pytest.raises(ValueError, match="no normalisation layer.*Drop train_norms"):
+        OODUnleash(plain, method="umap").fit(labelled_loader(), train_norms=True)
+
+
+def test_umap_moves_norm_stats_unless_frozen():
+    model = ConvNet(dropout=0.5)
+    before = model.bn.running_mean.clone()
+    OODUnleash(model, method="umap", constraint=0.5).fit(labelled_loader(), epochs=1)
+    assert not torch.equal(before, model.bn.running_mean)
+
+
+def test_fit_releases_gradients():
+    model = ConvNet(dropout=0.5)
+    OODUnleash(model, constraint=0.5).fit(labelled_loader(), epochs=1, progress=False)
+    assert all(p.grad is None for p in model.parameters())

@@ -9,29 +9,22 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from oodunleash import OODUnleash
 from oodunleash.scores import get_score
+from tests.helpers.toys import ConvNet, labelled_loader, same_state
 
 CLASS_NAMES = ["cat", "dog", "bird"]
 
 
-class TinyNet(nn.Module):
-    """A custom (non-timm) classifier: the path that needs model= on loading."""
+class TinyNet(ConvNet):
+    """A custom (non-timm) classifier: the path that needs model= on loading. A class of its
+    own, with the keyword arguments a factory is called with, because checkpoints record both."""
 
     def __init__(self, num_classes: int = 3, width: int = 4) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, width, 3, padding=1)
-        self.bn = nn.BatchNorm2d(width)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(torch.relu(self.bn(self.conv(x)))).flatten(1))
+        super().__init__(num_classes, channels=3, width=width)
 
 
 def loader(n: int = 48, size: int = 16, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, size, size, generator=g)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=16)
+    """Colour images without a learnable signal: the checkpoint tests only fit to save."""
+    return labelled_loader(n, size=size, seed=seed, channels=3, signal=False)
 
 
 def ood_loader(n: int = 32, size: int = 16) -> DataLoader:
@@ -55,8 +48,10 @@ def timm_um(scores: list[str], evaluate: bool = False) -> OODUnleash:
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
-    unleashed = OODUnleash(model, "um", layers=nn.Conv2d, exclude="stem.*", score="energy")
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.9, progress=False)
+    unleashed = OODUnleash(
+        model, "um", layers=nn.Conv2d, exclude="stem.*", score="energy", constraint=0.9
+    )
+    unleashed.fit(loader(), epochs=1, progress=False)
     unleashed.fit_scores(loader(), scores, progress=False)
     if evaluate:
         unleashed.evaluate(loader(seed=3), {"noise": ood_loader()}, scores, progress=False)
@@ -69,8 +64,8 @@ def timm_umap(scores: list[str]) -> OODUnleash:
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
-    unleashed = OODUnleash(model, "umap", layers="layer*", keep_ratio=0.7, seed=3)
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.5, progress=False)
+    unleashed = OODUnleash(model, "umap", layers="layer*", keep_ratio=0.7, seed=3, constraint=0.5)
+    unleashed.fit(loader(), epochs=1, progress=False)
     if scores:
         unleashed.fit_scores(loader(), scores, progress=False)
     return unleashed
@@ -79,8 +74,10 @@ def timm_umap(scores: list[str]) -> OODUnleash:
 def custom_umap() -> OODUnleash:
     """A fitted model-wise UMAP wrapper of :class:`TinyNet` with Mahalanobis fitted."""
     torch.manual_seed(0)
-    unleashed = OODUnleash(TinyNet(width=4), "umap", keep_ratio=0.6, mask_mode="model")
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.8, progress=False)
+    unleashed = OODUnleash(
+        TinyNet(width=4), "umap", keep_ratio=0.6, mask_mode="model", constraint=0.8
+    )
+    unleashed.fit(loader(), epochs=1, progress=False)
     unleashed.fit_scores(loader(), ["mahalanobis"], progress=False)
     return unleashed
 
@@ -88,14 +85,10 @@ def custom_umap() -> OODUnleash:
 def tiny_umap(seed: int) -> OODUnleash:
     """A small fitted UMAP wrapper with a KNN score; the same ``seed`` gives the same wrapper."""
     torch.manual_seed(seed)
-    unleashed = OODUnleash(TinyNet(), "umap", keep_ratio=0.6, seed=seed)
-    unleashed.fit(loader(seed=seed), epochs=1, loss_constraint=0.5, progress=False)
+    unleashed = OODUnleash(TinyNet(), "umap", keep_ratio=0.6, seed=seed, constraint=0.5)
+    unleashed.fit(loader(seed=seed), epochs=1, progress=False)
     unleashed.fit_scores(loader(seed=seed), ["knn"], progress=False)
     return unleashed
-
-
-def state_equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def assert_same_scoring(a: OODUnleash, b: OODUnleash, x: torch.Tensor) -> None:
@@ -111,4 +104,4 @@ def assert_same_scoring(a: OODUnleash, b: OODUnleash, x: torch.Tensor) -> None:
         # score rebuilt from that state in memory, so any loss added by the checkpoint shows.
         reference = get_score(score.name, **score.get_config()).load_state_dict(score.state_dict())
         assert torch.equal(a.score(x, reference), b.score(x, name)), name
-        assert state_equal(b.fitted_scores_[name].state_dict(), score.state_dict()), name
+        assert same_state(b.fitted_scores_[name].state_dict(), score.state_dict()), name

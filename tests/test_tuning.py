@@ -14,6 +14,8 @@ from oodunleash import OODUnleash, proxy_ood, tune
 from oodunleash.scores import Energy
 from oodunleash.tuning import CandidateResult, parse_finetune, score_variants, select
 from oodunleash.tuning import search as search_module
+from tests.helpers.scripts import load_script
+from tests.helpers.toys import same_state, sequential_cnn, state_copy
 
 CLASSES = 3
 FAST = {"scores": ["energy", "msp", "knn"], "epochs": 1, "progress": False, "proxy_size": 60}
@@ -30,16 +32,7 @@ def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32, 16),
-        nn.ReLU(),
-        nn.Linear(16, CLASSES),
-    )
+    return sequential_cnn(1, 8, CLASSES, hidden=16, pool=2, batchnorm=True)
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +51,6 @@ def data():
     train = DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True)
     val = DataLoader(TensorDataset(vx, vy), batch_size=40)
     return model, train, val
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _row(name: str, tier: int, accuracy: float, fpr: float, auroc: float = 90.0):
@@ -140,9 +125,9 @@ def test_candidate_names_and_score_variants():
 # ----------------------------------------------------------------------------- end to end
 def test_tune_never_touches_the_model_and_is_never_worse_on_validation(data, capsys):
     model, train, val = data
-    before, training = _state(model), model.training
+    before, training = state_copy(model), model.training
     result = tune(model, train, val, finetunes=["um", "um control", "umap"], seed=0, **FAST)
-    assert _same(before, _state(model)) and model.training == training
+    assert same_state(before, state_copy(model)) and model.training == training
     ran = result.candidates
     assert set(ran) == {"unchanged", "um", "um control", "umap"}, result.dropped
     reference = ran["unchanged"]
@@ -283,17 +268,6 @@ def test_bad_arguments_fail_before_any_work(data):
 
 
 # ----------------------------------------------------------------------------- the measurement
-def _load_benchmark_script():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "benchmark_tune.py"
-    spec = importlib.util.spec_from_file_location("benchmark_tune", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _fake_run(seed: int, fprs: dict[tuple[str, str], float], accuracy: dict[str, float], chosen):
     test: dict = {}
     for (candidate, score), fpr in fprs.items():
@@ -305,7 +279,7 @@ def _fake_run(seed: int, fprs: dict[tuple[str, str], float], accuracy: dict[str,
 
 
 def test_the_measurement_summary_compares_tune_with_the_fixed_recipes_and_the_oracle():
-    bench = _load_benchmark_script()
+    bench = load_script("examples/benchmark_tune.py")
     accuracy = {"unchanged": 90.0, "um": 89.5, "umap": 88.0}
     fprs = {
         ("unchanged", "energy"): 60.0,
@@ -346,7 +320,7 @@ def _fake_validated_run(val: dict[tuple[str, str], tuple[float, float]], test_fp
 
 
 def test_fixed_recipes_are_ranked_on_validation_pooled_over_models():
-    bench = _load_benchmark_script()
+    bench = load_script("examples/benchmark_tune.py")
     small = {
         ("unchanged", "energy"): (60.0, 90.0),
         ("unchanged", "knn k=1"): (20.0, 90.0),

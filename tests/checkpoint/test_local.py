@@ -6,19 +6,10 @@ from __future__ import annotations
 import json
 import warnings
 
-import checkpoint_models as models
 import pytest
 import timm
 import torch
 import yaml
-from checkpoint_models import (
-    CLASS_NAMES,
-    PREPROCESSING,
-    TinyNet,
-    assert_same_scoring,
-    loader,
-    state_equal,
-)
 from torch import nn
 
 from oodunleash import OODUnleash
@@ -34,6 +25,15 @@ from oodunleash.checkpoint import (
     pack_bits,
     unpack_bits,
 )
+from tests.checkpoint import builders as models
+from tests.checkpoint.builders import (
+    CLASS_NAMES,
+    PREPROCESSING,
+    TinyNet,
+    assert_same_scoring,
+    loader,
+)
+from tests.helpers.toys import same_state
 
 SCORES = ["energy", "msp", "knn", "mahalanobis", "react", "vim"]
 
@@ -124,7 +124,7 @@ def test_local_round_trip_timm_um(timm_um, tmp_path, images, monkeypatch):
     assert loaded.train_config_.to_dict() == timm_um.train_config_.to_dict()
     assert loaded.class_names == CLASS_NAMES
     assert not loaded.model.training
-    assert state_equal(loaded.model.state_dict(), timm_um.model.state_dict())
+    assert same_state(loaded.model.state_dict(), timm_um.model.state_dict())
     assert_same_scoring(timm_um, loaded, images)
     assert loaded.last_results_.to_dict() == timm_um.last_results_.to_dict()
     for name, score in timm_um.fitted_scores_.items():
@@ -147,7 +147,7 @@ def test_umap_default_bakes_masks(timm_umap, tmp_path, images):
     loaded = OODUnleash.from_pretrained(folder)
     assert loaded.method == "umap"
     assert loaded.masks_ is None  # a plain sparse model
-    assert state_equal(loaded.model.state_dict(), timm_umap.export().state_dict())
+    assert same_state(loaded.model.state_dict(), timm_umap.export().state_dict())
     for name in timm_umap.layer_names:
         weight = loaded.model.get_submodule(name).weight
         assert float((weight == 0).float().mean()) == pytest.approx(0.3, abs=0.01)
@@ -218,7 +218,7 @@ def test_custom_model_shape_mismatch_names_the_keys(custom_umap, tmp_path):
     message = str(info.value)
     assert "conv.weight: checkpoint (4, 3, 3, 3) vs model (6, 3, 3, 3)" in message
     assert "fc.weight" in message and "bn.running_mean" in message
-    assert state_equal(wrong.state_dict(), before)  # nothing was loaded into it
+    assert same_state(wrong.state_dict(), before)  # nothing was loaded into it
 
     class Renamed(TinyNet):
         def __init__(self) -> None:
@@ -313,8 +313,8 @@ def test_custom_registered_score_round_trips(tmp_path, images):
 
     register_score(CenterDistance, overwrite=True)
     try:
-        wrapper = OODUnleash(TinyNet(), "um").fit(
-            loader(), epochs=1, loss_constraint=0.9, progress=False
+        wrapper = OODUnleash(TinyNet(), "um", constraint=0.9).fit(
+            loader(), epochs=1, progress=False
         )
         wrapper.fit_scores(loader(), [CenterDistance(power=3.0)], progress=False)
         folder = wrapper.save_pretrained(tmp_path / "ckpt")
@@ -336,7 +336,7 @@ def test_only_rank_zero_writes_or_uploads(tmp_path, monkeypatch):
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     data = [(torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,)))]
-    unleashed = OODUnleash(model).fit(data, epochs=1, loss_constraint=0.5, progress=False)
+    unleashed = OODUnleash(model, constraint=0.5).fit(data, epochs=1, progress=False)
     monkeypatch.setattr(save_module, "is_main_process", lambda: False)
     monkeypatch.setattr(hub_io, "is_main_process", lambda: False)
     folder = unleashed.save_pretrained(tmp_path / "ckpt")
@@ -376,7 +376,7 @@ def test_timm_preprocessing_round_trip_from_scratch(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=3, channels=(8, 8, 8, 8), stem_width=8)
     data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)))]
-    unleashed = OODUnleash(model, "um").fit(data, epochs=1, loss_constraint=0.5, progress=False)
+    unleashed = OODUnleash(model, "um", constraint=0.5).fit(data, epochs=1, progress=False)
     folder = unleashed.save_pretrained(
         tmp_path / "ckpt", input_size=(3, 32, 32), mean=0.5, std=0.5, interpolation="bilinear"
     )
@@ -402,7 +402,7 @@ def test_timm_preprocessing_from_the_users_data_config(tmp_path):
 
     model = timm.create_model("test_resnet", num_classes=3)
     data = [(torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,)))]
-    unleashed = OODUnleash(model, "um").fit(data, epochs=1, loss_constraint=0.5, progress=False)
+    unleashed = OODUnleash(model, "um", constraint=0.5).fit(data, epochs=1, progress=False)
     data_config = resolve_data_config({"input_size": (3, 16, 16), "mean": (0.1, 0.2, 0.3)})
     folder = unleashed.save_pretrained(tmp_path / "ckpt", data_config=data_config, std=0.25)
     resolved = resolve_data_config({}, model=OODUnleash.from_pretrained(folder).model)
@@ -413,7 +413,7 @@ def test_timm_preprocessing_from_the_users_data_config(tmp_path):
 def test_timm_save_without_preprocessing_warns_and_claims_nothing(tmp_path):
     model = timm.create_model("test_resnet", num_classes=3)
     data = [(torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,)))]
-    unleashed = OODUnleash(model, "um").fit(data, epochs=1, loss_constraint=0.5, progress=False)
+    unleashed = OODUnleash(model, "um", constraint=0.5).fit(data, epochs=1, progress=False)
     with pytest.warns(UserWarning, match="input_size=, mean=, std="):
         folder = unleashed.save_pretrained(tmp_path / "ckpt")
     pretrained_cfg = json.loads((folder / TIMM_CONFIG_NAME).read_text())["pretrained_cfg"]
@@ -429,8 +429,8 @@ def test_compiled_model_saves_the_plain_module(tmp_path, images):
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
     compiled = torch.compile(model)
-    unleashed = OODUnleash(model, "um")
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.9, progress=False)
+    unleashed = OODUnleash(model, "um", constraint=0.9)
+    unleashed.fit(loader(), epochs=1, progress=False)
     unleashed.model = compiled  # what a user who compiled after wrapping holds
     folder = unleashed.save_pretrained(tmp_path / "ckpt", **PREPROCESSING)
     from safetensors.torch import load_file
@@ -452,7 +452,7 @@ def test_compiled_state_into_a_plain_model(tmp_path):
     source = TinyNet()
     state = {f"_orig_mod.{k}": v for k, v in source.state_dict().items()}
     load_model_state(plain, state, "test")
-    assert state_equal(plain.state_dict(), source.state_dict())
+    assert same_state(plain.state_dict(), source.state_dict())
     del state["_orig_mod.fc.bias"]
     with pytest.raises(CheckpointMismatchError, match="_orig_mod"):
         load_model_state(TinyNet(), {**state, "fc.bias": torch.zeros(3)}, "test")
@@ -463,8 +463,10 @@ def test_wrapper_around_a_compiled_model_saves_plain_names(tmp_path, images):
     tensors are saved without ``_orig_mod.``, and load into the plain architecture."""
     torch.manual_seed(0)
     plain = TinyNet()
-    unleashed = OODUnleash(torch.compile(plain, backend="eager"), "umap", keep_ratio=0.6)
-    unleashed.fit(loader(), epochs=1, loss_constraint=0.5, progress=False)
+    unleashed = OODUnleash(
+        torch.compile(plain, backend="eager"), "umap", keep_ratio=0.6, constraint=0.5
+    )
+    unleashed.fit(loader(), epochs=1, progress=False)
     folder = unleashed.save_pretrained(tmp_path / "ckpt", keep_masks=True)
     from safetensors.torch import load_file
 

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from checkpoint_models import TinyNet, state_equal, tiny_umap
 from torch import nn
 
 import oodunleash.checkpoint.folder as folder_module
@@ -31,8 +30,10 @@ from oodunleash.checkpoint import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
 )
+from tests.checkpoint.builders import TinyNet, tiny_umap
+from tests.helpers.toys import same_state
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parent
 FIXTURE_V1 = TESTS / "fixtures" / "checkpoint_v0_1" / "sequential_umap"
 
 
@@ -124,7 +125,7 @@ def test_tampered_config_is_refused_naming_file_and_field(saved, case):
     field = path.split(".")[0] if path.startswith("files") else path
     assert f"field '{field}" in message, message  # the field, or one inside it
     assert _snapshot(saved) == before
-    assert state_equal(model.state_dict(), weights)  # nothing was loaded into it
+    assert same_state(model.state_dict(), weights)  # nothing was loaded into it
 
 
 @pytest.mark.parametrize(
@@ -296,7 +297,7 @@ def test_save_through_a_symlink_keeps_the_link(old, new, saved):
     new.save_pretrained(link, keep_masks=True)
     assert link.is_symlink() and link.resolve() == saved.resolve()
     loaded = OODUnleash.from_pretrained(link, model=TinyNet)
-    assert state_equal(loaded.model.state_dict(), new.model.state_dict())
+    assert same_state(loaded.model.state_dict(), new.model.state_dict())
 
 
 def test_working_directory_is_refused(old, saved, monkeypatch):
@@ -343,9 +344,9 @@ LAST_OLD_STEP = {"exchange": 8, "fallback": 9}
 
 
 def _run_worker(folder: Path, seed: int, kill_at: int, mode: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parents[1]))  # the repository: tests is a package
     return subprocess.run(
-        [sys.executable, str(TESTS / "checkpoint_kill_worker.py"), str(folder), str(seed),
+        [sys.executable, str(TESTS / "kill_worker.py"), str(folder), str(seed),
          str(kill_at), mode],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -382,14 +383,14 @@ def test_save_killed_at_any_step_leaves_old_or_new(old, new, pristine, tmp_path,
     with pytest.warns(UserWarning, match="interrupted") if not folder.exists() else _no_warning():
         loaded = OODUnleash.from_pretrained(folder, model=TinyNet)
     expected = old if kill_at <= LAST_OLD_STEP[mode] else new
-    assert state_equal(loaded.model.state_dict(), expected.model.state_dict())
+    assert same_state(loaded.model.state_dict(), expected.model.state_dict())
     assert loaded.masks_ is not None and sorted(loaded.fitted_scores_) == ["knn"]
     # The user's file survives wherever the folder is; the next save recovers and cleans up.
     new.save_pretrained(folder, keep_masks=True)
     assert (folder / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
     loaded = OODUnleash.from_pretrained(folder, model=TinyNet)
-    assert state_equal(loaded.model.state_dict(), new.model.state_dict())
+    assert same_state(loaded.model.state_dict(), new.model.state_dict())
 
 
 class _no_warning:

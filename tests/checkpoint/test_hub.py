@@ -7,12 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
-import checkpoint_models as models
 import pytest
 import timm
 import torch
-from checkpoint_models import CLASS_NAMES, PREPROCESSING, TinyNet, assert_same_scoring
-from hub_server import FakeHub, use_fake_hub
 from huggingface_hub.errors import (
     HfHubHTTPError,
     LocalEntryNotFoundError,
@@ -31,6 +28,9 @@ from oodunleash.checkpoint import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
+from tests.checkpoint import builders as models
+from tests.checkpoint.builders import CLASS_NAMES, PREPROCESSING, TinyNet, assert_same_scoring
+from tests.helpers.hub_server import FakeHub, use_fake_hub
 
 TOKEN = "hf_fake_write_token"
 

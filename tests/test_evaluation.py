@@ -277,10 +277,10 @@ def test_custom_scores_by_name_and_by_instance(digits, fitted):
 def test_refit_resets_fitted_scores_and_umap_model_scores(digits):
     model = copy.deepcopy(digits.model)
     small = DataLoader(Subset(digits.train.dataset, range(256)), batch_size=128)
-    unleashed = OODUnleash(model, method="umap", keep_ratio=0.9)
+    unleashed = OODUnleash(model, method="umap", keep_ratio=0.9, constraint=0.05)
     unleashed.fit_scores(small, scores=["vim", "knn"], progress=False)
     assert set(unleashed.fitted_scores_) == {"vim", "knn"}
-    unleashed.fit(small, epochs=1, loss_constraint=0.05, progress=False)
+    unleashed.fit(small, epochs=1, progress=False)
     assert unleashed.fitted_scores_ == {}
     # The masked head is read through its masked weight.
     head = unleashed.feature_extractor(digits.test_images[:2]).head

@@ -2,9 +2,9 @@
 changes the disk (0: never). ``MODE`` is ``exchange`` (the atomic swap) or ``fallback`` (the
 two-rename swap used where the system has no atomic exchange).
 
-    python checkpoint_kill_worker.py FOLDER SEED KILL_AT MODE
+    python tests/checkpoint/kill_worker.py FOLDER SEED KILL_AT MODE
 
-Run by tests/test_checkpoint_faults.py in a subprocess; prints ``steps=N`` when it is not killed.
+Run by tests/checkpoint/test_faults.py (with the repository on PYTHONPATH) in a subprocess; prints ``steps=N`` when it is not killed.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from checkpoint_models import tiny_umap
-
 import oodunleash.checkpoint.folder as folder_module
+from tests.checkpoint.builders import tiny_umap
 
 
 def main() -> None:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from oodunleash import OODUnleash
+from tests.checkpoint.fixtures.checkpoint_v0_1.make_fixture import make_sequential
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoint_v0_1"
-sys.path.insert(0, str(FIXTURES))
-from make_fixture import make_sequential  # noqa: E402
 
 EXPECTED = json.loads((FIXTURES / "expected_scores.json").read_text())
 
