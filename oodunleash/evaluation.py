@@ -152,7 +152,8 @@ class Evaluator:
             raise ScoreNotFittedError(
                 f"The score(s) {unfitted} learn from in-distribution training data and have not "
                 f"been fitted: call unleashed.fit_scores(train_loader, scores={unfitted}) first, "
-                "or pass fit_loader=train_loader to evaluate()."
+                "or pass fit_loader=train_loader to evaluate(); a score such as 'energy' needs no "
+                "training data."
             )
 
     # ------------------------------------------------------------------ fitting
