@@ -329,7 +329,7 @@ class UnleashConfig:
     mask_mode: Literal["layer", "model"] | None = None
     mask_init: Literal["random", "magnitude"] | None = None
     constraint: ConstraintSpec = "relative"
-    score: str | OODScore = "energy"
+    score: str | OODScore = "knn"
     seed: int = 0
     head: str | None = None
     feature_layer: str | None = None

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._modules import model_device
+from ._modules import model_device, unwrap_compiled
 from .batches import named_ood_loaders
 from .features import FeatureExtractor, FeatureSet, collect_features
 from .metrics import Positive, accuracy
@@ -122,14 +122,17 @@ class Evaluator:
     @property
     def feature_extractor(self) -> FeatureExtractor:
         """The :class:`~oodunleash.features.FeatureExtractor` reading the model."""
+        # A torch.compile wrapper's forward skips the hooks that read features: read the
+        # module it wraps (same weights).
+        model = unwrap_compiled(self.model)
         ex = self._extractor
         if (
             ex is None
-            or ex.model is not self.model
+            or ex.model is not model
             or (ex.head_name, ex.feature_layer) != (self.head, self.feature_layer)
         ):
             ex = self._extractor = FeatureExtractor(
-                self.model, head=self.head, feature_layer=self.feature_layer
+                model, head=self.head, feature_layer=self.feature_layer
             )
         return ex
 
@@ -152,7 +155,8 @@ class Evaluator:
             raise ScoreNotFittedError(
                 f"The score(s) {unfitted} learn from in-distribution training data and have not "
                 f"been fitted: call unleashed.fit_scores(train_loader, scores={unfitted}) first, "
-                "or pass fit_loader=train_loader to evaluate()."
+                "or pass fit_loader=train_loader to evaluate(); a score such as 'energy' needs no "
+                "training data."
             )
 
     # ------------------------------------------------------------------ fitting

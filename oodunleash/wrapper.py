@@ -62,7 +62,11 @@ class OODUnleash:
             :class:`~oodunleash.config.Masked` (``"masked"``: the paper's recipe,
             :meth:`estimate_loss_constraint`, ``Masked(keep_ratio=0.965)``). See
             ``docs/benchmarks.md`` for how they compare.
-        score: Default OOD score used by :meth:`score` (see :func:`oodunleash.list_scores`).
+        score: Default OOD score of :meth:`score` and :meth:`evaluate` (see
+            :func:`oodunleash.list_scores`). The default, ``"knn"``, was chosen on validation
+            data (``docs/benchmarks.md``); it reads the ID training features, which :meth:`fit`
+            collects in one more pass over its loader (:meth:`fit_scores` without a
+            fine-tune). ``"energy"`` needs none.
         seed: Seeds the masks and the fine-tune; the same seed on CPU gives identical results.
         head: Name of the classifier head submodule (its input is the penultimate feature) for
             feature-based scores, when it cannot be found automatically (e.g. ``"fc"``).
@@ -110,7 +114,7 @@ class OODUnleash:
         mask_mode: Literal["layer", "model"] | None = None,
         mask_init: Literal["random", "magnitude"] | None = None,
         constraint: ConstraintSpec = "relative",
-        score: ScoreSpec = "energy",
+        score: ScoreSpec = "knn",
         seed: int = 0,
         head: str | None = None,
         feature_layer: str | None = None,
@@ -367,6 +371,8 @@ class OODUnleash:
             self.history_ = history
             self.train_config_ = config
             self._evaluator.reset()  # fitted detectors describe the old features
+            if resolve_score(self.default_score).needs_fit:  # KNN's bank: one more pass
+                self._evaluator.fit_scores(loader, [self.default_score], progress=progress)
         except TrainingDivergedError as exc:
             rollback.restore()
             raise fitting.rolled_back(exc) from exc

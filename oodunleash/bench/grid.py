@@ -328,7 +328,9 @@ class FineTune:
             fit_options["flooding"] = False
         else:
             options["constraint"] = xi
-        unleashed = OODUnleash(model, r.method, seed=seed, **options)
+        # The benchmark reads every score itself (protocol.evaluate_model); Energy as the
+        # wrapper's default keeps fit from building a KNN bank it would not use.
+        unleashed = OODUnleash(model, r.method, seed=seed, score="energy", **options)
         return unleashed.fit(
             TensorLoader(*train, 128, shuffle=True, seed=seed + 1),
             epochs=r.epochs,

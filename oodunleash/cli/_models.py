@@ -37,8 +37,11 @@ class ResolvedModel:
     source: str
 
     def wrapper(self) -> OODUnleash:
-        """The checkpoint's wrapper, or a new post-hoc wrapper around the model."""
-        return self.unleashed if self.unleashed is not None else OODUnleash(self.model)
+        """The checkpoint's wrapper, or a new post-hoc wrapper around the model (scoring by
+        Energy, which needs no training images, unless a command names its scores)."""
+        if self.unleashed is not None:
+            return self.unleashed
+        return OODUnleash(self.model, score="energy")
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:

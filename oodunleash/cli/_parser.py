@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import UnleashConfig
 from . import _bench, _evaluate, _push, _train
 from ._data import parse_named_dir
 from ._errors import EXIT_CODES_HELP
@@ -79,7 +80,9 @@ def _add_training(sub: argparse._SubParsersAction, parents: list) -> None:
     fit.add_argument("--loss-constraint", type=float, metavar="XI", help="ξ (default: 3x the CE)")
     fit.add_argument("--keep-ratio", type=float, help="UMAP: fraction of weights kept")
     fit.add_argument("--amp", action="store_true", help="mixed precision")
-    fit.add_argument("--score", default="energy", help="default OOD score of the checkpoint")
+    fit.add_argument(
+        "--score", default=UnleashConfig.score, help="default OOD score of the checkpoint"
+    )
     fit.add_argument("--out", default="unleashed", metavar="DIR", help="checkpoint folder")
     tune = sub.add_parser(
         "tune",

@@ -364,7 +364,9 @@ def tune(
         specs,
         seed=seed,
         epochs=epochs,
-        options={"head": head, "feature_layer": feature_layer},
+        # Every candidate is read out by every score after its fit, and the chosen score
+        # becomes the result's default: a default that learns (KNN) would cost a pass for nothing.
+        options={"head": head, "feature_layer": feature_layer, "score": "energy"},
         max_accuracy_drop=max_accuracy_drop,
         keep_all=keep_all,
         progress=progress,
