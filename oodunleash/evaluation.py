@@ -239,7 +239,7 @@ class Evaluator:
             >>> from oodunleash import OODUnleash
             >>> _ = torch.manual_seed(0)
             >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
-            >>> unleashed = OODUnleash(net)  # default score: "energy"
+            >>> unleashed = OODUnleash(net, score="energy")  # a score that needs no ID data
             >>> x = torch.randn(5, 1, 4, 4)
             >>> unleashed.score(x).shape
             torch.Size([5])

@@ -176,7 +176,8 @@ def test_score_equals_the_evaluation_pass(digits, fitted, name):
 def test_default_score_and_default_selection(digits, fitted):
     x = digits.test_images[:5]
     energy = torch.logsumexp(digits.model(x), dim=1)
-    assert torch.allclose(fitted.score(x), energy, atol=1e-5)
+    assert torch.allclose(fitted.score(x, "energy"), energy, atol=1e-5)
+    assert torch.equal(fitted.score(x), fitted.score(x, "knn"))  # the default score
     vim_default = OODUnleash(digits.model, score="vim")
     vim_default.fit_scores(digits.train, scores=["vim"], progress=False)
     assert torch.allclose(vim_default.score(x), fitted.score(x, "vim"), atol=1e-5)
@@ -280,14 +281,17 @@ def test_refit_resets_fitted_scores_and_umap_model_scores(digits):
     unleashed = OODUnleash(model, method="umap", keep_ratio=0.9, constraint=0.05)
     unleashed.fit_scores(small, scores=["vim", "knn"], progress=False)
     assert set(unleashed.fitted_scores_) == {"vim", "knn"}
+    stale_knn = unleashed.fitted_scores_["knn"]
     unleashed.fit(small, epochs=1, progress=False)
-    assert unleashed.fitted_scores_ == {}
+    # The stale detectors go; the default score (KNN) is fitted again on the new weights.
+    assert set(unleashed.fitted_scores_) == {"knn"}
+    assert unleashed.fitted_scores_["knn"] is not stale_knn
     # The masked head is read through its masked weight.
     head = unleashed.feature_extractor(digits.test_images[:2]).head
     assert int((head.weight == 0).sum()) > 0
     unleashed.fit_scores(small, scores=["vim", "react", "dice"], progress=False)
     res = unleashed.evaluate(digits.test, digits.dark, progress=False)
-    assert set(res.score_names) == {"energy", "vim", "react", "dice"}
+    assert set(res.score_names) == {"knn", "vim", "react", "dice"}
 
 
 def test_evaluate_moves_the_model_to_the_device_given():
@@ -312,5 +316,5 @@ def test_scoring_hands_back_each_modules_own_mode():
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
     net.train()
     net[2].eval()
-    OODUnleash(net).score(torch.randn(4, 1, 4, 4))
+    OODUnleash(net, score="energy").score(torch.randn(4, 1, 4, 4))
     assert net.training and net[1].training and not net[2].training

@@ -17,7 +17,10 @@ Example:
     >>> folder = unleashed.save_pretrained(tempfile.mkdtemp() + "/ckpt")
     >>> again = OODUnleash.from_pretrained(folder, model=make_net)
     >>> x = torch.randn(4, 1, 4, 4)
-    >>> torch.equal(again.score(x), unleashed.score(x))
+    >>> torch.equal(again.model(x), unleashed.model(x))
+    True
+    >>> # The default score, KNN, saves its feature bank in float16 (``KNN(save_dtype=...)``).
+    >>> torch.allclose(again.score(x), unleashed.score(x), atol=1e-3)
     True
 """
 

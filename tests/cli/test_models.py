@@ -27,7 +27,9 @@ def test_timm_name_with_a_weights_file_scores_like_the_checkpoint(
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, torch_file)
 
     inputs = [str(data / "ood_loose")]
-    _, reference, _ = run(["score", *model_args(str(checkpoint)), *inputs], capsys)
+    _, reference, _ = run(
+        ["score", *model_args(str(checkpoint)), "--score", "energy", *inputs], capsys
+    )
     for weights in (safetensors_file, torch_file):
         code, out, err = run(
             ["score", *model_args(MODEL, "--checkpoint", str(weights)), *inputs], capsys
@@ -48,7 +50,7 @@ def test_a_plain_timm_repo_on_the_hub_is_a_model(checkpoint, data, hub, tmp_path
     api.upload_folder(repo_id="me/plain", folder_path=folder)
 
     inputs = [str(data / "ood_loose")]
-    _, local, _ = run(["score", *model_args(str(checkpoint)), *inputs], capsys)
+    _, local, _ = run(["score", *model_args(str(checkpoint)), "--score", "energy", *inputs], capsys)
     code, remote, err = run(["score", *model_args("hf-hub:me/plain"), *inputs], capsys)
     assert code == 0, err
     assert_same_scores(remote, local)
