@@ -224,7 +224,8 @@ def scenario_progress() -> dict[str, Any]:
     buffer = io.StringIO()
     with contextlib.redirect_stderr(buffer):
         # factor 0.5: the untrained net's loss x 4 would be above chance (refused)
-        OODUnleash(make_net(), method="um", constraint=Relative(0.5)).fit(
+        # Energy: a KNN default would warn (k > this tiny bank) on every rank, not progress.
+        OODUnleash(make_net(), "um", constraint=Relative(0.5), score="energy").fit(
             DataLoader(make_data(16), batch_size=BATCH),
             epochs=1,
             progress=True,
@@ -302,6 +303,36 @@ def scenario_after_fit() -> dict[str, Any]:
     return {"local_grads": local_grads, "refit_state": state_copy(net)}
 
 
+def scenario_tune() -> dict[str, Any]:
+    """``tune`` under torchrun: every rank fits the same candidates, measures the same
+    validation metrics and keeps the same model and score."""
+    from oodunleash import tune
+
+    x, y, _ = make_data(96, seed=5).tensors
+    net = make_net(seed=5)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(30):  # train to a low loss so ξ = 3x it is a sensible constraint
+        optimizer.zero_grad()
+        F.cross_entropy(net(x[:64]), y[:64]).backward()
+        optimizer.step()
+    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=BATCH)
+    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=BATCH)
+    far = DataLoader(
+        TensorDataset(4 * torch.randn(24, 8, generator=torch.Generator().manual_seed(6))),
+        batch_size=BATCH,
+    )
+    result = tune(
+        net, train, val, {"far": far}, epochs=1, finetunes=["um", "um control"],
+        scores=["energy", "msp", "knn"], progress=False, verbose=False,
+    )  # fmt: skip
+    rows = result.to_dict()["candidates"]
+    return {
+        "best": result.best_name,
+        "rows": {name: (row["accuracy"], row["mean_fpr95"]) for name, row in rows.items()},
+        "state": state_copy(result.best.model),
+    }
+
+
 def run_all(out_dir: str) -> None:
     """Every scenario under torchrun; results of rank r go to ``out_dir/rank{r}.pt``."""
     if dist.is_initialized():
@@ -326,6 +357,7 @@ def run_all(out_dir: str) -> None:
     results["uneven"] = scenario_uneven()
     results["after_fit"] = scenario_after_fit()
     results["batchnorm"] = scenario_batchnorm()
+    results["tune"] = scenario_tune()
     torch.save(results, os.path.join(out_dir, f"rank{rank()}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from oodunleash import flooding_loss
 from tests import ddp_worker as worker
-from tests.helpers.toys import state_copy
+from tests.helpers.toys import same_state, state_copy
 
 pytestmark = pytest.mark.distributed
 
@@ -299,3 +299,11 @@ def test_evaluate_concatenates_shards_it_cannot_shard_itself(ranks):
     # ... and rank 0 alone says that oodunleash left those iterables as they were.
     assert any("cannot shard it" in w for w in ranks[0]["metrics"]["warnings"])
     assert ranks[1]["metrics"]["warnings"] == []
+
+
+def test_tune_makes_the_same_choice_on_every_rank(ranks):
+    first, second = (r["tune"] for r in ranks)
+    assert set(first["rows"]) == {"unchanged", "um", "um control"}
+    assert first["best"] == second["best"]
+    assert first["rows"] == second["rows"]  # validation metrics gathered over both shards
+    assert same_state(first["state"], second["state"])
