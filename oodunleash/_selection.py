@@ -99,7 +99,6 @@ def zero_fraction(weights: Iterable[Tensor]) -> float:
     """Share of exact zeros over all ``weights`` together (0.0 when there are none).
 
     Example:
-        >>> import torch
         >>> zero_fraction([torch.tensor([0.0, 1.0]), torch.zeros(2)])
         0.75
     """
