@@ -27,8 +27,8 @@ images each on the CPU, 30 batches on CUDA), the library against a plain ``torch
 inference loop over the same batches (same batch size, same autocast setting with ``--amp``),
 interleaved, median of the per-repeat ratios (``--cpu-time``: CPU time, for a busy machine):
 
-- ``evaluate``: ``OODUnleash(model).evaluate(id_batches, {"ood": ood_batches})`` with its
-  default score, metrics included -- what a user calls (after a first call, which resolves how
+- ``evaluate``: ``OODUnleash(model, score="energy").evaluate(id_batches, {"ood": ood_batches})``
+  (a score that needs no training pass), metrics included -- what a user calls (after a first call, which resolves how
   the model is read);
 - ``feature pass``: :func:`oodunleash.features.collect_features` over both sets, keeping logits
   and penultimate features -- the pass every score reads.
@@ -276,7 +276,7 @@ def measure_eval(name, size, batch, steps, repeats, device, amp=False, clock=tim
         ]
 
     id_set, ood_set = batches(0.0), batches(1.0)
-    unleashed = OODUnleash(model)
+    unleashed = OODUnleash(model, score="energy")
     sides = {
         "plain": lambda: plain_inference(model, (id_set, ood_set)),
         "evaluate": lambda: unleashed.evaluate(id_set, {"ood": ood_set}, progress=False),

@@ -68,7 +68,7 @@ class HostReads(TorchFunctionMode):
 
 
 def host_reads_of_fit_and_evaluate(n: int) -> list[str]:
-    unleashed = OODUnleash(cnn())
+    unleashed = OODUnleash(cnn(), score="energy")
     unleashed.score(batches(1)[0][0])  # resolve how the model is read, outside the count
     train, test, far = batches(n, seed=1), batches(n, seed=2), batches(n, shift=3.0, seed=3)
     with HostReads() as reads:
