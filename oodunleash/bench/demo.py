@@ -249,7 +249,7 @@ def _test_results(
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Every candidate tune fitted, read out on the test sets by :data:`DEMO_SCORES` (the
     chosen one also by its chosen score); and the comparison rows: the final model + Energy,
-    the library's UM + Energy, tune's choice."""
+    UM + Energy, the library's defaults (UM + KNN), tune's choice."""
     results: dict[str, Any] = {}
     for name, unleashed in tuned.unleashed.items():
         extra = [tuned.best_score] if name == tuned.best_candidate else []
@@ -266,6 +266,7 @@ def _test_results(
     comparison = {"final model + energy": row("final model", "energy")}
     if "um" in results:
         comparison["um (library ξ) + energy"] = row("um", "energy")
+        comparison["library defaults: um + knn"] = row("um", "knn")
     chosen = "final model" if tuned.best_candidate == "unchanged" else tuned.best_candidate
     comparison[f"tune's choice: {tuned.best_name}"] = row(chosen, tuned.best_score)
     for res in results.values():  # the before/after table shows the common scores only

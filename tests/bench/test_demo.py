@@ -49,6 +49,8 @@ def test_demo_quick(tmp_path, capsys):
     assert set(chosen["metrics"]) == {"near", "fashion-mnist", "photos", "gaussian", "uniform"}
     final = results["results"]["final model"]
     assert comparison["final model + energy"]["metrics"] == final["metrics"]["energy"]
+    # The library-defaults row (UM + KNN) is there exactly when UM ran (here it was dropped).
+    assert ("library defaults: um + knn" in comparison) == ("um" in results["results"])
 
     # The before/after table: every candidate tune fitted, on the common scores.
     table = (out / "results.md").read_text()
