@@ -27,9 +27,10 @@ images each on the CPU, 30 batches on CUDA), the library against a plain ``torch
 inference loop over the same batches (same batch size, same autocast setting with ``--amp``),
 interleaved, median of the per-repeat ratios (``--cpu-time``: CPU time, for a busy machine):
 
-- ``evaluate``: ``OODUnleash(model, score="energy").evaluate(id_batches, {"ood": ood_batches})``
-  (a score that needs no training pass), metrics included -- what a user calls (after a first call, which resolves how
-  the model is read);
+- ``evaluate``: ``OODUnleash(model).evaluate(id_batches, {"ood": ood_batches})`` with its
+  default score (fitted beforehand on a third set of the same size when it learns from
+  training data, as KNN does), metrics included -- what a user calls (after a first call,
+  which resolves how the model is read);
 - ``feature pass``: :func:`oodunleash.features.collect_features` over both sets, keeping logits
   and penultimate features -- the pass every score reads.
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import inspect
 import statistics
 import time
 from typing import Any
@@ -275,8 +277,11 @@ def measure_eval(name, size, batch, steps, repeats, device, amp=False, clock=tim
             for _ in range(steps)
         ]
 
-    id_set, ood_set = batches(0.0), batches(1.0)
-    unleashed = OODUnleash(model, score="energy")
+    train_set, id_set, ood_set = batches(0.0), batches(0.0), batches(1.0)
+    unleashed = OODUnleash(model)
+    # The default score, fitted once when it learns from training data (KNN does), as a user
+    # fits it once and evaluates many times.
+    unleashed.fit_scores(train_set, [unleashed.default_score], progress=False)
     sides = {
         "plain": lambda: plain_inference(model, (id_set, ood_set)),
         "evaluate": lambda: unleashed.evaluate(id_set, {"ood": ood_set}, progress=False),
@@ -313,8 +318,10 @@ def eval_table(configs, device, steps=None, repeats=5, amp=False, cpu_time=False
     ``cpu_time`` times by this process's CPU time (a machine shared with other jobs), not the
     wall clock."""
     clock = time.process_time if cpu_time else time.perf_counter
+    score = inspect.signature(OODUnleash).parameters["score"].default
     print(
-        f"evaluation of an ID and an OOD set, repeats {repeats} (interleaved), autocast "
+        f"evaluation of an ID and an OOD set (evaluate: default score {score!r}), "
+        f"repeats {repeats} (interleaved), autocast "
         f"{'on' if amp else 'off'}, {'process CPU time' if cpu_time else 'wall clock'}; plain: "
         "median images/s of a torch.no_grad loop; ratios: median over repeats of (library "
         "images/s / plain images/s) in the same repeat, and their range\n"
