@@ -58,7 +58,7 @@ class OODUnleash:
             ``"magnitude"``; also the mask :meth:`estimate_loss_constraint` draws.
         constraint: How :meth:`fit` sets ξ: a number (ξ itself);
             :class:`~oodunleash.config.Relative` (``"relative"``, the default:
-            ``Relative(factor=3.0)``, 3x the model's mean ID training cross-entropy); or
+            ``Relative(factor=2.0)``, 2x the model's mean ID training cross-entropy); or
             :class:`~oodunleash.config.Masked` (``"masked"``: the paper's recipe,
             :meth:`estimate_loss_constraint`, ``Masked(keep_ratio=0.965)``). See
             ``docs/benchmarks.md`` for how they compare.
@@ -332,7 +332,7 @@ class OODUnleash:
             >>> sorted(unleashed.history_[0])
             ['accuracy', 'ce', 'epoch', 'frac_below_constraint', 'loss', 'lr', 'time_s']
 
-            (This toy's training loss is high: the default ξ, 3x it, would not be below ln(3) and
+            (This toy's training loss is high: the default ξ, 2x it, would not be below ln(3) and
             ``fit`` would refuse it.) The plain fine-tune control needs no ξ:
 
             >>> control = OODUnleash(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)))

@@ -92,7 +92,7 @@ def test_recipes_check_their_parameter(recipe, match):
 
 
 def test_constraint_forms_and_shorthands():
-    assert OODUnleash(ConvNet(width=4, batchnorm=False)).config.loss_constraint == Relative(3.0)
+    assert OODUnleash(ConvNet(width=4, batchnorm=False)).config.loss_constraint == Relative(2.0)
     assert OODUnleash(
         ConvNet(width=4, batchnorm=False), constraint="masked"
     ).config.loss_constraint == Masked(0.965)
@@ -111,8 +111,8 @@ def test_constraint_forms_and_shorthands():
 
 def test_deprecated_constraint_aliases_still_work_and_warn():
     with pytest.warns(DeprecationWarning, match="constraint=Relative"):
-        unleashed = OODUnleash(ConvNet(width=4, batchnorm=False), constraint_factor=2.0)
-    assert unleashed.constraint == Relative(2.0)
+        unleashed = OODUnleash(ConvNet(width=4, batchnorm=False), constraint_factor=2.5)
+    assert unleashed.constraint == Relative(2.5)
     with pytest.warns(DeprecationWarning, match="constraint=Masked"):
         masked = OODUnleash(
             ConvNet(width=4, batchnorm=False), constraint="masked", constraint_keep_ratio=0.9
@@ -120,13 +120,13 @@ def test_deprecated_constraint_aliases_still_work_and_warn():
     assert masked.constraint == Masked(0.9)
     with pytest.warns(DeprecationWarning):
         assert masked.constraint_keep_ratio == 0.9
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="Relative\\(factor=2"):
-        OODUnleash(ConvNet(width=4, batchnorm=False), constraint="masked", constraint_factor=2)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="Relative\\(factor=3"):
+        OODUnleash(ConvNet(width=4, batchnorm=False), constraint="masked", constraint_factor=3)
     with warnings.catch_warnings():  # the default of the other recipe is harmless
         warnings.simplefilter("ignore", DeprecationWarning)
         assert (
             OODUnleash(
-                ConvNet(width=4, batchnorm=False), constraint="masked", constraint_factor=3.0
+                ConvNet(width=4, batchnorm=False), constraint="masked", constraint_factor=2.0
             ).constraint
             == "masked"
         )
@@ -228,7 +228,8 @@ def test_options_of_a_release_0_1_checkpoint_load():
     ]
     umap = dict(um, method="umap", constraint="relative", keep_ratio=0.6, mask_mode="model")
     config = UnleashConfig.from_legacy(umap)
-    assert (config.keep_ratio, config.mask_mode, config.constraint) == (0.6, "model", "relative")
+    # In release 0.1 "relative" meant 3x the training loss, and it still does for its files.
+    assert (config.keep_ratio, config.mask_mode, config.constraint) == (0.6, "model", Relative(3.0))
     with pytest.raises(ValueError, match="keep_ratio"):
         UnleashConfig.from_legacy(dict(umap, keep_ratio=5))
 

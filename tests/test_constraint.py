@@ -44,8 +44,8 @@ def test_fit_sets_constraint_by_recipe_when_not_given():
     model = ConvNet(dropout=0.5)
     OODUnleash(model).fit(loader, epochs=30, lr=0.1, flooding=False, progress=False)
     state = state_copy(model)
-    # default: 3x the model's own training loss (eval mode)
-    expected = 3 * mean_cross_entropy(model, loader)
+    # default: 2x the model's own training loss (eval mode)
+    expected = 2 * mean_cross_entropy(model, loader)
     unleashed = OODUnleash(model, seed=3).fit(loader, epochs=1, progress=False)
     assert unleashed.loss_constraint_ == pytest.approx(expected)
     # the paper's recipe: the masked-model estimate

@@ -123,7 +123,7 @@ def run_demo(
     quick: bool = False,
     device: str = "cpu",
     seed: int = 0,
-    xi_factor: float = 2.0,
+    xi_factor: float = 3.0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train a :class:`~oodunleash.bench.models.SmallCNN`, :func:`~oodunleash.tune` it on

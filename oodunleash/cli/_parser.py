@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import UnleashConfig
+from ..config import DEFAULT_CONSTRAINT_FACTOR, UnleashConfig
 from . import _bench, _evaluate, _push, _train
 from ._data import parse_named_dir
 from ._errors import EXIT_CODES_HELP
@@ -77,7 +77,8 @@ def _add_training(sub: argparse._SubParsersAction, parents: list) -> None:
     )
     fit.add_argument("--method", choices=("um", "umap"), default="um")
     fit.add_argument("--lr", type=float, help="default 0.01 (UM) or 0.1 (UMAP)")
-    fit.add_argument("--loss-constraint", type=float, metavar="XI", help="ξ (default: 3x the CE)")
+    xi_help = f"ξ (default: {DEFAULT_CONSTRAINT_FACTOR:g}x the training CE)"
+    fit.add_argument("--loss-constraint", type=float, metavar="XI", help=xi_help)
     fit.add_argument("--keep-ratio", type=float, help="UMAP: fraction of weights kept")
     fit.add_argument("--amp", action="store_true", help="mixed precision")
     fit.add_argument(
@@ -193,9 +194,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--xi-factor",
         type=float,
-        default=2.0,
+        default=3.0,
         help="extra UM and UMAP candidates with ξ = this multiple of the final training loss "
-        "(default 2; the library's own factor adds none)",
+        "(default 3, the library's factor before 0.2; the library's own factor adds none)",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(handler=_bench.cmd_demo)

@@ -32,14 +32,14 @@ TIERS: dict[str, int] = {"unchanged": 0, "checkpoint": 1, "finetune": 2}
 #: The fine-tunes tried by default, in priority order (a time budget that cannot fit them all
 #: drops the later ones of equal cost first). ``"um"`` and ``"umap"`` are the library's
 #: defaults (ξ = ``DEFAULT_CONSTRAINT_FACTOR`` x the training loss); ``"control"`` runs the
-#: same fine-tune with plain cross-entropy; ``"um 2x"`` / ``"um 4x"`` bracket the default ξ.
+#: same fine-tune with plain cross-entropy; ``"um 1.5x"`` / ``"um 3x"`` bracket the default ξ.
 DEFAULT_FINETUNES: tuple[str, ...] = (
     "um",
     "umap",
     "um control",
     "umap control",
-    "um 2x",
-    "um 4x",
+    "um 1.5x",
+    "um 3x",
 )
 
 #: The hyperparameter values tried for the scores that have one that matters: each value

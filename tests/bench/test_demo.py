@@ -31,9 +31,11 @@ def test_demo_quick(tmp_path, capsys):
     # tune saw proxy OOD built from validation images only, never a test OOD set.
     assert tuned["proxy"] is True
     assert not set(tuned["ood_sets"]) & {"near", "photos", "fashion-mnist"}
-    # The library's ξ (3x a 1-epoch-trained digits model's loss) is above ln(6): dropped, said so.
-    assert "um" in tuned["dropped"] and "Not run: um (" in printed
-    assert set(tuned["candidates"]) == {"unchanged", "um control"}
+    # Quick mode tries UM and its control; a candidate tune drops (a ξ above ln(6) on this
+    # briefly trained model) is said so.
+    assert set(tuned["candidates"]) | set(tuned["dropped"]) == {"unchanged", "um", "um control"}
+    for name in tuned["dropped"]:
+        assert f"Not run: {name} (" in printed
 
     # The validation table, the chosen name, and the test comparison are all printed.
     assert "| candidate | score | val acc |" in printed
