@@ -210,6 +210,9 @@ def short_constraint(value: float | Relative | Masked) -> float | str | Relative
     return value
 
 
+#: What ``constraint="relative"`` meant in release 0.1 (the default ξ factor then).
+_RELEASE_0_1_FACTOR = 3.0
+
 #: Deprecated wrapper options and attributes: ``{alias: (recipe, its field)}``.
 _RECIPE_ALIASES: dict[str, tuple[type[Relative] | type[Masked], str]] = {
     "constraint_factor": (Relative, "factor"),
@@ -228,8 +231,8 @@ def constraint_with_aliases(
         >>> import warnings
         >>> with warnings.catch_warnings():
         ...     warnings.simplefilter("ignore")
-        ...     constraint_with_aliases("relative", 2.0, 0.965)
-        Relative(factor=2.0)
+        ...     constraint_with_aliases("relative", 2.5, 0.965)
+        Relative(factor=2.5)
     """
     typed = check_constraint(constraint)
     given = {"constraint_factor": factor, "constraint_keep_ratio": keep_ratio}
@@ -425,13 +428,15 @@ class UnleashConfig:
 
         Example:
             >>> UnleashConfig.from_legacy({"method": "um", "keep_ratio": 0.8,
-            ...     "constraint": "relative", "constraint_factor": 2.0, "layer_names": ["fc"]})
-            UnleashConfig(method='um', layers=['fc'], exclude=None, keep_ratio=None, mask_mode=None, mask_init=None, constraint=Relative(factor=2.0), score='energy', seed=0, head=None, feature_layer=None)
+            ...     "constraint": "relative", "constraint_factor": 2.5, "layer_names": ["fc"]})
+            UnleashConfig(method='um', layers=['fc'], exclude=None, keep_ratio=None, mask_mode=None, mask_init=None, constraint=Relative(factor=2.5), score='energy', seed=0, head=None, feature_layer=None)
+            >>> UnleashConfig.from_legacy({"method": "um"}).constraint  # 0.1's default was 3x
+            Relative(factor=3.0)
         """
         method = data.get("method", "um")
         recipe = check_constraint(data.get("constraint") or "relative")
-        if isinstance(recipe, Relative) and data.get("constraint_factor") is not None:
-            recipe = Relative(data["constraint_factor"])
+        if isinstance(recipe, Relative):  # release 0.1's "relative" meant 3x when unrecorded
+            recipe = Relative(data.get("constraint_factor") or _RELEASE_0_1_FACTOR)
         if isinstance(recipe, Masked) and data.get("constraint_keep_ratio") is not None:
             recipe = Masked(data["constraint_keep_ratio"])
         options = {
