@@ -210,14 +210,13 @@ def _recipe_table(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[tupl
         val_ref = candidates["unchanged"]["accuracy"]
         test_ref = run["test"]["unchanged"]["accuracy"]
         for candidate, block in candidates.items():
-            test = run["test"].get(candidate)
+            tested = candidate in run["test"]
             for score, metrics in block.get("scores", {}).items():
-                test_fpr = float("nan")
-                if test is not None and score in test["scores"]:
-                    test_fpr = test["scores"][score]["mean"]["fpr95"]
+                nan = float("nan")
+                test_fpr, test_acc = _entry(run, candidate, score) if tested else (nan, nan)
                 table.setdefault((candidate, score), []).append((
                     metrics["mean"]["fpr95"], block["accuracy"] - val_ref, test_fpr,
-                    (test["accuracy"] if test else float("nan")) - test_ref,
+                    test_acc - test_ref,
                 ))  # fmt: skip
     return {recipe: rows for recipe, rows in table.items() if len(rows) == len(runs)}
 
