@@ -11,7 +11,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .masking import LayerMasks
 
-__all__ = ["check_keep_ratio", "num_kept", "topk_mask"]
+__all__ = ["check_keep_ratio", "drop_below", "num_kept", "topk_mask"]
 
 
 def num_kept(numel: int, keep_ratio: float) -> int:
@@ -31,13 +31,31 @@ def topk_mask(scores: Tensor, keep_ratio: float) -> Tensor:
     k = num_kept(n, keep_ratio)
     if k == n:
         return torch.ones_like(scores)
-    threshold = _threshold(flat, keep_ratio)
-    keep = flat > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:
-        ties = (flat == threshold).nonzero().squeeze(1)[:missing]
-        keep[ties] = True
-    return keep.view_as(scores).to(scores.dtype)
+    dropped = drop_below(flat, _threshold(flat, keep_ratio), k)
+    return dropped.logical_not_().view_as(scores).to(scores.dtype)
+
+
+def drop_below(flat: Tensor, threshold: Tensor, k: int, n_kept: int | None = None) -> Tensor:
+    """The positions a top-``k`` mask drops, given ``threshold``, the ``k``-th largest entry
+    of ``flat``: every entry below it, and of the entries equal to it, those after the first
+    ones that make up ``k`` (ties broken by position).
+
+    ``n_kept``, the number of entries at or above ``threshold`` when the caller already knows
+    it, saves a count over ``flat``. Without ties the threshold entry is the only one equal to
+    it, so the search for ties (a pass and a ``nonzero`` over ``flat``) runs only for real ties.
+
+    Example:
+        >>> drop_below(torch.tensor([0.3, 0.1, 0.3, 0.2]), torch.tensor(0.3), k=1)
+        tensor([False,  True,  True,  True])
+    """
+    dropped = flat < threshold
+    if n_kept is None:
+        n_kept = flat.numel() - int(torch.count_nonzero(dropped))
+    extra = n_kept - k
+    if extra > 0:
+        ties = (flat == threshold).nonzero().squeeze(1)[-extra:]
+        dropped[ties] = True
+    return dropped
 
 
 def _kth_smallest(values: Tensor, k: int, *, by_sort: bool | None = None) -> Tensor:

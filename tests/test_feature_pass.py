@@ -136,13 +136,31 @@ def test_kept_tensors_move_to_the_store_in_chunks(monkeypatch):
     assert moved.logits.shape == whole.logits.shape and moved.labels.shape == (40,)
 
 
-def test_speed_benchmark_eval_table_times_every_side(capsys):
-    """``examples/benchmark_speed.py --eval`` on one tiny row: a plain rate and one ratio per
-    library side, each positive."""
+def _speed_benchmark():
     path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "benchmark_speed.py"
     spec = importlib.util.spec_from_file_location("benchmark_speed", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_speed_benchmark_train_table_times_every_side(capsys):
+    """``examples/benchmark_speed.py`` on one tiny row: a plain step time and one ratio per
+    library side (UM, both UMAP mask modes), each positive, from the timed last epoch."""
+    bench = _speed_benchmark()
+    bench.train_table([("resnet18", 32, 4)], bench.SIDES, torch.device("cpu"), 2, 1)
+    out = capsys.readouterr().out
+    assert "epoch 2 of 2 timed" in out
+    cells = [c.strip() for c in out.strip().splitlines()[-1].strip("|").split("|")]
+    assert cells[:3] == ["resnet18", "32", "4"] and cells[-1] == "<= 1.5"
+    times = [float(c) for c in cells[3:-1]]
+    assert len(times) == 1 + len(bench.SIDES) and min(times) > 0
+
+
+def test_speed_benchmark_eval_table_times_every_side(capsys):
+    """``examples/benchmark_speed.py --eval`` on one tiny row: a plain rate and one ratio per
+    library side, each positive."""
+    bench = _speed_benchmark()
     bench.eval_table([("small_cnn", 28, 16)], torch.device("cpu"), steps=4, repeats=1)
     row = capsys.readouterr().out.strip().splitlines()[-1]
     cells = [c.strip() for c in row.strip("|").split("|")]

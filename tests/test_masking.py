@@ -49,6 +49,23 @@ def test_topk_mask_handles_ties():
     assert int(topk_mask(torch.zeros(10), 0.3).sum()) == 3
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_topk_mask_equals_a_stable_sort_with_and_without_ties(seed):
+    # The reference: sort by score, descending, earlier positions first among equals; keep
+    # the first k. Coarse scores put thousands of ties at the threshold, fine ones none.
+    gen = torch.Generator().manual_seed(seed)
+    for scores in (
+        torch.randint(0, 9, (2000,), generator=gen).float(),
+        torch.rand(2000, generator=gen),
+    ):
+        for keep in (0.1, 0.5, 0.9, 0.999):
+            k = num_kept(scores.numel(), keep)
+            order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+            expected = torch.zeros(scores.numel())
+            expected[order[:k]] = 1
+            assert torch.equal(topk_mask(scores, keep), expected), (keep, scores.dtype)
+
+
 def test_default_selection_includes_conv_linear_and_timm_subclasses():
     model = nn.Sequential(StdConv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
     model(torch.randn(1, 3, 5, 5))  # materialise the lazy layer
