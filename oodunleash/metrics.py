@@ -1,4 +1,4 @@
-"""OOD detection metrics (scikit-learn underneath).
+"""OOD detection metrics.
 
 Convention (as in the Unleashing Mask paper and the Outlier Exposure code it builds on):
 scores are **higher for in-distribution** samples and **ID is the positive class**.
@@ -10,8 +10,11 @@ scores are **higher for in-distribution** samples and **ID is the positive class
   the threshold that keeps 95% of the ID samples. With ``positive="ood"`` the roles swap: the
   fraction of ID samples rejected when 95% of the OOD samples are detected.
 
-Ties are handled as scikit-learn's ``roc_curve`` does: samples with equal scores are accepted
-or rejected together, so the operating point never splits a tie.
+The definitions are scikit-learn's (``roc_auc_score``, ``average_precision_score``,
+``roc_curve``; the tests hold the two to 1e-12): every metric is read off the true- and
+false-positive counts at each distinct score, from one sort of the scores. Ties are handled as
+``roc_curve`` does: samples with equal scores are accepted or rejected together, so the
+operating point never splits a tie.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 __all__ = [
     "METRICS",
@@ -31,6 +33,7 @@ __all__ = [
     "average_metrics",
     "fpr_at_tpr",
     "ood_metrics",
+    "roc_points",
 ]
 
 Positive = Literal["id", "ood"]
@@ -54,11 +57,66 @@ def _as_array(values, what: str) -> np.ndarray:
     return arr
 
 
-def _labels_and_scores(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
+def _counts(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """True and false positives accepted at each distinct score, from the highest down (a
+    threshold accepts every sample scoring at or above it)."""
+    scores = np.concatenate([positive, negative])
+    order = np.argsort(-scores, kind="stable")
+    scores = scores[order]
+    is_positive = order < positive.size
+    # The last position of each run of equal scores: a threshold takes a tie whole.
+    ends = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    true_pos = np.cumsum(is_positive)[ends]
+    return true_pos, ends + 1 - true_pos
+
+
+def _check_positive(positive: str) -> Positive:
+    if positive not in ("id", "ood"):
+        raise ValueError(f"positive must be 'id' or 'ood', got {positive!r}.")
+    return positive  # type: ignore[return-value]
+
+
+def _oriented(id_scores, ood_scores, positive: Positive) -> tuple[np.ndarray, np.ndarray]:
+    """``(positive scores, negative scores)``, higher meaning more positive."""
     id_arr = _as_array(id_scores, "id_scores")
     ood_arr = _as_array(ood_scores, "ood_scores")
-    labels = np.concatenate([np.ones(id_arr.size), np.zeros(ood_arr.size)])
-    return labels, np.concatenate([id_arr, ood_arr])
+    return (id_arr, ood_arr) if _check_positive(positive) == "id" else (-ood_arr, -id_arr)
+
+
+def roc_points(id_scores, ood_scores, positive: Positive = "id") -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve ``(fpr, tpr)``, one point per distinct score and a first point at (0, 0):
+    the fraction of negatives and of positives accepted at each threshold.
+
+    Example:
+        >>> fpr, tpr = roc_points([3.0, 2.0], [2.0, 0.0])
+        >>> fpr.tolist(), tpr.tolist()
+        ([0.0, 0.0, 0.5, 1.0], [0.0, 0.5, 1.0, 1.0])
+    """
+    return _curve(*_counts(*_oriented(id_scores, ood_scores, positive)))
+
+
+def _curve(true_pos: np.ndarray, false_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # The last threshold accepts everything: the counts end at the totals.
+    return np.r_[0.0, false_pos / false_pos[-1]], np.r_[0.0, true_pos / true_pos[-1]]
+
+
+def _area(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)
+
+
+def _average_precision(true_pos: np.ndarray, false_pos: np.ndarray) -> float:
+    # The sum over thresholds of (recall gained) x (precision there).
+    precision = true_pos / (true_pos + false_pos)
+    return float(np.sum(np.diff(np.r_[0, true_pos]) * precision) / true_pos[-1])
+
+
+def _fpr_at(fpr: np.ndarray, tpr_curve: np.ndarray, tpr: float) -> float:
+    return float(fpr[np.flatnonzero(tpr_curve >= tpr - 1e-12)[0]])
+
+
+def _check_tpr(tpr: float) -> None:
+    if not 0 < tpr <= 1:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}.")
 
 
 def auroc(id_scores, ood_scores) -> float:
@@ -68,8 +126,7 @@ def auroc(id_scores, ood_scores) -> float:
         >>> auroc([3.0, 2.0], [1.0, 0.0])
         1.0
     """
-    labels, scores = _labels_and_scores(id_scores, ood_scores)
-    return float(roc_auc_score(labels, scores))
+    return _area(*roc_points(id_scores, ood_scores))
 
 
 def aupr_in(id_scores, ood_scores) -> float:
@@ -79,8 +136,7 @@ def aupr_in(id_scores, ood_scores) -> float:
         >>> aupr_in([3.0, 1.0], [2.0, 0.0])
         0.8333333333333333
     """
-    labels, scores = _labels_and_scores(id_scores, ood_scores)
-    return float(average_precision_score(labels, scores))
+    return _average_precision(*_counts(*_oriented(id_scores, ood_scores, "id")))
 
 
 def aupr_out(id_scores, ood_scores) -> float:
@@ -90,8 +146,7 @@ def aupr_out(id_scores, ood_scores) -> float:
         >>> aupr_out([3.0, 1.0], [2.0, 0.0])
         0.8333333333333333
     """
-    labels, scores = _labels_and_scores(id_scores, ood_scores)
-    return float(average_precision_score(1 - labels, -scores))
+    return _average_precision(*_counts(*_oriented(id_scores, ood_scores, "ood")))
 
 
 def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95, positive: Positive = "id") -> float:
@@ -107,16 +162,8 @@ def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95, positive: Positive = "i
         ...            [0.5, 100])
         0.5
     """
-    if not 0 < tpr <= 1:
-        raise ValueError(f"tpr must be in (0, 1], got {tpr}.")
-    labels, scores = _labels_and_scores(id_scores, ood_scores)
-    if positive == "ood":
-        labels, scores = 1 - labels, -scores
-    elif positive != "id":
-        raise ValueError(f"positive must be 'id' or 'ood', got {positive!r}.")
-    fpr, tpr_curve, _ = roc_curve(labels, scores, drop_intermediate=False)
-    reached = np.flatnonzero(tpr_curve >= tpr - 1e-12)
-    return float(fpr[reached[0]])
+    _check_tpr(tpr)
+    return _fpr_at(*roc_points(id_scores, ood_scores, positive), tpr)
 
 
 def ood_metrics(
@@ -128,11 +175,15 @@ def ood_metrics(
         >>> ood_metrics([2.0, 3.0], [0.0, 1.0])
         {'auroc': 1.0, 'aupr_in': 1.0, 'aupr_out': 1.0, 'fpr95': 0.0}
     """
+    _check_tpr(tpr)
+    id_arr, ood_arr = _as_array(id_scores, "id_scores"), _as_array(ood_scores, "ood_scores")
+    counts = {"id": _counts(id_arr, ood_arr), "ood": _counts(-ood_arr, -id_arr)}
+    curves = {side: _curve(*side_counts) for side, side_counts in counts.items()}
     return {
-        "auroc": auroc(id_scores, ood_scores),
-        "aupr_in": aupr_in(id_scores, ood_scores),
-        "aupr_out": aupr_out(id_scores, ood_scores),
-        "fpr95": fpr_at_tpr(id_scores, ood_scores, tpr, positive),
+        "auroc": _area(*curves["id"]),
+        "aupr_in": _average_precision(*counts["id"]),
+        "aupr_out": _average_precision(*counts["ood"]),
+        "fpr95": _fpr_at(*curves[_check_positive(positive)], tpr),
     }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._files import write_atomic
-from .metrics import METRICS, Positive, average_metrics, ood_metrics
+from .metrics import METRICS, Positive, average_metrics, ood_metrics, roc_points
 
 __all__ = ["EvaluationResults", "format_mean_std", "mean_std", "save_figure", "write_atomic"]
 
@@ -311,8 +311,6 @@ class EvaluationResults:
     ):
         """ROC curves (x: OOD accepted, y: ID kept), one panel per OOD set (or only ``ood``
         on ``ax``), one curve per score. Returns the matplotlib figure."""
-        from sklearn.metrics import roc_curve
-
         plt = _plt()
         names = self._pick(scores)
         oods = [ood] if ood is not None else self.ood_names
@@ -326,8 +324,7 @@ class EvaluationResults:
         for panel, ood_name in zip(axes, oods, strict=True):
             for name in names:
                 id_arr, ood_arr = self.id_scores[name], self.ood_scores[name][ood_name]
-                labels = np.r_[np.ones(id_arr.size), np.zeros(ood_arr.size)]
-                fpr, tpr, _ = roc_curve(labels, np.r_[id_arr, ood_arr])
+                fpr, tpr = roc_points(id_arr, ood_arr)
                 auc = self.metrics[name][ood_name]["auroc"]
                 panel.plot(fpr, tpr, label=f"{name} ({100 * auc:.1f})")
             panel.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from oodunleash import metrics
 from oodunleash.metrics import (
@@ -48,6 +48,34 @@ def test_against_sklearn_and_brute_force_with_ties(seed):
             assert fpr_at_tpr(id_scores, ood_scores, tpr, positive) == pytest.approx(
                 brute_force_fpr(id_scores, ood_scores, tpr, positive)
             )
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("sizes", [(1, 1), (3, 500), (2000, 1500)])
+def test_equal_to_sklearn_on_continuous_and_tied_scores(seed, sizes):
+    rng = np.random.default_rng(seed)
+    n_id, n_ood = sizes
+    for id_scores, ood_scores in (
+        (rng.normal(1, 1, n_id), rng.normal(0, 1, n_ood)),  # no ties
+        (rng.integers(0, 4, n_id).astype(float), rng.integers(0, 3, n_ood).astype(float)),
+    ):
+        labels = np.r_[np.ones(n_id), np.zeros(n_ood)]
+        scores = np.r_[id_scores, ood_scores]
+        got = ood_metrics(id_scores, ood_scores)
+        assert got["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        assert got["aupr_in"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+        assert got["aupr_out"] == pytest.approx(
+            average_precision_score(1 - labels, -scores), abs=1e-12
+        )
+        fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+        assert got["fpr95"] == fpr[np.flatnonzero(tpr >= 0.95 - 1e-12)[0]]
+        ours_fpr, ours_tpr = metrics.roc_points(id_scores, ood_scores)
+        assert np.allclose(ours_fpr, fpr, atol=1e-15) and np.allclose(ours_tpr, tpr, atol=1e-15)
+        swapped = ood_metrics(id_scores, ood_scores, positive="ood")
+        assert swapped["fpr95"] == fpr_at_tpr(id_scores, ood_scores, positive="ood")
+        assert {k: v for k, v in swapped.items() if k != "fpr95"} == {
+            k: v for k, v in got.items() if k != "fpr95"
+        }
 
 
 def test_known_cases():
