@@ -32,6 +32,8 @@ interleaved, median of the per-repeat ratios (``--cpu-time``: CPU time, for a bu
   default score (fitted beforehand on a third set of the same size when it learns from
   training data, as KNN does), metrics included -- what a user calls (after a first call,
   which resolves how the model is read);
+- ``evaluate (energy)``: the same with ``scores="energy"``, which reads the logits alone: the
+  library's own cost without the default score's neighbour search;
 - ``feature pass``: :func:`oodunleash.features.collect_features` over both sets, keeping logits
   and penultimate features -- the pass every score reads.
 
@@ -97,7 +99,7 @@ EVAL_GPU_CONFIGS = [
     ("vit_small_patch16_224", 224, 256),
 ]
 #: The library's evaluation sides of ``--eval``.
-EVAL_SIDES = ("evaluate", "feature pass")
+EVAL_SIDES = ("evaluate", "evaluate (energy)", "feature pass")
 EVAL_TARGET = 0.95
 #: Images per data set of an ``--eval`` row on the CPU: what the library does once per data set
 #: (the metrics, setting up the pass) is then spread over as many images at every batch size.
@@ -297,6 +299,10 @@ def measure_eval(name, size, batch, steps, repeats, device, amp=False, clock=tim
     sides = {
         "plain": lambda: plain_inference(model, (id_set, ood_set)),
         "evaluate": lambda: unleashed.evaluate(id_set, {"ood": ood_set}, progress=False),
+        # Energy reads the logits alone: what the library adds, without KNN's search.
+        "evaluate (energy)": lambda: unleashed.evaluate(
+            id_set, {"ood": ood_set}, scores="energy", progress=False
+        ),
         "feature pass": lambda: [
             collect_features(unleashed.feature_extractor, data, keep=("logits", "features"))
             for data in (id_set, ood_set)

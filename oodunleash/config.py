@@ -35,6 +35,7 @@ __all__ = [
     "UnleashConfig",
     "check_loss_constraint",
     "constraint_with_aliases",
+    "explicit_constraint",
     "real_number",
 ]
 
@@ -208,6 +209,24 @@ def short_constraint(value: float | Relative | Masked) -> float | str | Relative
     if value == Masked():
         return "masked"
     return value
+
+
+def explicit_constraint(value: ConstraintSpec) -> float | dict[str, Any]:
+    """``value`` in the JSON form that names every parameter: ξ itself, or the recipe with its
+    factor or keep ratio. What a checkpoint records, so that a file keeps its meaning when a
+    later release changes a recipe's default.
+
+    Example:
+        >>> explicit_constraint("relative")
+        {'recipe': 'relative', 'factor': 2.0}
+        >>> explicit_constraint(0.2)
+        0.2
+    """
+    recipe = check_constraint(value)
+    if isinstance(recipe, Relative | Masked):
+        name = "relative" if isinstance(recipe, Relative) else "masked"
+        return {"recipe": name, **dataclasses.asdict(recipe)}
+    return recipe
 
 
 #: What ``constraint="relative"`` meant in release 0.1 (the default ξ factor then).
@@ -414,8 +433,7 @@ class UnleashConfig:
             if out[name] is not None and not isinstance(out[name], str):
                 out[name] = list(out[name])
         if isinstance(out["constraint"], Relative | Masked):
-            recipe = "relative" if isinstance(out["constraint"], Relative) else "masked"
-            out["constraint"] = {"recipe": recipe, **dataclasses.asdict(out["constraint"])}
+            out["constraint"] = explicit_constraint(out["constraint"])
         out["score"] = _score_to_json(out["score"])
         return out
 

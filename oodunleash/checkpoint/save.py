@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from .._modules import unwrap_compiled
+from ..config import explicit_constraint
 from ..distributed import is_main_process
 from . import format as layout
 from .card import model_card as render_model_card
@@ -110,6 +111,8 @@ def _wrapper_record(state: WrapperState) -> dict[str, Any]:
     for key in ("layers", "exclude"):  # module types become names; layer_names round-trips
         if key in params:
             params[key] = _describe_selector(params[key])
+    if "constraint" in params:  # "relative" would read as whatever a later default is
+        params["constraint"] = explicit_constraint(params["constraint"])
     train_config = None if state.train_config is None else state.train_config.to_dict()
     results = state.results
     return {

@@ -57,3 +57,25 @@ def test_old_hub_module_names_still_resolve_with_a_warning():
 
     assert oodunleash.HubError is checkpoint.HubError
     assert issubclass(checkpoint.CorruptCheckpointError, oodunleash.HubError)
+
+
+def test_the_constraint_recipe_is_recorded_with_its_factor(tmp_path):
+    """A checkpoint names the ξ recipe's factor, so it keeps its meaning if the default
+    changes (release 0.1 wrote "relative" and meant 3x; see ``UnleashConfig.from_legacy``)."""
+    from oodunleash.checkpoint.format import CONFIG_NAME
+    from oodunleash.config import DEFAULT_CONSTRAINT_FACTOR, Relative
+
+    unleashed = OODUnleash(make_sequential(), score="energy")
+    batches = [(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,)))]
+    folder = unleashed.fit_scores(batches, progress=False).save_pretrained(tmp_path / "ckpt")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    recorded = config["params"]["constraint"]
+    assert recorded == {"recipe": "relative", "factor": DEFAULT_CONSTRAINT_FACTOR}
+    for written, expected in (
+        (dict(recorded, factor=2.5), Relative(2.5)),
+        ("relative", Relative()),
+    ):
+        config["params"]["constraint"] = written
+        (folder / CONFIG_NAME).write_text(json.dumps(config))
+        loaded = OODUnleash.from_pretrained(folder, model=make_sequential())
+        assert loaded.config.loss_constraint == expected
