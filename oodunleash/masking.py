@@ -43,6 +43,7 @@ from ._thresholds import JointThreshold, LayerThresholds
 __all__ = [
     "DEFAULT_LAYER_TYPES",
     "LayerMasks",
+    "attached_masks",
     "LayerSelector",
     "check_keep_ratio",
     "masked_parameters",
@@ -55,6 +56,23 @@ __all__ = [
 _MASK_ATTR = "_oodunleash_mask"
 
 
+def attached_masks(model: nn.Module) -> LayerMasks | None:
+    """The :class:`LayerMasks` attached to ``model``'s layers, if any.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> attached_masks(net) is None
+        True
+        >>> masks = LayerMasks(net).attach()
+        >>> attached_masks(net) is masks
+        True
+    """
+    for module in model.modules():
+        if _MASK_ATTR in module.__dict__:
+            return module.__dict__[_MASK_ATTR][0]
+    return None
+
+
 # --------------------------------------------------------------------------- module surgery
 _MASKED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 
@@ -62,6 +80,9 @@ _MASKED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 def _masked_property(param: str) -> property:
     def read(module: nn.Module) -> Tensor:
         owner, names = module.__dict__[_MASK_ATTR]
+        ready = owner._ready
+        if ready is not None:  # made before a compiled forward pass: a lookup Dynamo traces
+            return ready[names[param]]
         return owner._read_masked(names[param], module._parameters[param], module.training)
 
     return property(read)
@@ -162,6 +183,9 @@ class LayerMasks(nn.Module):
         #: versions it was made from; see :meth:`_read_masked`.
         self._batch: tuple[tuple, dict[str, Tensor]] | None = None
         self._kept_cache: dict[str, tuple[Tensor, Tensor]] = {}
+        #: Every layer's masked weight, made in advance for one forward pass (see
+        #: :meth:`precomputed`); ``None`` otherwise.
+        self._ready: dict[str, Tensor] | None = None
         self._layer_thresholds = LayerThresholds(self.keep_ratio, tolerance, samples)
         self._joint = JointThreshold(self.keep_ratio, sample_size, seed)
         generator = torch.Generator().manual_seed(seed)
@@ -279,6 +303,29 @@ class LayerMasks(nn.Module):
         if self._batch is None or self._batch[0] != key:
             self._batch = (key, self._masked_all(training))
         return self._batch[1][name]
+
+    @contextlib.contextmanager
+    def precomputed(self, training: bool) -> Iterator[None]:
+        """Make every layer's masked weight now, eagerly, and have the layers read those
+        for the forward passes inside the block.
+
+        Under ``torch.compile`` this keeps the masks out of the compiled graph without
+        breaking it: the masked weights enter it as inputs, so one graph covers the whole
+        forward pass (and CUDA graphs can capture it), instead of one piece between every
+        two masked layers.
+        """
+        if torch.is_grad_enabled() and self._any_requires_grad() and len(self._layers) > 1:
+            ready = self._masked_all(training)
+        else:
+            ready = {
+                name: self.masked_weight(name, self.raw_weight(name), training)
+                for name in self._layers
+            }
+        self._ready = ready
+        try:
+            yield
+        finally:
+            self._ready = None
 
     def _kept(self, name: str, exact: bool) -> Tensor:
         """``~dropped`` of layer ``name``, made once per change of the mask."""

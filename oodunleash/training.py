@@ -34,6 +34,7 @@ from .distributed import (
     is_main_process,
     sync_buffers,
 )
+from .masking import attached_masks
 
 __all__ = [
     "LossConstraintTooHighError",
@@ -255,7 +256,18 @@ def _forward(trained: nn.Module, config: TrainConfig) -> Callable[[Tensor], Any]
     if config.compile is False:
         return trained
     options = {} if config.compile is True else dict(config.compile)
-    return torch.compile(trained, **options)
+    compiled = torch.compile(trained, **options)
+    masks = attached_masks(trained)
+    if masks is None:
+        return compiled
+
+    def forward(images: Tensor) -> Any:
+        # Masked weights made eagerly enter the graph as inputs: one graph for the whole
+        # pass, where reading them inside it broke the graph at every masked layer.
+        with masks.precomputed(trained.training):
+            return compiled(images)
+
+    return forward
 
 
 def train(

@@ -192,6 +192,33 @@ def test_compiled_training_step_matches_eager():
     _same_run({}, {"compile": True}, atol=1e-5, model=mlp)
 
 
+def test_compiled_umap_fit_matches_eager_in_one_graph():
+    """UMAP under fit(compile=True): the same losses, masks and weights as eager, and the
+    masked layers no longer split the compiled forward pass (no graph breaks)."""
+    from torch._dynamo.utils import counters
+
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(48, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)
+    )
+    data = batches(4, size=4)
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        unleashed = OODUnleash(copy.deepcopy(net), "umap", constraint=0.3)
+        unleashed.fit(data, epochs=2, compile=compiled, progress=False)
+        runs[compiled] = unleashed
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1  # one graph, kept over all steps
+    eager, compiled = runs[False], runs[True]
+    for a, b in zip(eager.history_, compiled.history_, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    for name in eager.layer_names:
+        assert torch.equal(eager.masks_.mask(name), compiled.masks_.mask(name)), name
+    for key, value in eager.model.state_dict().items():
+        assert torch.allclose(value.float(), compiled.model.state_dict()[key].float(), atol=1e-5)
+
+
 def test_channels_last_matches_the_default_layout():
     _same_run({}, {"channels_last": True}, atol=1e-4)
 
