@@ -21,7 +21,8 @@ creating the mask scores, the first step's allocations) but includes everything 
     python examples/benchmark_speed.py --device cuda   # adds ResNet-50 / ViT-S rows at batch 64-256
 
 It also times the k-th-value selection behind a mask threshold (``kthvalue`` against a sort)
-and checks the kept fraction of the training-time masks against the target.
+and the recomputation of every training-time mask after a step in each mask mode, and checks
+the kept fraction of the layer-wise training-time masks against the target.
 
 ``--eval`` measures evaluation instead: images/s of one pass over an ID and an OOD set (1024
 images each on the CPU, 30 batches on CUDA), the library against a plain ``torch.no_grad``
@@ -192,6 +193,28 @@ def selection_times(device: torch.device, repeats: int = 20) -> list[tuple[int, 
             times[by_sort] = statistics.median(runs)
         rows.append((n, times[False], times[True]))
     return rows
+
+
+def mask_update_times(repeats: int = 15) -> dict[str, float]:
+    """Median seconds to recompute every training-time mask of resnet18 after an optimizer
+    step, per mask mode at the default keep ratio: the part of a UMAP step that grows with
+    the number of weights, not with the batch."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10)
+    times = {}
+    for mode in ("model", "layer"):
+        masks = LayerMasks(model, keep_ratio=0.9, mode=mode)
+        runs = []
+        for _ in range(repeats + 1):  # the first run allocates buffers: not timed
+            with torch.no_grad():
+                for scores in masks.scores.values():  # a small update, as a step makes
+                    scores.add_(torch.randn_like(scores), alpha=1e-3 * float(scores.std()))
+            start = time.perf_counter()
+            for name in masks.layer_names:
+                masks._dropped(name, exact=False)
+            runs.append(time.perf_counter() - start)
+        times[mode] = statistics.median(runs[1:])
+    return times
 
 
 def kept_fraction_drift(steps: int = 20) -> tuple[float, float]:
@@ -414,6 +437,11 @@ def main() -> None:
     print("|---|---|---|---|")
     for n, select_s, sort_s in selection_times(device):
         print(f"| {n} | {select_s:.6f} | {sort_s:.6f} | {select_s / sort_s:.2f} |", flush=True)
+    updates = mask_update_times()
+    print(
+        "\nresnet18, keep 0.9: every training-time mask recomputed after a small score update, "
+        + ", ".join(f"mask_mode={mode!r} {s * 1000:.1f} ms" for mode, s in updates.items())
+    )
     n_steps = 10 if args.quick else 30
     drift, recomputed = kept_fraction_drift(n_steps)
     print(

@@ -95,7 +95,9 @@ class TrainConfig:
     ``requires_grad=False`` stay frozen), besides ``params``.
 
     Speed: ``compile`` runs the forward pass through ``torch.compile`` (``True``, or a dict of
-    its keyword arguments such as ``{"mode": "max-autotune"}``); ``channels_last`` moves the
+    its keyword arguments such as ``{"mode": "max-autotune"}``; ``{"mode": "reduce-overhead"}``
+    adds CUDA graphs on GPUs). A masked model's weights are masked eagerly before each pass and
+    enter the compiled graph as inputs, so masks do not split it. ``channels_last`` moves the
     model and the 4-D image batches to that memory format; ``amp`` runs the forward pass in
     float16 on CUDA and bfloat16 on CPU.
 
