@@ -38,6 +38,7 @@ from ._selection import (
     select_layers,
     zero_fraction,
 )
+from ._surgery import MASK_ATTR, attached_masks, masked_class, unmask_module
 from ._thresholds import JointThreshold, LayerThresholds
 
 __all__ = [
@@ -52,62 +53,6 @@ __all__ = [
     "topk_mask",
     "zero_fraction",
 ]
-
-_MASK_ATTR = "_oodunleash_mask"
-
-
-def attached_masks(model: nn.Module) -> LayerMasks | None:
-    """The :class:`LayerMasks` attached to ``model``'s layers, if any.
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-        >>> attached_masks(net) is None
-        True
-        >>> masks = LayerMasks(net).attach()
-        >>> attached_masks(net) is masks
-        True
-    """
-    for module in model.modules():
-        if _MASK_ATTR in module.__dict__:
-            return module.__dict__[_MASK_ATTR][0]
-    return None
-
-
-# --------------------------------------------------------------------------- module surgery
-_MASKED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
-
-
-def _masked_property(param: str) -> property:
-    def read(module: nn.Module) -> Tensor:
-        owner, names = module.__dict__[_MASK_ATTR]
-        ready = owner._ready
-        if ready is not None:  # made before a compiled forward pass: a lookup Dynamo traces
-            return ready[names[param]]
-        return owner._read_masked(names[param], module._parameters[param], module.training)
-
-    return property(read)
-
-
-def _masked_class(cls: type, params: tuple[str, ...]) -> type:
-    """A subclass of ``cls`` whose ``params`` read as masked weights (made once per class)."""
-    key = (cls, params)
-    if key not in _MASKED_CLASSES:
-        _MASKED_CLASSES[key] = type(
-            f"Masked{cls.__name__}",
-            (cls,),
-            {
-                **{param: _masked_property(param) for param in params},
-                "_oodunleash_original_class": cls,
-                "__module__": cls.__module__,
-            },
-        )
-    return _MASKED_CLASSES[key]
-
-
-def _unmask_module(module: nn.Module) -> None:
-    if _MASK_ATTR in module.__dict__:
-        module.__class__ = module._oodunleash_original_class
-        del module.__dict__[_MASK_ATTR]
 
 
 def _score_key(name: str) -> str:
@@ -244,7 +189,7 @@ class LayerMasks(nn.Module):
     @property
     def is_attached(self) -> bool:
         """Whether the masks are currently applied to the model."""
-        return any(_MASK_ATTR in m.__dict__ for m in self._layers.values())
+        return any(MASK_ATTR in m.__dict__ for m in self._layers.values())
 
     # ---------------------------------------------------------------- the masks
     def _cache_key(self, name: str, exact: bool, scores: Tensor | None = None) -> tuple:
@@ -373,21 +318,21 @@ class LayerMasks(nn.Module):
         """Apply the masks: every chosen module now reads its weight masked."""
         per_module: dict[int, tuple[nn.Module, dict[str, str]]] = {}
         for name, module in self._layers.items():
-            if _MASK_ATTR in module.__dict__:
-                if module.__dict__[_MASK_ATTR][0] is not self:
+            if MASK_ATTR in module.__dict__:
+                if module.__dict__[MASK_ATTR][0] is not self:
                     raise RuntimeError(f"Layer {name!r} is already masked by another LayerMasks.")
                 continue
             per_module.setdefault(id(module), (module, {}))[1][self._param_names[name]] = name
         for module, names in per_module.values():
-            module.__class__ = _masked_class(type(module), tuple(sorted(names)))
+            module.__class__ = masked_class(type(module), tuple(sorted(names)))
             # object.__setattr__ keeps this reference out of nn.Module's registries.
-            object.__setattr__(module, _MASK_ATTR, (self, names))
+            object.__setattr__(module, MASK_ATTR, (self, names))
         return self
 
     def detach(self) -> LayerMasks:
         """Remove the masks: every chosen module is its original class again."""
         for module in self._layers.values():
-            _unmask_module(module)
+            unmask_module(module)
         return self
 
     @contextlib.contextmanager
@@ -418,7 +363,7 @@ class LayerMasks(nn.Module):
         copy with the same layer names) and strip all mask machinery from it. Pruned weights
         become exact zeros."""
         for name in self._layers:
-            _unmask_module(model.get_submodule(self._module_name(name)))
+            unmask_module(model.get_submodule(self._module_name(name)))
         for name in self._layers:
             weight = model.get_parameter(self.parameter_name(name))
             weight.mul_(self.mask(name, exact=True).to(weight.device, weight.dtype))

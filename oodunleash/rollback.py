@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RollbackCopy"]
+from ._surgery import MASK_ATTR
 
-#: The attribute :class:`~oodunleash.masking.LayerMasks` sets on a masked module.
-_MASK_ATTR = "_oodunleash_mask"
+__all__ = ["RollbackCopy"]
 
 
 def _cpu_copy(tensor: Tensor) -> Tensor:
@@ -53,7 +52,7 @@ class RollbackCopy:
         copies: dict[int, Tensor] = {}
         for module in model.modules():
             self._modules.append(
-                (module, type(module), module.__dict__.get(_MASK_ATTR), module.training)
+                (module, type(module), module.__dict__.get(MASK_ATTR), module.training)
             )
             for registry in (module._parameters, module._buffers):
                 for name, tensor in registry.items():
@@ -89,9 +88,9 @@ class RollbackCopy:
             if type(module) is not cls:
                 module.__class__ = cls
             if mask is None:
-                module.__dict__.pop(_MASK_ATTR, None)
+                module.__dict__.pop(MASK_ATTR, None)
             else:
-                object.__setattr__(module, _MASK_ATTR, mask)
+                object.__setattr__(module, MASK_ATTR, mask)
         self.restore_modes()
         for module, name, tensor, value, device in self._tensors:
             registry = module._parameters if name in module._parameters else module._buffers
