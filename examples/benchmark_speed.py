@@ -392,6 +392,7 @@ def main() -> None:
         "--repeats", type=int, help="interleaved repeats (3; 7 with --eval; 5 on CUDA)"
     )
     parser.add_argument("--size", type=int, help="only the rows at this input size (px)")
+    parser.add_argument("--batch", type=int, help="only the rows at this batch size")
     parser.add_argument(
         "--epochs", type=int, default=EPOCHS, help="epochs per run; the last one is timed"
     )
@@ -424,6 +425,8 @@ def main() -> None:
         configs = configs[:1]
     if args.size:
         configs = [c for c in configs if c[1] == args.size]
+    if args.batch:
+        configs = [c for c in configs if c[2] == args.batch]
     if args.eval:
         eval_table(configs, device, args.steps, repeats, args.amp, args.cpu_time)
         return
