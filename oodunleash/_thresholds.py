@@ -121,12 +121,20 @@ class JointThreshold:
 
     Exactly :func:`~oodunleash.masking.topk_mask` of the concatenated ``(s - mean) / std`` of
     every layer (ties broken by position, in layer order), at training time as at evaluation.
+
+    Two ways to the same mask: on CPU a bracketed selection (:meth:`select`), which counts on
+    the host; on GPUs (``sort_all=None``) one stable sort of all scores, whose first ``k``
+    positions are the kept ones, so that a training step reads nothing back to the host.
     """
 
-    def __init__(self, keep_ratio: float, sample_size: int, seed: int) -> None:
+    def __init__(
+        self, keep_ratio: float, sample_size: int, seed: int, sort_all: bool | None = None
+    ) -> None:
         self.keep_ratio = keep_ratio
         self.sample_size = sample_size
         self.seed = seed
+        #: Mask by one sort of all scores (``None``: on CUDA tensors only).
+        self.sort_all = sort_all
         self.sample: Tensor | None = None
         self._buffer: Tensor | None = None
 
@@ -162,7 +170,7 @@ class JointThreshold:
         only (about 1.5% of them), after one count of the scores below it. Should the bracket
         miss (it takes an eight-sigma sample), the full selection runs instead, so the result
         is always the exact one. On CUDA a sort of all scores is cheap and the counts would
-        each cost a host sync, so it sorts.
+        each cost a host sync, so it sorts (and :meth:`drops` sorts there without it).
         """
         n, m = flat.numel(), self.sample_size
         if flat.is_cuda or n <= 8 * m:
@@ -189,8 +197,15 @@ class JointThreshold:
         flat = self.standardised(scores)
         n = flat.numel()
         k = num_kept(n, self.keep_ratio)
+        sort_all = flat.is_cuda if self.sort_all is None else self.sort_all
         if k == n:
             dropped = torch.zeros(n, dtype=torch.bool, device=flat.device)
+        elif sort_all:
+            # Descending and stable: among equal scores the earlier positions come first and
+            # are the ones kept, as drop_below keeps them.
+            order = flat.sort(descending=True, stable=True).indices
+            dropped = torch.ones(n, dtype=torch.bool, device=flat.device)
+            dropped[order[:k]] = False
         else:
             threshold, below = self.select(flat, n - k + 1)
             dropped = drop_below(flat, threshold, k, None if below is None else n - below)

@@ -243,9 +243,19 @@ def _reference_model_wise_drops(masks: LayerMasks) -> dict[str, torch.Tensor]:
 
 def _assert_model_wise_masks_exact(masks: LayerMasks) -> None:
     reference = _reference_model_wise_drops(masks)
-    for exact in (True, False):  # training-time masks are the exact ones in this mode
-        for name in masks.layer_names:
-            assert torch.equal(masks._dropped(name, exact), reference[name]), (name, exact)
+    # The bracketed selection (CPU) and one stable sort of all scores (CUDA's way, no host
+    # reads) must both give the exact top-k.
+    for sort_all in (None, True):
+        masks._joint.sort_all = sort_all
+        masks._cache.clear()
+        for exact in (True, False):  # training-time masks are the exact ones in this mode
+            for name in masks.layer_names:
+                assert torch.equal(masks._dropped(name, exact), reference[name]), (
+                    name,
+                    exact,
+                    sort_all,
+                )
+    masks._joint.sort_all = None
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

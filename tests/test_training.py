@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodunleash import OODUnleash, _step
+from oodunleash.masking import LayerMasks
 from oodunleash.training import TrainConfig, TrainingDivergedError, train
 from tests.helpers.toys import ConvNet, labelled_loader, state_copy
 
@@ -119,11 +120,11 @@ def test_a_modestly_rising_loss_is_not_divergence():
     assert len(fit(model, data, check_every=4, schedule="constant")) == 1
 
 
-def test_no_host_read_per_step(monkeypatch):
-    # Tensors are read on the host (a device sync on a GPU) once per check window and per
-    # epoch, not once per step. Host-side label checks are left out of the count.
+def _count_host_reads(monkeypatch) -> list[str]:
+    """From now on, every read of a tensor on the host (a device sync on a GPU) is listed.
+    Host-side label checks are left out."""
     monkeypatch.setattr(_step, "check_labels", lambda labels, classes: None)
-    reads = []
+    reads: list[str] = []
     for method in ("item", "tolist", "cpu", "__float__", "__int__", "__bool__"):
         original = getattr(torch.Tensor, method)
 
@@ -132,6 +133,13 @@ def test_no_host_read_per_step(monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, method, counted)
+    return reads
+
+
+def test_no_host_read_per_step(monkeypatch):
+    # Tensors are read on the host (a device sync on a GPU) once per check window and per
+    # epoch, not once per step.
+    reads = _count_host_reads(monkeypatch)
     torch.manual_seed(0)
     data = batches(4) * 10  # 40 steps
     fit(ConvNet(channels=3), data, check_every=20)
@@ -142,6 +150,38 @@ def test_no_host_read_per_step(monkeypatch):
     )  # 80 steps: two more checks, no more per step
     assert reads.count("item") == 0
     assert len(reads) - per_40_steps <= 2 * 4, reads  # one transfer and three host reads
+    assert per_40_steps <= 12, reads
+
+
+def test_model_wide_umap_reads_nothing_per_step_on_the_gpu_path(monkeypatch):
+    """UMAP's default mask as it runs on a GPU (one stable sort of all scores; forced here on
+    the CPU, whose bracketed selection counts on the host) adds no host read per step."""
+    reads = _count_host_reads(monkeypatch)
+
+    def umap_run(steps: int) -> None:
+        torch.manual_seed(0)
+        model = ConvNet(channels=3)
+        masks = LayerMasks(model, keep_ratio=0.9, mode="model").attach()
+        masks._joint.sort_all = True
+        for p in model.parameters():
+            p.requires_grad_(False)
+        config = TrainConfig(epochs=1, check_every=20, schedule="constant")
+        data = batches(4) * (steps // 4)
+        train(
+            model,
+            list(masks.parameters()),
+            data,
+            loss_constraint=0.1,
+            config=config,
+            device=CPU,
+            progress=False,
+        )
+
+    umap_run(40)
+    per_40_steps = len(reads)
+    reads.clear()
+    umap_run(80)  # two more checks, no more per step
+    assert len(reads) - per_40_steps <= 2 * 4, reads
     assert per_40_steps <= 12, reads
 
 
