@@ -241,8 +241,7 @@ class LayerMasks(nn.Module):
         custom autograd node, a mask application and a score gradient per layer. Elsewhere
         (evaluation, ``torch.no_grad``) each layer is masked alone.
         """
-        grad = torch.is_grad_enabled()
-        if not grad or len(self._layers) == 1 or not self._any_requires_grad():
+        if not self._masks_all_at_once():
             return self.masked_weight(name, weight, training)
         key = (training, *self._versions())
         if self._batch is None or self._batch[0] != key:
@@ -259,7 +258,7 @@ class LayerMasks(nn.Module):
         forward pass (and CUDA graphs can capture it), instead of one piece between every
         two masked layers.
         """
-        if torch.is_grad_enabled() and self._any_requires_grad() and len(self._layers) > 1:
+        if self._masks_all_at_once():
             ready = self._masked_all(training)
         else:
             ready = {
@@ -279,6 +278,11 @@ class LayerMasks(nn.Module):
         if cached is None or cached[0] is not dropped:
             cached = self._kept_cache[name] = (dropped, ~dropped)
         return cached[1]
+
+    def _masks_all_at_once(self) -> bool:
+        """Whether a forward pass now makes every layer's masked weight at once: when it is
+        differentiable (in the scores or the weights) and there is more than one layer."""
+        return torch.is_grad_enabled() and len(self._layers) > 1 and self._any_requires_grad()
 
     def _any_requires_grad(self) -> bool:
         return any(s.requires_grad for s in self.scores.values()) or any(
