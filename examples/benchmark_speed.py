@@ -6,7 +6,8 @@ Measured sides, each a ratio to a plain PyTorch step (SGD, cross-entropy) on the
 - ``UMAP default``: ``method="umap"`` with its defaults (``mask_mode="model"``, keep 0.9,
   trainable normalisation layers) -- what a user gets;
 - ``UMAP layer``: the same with ``mask_mode="layer"`` (one threshold per layer);
-- ``UMAP compiled`` (``--compile``): the default with ``fit(compile=True)``.
+- ``UMAP compiled (MODE)`` (``--compile [MODE]``): the default with ``fit(compile=...)``,
+  ``torch.compile``'s ``MODE`` (``reduce-overhead`` adds CUDA graphs on GPUs).
 
 For each model and input size the sides run interleaved (plain, UM, UMAP, plain, ...) so that
 drifts in machine load hit all of them alike; a ratio is the median over repeats of the
@@ -72,7 +73,14 @@ SIDES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "UMAP default": ({"method": "umap"}, {}),
     "UMAP layer": ({"method": "umap", "mask_mode": "layer"}, {}),
 }
-COMPILED_SIDE = ("UMAP compiled", ({"method": "umap"}, {"compile": True}))
+
+
+def compiled_side(mode: str) -> tuple[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """The UMAP default under ``fit(compile=...)`` with ``torch.compile``'s ``mode``
+    (``"reduce-overhead"`` adds CUDA graphs)."""
+    compile_arg: bool | dict[str, str] = True if mode == "default" else {"mode": mode}
+    return f"UMAP compiled ({mode})", ({"method": "umap"}, {"compile": compile_arg})
+
 
 CPU_CONFIGS = [("resnet18", 64, 64), ("resnet18", 224, 16)]
 GPU_CONFIGS = [
@@ -396,7 +404,14 @@ def main() -> None:
     parser.add_argument(
         "--epochs", type=int, default=EPOCHS, help="epochs per run; the last one is timed"
     )
-    parser.add_argument("--compile", action="store_true", help="add a fit(compile=True) side")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        metavar="MODE",
+        help="add a fit(compile=...) side; MODE: torch.compile's mode, e.g. reduce-overhead",
+    )
+    parser.add_argument("--model", help="only the rows of this model, e.g. resnet50")
     parser.add_argument("--no-extras", action="store_true", help="skip the selection tables")
     parser.add_argument("--eval", action="store_true", help="evaluation throughput instead")
     parser.add_argument("--amp", action="store_true", help="--eval under autocast (bf16/fp16)")
@@ -427,12 +442,15 @@ def main() -> None:
         configs = [c for c in configs if c[1] == args.size]
     if args.batch:
         configs = [c for c in configs if c[2] == args.batch]
+    if args.model:
+        configs = [c for c in configs if c[0] == args.model]
     if args.eval:
         eval_table(configs, device, args.steps, repeats, args.amp, args.cpu_time)
         return
     sides = dict(SIDES)
     if args.compile:
-        sides[COMPILED_SIDE[0]] = COMPILED_SIDE[1]
+        name, side = compiled_side(args.compile)
+        sides[name] = side
     train_table(configs, sides, device, args.steps or steps, repeats, args.epochs)
     if args.no_extras:
         return
