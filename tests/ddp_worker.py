@@ -219,6 +219,24 @@ def scenario_umap(batch: int) -> dict[str, Any]:
     }
 
 
+def scenario_umap_compiled(batch: int, compile_: bool = True) -> dict[str, Any]:
+    """The UMAP default under ``fit(compile=...)`` (Dynamo and AOTAutograd, no code
+    generation: the masked weights enter the compiled graph as inputs); with
+    ``compile_=False`` the same fit in eager mode, the reference."""
+    net = make_net(seed=3, wide=True)
+    data = make_data(48, seed=3)
+    loader = DataLoader(data, batch_size=batch, sampler=dist_sampler(data, shuffle=True))
+    compile_arg = {"backend": "aot_eager"} if compile_ else False
+    unleashed = OODUnleash(net, method="umap", seed=5, constraint=1e-3).fit(
+        loader, epochs=1, lr=0.1, compile=compile_arg, progress=False
+    )
+    masks = unleashed.masks_
+    return {
+        "scores": {n: masks.layer_scores(n).detach().clone() for n in masks.layer_names},
+        "masks": {n: masks.mask(n).clone() for n in masks.layer_names},
+    }
+
+
 def scenario_progress() -> dict[str, Any]:
     """What each rank prints to stderr during a fit with progress bars on."""
     buffer = io.StringIO()
@@ -351,6 +369,7 @@ def run_all(out_dir: str) -> None:
     results["um_mixed"] = scenario_um(BATCH, None)
     results["um_outliers"] = scenario_um_outliers(BATCH)
     results["umap"] = scenario_umap(BATCH)
+    results["umap_compiled"] = scenario_umap_compiled(BATCH)
     results["metrics"] = scenario_metrics(BATCH)
     results["progress"] = scenario_progress()
     results["nan"] = scenario_nan(BATCH)

@@ -228,6 +228,17 @@ def test_umap_equals_single_process_with_the_union_batch(ranks):
         assert float((mask != single["masks"][name]).float().mean()) <= 1e-4
 
 
+def test_compiled_umap_under_ddp_equals_eager_single_process(ranks):
+    # Masked weights made before the compiled forward pass must still reach every rank's
+    # gradient all-reduce: both ranks end equal, and equal to one eager process.
+    a, b = ranks[0]["umap_compiled"], ranks[1]["umap_compiled"]
+    assert _max_diff(a["scores"], b["scores"]) == 0.0
+    single = worker.scenario_umap_compiled(SINGLE_BATCH, compile_=False)
+    assert _max_diff(a["scores"], single["scores"]) < ATOL_WEIGHTS
+    for name, mask in a["masks"].items():
+        assert float((mask != single["masks"][name]).float().mean()) <= 1e-4
+
+
 # --------------------------------------------------------------------------- failure modes
 def test_nan_on_one_rank_stops_every_rank_and_restores_weights(ranks):
     single = worker.scenario_nan(SINGLE_BATCH)
