@@ -76,11 +76,17 @@ def _check_positive(positive: str) -> Positive:
     return positive  # type: ignore[return-value]
 
 
-def _oriented(id_scores, ood_scores, positive: Positive) -> tuple[np.ndarray, np.ndarray]:
+def _orient(
+    id_arr: np.ndarray, ood_arr: np.ndarray, positive: Positive
+) -> tuple[np.ndarray, np.ndarray]:
     """``(positive scores, negative scores)``, higher meaning more positive."""
-    id_arr = _as_array(id_scores, "id_scores")
-    ood_arr = _as_array(ood_scores, "ood_scores")
     return (id_arr, ood_arr) if _check_positive(positive) == "id" else (-ood_arr, -id_arr)
+
+
+def _oriented(id_scores, ood_scores, positive: Positive) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_orient` of the scores checked and made arrays."""
+    id_arr = _as_array(id_scores, "id_scores")
+    return _orient(id_arr, _as_array(ood_scores, "ood_scores"), positive)
 
 
 def roc_points(id_scores, ood_scores, positive: Positive = "id") -> tuple[np.ndarray, np.ndarray]:
@@ -176,14 +182,14 @@ def ood_metrics(
         {'auroc': 1.0, 'aupr_in': 1.0, 'aupr_out': 1.0, 'fpr95': 0.0}
     """
     _check_tpr(tpr)
+    _check_positive(positive)
     id_arr, ood_arr = _as_array(id_scores, "id_scores"), _as_array(ood_scores, "ood_scores")
-    counts = {"id": _counts(id_arr, ood_arr), "ood": _counts(-ood_arr, -id_arr)}
-    curves = {side: _curve(*side_counts) for side, side_counts in counts.items()}
+    counts = {side: _counts(*_orient(id_arr, ood_arr, side)) for side in ("id", "ood")}
     return {
-        "auroc": _area(*curves["id"]),
+        "auroc": _area(*_curve(*counts["id"])),
         "aupr_in": _average_precision(*counts["id"]),
         "aupr_out": _average_precision(*counts["ood"]),
-        "fpr95": _fpr_at(*curves[_check_positive(positive)], tpr),
+        "fpr95": _fpr_at(*_curve(*counts[positive]), tpr),
     }
 
 
