@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -31,7 +32,7 @@ from .config import (
 from .constraint import estimate_loss_constraint, relative_loss_constraint
 from .distributed import init_distributed, rank, shard_loader, sync_module
 from .masking import LayerMasks
-from .resume import EpochHook, FitStateError, read_fit_state
+from .resume import EpochHook, FitStateError, check_fit_state, read_fit_state, run_identity
 from .training import TrainConfig, TrainingDivergedError, norm_affine_parameters, train
 
 __all__ = [
@@ -202,7 +203,24 @@ def saved_fit_state(
             "checkpoint_dir cannot resume the outlier stream of outlier_loader: fit with "
             "outlier exposure without checkpoint_dir."
         )
+    _check_checkpoint_dir(Path(checkpoint_dir))
     return read_fit_state(checkpoint_dir) if resume else None
+
+
+def _check_checkpoint_dir(folder: Path) -> None:
+    """Refuse a ``checkpoint_dir`` the first epoch's save would fail on, before any work."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            f"checkpoint_dir {folder} is a file; pass a folder (it is created if missing)."
+        )
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not (os.access(existing, os.W_OK) and existing.stat().st_mode & 0o200):
+        raise PermissionError(
+            f"checkpoint_dir {folder} cannot be written ({existing} is read-only), so no epoch "
+            "could be saved. Pass a writable folder, or make it writable (chmod u+w)."
+        )
 
 
 def choose_constraint(
@@ -372,6 +390,10 @@ def run_fit(
     if device is not None:
         model.to(device)
     sync_module(model)
+    # A resume state names its run: the model as the fit began and the data's size.
+    identity = None if checkpoint_dir is None else run_identity(model, loader)
+    if saved is not None:
+        check_fit_state(saved, identity, config.epochs, constraint is not None, checkpoint_dir)
     loader = shard_loader(loader)
     if outlier_loader is not None:
         outlier_loader = shard_loader(outlier_loader, name="outlier_loader")
@@ -388,6 +410,8 @@ def run_fit(
                 model, constraint, loader, estimate_masked=estimate_masked, progress=progress
             )
         record = {"loss_constraint": xi, "params": params, "train_config": config.to_dict()}
+        if identity is not None:
+            record["run"] = identity
         if saved is not None:
             check_same_fit(saved, record, checkpoint_dir)
 
