@@ -111,8 +111,9 @@ def _preflight(target: Path, ours: Collection[str], new: Collection[str], overwr
     if clashes and not overwrite:
         raise FileExistsError(
             f"{target} holds {', '.join(clashes)}, which oodunleash did not write (or which "
-            "was edited since); it is left as it is. Save into another folder, or pass "
-            "overwrite=True to replace it. Nothing was written."
+            "was edited since, or a format-1 model card, which kept no checksum to tell edits "
+            "by); it is left as it is. Save into another folder, pass model_card=False to keep "
+            "the README.md, or overwrite=True to replace it. Nothing was written."
         )
 
 

@@ -181,11 +181,9 @@ def owned_files(folder: Path) -> set[str]:
     ours = {CONFIG_NAME} | {n for n in config["files"] if n in CHECKPOINT_FILES}
     card = folder / MODEL_CARD_NAME
     if card.is_file():
+        # Format 1 recorded no checksum of its card, so a hand edit cannot be told from the
+        # card it wrote: that card counts as the user's (saving over it asks for overwrite).
         recorded = config.get("card_sha256")
-        if recorded is None and str(config["format_version"]).startswith("1."):
-            # Format 1 did not record the card; it always wrote one with this tag.
-            if "library_name: oodunleash" in card.read_text(encoding="utf-8", errors="replace"):
-                ours.add(MODEL_CARD_NAME)
-        elif recorded == sha256_file(card):
+        if isinstance(recorded, str) and recorded == sha256_file(card):
             ours.add(MODEL_CARD_NAME)
     return ours
