@@ -13,13 +13,13 @@ Scores are **higher for in-distribution** samples.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._modules import model_device, unwrap_compiled
+from ._modules import eval_mode, model_device, unwrap_compiled
 from .batches import named_ood_loaders
 from .features import FeatureExtractor, FeatureSet, collect_features
 from .metrics import Positive, accuracy
@@ -41,17 +41,9 @@ ScoreSpecs = ScoreSpec | Sequence[ScoreSpec] | Mapping[str, ScoreSpec]
 _BATCHWISE = frozenset({"gradients", "feature_maps"})
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Each module's own mode comes back: a model with some submodules in eval (frozen
-    # BatchNorm, say) and the rest in train must not come back all in train.
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
+def _eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    # Each module's own mode comes back, and concurrent score() calls share one switch.
+    return eval_mode(model)
 
 
 def evaluator_attribute(
