@@ -372,7 +372,8 @@ class OODUnleash:
             self.train_config_ = config
             self._evaluator.reset()  # fitted detectors describe the old features
             if resolve_score(self.default_score).needs_fit:  # KNN's bank: one more pass
-                self._evaluator.fit_scores(loader, [self.default_score], progress=progress)
+                with torch.random.fork_rng(devices=[]):  # iterating a loader draws a seed
+                    self._evaluator.fit_scores(loader, [self.default_score], progress=progress)
         except TrainingDivergedError as exc:
             rollback.restore()
             raise fitting.rolled_back(exc) from exc

@@ -52,3 +52,17 @@ def test_concurrent_scores_on_a_model_in_train_mode(score):
     assert not errors and wrong == [0, 0]
     assert all(m.training for m in net.modules())  # the user's mode came back
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize(("method", "score"), [("um", "knn"), ("umap", "vim"), ("um", "energy")])
+def test_fit_leaves_the_callers_random_state_alone(method, score):
+    from torch.utils.data import DataLoader
+
+    from tests.helpers.fits import dataset, make_net
+
+    data = DataLoader(dataset(), batch_size=16, shuffle=True)
+    unleashed = OODUnleash(make_net(), method, constraint=0.3, score=score)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    unleashed.fit(data, epochs=1, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
