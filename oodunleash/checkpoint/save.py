@@ -227,5 +227,5 @@ def save_checkpoint(
         files[layout.MODEL_CARD_NAME] = card.encode()
         config["card_sha256"] = sha256_bytes(files[layout.MODEL_CARD_NAME])
     files[layout.CONFIG_NAME] = layout.dump_json(config)
-    write_folder(folder, files, owned_files(folder), overwrite=overwrite)
+    write_folder(folder, files, owned_files, overwrite=overwrite)
     return folder
