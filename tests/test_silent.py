@@ -66,3 +66,34 @@ def test_fit_leaves_the_callers_random_state_alone(method, score):
     before = torch.get_rng_state()
     unleashed.fit(data, epochs=1, progress=False)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_proxy_ood_refuses_nan_pixels():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from oodunleash.proxy import proxy_ood
+
+    images = torch.rand(16, 1, 8, 8)
+    images[3, 0, 2, 2] = float("nan")
+    kept = images.clone()
+    val = DataLoader(TensorDataset(images, torch.zeros(16).long()), batch_size=8)
+    with pytest.raises(ValueError, match=r"1 of 16 .*NaN or infinite.*\[3\].*drop those images"):
+        proxy_ood(val, n=16)
+    assert torch.equal(images.isnan(), kept.isnan())
+    assert torch.equal(images.nan_to_num(), kept.nan_to_num())
+
+
+@pytest.mark.parametrize("side", [1, 2, 3])
+def test_jigsaw_on_tiny_images_differs_or_is_refused(side):
+    from oodunleash.proxy import proxy_images
+
+    images = torch.randn(16, 1, side, side, generator=torch.Generator().manual_seed(0))
+    kept = images.clone()
+    if side == 1:
+        with pytest.raises(ValueError, match="'jigsaw'.*1x1.*Leave 'jigsaw' out"):
+            proxy_images(images, ["jigsaw"])
+        assert "jigsaw" not in proxy_images(images)  # the default leaves it out
+    else:
+        shuffled = proxy_images(images, ["jigsaw"])["jigsaw"]
+        assert all(not torch.equal(a, b) for a, b in zip(shuffled, images, strict=True))
+    assert torch.equal(images, kept)
