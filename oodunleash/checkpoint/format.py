@@ -6,7 +6,7 @@ A checkpoint folder (and the Hub repo it is pushed to) holds:
 |---|---|
 | `model.safetensors` | The plain `state_dict` of the unleashed model, UMAP masks baked in (pruned weights are exact zeros). |
 | `config.json` | timm models only: timm's own Hub config, written by timm's `save_config_for_hf`, with the preprocessing the model was trained with, so `timm.create_model("hf-hub:<repo>", pretrained=True)` (or `"local-dir:<folder>"`) and `timm.data.resolve_data_config` work without oodunleash. |
-| `oodunleash_config.json` | oodunleash's record: format version, the wrapper's constructor arguments, ξ, the masked layers, the architecture, class names, training history, fitted-score configs, the last results and a SHA-256 of every other file. Validated against its schema on loading. |
+| `oodunleash_config.json` | oodunleash's record: format version, the wrapper's constructor arguments, ξ, the masked layers, the architecture, class names, training history, fitted-score configs, the last results, a SHA-256 of every other file and a digest of each field a fit learnt (`field_sha256`: a hand edit of `fitted`, ξ, the history or the masks is refused). Validated against its schema on loading. |
 | `oodunleash_scores.safetensors` | The fitted state of every fitted OOD score, keys prefixed `<score>/`. |
 | `oodunleash_masks.safetensors` | Only with `keep_masks=True` (UMAP): per layer the mask scores, the mask as packed bits and the dense values of the pruned weights, so that training can go on. |
 | `README.md` | A generated model card (its SHA-256 is recorded, so a card edited by hand is never overwritten silently). |

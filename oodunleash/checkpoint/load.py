@@ -13,6 +13,7 @@ from torch import nn
 
 from .._modules import unwrap_compiled
 from ..masking import select_layers
+from .consistency import check_config_fields, check_model_outputs
 from .errors import CheckpointMismatchError, CheckpointNotFoundError, CorruptCheckpointError
 from .fitted_scores import restore_scores
 from .folder import interrupted_backup
@@ -99,6 +100,7 @@ def _read_config(folder: Path, where: str, verify: bool) -> dict[str, Any]:
     if format_major(config, where) == 1:
         config = upgrade_v1(config)
     validate_config(config, where)
+    check_config_fields(config, where)
     listed_files(config, where)
     if verify:
         _verify_files(folder, config)
@@ -175,6 +177,7 @@ def load_checkpoint(
     config = _read_config(folder, where, verify)
     model = _build_model(folder, config, model, where)
     load_model_state(model, load_tensors(folder / WEIGHTS_NAME), where)
+    check_model_outputs(model, config, where)
     if device is not None:
         model.to(device)
     plain = unwrap_compiled(model)

@@ -15,6 +15,7 @@ from ..config import explicit_constraint
 from ..distributed import is_main_process
 from . import format as layout
 from .card import model_card as render_model_card
+from .consistency import field_digests
 from .fitted_scores import scores_for_saving
 from .folder import write_folder
 from .format import check_json, owned_files, sha256_bytes
@@ -226,6 +227,7 @@ def save_checkpoint(
         )
         files[layout.MODEL_CARD_NAME] = card.encode()
         config["card_sha256"] = sha256_bytes(files[layout.MODEL_CARD_NAME])
+    config["field_sha256"] = field_digests(config)  # hand edits are refused on loading
     files[layout.CONFIG_NAME] = layout.dump_json(config)
     write_folder(folder, files, owned_files, overwrite=overwrite)
     return folder
