@@ -37,6 +37,7 @@ from .training import TrainConfig, TrainingDivergedError, norm_affine_parameters
 
 __all__ = [
     "check_epoch",
+    "check_materialised",
     "check_model",
     "deprecated_fit_constraint",
     "train_config",
@@ -80,6 +81,17 @@ def check_model(model: Any) -> None:
         )
 
 
+def check_materialised(model: nn.Module) -> None:
+    """Refuse a model whose weights are on the ``meta`` device (shapes, no values)."""
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"The model's {', '.join(meta[:3])}{' ...' if len(meta) > 3 else ''} are on the meta "
+            "device (shapes without values), so there is nothing to fine-tune. Materialise the "
+            "model first: model.to_empty(device='cpu') then load_state_dict(...)."
+        )
+
+
 def deprecated_fit_constraint(loss_constraint: Any, flooding: bool) -> float | None:
     """The deprecated ``fit(loss_constraint=ξ)``, checked (it warns)."""
     if loss_constraint is None:
@@ -104,6 +116,15 @@ def train_config(method: str, **options: Any) -> TrainConfig:
         if options[key] is None:
             options[key] = defaults[key]
     options["lr"] = real_number(options["lr"], "lr")
+    for key in ("weight_decay", "momentum"):
+        value = real_number(options[key], key)
+        if not 0 <= value < math.inf:
+            raise ValueError(
+                f"{key} must be a finite number of at least 0, got {options[key]!r}: a negative "
+                f"{key} pushes the weights the wrong way. Use 0 for none"
+                + (f" (default {defaults[key]})." if key in defaults else ".")
+            )
+        options[key] = value
     options["max_grad_norm"] = check_grad_norm(options["max_grad_norm"])
     return TrainConfig(**options)
 

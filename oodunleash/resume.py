@@ -99,7 +99,7 @@ def read_fit_state(directory: str | Path) -> dict[str, Any] | None:
         with safe_open(str(path), "pt") as handle:
             meta = json.loads((handle.metadata() or {})[_META_KEY])
         meta["tensors"] = load_tensors(path.read_bytes())
-    except (SafetensorError, KeyError, ValueError, OSError) as exc:
+    except (SafetensorError, KeyError, ValueError, OSError, RecursionError) as exc:
         raise FitStateError(
             f"{path} is not a readable fit state ({exc}). Delete it, or fit with resume=False."
         ) from exc

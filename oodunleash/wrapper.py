@@ -132,7 +132,14 @@ class OODUnleash:
         config.set_attributes(self)  # self.method, self.layers, ..., self.feature_layer
         # Fail now, not after an epoch, when the selection is empty.
         plain = unwrap_compiled(model)  # names without torch.compile's `_orig_mod.` prefix
-        self.layer_names: list[str] = list(select_layers(plain, layers, exclude))
+        try:
+            self.layer_names: list[str] = list(select_layers(plain, layers, exclude))
+        except ValueError:
+            # UM masks nothing: a model with no Conv/Linear weight (functional parameters) is
+            # fine-tuned all the same; the layers only define what sparsity() reports.
+            if self.method != "um" or layers is not None or exclude is not None:
+                raise
+            self.layer_names = []
         self.masks_: LayerMasks | None = None
 
     # What scoring reads lives on the evaluator; the wrapper's names are views of it, settable.
@@ -339,6 +346,7 @@ class OODUnleash:
             >>> control.fit(data, epochs=1, flooding=False, progress=False).loss_constraint_ is None
             True
         """
+        fitting.check_materialised(self.model)
         given = fitting.deprecated_fit_constraint(loss_constraint, flooding)
         norm_params = fitting.trained_norm_parameters(self.model, self.method, train_norms)
         config = fitting.train_config(

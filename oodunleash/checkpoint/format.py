@@ -107,6 +107,11 @@ def read_json(path: Path) -> dict[str, Any]:
             f"{path.name} in {path.parent} is not valid JSON ({exc}); the file is damaged. "
             "Re-download it (force_download=True) or save the checkpoint again."
         ) from exc
+    except RecursionError as exc:  # a hostile file: thousands of nested brackets
+        raise CorruptCheckpointError(
+            f"{path.name} in {path.parent} nests its JSON too deeply to read: oodunleash never "
+            "writes such a file, so it was altered. Save the checkpoint again."
+        ) from exc
     if not isinstance(data, dict):
         raise CorruptCheckpointError(
             f"{path.name} in {path.parent} must hold a JSON object, not {type(data).__name__}."

@@ -97,10 +97,16 @@ def _read_config(folder: Path, where: str, verify: bool) -> dict[str, Any]:
             f"{folder} has no {CONFIG_NAME}: it is not an oodunleash checkpoint.{hint}"
         )
     config = read_json(folder / CONFIG_NAME)
-    if format_major(config, where) == 1:
-        config = upgrade_v1(config)
-    validate_config(config, where)
-    check_config_fields(config, where)
+    try:
+        if format_major(config, where) == 1:
+            config = upgrade_v1(config)
+        validate_config(config, where)
+        check_config_fields(config, where)
+    except RecursionError as exc:  # nested just below the parser's limit, above a check's
+        raise CorruptCheckpointError(
+            f"{CONFIG_NAME} in {where} nests its JSON too deeply to read: oodunleash never "
+            "writes such a file, so it was altered. Save the checkpoint again."
+        ) from exc
     listed_files(config, where)
     if verify:
         _verify_files(folder, config)
