@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["eval_mode", "model_device", "unwrap_compiled"]
+__all__ = ["check_materialised", "eval_mode", "model_device", "unwrap_compiled"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -69,3 +69,14 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             else:
                 for module, training in modes:
                     module.training = training
+
+
+def check_materialised(model: nn.Module) -> None:
+    """Refuse a model whose weights are on the ``meta`` device (shapes, no values)."""
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"The model's {', '.join(meta[:3])}{' ...' if len(meta) > 3 else ''} are on the meta "
+            "device (shapes without values), so there is nothing to fine-tune. Materialise the "
+            "model first: model.to_empty(device='cpu') then load_state_dict(...)."
+        )

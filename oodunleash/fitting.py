@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._modules import model_device, unwrap_compiled
+from ._modules import check_materialised, model_device, unwrap_compiled
 from .config import (
     METHOD_DEFAULTS,
     Masked,
@@ -36,8 +36,8 @@ from .resume import EpochHook, FitStateError, check_fit_state, read_fit_state, r
 from .training import TrainConfig, TrainingDivergedError, norm_affine_parameters, train
 
 __all__ = [
-    "check_epoch",
     "check_materialised",
+    "check_epoch",
     "check_model",
     "deprecated_fit_constraint",
     "train_config",
@@ -78,17 +78,6 @@ def check_model(model: Any) -> None:
         raise ValueError(
             "This model still carries the UMAP mask of another OODUnleash. Wrap a plain "
             "copy instead: OODUnleash(other.export(), ...)."
-        )
-
-
-def check_materialised(model: nn.Module) -> None:
-    """Refuse a model whose weights are on the ``meta`` device (shapes, no values)."""
-    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if meta:
-        raise ValueError(
-            f"The model's {', '.join(meta[:3])}{' ...' if len(meta) > 3 else ''} are on the meta "
-            "device (shapes without values), so there is nothing to fine-tune. Materialise the "
-            "model first: model.to_empty(device='cpu') then load_state_dict(...)."
         )
 
 

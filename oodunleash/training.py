@@ -25,6 +25,7 @@ from ._losses import (
     flooding_loss,
     oe_loss,
 )
+from ._modules import check_materialised
 from ._step import Step, run_epoch
 from .batches import images_of, model_dtype
 from .distributed import (
@@ -296,6 +297,7 @@ def train(
     scaler)`` returns the first epoch and the history so far (a resumed fit);
     ``hook.epoch_end(history, optimizer, scheduler, scaler)`` runs after each epoch.
     """
+    check_materialised(module)
     check_distributed_sampler(loader)
     if outlier_loader is not None and config.outlier_loss is None:
         # A copy: the caller's config stays as given.

@@ -150,6 +150,19 @@ def test_meta_weights_are_refused_before_the_fit():
     assert not unleashed.is_fitted and all(p.is_meta for p in meta.parameters())
 
 
+def test_meta_weights_in_train_are_named_not_an_autocast_error():
+    """The issue's stand-in for a model on another device, through the lower-level train():
+    with amp=False it met torch.autocast's refusal of the device type."""
+    from oodunleash.training import TrainConfig, train
+
+    meta = nn.Sequential(nn.Flatten(), nn.Linear(36, 3)).to("meta")
+    with pytest.raises(ValueError, match=r"meta device.*to_empty"):
+        train(
+            meta, list(meta.parameters()), batches(), loss_constraint=0.3,
+            config=TrainConfig(epochs=1, amp=False), device=torch.device("meta"), progress=False,
+        )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- training data
 def test_dict_batches_name_accepted_and_found_keys():
     data = [{"img": x, "label": y} for x, y in batches()]
