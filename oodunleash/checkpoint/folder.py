@@ -188,9 +188,15 @@ def _save_lock(parent: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    fd = os.open(parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(parent, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened: the save's own checks name it
+        yield
+        return
+    try:
+        # No locks on this file system (some network mounts): the save goes on unlocked.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
