@@ -36,7 +36,7 @@ interleaved, median of the per-repeat ratios (``--cpu-time``: CPU time, for a bu
   which resolves how the model is read);
 - ``evaluate (energy)``: the same with ``scores="energy"``, which reads the logits alone: the
   library's own cost without the default score's neighbour search;
-- ``feature pass``: :func:`oodunleash.features.collect_features` over both sets, keeping logits
+- ``feature pass``: :func:`oodunleash.features.collect.collect_features` over both sets, keeping logits
   and penultimate features -- the pass every score reads.
 
     python examples/benchmark_speed.py --eval --threads 1 --cpu-time  # resnet18 64 px, small CNN
@@ -60,12 +60,12 @@ import torch.nn.functional as F
 from oodunleash import OODUnleash
 from oodunleash.bench.models import SmallCNN
 from oodunleash.features import collect_features
-from oodunleash.masking import LayerMasks
+from oodunleash.masks.layer_masks import LayerMasks
 
 try:
-    from oodunleash._mask_ops import _kth_smallest
+    from oodunleash.masks.ops import _kth_smallest
 except ImportError:  # releases before the masking module was split
-    from oodunleash.masking import _kth_smallest
+    from oodunleash.masks.layer_masks import _kth_smallest
 
 #: ``(OODUnleash keyword arguments, fit keyword arguments)`` of each measured side.
 SIDES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {

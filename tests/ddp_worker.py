@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 
 from oodunleash import OODUnleash, Relative, TrainingDivergedError
-from oodunleash.distributed import gather_samples, is_distributed, rank, world_size
+from oodunleash.runtime.distributed import gather_samples, is_distributed, rank, world_size
 from tests.helpers.toys import state_copy
 
 #: Per-rank batch size under DDP; the single-process reference uses ``WORLD * BATCH``.

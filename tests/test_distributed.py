@@ -110,7 +110,7 @@ def test_xi_would_differ_if_padding_were_counted(ranks):
     # Guards the test above: counting sample 0 twice (rank 1's padding) moves ξ measurably.
     data = worker.make_data(37)
     net = worker.make_net().eval()
-    from oodunleash.masking import LayerMasks
+    from oodunleash.masks.layer_masks import LayerMasks
 
     with torch.no_grad(), LayerMasks(net, keep_ratio=0.965, seed=3).attached():
         x, y, _ = data.tensors

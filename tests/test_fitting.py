@@ -1,4 +1,4 @@
-"""fit's input checks (oodunleash.fitting): bad inputs are named before anything changes."""
+"""fit's input checks (oodunleash.finetune.fitting): bad inputs are named before anything changes."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ BAD_FITS = [
     ("generator loader", {"loader": "generator"}, TypeError, "one-shot iterator.*DataLoader"),
     ("iterator loader", {"loader": "iterator"}, TypeError, "one-shot iterator.*list"),
     ("not iterable", {"loader": 5}, TypeError, "loader must be an iterable"),
-    ("xi with control", {"loss_constraint": 0.2, "flooding": False}, ValueError, "no ξ"),
     ("resume without dir", {"resume": True}, ValueError, "checkpoint_dir"),
     ("outliers with dir", {"checkpoint_dir": "x", "outlier_loader": []}, ValueError, "outlier"),
     ("train_norms for UM", {"train_norms": True}, ValueError, "train_norms applies to UMAP"),

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from oodunleash import OODUnleash, mean_cross_entropy
-from oodunleash.constraint import DEFAULT_CONSTRAINT_FACTOR
+from oodunleash.finetune.constraint import DEFAULT_CONSTRAINT_FACTOR
 
 
 def _digits():
@@ -58,9 +58,9 @@ def pretrained_digits():
 def test_outlier_exposure_separates_held_out_ood_better(pretrained_digits, outlier_loss):
     base, loader, outliers, test_x, held_out = pretrained_digits
     without, with_oe = copy.deepcopy(base), copy.deepcopy(base)
-    kwargs = {"epochs": 5, "lr": 0.05, "loss_constraint": 0.05, "progress": False}
-    OODUnleash(without, seed=1).fit(loader, **kwargs)
-    fitted = OODUnleash(with_oe, seed=1).fit(
+    kwargs = {"epochs": 5, "lr": 0.05, "progress": False}
+    OODUnleash(without, seed=1, constraint=0.05).fit(loader, **kwargs)
+    fitted = OODUnleash(with_oe, seed=1, constraint=0.05).fit(
         loader, outlier_loader=outliers, outlier_loss=outlier_loss, **kwargs
     )
     assert "outlier_loss" in fitted.history_[0]
