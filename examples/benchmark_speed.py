@@ -76,10 +76,10 @@ SIDES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 
 def compiled_side(mode: str) -> tuple[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """The UMAP default under ``fit(compile=...)`` with ``torch.compile``'s ``mode``
+    """The UMAP default under ``fit(training={"compile": ...})`` with ``torch.compile``'s ``mode``
     (``"reduce-overhead"`` adds CUDA graphs)."""
     compile_arg: bool | dict[str, str] = True if mode == "default" else {"mode": mode}
-    return f"UMAP compiled ({mode})", ({"method": "umap"}, {"compile": compile_arg})
+    return f"UMAP compiled ({mode})", ({"method": "umap"}, {"training": {"compile": compile_arg}})
 
 
 CPU_CONFIGS = [("resnet18", 64, 64), ("resnet18", 224, 16)]

@@ -242,19 +242,8 @@ class OODUnleash:
         lr: float | None = None,
         *,
         flooding: bool = True,
-        optimizer: Any = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float | None = None,
-        schedule: Any = "cosine",
-        amp: bool = False,
-        compile: bool | dict[str, Any] = False,
-        channels_last: bool = False,
-        max_grad_norm: float | None = None,
-        freeze_norm_stats: bool = False,
-        train_norms: bool | None = None,
+        training: Mapping[str, Any] | None = None,
         outlier_loader: Iterable | None = None,
-        outlier_loss: Literal["oe", "energy"] | None = None,
-        outlier_weight: float | None = None,
         device: torch.device | str | None = None,
         progress: bool = True,
         checkpoint_dir: str | Path | None = None,
@@ -275,28 +264,30 @@ class OODUnleash:
             flooding: ``False`` runs the same fine-tune with plain cross-entropy and no ξ
                 (``loss_constraint_`` is then ``None``): the control that a UM/UMAP result
                 should be compared with, since a gain the control also gets is not UM's.
-            optimizer: ``"sgd"`` (momentum 0.9, Nesterov), ``"adam"``, ``"adamw"`` or a
-                callable ``params -> Optimizer``.
-            momentum: SGD momentum.
-            weight_decay: Default 5e-4.
-            schedule: ``"cosine"`` (per step, to zero), ``"constant"`` or a callable
-                ``(optimizer, total_steps) -> scheduler``.
-            amp: Mixed precision (float16 on CUDA, bfloat16 on CPU).
-            compile: ``torch.compile`` the training step (``True``, or a dict of
-                ``torch.compile`` arguments); the result matches eager within float tolerance.
-            channels_last: Train with channels-last memory format (faster convolutions on
-                recent GPUs and CPUs).
-            max_grad_norm: Clip gradients to this norm (a positive number).
-            freeze_norm_stats: Keep BatchNorm running statistics fixed during the fine-tune
-                (UMAP otherwise moves them although the weights are frozen).
-            train_norms: UMAP: also train the scale and shift of the normalisation layers
-                (BatchNorm, LayerNorm, GroupNorm, ...) with the scores (default: on when there
-                are any; ones you froze stay frozen). The reference freezes every weight
-                (``False``). UM trains them anyway, so it refuses ``True``.
+            training: How the fine-tune trains, as a dict of
+                :class:`~oodunleash.finetune.options.TrainConfig` options (every one optional,
+                defaults below), e.g. ``{"amp": True, "weight_decay": 0.0}``:
+
+                - ``optimizer``: ``"sgd"`` (momentum 0.9, Nesterov), ``"adam"``, ``"adamw"``
+                  or a callable ``params -> Optimizer``; ``momentum``; ``weight_decay``
+                  (default 5e-4); ``schedule``: ``"cosine"`` (per step, to zero),
+                  ``"constant"`` or a callable ``(optimizer, total_steps) -> scheduler``;
+                  ``max_grad_norm``: clip gradients to this norm.
+                - ``amp``: mixed precision (float16 on CUDA, bfloat16 on CPU); ``compile``:
+                  ``torch.compile`` the training step (``True``, or a dict of its arguments;
+                  the result matches eager within float tolerance); ``channels_last``.
+                - ``freeze_norm_stats``: keep BatchNorm running statistics fixed (UMAP
+                  otherwise moves them although the weights are frozen); ``train_norms``:
+                  UMAP also trains the scale and shift of the normalisation layers with the
+                  scores (default: on when there are any; ones you froze stay frozen; the
+                  reference freezes every weight, ``False``; UM trains them anyway, so it
+                  refuses ``True``).
+                - ``outlier_loss``: ``"oe"`` (weight 0.5) or ``"energy"`` (Energy-OE, margins
+                  −25/−7, weight 0.1), default ``"oe"`` with an ``outlier_loader``;
+                  ``outlier_weight``: the weight of the outlier term.
+                - ``check_every``, ``divergence_factor``: how often and how the loss is
+                  checked for divergence.
             outlier_loader: Auxiliary outliers for outlier exposure (labels ignored).
-            outlier_loss: ``"oe"`` (weight 0.5) or ``"energy"`` (Energy-OE, margins −25/−7,
-                weight 0.1). Default ``"oe"`` when an outlier loader is given.
-            outlier_weight: Weight of the outlier term.
             device: Move the model there first (default: where it is).
             progress: Show tqdm progress bars and a one-line summary at the end.
             checkpoint_dir: Save a resumable state there after each epoch
@@ -334,15 +325,15 @@ class OODUnleash:
             >>> control.fit(data, epochs=1, flooding=False, progress=False).loss_constraint_ is None
             True
         """
-        norm_params = fitting.trained_norm_parameters(self.model, self.method, train_norms)
+        options = fitting.training_options(training)
+        norm_params = fitting.trained_norm_parameters(
+            self.model, self.method, options.pop("train_norms", None)
+        )
+        if options.get("outlier_loss") is None and outlier_loader is not None:
+            options["outlier_loss"] = "oe"
         config = fitting.train_config(
-            self.method, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
-            weight_decay=weight_decay, schedule=schedule, amp=amp, compile=compile,
-            channels_last=channels_last, max_grad_norm=max_grad_norm,
-            freeze_norm_stats=freeze_norm_stats, train_norms=bool(norm_params),
-            outlier_loss=outlier_loss or ("oe" if outlier_loader is not None else None),
-            outlier_weight=outlier_weight,
-        )  # fmt: skip
+            self.method, epochs=epochs, lr=lr, train_norms=bool(norm_params), **options
+        )
         fitting.check_reiterable(loader, "loader")
         if outlier_loader is not None:
             fitting.check_reiterable(outlier_loader, "outlier_loader")

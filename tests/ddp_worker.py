@@ -228,7 +228,7 @@ def scenario_umap_compiled(batch: int, compile_: bool = True) -> dict[str, Any]:
     loader = DataLoader(data, batch_size=batch, sampler=dist_sampler(data, shuffle=True))
     compile_arg = {"backend": "aot_eager"} if compile_ else False
     unleashed = OODUnleash(net, method="umap", seed=5, constraint=1e-3).fit(
-        loader, epochs=1, lr=0.1, compile=compile_arg, progress=False
+        loader, epochs=1, lr=0.1, progress=False, training={"compile": compile_arg}
     )
     masks = unleashed.masks_
     return {

@@ -327,7 +327,7 @@ class FineTune:
                 "keep_ratio": r.mask.keep_ratio,
                 "mask_mode": r.mask.mode,
             }
-            fit_options["train_norms"] = r.mask.train_norms
+            fit_options["training"] = {"train_norms": r.mask.train_norms}
         if r.is_control:
             fit_options["flooding"] = False
         else:

@@ -124,9 +124,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         train_loader,
         epochs=args.epochs,
         lr=args.lr,
-        amp=args.amp,
         device=_inputs.device(args.device),
         progress=show,
+        training={"amp": args.amp},
     )
     print(_summary(unleashed, time.perf_counter() - start))
     if val_loader is not None:

@@ -8,6 +8,8 @@ transaction around them (:mod:`oodunleash.finetune.rollback`).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -38,6 +40,8 @@ from oodunleash.runtime.distributed import init_distributed, rank, shard_loader,
 from oodunleash.runtime.modules import model_device, unwrap_compiled
 
 __all__ = [
+    "TRAINING_OPTIONS",
+    "training_options",
     "check_epoch",
     "check_model",
     "train_config",
@@ -81,14 +85,54 @@ def check_model(model: Any) -> None:
         )
 
 
+#: What ``fit(training=...)`` may set: every :class:`TrainConfig` field but the two ``fit`` takes
+#: itself (``epochs``, ``lr``).
+TRAINING_OPTIONS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("epochs", "lr")
+)
+
+
+def training_options(training: Any) -> dict[str, Any]:
+    """``fit(training=...)`` as a dict of :data:`TRAINING_OPTIONS`, checked before any work.
+
+    Example:
+        >>> training_options({"amp": True})
+        {'amp': True}
+        >>> training_options({"lr": 0.1})
+        Traceback (most recent call last):
+        ...
+        ValueError: training has no option 'lr': fit(loader, epochs, lr) takes it directly.
+    """
+    if training is None:
+        return {}
+    if not isinstance(training, Mapping):
+        raise TypeError(
+            f"training must be a dict of fine-tune options (e.g. {{'amp': True}}), got "
+            f"{type(training).__name__}. Options: {', '.join(TRAINING_OPTIONS)}."
+        )
+    options = dict(training)
+    for key in options:
+        if key in ("epochs", "lr"):
+            raise ValueError(
+                f"training has no option {key!r}: fit(loader, epochs, lr) takes it directly."
+            )
+        if key not in TRAINING_OPTIONS:
+            close = difflib.get_close_matches(str(key), TRAINING_OPTIONS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"training has no option {key!r}.{hint} Options: {', '.join(TRAINING_OPTIONS)}."
+            )
+    return options
+
+
 def train_config(method: str, **options: Any) -> TrainConfig:
     """The :class:`TrainConfig` of a fit: ``None`` options take ``method``'s defaults."""
     defaults = METHOD_DEFAULTS[method]
     for key in ("epochs", "lr", "weight_decay"):
-        if options[key] is None:
+        if options.get(key) is None:
             options[key] = defaults[key]
     options["lr"] = real_number(options["lr"], "lr")
-    options["max_grad_norm"] = check_grad_norm(options["max_grad_norm"])
+    options["max_grad_norm"] = check_grad_norm(options.get("max_grad_norm"))
     return TrainConfig(**options)
 
 
