@@ -132,7 +132,14 @@ class OODUnleash:
         config.set_attributes(self)  # self.method, self.layers, ..., self.feature_layer
         # Fail now, not after an epoch, when the selection is empty.
         plain = unwrap_compiled(model)  # names without torch.compile's `_orig_mod.` prefix
-        self.layer_names: list[str] = list(select_layers(plain, layers, exclude))
+        try:
+            self.layer_names: list[str] = list(select_layers(plain, layers, exclude))
+        except ValueError:
+            # UM masks nothing: a model with no Conv/Linear weight (functional parameters) is
+            # fine-tuned all the same; the layers only define what sparsity() reports.
+            if self.method != "um" or layers is not None or exclude is not None:
+                raise
+            self.layer_names = []
         self.masks_: LayerMasks | None = None
 
     # What scoring reads lives on the evaluator; the wrapper's names are views of it, settable.
@@ -325,6 +332,7 @@ class OODUnleash:
             >>> control.fit(data, epochs=1, flooding=False, progress=False).loss_constraint_ is None
             True
         """
+        fitting.check_materialised(self.model)
         options = fitting.training_options(training)
         norm_params = fitting.trained_norm_parameters(
             self.model, self.method, options.pop("train_norms", None)
@@ -357,7 +365,8 @@ class OODUnleash:
             self.train_config_ = config
             self._evaluator.reset()  # fitted detectors describe the old features
             if resolve_score(self.default_score).needs_fit:  # KNN's bank: one more pass
-                self._evaluator.fit_scores(loader, [self.default_score], progress=progress)
+                with torch.random.fork_rng(devices=[]):  # iterating a loader draws a seed
+                    self._evaluator.fit_scores(loader, [self.default_score], progress=progress)
         except TrainingDivergedError as exc:
             rollback.restore()
             raise fitting.rolled_back(exc) from exc

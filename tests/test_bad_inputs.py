@@ -222,7 +222,7 @@ MISMATCH = {
         lambda: Output(lambda z: (z, z.mean())),
         images,
         ValueError,
-        r"returned tuple.*output_key",
+        r"returned tuple.*set_distilled_training",
         fit_first=False,
     ),
     "1-D output": Mismatch(

@@ -9,14 +9,20 @@ under ``.<name>.oodunleash-old`` beside the target, which loading and the next s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno as errnos
 import os
 import shutil
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["interrupted_backup", "write_folder"]
 
@@ -111,8 +117,9 @@ def _preflight(target: Path, ours: Collection[str], new: Collection[str], overwr
     if clashes and not overwrite:
         raise FileExistsError(
             f"{target} holds {', '.join(clashes)}, which oodunleash did not write (or which "
-            "was edited since); it is left as it is. Save into another folder, or pass "
-            "overwrite=True to replace it. Nothing was written."
+            "was edited since, or a format-1 model card, which kept no checksum to tell edits "
+            "by); it is left as it is. Save into another folder, pass model_card=False to keep "
+            "the README.md, or overwrite=True to replace it. Nothing was written."
         )
 
 
@@ -173,19 +180,47 @@ def _swap_in(staging: Path, target: Path) -> None:
     shutil.rmtree(backup)
 
 
+@contextlib.contextmanager
+def _save_lock(parent: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``parent`` (the folder the swap happens in) for one save, so
+    that two processes saving into one checkpoint take turns: each then reads which files the
+    checkpoint it replaces owns *after* the other's swap. Without ``fcntl``: no lock."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def write_folder(
-    target: Path, files: Mapping[str, bytes], ours: Collection[str], *, overwrite: bool
+    target: Path,
+    files: Mapping[str, bytes],
+    ours: Callable[[Path], Collection[str]],
+    *,
+    overwrite: bool,
 ) -> None:
     """Make ``target`` hold ``files``, atomically as a whole.
 
-    Entries of an existing ``target`` named in ``ours`` (files of the previous checkpoint) are
-    replaced or dropped; any other file is kept (hard-linked into the new folder), unless it
-    clashes with a name in ``files``: then the call refuses, or with ``overwrite`` replaces it.
-    A folder holding sub-folders the library did not write is refused. Nothing is changed when
-    the call raises.
+    Entries of an existing ``target`` that ``ours(target)`` names (files of the previous
+    checkpoint, read under the save lock) are replaced or dropped; any other file is kept
+    (hard-linked into the new folder), unless it clashes with a name in ``files``: then the
+    call refuses, or with ``overwrite`` replaces it. A folder holding sub-folders the library
+    did not write is refused. Nothing is changed when the call raises.
     """
     if target.is_symlink():  # swap the folder it points to, and keep the link
         target = target.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _save_lock(target.parent):
+        _write_folder(target, files, ours(target), overwrite=overwrite)
+
+
+def _write_folder(
+    target: Path, files: Mapping[str, bytes], ours: Collection[str], *, overwrite: bool
+) -> None:
     _preflight(target, ours, files, overwrite)
     _recover(target)
     staging = _staging_path(target)

@@ -6,7 +6,7 @@ A checkpoint folder (and the Hub repo it is pushed to) holds:
 |---|---|
 | `model.safetensors` | The plain `state_dict` of the unleashed model, UMAP masks baked in (pruned weights are exact zeros). |
 | `config.json` | timm models only: timm's own Hub config, written by timm's `save_config_for_hf`, with the preprocessing the model was trained with, so `timm.create_model("hf-hub:<repo>", pretrained=True)` (or `"local-dir:<folder>"`) and `timm.data.resolve_data_config` work without oodunleash. |
-| `oodunleash_config.json` | oodunleash's record: format version, the wrapper's constructor arguments, ξ, the masked layers, the architecture, class names, training history, fitted-score configs, the last results and a SHA-256 of every other file. Validated against its schema on loading. |
+| `oodunleash_config.json` | oodunleash's record: format version, the wrapper's constructor arguments, ξ, the masked layers, the architecture, class names, training history, fitted-score configs, the last results, a SHA-256 of every other file and a digest of each field a fit learnt (`field_sha256`: a hand edit of `fitted`, ξ, the history or the masks is refused). Validated against its schema on loading. |
 | `oodunleash_scores.safetensors` | The fitted state of every fitted OOD score, keys prefixed `<score>/`. |
 | `oodunleash_masks.safetensors` | Only with `keep_masks=True` (UMAP): per layer the mask scores, the mask as packed bits and the dense values of the pruned weights, so that training can go on. |
 | `README.md` | A generated model card (its SHA-256 is recorded, so a card edited by hand is never overwritten silently). |
@@ -107,6 +107,11 @@ def read_json(path: Path) -> dict[str, Any]:
             f"{path.name} in {path.parent} is not valid JSON ({exc}); the file is damaged. "
             "Re-download it (force_download=True) or save the checkpoint again."
         ) from exc
+    except RecursionError as exc:  # a hostile file: thousands of nested brackets
+        raise CorruptCheckpointError(
+            f"{path.name} in {path.parent} nests its JSON too deeply to read: oodunleash never "
+            "writes such a file, so it was altered. Save the checkpoint again."
+        ) from exc
     if not isinstance(data, dict):
         raise CorruptCheckpointError(
             f"{path.name} in {path.parent} must hold a JSON object, not {type(data).__name__}."
@@ -181,11 +186,9 @@ def owned_files(folder: Path) -> set[str]:
     ours = {CONFIG_NAME} | {n for n in config["files"] if n in CHECKPOINT_FILES}
     card = folder / MODEL_CARD_NAME
     if card.is_file():
+        # Format 1 recorded no checksum of its card, so a hand edit cannot be told from the
+        # card it wrote: that card counts as the user's (saving over it asks for overwrite).
         recorded = config.get("card_sha256")
-        if recorded is None and str(config["format_version"]).startswith("1."):
-            # Format 1 did not record the card; it always wrote one with this tag.
-            if "library_name: oodunleash" in card.read_text(encoding="utf-8", errors="replace"):
-                ours.add(MODEL_CARD_NAME)
-        elif recorded == sha256_file(card):
+        if isinstance(recorded, str) and recorded == sha256_file(card):
             ours.add(MODEL_CARD_NAME)
     return ours

@@ -72,7 +72,12 @@ def download_checkpoint(
         config_path = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, **common))
     except EntryNotFoundError as exc:
         if isinstance(exc, LocalEntryNotFoundError):  # offline, not cached: the client's error
-            raise
+            raise LocalEntryNotFoundError(
+                f"Cannot load the Hub repo {repo_id!r}: it is not in the local cache, and the Hub "
+                "cannot be reached (offline: HF_HUB_OFFLINE=1, local_files_only=True or no "
+                "connection). Connect and try again, download it first (huggingface-cli "
+                f"download {repo_id}), or pass a local checkpoint folder."
+            ) from exc
         raise CheckpointNotFoundError(
             f"The Hub repo {repo_id!r} has no {CONFIG_NAME}: it is not an oodunleash checkpoint. "
             "(A plain timm repo loads with timm.create_model('hf-hub:...'); wrap the result in "

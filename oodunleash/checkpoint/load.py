@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from oodunleash.checkpoint.consistency import check_config_fields, check_model_outputs
 from oodunleash.checkpoint.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -105,9 +106,16 @@ def _read_config(folder: Path, where: str, verify: bool) -> dict[str, Any]:
             f"{folder} has no {CONFIG_NAME}: it is not an oodunleash checkpoint.{hint}"
         )
     config = read_json(folder / CONFIG_NAME)
-    if format_major(config, where) == 1:
-        config = upgrade_v1(config)
-    validate_config(config, where)
+    try:
+        if format_major(config, where) == 1:
+            config = upgrade_v1(config)
+        validate_config(config, where)
+        check_config_fields(config, where)
+    except RecursionError as exc:  # nested just below the parser's limit, above a check's
+        raise CorruptCheckpointError(
+            f"{CONFIG_NAME} in {where} nests its JSON too deeply to read: oodunleash never "
+            "writes such a file, so it was altered. Save the checkpoint again."
+        ) from exc
     listed_files(config, where)
     if verify:
         _verify_files(folder, config)
@@ -184,6 +192,7 @@ def load_checkpoint(
     config = _read_config(folder, where, verify)
     model = _build_model(folder, config, model, where)
     load_model_state(model, load_tensors(folder / WEIGHTS_NAME), where)
+    check_model_outputs(model, config, where)
     if device is not None:
         model.to(device)
     plain = unwrap_compiled(model)

@@ -12,6 +12,7 @@ from torch import nn
 
 from oodunleash.checkpoint import format as layout
 from oodunleash.checkpoint.card import model_card as render_model_card
+from oodunleash.checkpoint.consistency import field_digests
 from oodunleash.checkpoint.fitted_scores import scores_for_saving
 from oodunleash.checkpoint.folder import write_folder
 from oodunleash.checkpoint.format import check_json, owned_files, sha256_bytes
@@ -226,6 +227,7 @@ def save_checkpoint(
         )
         files[layout.MODEL_CARD_NAME] = card.encode()
         config["card_sha256"] = sha256_bytes(files[layout.MODEL_CARD_NAME])
+    config["field_sha256"] = field_digests(config)  # hand edits are refused on loading
     files[layout.CONFIG_NAME] = layout.dump_json(config)
-    write_folder(folder, files, owned_files(folder), overwrite=overwrite)
+    write_folder(folder, files, owned_files, overwrite=overwrite)
     return folder

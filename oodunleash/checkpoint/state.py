@@ -121,6 +121,6 @@ def results_from_json(data: dict[str, Any] | None) -> Any:
         return None
     try:
         return EvaluationResults.from_dict(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        warnings.warn(f"The stored evaluation results could not be read: {exc}.", stacklevel=4)
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        warnings.warn(f"The stored evaluation results could not be read: {exc!r}.", stacklevel=4)
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from oodunleash.cli._checks import check_arguments
 from oodunleash.cli._errors import EXIT_USAGE, exit_code
 
 __all__ = ["main"]
@@ -39,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse reports bad flags itself, with exit code 2
     try:
+        check_arguments(args)  # output paths and sizes, before any work
         return args.handler(args)
     except KeyboardInterrupt:
         print(f"oodunleash {args.command}: interrupted", file=sys.stderr)

@@ -13,7 +13,7 @@ Scores are **higher for in-distribution** samples.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from oodunleash.evaluation.metrics import Positive, accuracy
 from oodunleash.evaluation.results import EvaluationResults
 from oodunleash.features.collect import FeatureExtractor, FeatureSet, collect_features
 from oodunleash.runtime.batches import named_ood_loaders
-from oodunleash.runtime.modules import model_device, unwrap_compiled
+from oodunleash.runtime.modules import eval_mode, model_device, unwrap_compiled
 from oodunleash.scores import OODScore, ScoreNotFittedError, list_scores, resolve_score
 from oodunleash.scores.base import check_score_output as _check_output
 from oodunleash.scores.base import resolve_scores
@@ -41,17 +41,9 @@ ScoreSpecs = ScoreSpec | Sequence[ScoreSpec] | Mapping[str, ScoreSpec]
 _BATCHWISE = frozenset({"gradients", "feature_maps"})
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Each module's own mode comes back: a model with some submodules in eval (frozen
-    # BatchNorm, say) and the rest in train must not come back all in train.
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
+def _eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    # Each module's own mode comes back, and concurrent score() calls share one switch.
+    return eval_mode(model)
 
 
 def evaluator_attribute(

@@ -75,12 +75,16 @@ def _blend(images: Tensor, stats: _Stats, gen: torch.Generator) -> Tensor:
 
 def _jigsaw(images: Tensor, stats: _Stats, gen: torch.Generator, grid: int = 4) -> Tensor:
     n, c, h, w = images.shape
+    grid = min(grid, h, w)  # images smaller than 4x4: one pixel per patch
     ph, pw = h // grid, w // grid
     core = images[:, :, : ph * grid, : pw * grid]
     patches = core.reshape(n, c, grid, ph, grid, pw).permute(0, 2, 4, 1, 3, 5)
     patches = patches.reshape(n, grid * grid, c, ph, pw)
-    # One permutation per image; a derangement-free shuffle may leave a few patches in place.
+    # One permutation per image; a derangement-free shuffle may leave a few patches in place,
+    # but never all of them (likely with few patches): an unshuffled one is rolled by one.
     perm = torch.argsort(torch.rand(n, grid * grid, generator=gen), dim=1)
+    unmoved = (perm == torch.arange(grid * grid)).all(dim=1)
+    perm[unmoved] = perm[unmoved].roll(1, dims=1)
     shuffled = torch.gather(patches, 1, perm[:, :, None, None, None].expand_as(patches))
     shuffled = shuffled.reshape(n, grid, grid, c, ph, pw).permute(0, 3, 1, 4, 2, 5)
     out = images.clone()
@@ -187,8 +191,18 @@ def proxy_images(
         got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a (N, C, ...) tensor with N >= 2, got {got}.")
     spatial = images.dim() == 4
+    if spatial and min(images.shape[-2:]) < 2:
+        if families is not None and "jigsaw" in families:
+            raise ValueError(
+                f"'jigsaw' shuffles patches of the images, and images of "
+                f"{images.shape[-2]}x{images.shape[-1]} pixels have none to shuffle: the proxies "
+                "would be the ID images. Leave 'jigsaw' out of families."
+            )
+        spatial_ok = [f for f in DEFAULT_FAMILIES if f != "jigsaw"]
+    else:
+        spatial_ok = list(DEFAULT_FAMILIES)
     if families is None:
-        families = [f for f in DEFAULT_FAMILIES if spatial or not FAMILIES[f][1]]
+        families = [f for f in spatial_ok if spatial or not FAMILIES[f][1]]
     if isinstance(families, str):
         families = [families]
     unknown = [f for f in families if f not in FAMILIES]
@@ -204,6 +218,14 @@ def proxy_images(
         )
     dtype = images.dtype
     work = images.detach().to("cpu", torch.float32)
+    finite = torch.isfinite(work).flatten(1).all(dim=1)
+    if not finite.all():
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{len(bad)} of {len(work)} validation images hold NaN or infinite pixels (images "
+            f"{bad[:5]}{'...' if len(bad) > 5 else ''}): every proxy built from their statistics "
+            "would be NaN. Clean or drop those images first."
+        )
     stats = _Stats(work)
     return {
         name: FAMILIES[name][0](work, stats, _family_generator(seed, name)).to(dtype)

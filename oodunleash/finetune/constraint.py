@@ -16,13 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from oodunleash.finetune.losses import check_two_logits
 from oodunleash.finetune.recipes import (
     DEFAULT_CONSTRAINT_FACTOR,
     check_loss_constraint,
     real_number,
 )
 from oodunleash.masks.layer_masks import LayerMasks, LayerSelector, check_keep_ratio
-from oodunleash.runtime.batches import check_labels, check_logits, iter_batches
+from oodunleash.runtime.batches import (
+    check_labels,
+    check_logits,
+    explain_forward_error,
+    iter_batches,
+)
 from oodunleash.runtime.distributed import all_reduce_sum, is_main_process, real_samples
 from oodunleash.runtime.modules import model_device
 
@@ -76,7 +82,14 @@ def mean_cross_entropy(
         for i, (images, labels) in enumerate(bar):
             if max_batches is not None and i >= max_batches:
                 break
-            logits = check_logits(model(images), images.shape[0])
+            try:
+                output = model(images)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:  # name the mismatch, not torch's shape arithmetic
+                raise explain_forward_error(model, images, exc) from exc
+            logits = check_logits(output, images.shape[0])
+            check_two_logits(logits.shape[1])
             check_labels(labels, logits.shape[1])
             # A DistributedSampler repeats a few samples to even out the shards; leaving the
             # repeats out makes ξ the mean over the dataset, as in one process.

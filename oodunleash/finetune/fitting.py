@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,13 @@ from oodunleash.finetune.recipes import (
     check_constraint,
     real_number,
 )
-from oodunleash.finetune.resume import EpochHook, FitStateError, read_fit_state
+from oodunleash.finetune.resume import (
+    EpochHook,
+    FitStateError,
+    check_fit_state,
+    read_fit_state,
+    run_identity,
+)
 from oodunleash.masks.layer_masks import LayerMasks
 from oodunleash.runtime.distributed import init_distributed, rank, shard_loader, sync_module
 from oodunleash.runtime.modules import model_device, unwrap_compiled
@@ -43,6 +50,7 @@ __all__ = [
     "TRAINING_OPTIONS",
     "training_options",
     "check_epoch",
+    "check_materialised",
     "check_model",
     "train_config",
     "check_grad_norm",
@@ -82,6 +90,17 @@ def check_model(model: Any) -> None:
         raise ValueError(
             "This model still carries the UMAP mask of another OODUnleash. Wrap a plain "
             "copy instead: OODUnleash(other.export(), ...)."
+        )
+
+
+def check_materialised(model: nn.Module) -> None:
+    """Refuse a model whose weights are on the ``meta`` device (shapes, no values)."""
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"The model's {', '.join(meta[:3])}{' ...' if len(meta) > 3 else ''} are on the meta "
+            "device (shapes without values), so there is nothing to fine-tune. Materialise the "
+            "model first: model.to_empty(device='cpu') then load_state_dict(...)."
         )
 
 
@@ -132,6 +151,17 @@ def train_config(method: str, **options: Any) -> TrainConfig:
         if options.get(key) is None:
             options[key] = defaults[key]
     options["lr"] = real_number(options["lr"], "lr")
+    for key in ("weight_decay", "momentum"):
+        if options.get(key) is None:
+            continue
+        value = real_number(options[key], key)
+        if not 0 <= value < math.inf:
+            raise ValueError(
+                f"{key} must be a finite number of at least 0, got {options[key]!r}: a negative "
+                f"{key} pushes the weights the wrong way. Use 0 for none"
+                + (f" (default {defaults[key]})." if key in defaults else ".")
+            )
+        options[key] = value
     options["max_grad_norm"] = check_grad_norm(options.get("max_grad_norm"))
     return TrainConfig(**options)
 
@@ -231,7 +261,24 @@ def saved_fit_state(
             "checkpoint_dir cannot resume the outlier stream of outlier_loader: fit with "
             "outlier exposure without checkpoint_dir."
         )
+    _check_checkpoint_dir(Path(checkpoint_dir))
     return read_fit_state(checkpoint_dir) if resume else None
+
+
+def _check_checkpoint_dir(folder: Path) -> None:
+    """Refuse a ``checkpoint_dir`` the first epoch's save would fail on, before any work."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            f"checkpoint_dir {folder} is a file; pass a folder (it is created if missing)."
+        )
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not (os.access(existing, os.W_OK) and existing.stat().st_mode & 0o200):
+        raise PermissionError(
+            f"checkpoint_dir {folder} cannot be written ({existing} is read-only), so no epoch "
+            "could be saved. Pass a writable folder, or make it writable (chmod u+w)."
+        )
 
 
 def choose_constraint(
@@ -401,6 +448,10 @@ def run_fit(
     if device is not None:
         model.to(device)
     sync_module(model)
+    # A resume state names its run: the model as the fit began and the data's size.
+    identity = None if checkpoint_dir is None else run_identity(model, loader)
+    if saved is not None:
+        check_fit_state(saved, identity, config.epochs, constraint is not None, checkpoint_dir)
     loader = shard_loader(loader)
     if outlier_loader is not None:
         outlier_loader = shard_loader(outlier_loader, name="outlier_loader")
@@ -417,6 +468,8 @@ def run_fit(
                 model, constraint, loader, estimate_masked=estimate_masked, progress=progress
             )
         record = {"loss_constraint": xi, "params": params, "train_config": config.to_dict()}
+        if identity is not None:
+            record["run"] = identity
         if saved is not None:
             check_same_fit(saved, record, checkpoint_dir)
 

@@ -226,6 +226,7 @@ def train(
         (steps_per_epoch or 1) * config.epochs,
         _cycle(outlier_loader) if outlier_loader is not None else None,
         model_dtype(module),
+        model=module,
     )
     divergence = DivergenceCheck(config, device)
     history: list[dict[str, float]] = []

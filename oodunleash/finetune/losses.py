@@ -16,6 +16,7 @@ from oodunleash.runtime.distributed import is_main_process
 __all__ = [
     "LossConstraintTooHighError",
     "check_below_chance",
+    "check_two_logits",
     "energy_oe_loss",
     "flooding_loss",
     "oe_loss",
@@ -53,6 +54,18 @@ def energy_oe_loss(
     energy_in = -torch.logsumexp(id_logits, dim=1)
     energy_out = -torch.logsumexp(outlier_logits, dim=1)
     return F.relu(energy_in - m_in).pow(2).mean() + F.relu(m_out - energy_out).pow(2).mean()
+
+
+def check_two_logits(num_classes: int) -> None:
+    """The fine-tune's cross-entropy needs one logit per class, two at least: over a single
+    logit it is always 0, so there would be nothing to learn or flood."""
+    if num_classes < 2:
+        raise ValueError(
+            f"The model returns {num_classes} logit per image; UM and UMAP fine-tune with the "
+            "cross-entropy over classes and need at least two logits. For a binary classifier "
+            "with one logit z, wrap it so that forward returns torch.cat([-z, z], dim=1) / 2 "
+            "(the same probabilities as sigmoid(z))."
+        )
 
 
 def check_below_chance(loss_constraint: float | None, num_classes: int) -> None:

@@ -13,7 +13,9 @@ the result is bit-identical to an uninterrupted fit (same data order, same dropo
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,14 @@ from torch import Tensor, nn
 from oodunleash.runtime.distributed import is_main_process
 from oodunleash.runtime.files import write_atomic
 
-__all__ = ["STATE_FILE", "EpochHook", "FitStateError", "read_fit_state"]
+__all__ = [
+    "STATE_FILE",
+    "EpochHook",
+    "FitStateError",
+    "check_fit_state",
+    "read_fit_state",
+    "run_identity",
+]
 
 #: The file ``fit(checkpoint_dir=...)`` writes.
 STATE_FILE = "fit_state.safetensors"
@@ -90,13 +99,71 @@ def read_fit_state(directory: str | Path) -> dict[str, Any] | None:
         with safe_open(str(path), "pt") as handle:
             meta = json.loads((handle.metadata() or {})[_META_KEY])
         meta["tensors"] = load_tensors(path.read_bytes())
-    except (SafetensorError, KeyError, ValueError, OSError) as exc:
+    except (SafetensorError, KeyError, ValueError, OSError, RecursionError) as exc:
         raise FitStateError(
             f"{path} is not a readable fit state ({exc}). Delete it, or fit with resume=False."
         ) from exc
     if meta.get("format") != _FORMAT:
         raise FitStateError(f"{path} has format {meta.get('format')!r}; expected {_FORMAT}.")
     return meta
+
+
+def _fingerprint(module: nn.Module) -> dict[str, str]:
+    """Digests of ``module``'s ``state_dict``: its names, shapes and dtypes, and its values."""
+    layout, values = hashlib.sha256(), hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        layout.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        flat = tensor.detach().reshape(-1).cpu().contiguous()
+        values.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return {"layout": layout.hexdigest()[:16], "weights": values.hexdigest()[:16]}
+
+
+def run_identity(module: nn.Module, loader: Iterable) -> dict[str, Any]:
+    """What a resume state records of the run it belongs to: the model as the fit began
+    (architecture and weights) and the number of batches of its data."""
+    batches = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    return {"model": _fingerprint(module), "batches": batches}
+
+
+def _refuse(where: Any, problem: str) -> FitStateError:
+    return FitStateError(
+        f"The fit state in {where} {problem}. Resume the run that saved it, or fit with "
+        "resume=False (or another checkpoint_dir) to start again."
+    )
+
+
+def check_fit_state(
+    saved: dict[str, Any], identity: dict[str, Any], epochs: int, flooding: bool, where: Any
+) -> None:
+    """Refuse a saved state that belongs to another run, or whose fields were edited into
+    values no fit writes, before anything is loaded from it."""
+    run = saved.get("run")
+    if not isinstance(run, dict) or not isinstance(run.get("model"), dict):
+        raise _refuse(where, "does not say which model and data it belongs to (an older "
+                      "oodunleash wrote it, or it was edited)")  # fmt: skip
+    if run["model"].get("layout") != identity["model"]["layout"]:
+        raise _refuse(where, "was saved by a fit of a different architecture (other parameter "
+                      "names or shapes)")  # fmt: skip
+    if run["model"].get("weights") != identity["model"]["weights"]:
+        raise _refuse(where, "was saved by a fit of a different model (its weights differed "
+                      "when that fit began)")  # fmt: skip
+    if run.get("batches") != identity["batches"]:
+        raise _refuse(where, f"was saved by a fit on other data ({run.get('batches')} batches "
+                      f"per epoch, now {identity['batches']})")  # fmt: skip
+    epoch, history = saved.get("epoch"), saved.get("history")
+    if type(epoch) is not int or not 1 <= epoch <= epochs:
+        raise _refuse(where, f"has epoch {epoch!r}, not an epoch of this {epochs}-epoch fit")
+    if not isinstance(history, list) or len(history) != epoch:
+        raise _refuse(where, f"has a history that is not a list of {epoch} epoch records")
+    if not all(isinstance(r, dict) and "loss" in r and "ce" in r for r in history):
+        raise _refuse(where, "has a history whose entries are not epoch records")
+    xi = saved.get("loss_constraint")
+    if flooding:
+        valid = type(xi) in (int, float) and 0 < xi < math.inf
+        if not valid:
+            raise _refuse(where, f"has loss_constraint {xi!r}: ξ must be a positive number")
+    elif xi is not None:
+        raise _refuse(where, f"has loss_constraint {xi!r}, but this fit has no ξ (flooding=False)")
 
 
 class EpochHook:

@@ -4,6 +4,7 @@ Statistics stay on the device; divergence is checked every few steps, not per st
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -14,9 +15,21 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from oodunleash.finetune.divergence import DivergenceCheck
-from oodunleash.finetune.losses import check_below_chance, energy_oe_loss, flooding_loss, oe_loss
+from oodunleash.finetune.losses import (
+    check_below_chance,
+    check_two_logits,
+    energy_oe_loss,
+    flooding_loss,
+    oe_loss,
+)
 from oodunleash.finetune.options import TrainConfig
-from oodunleash.runtime.batches import cast_images, check_labels, check_logits, iter_batches
+from oodunleash.runtime.batches import (
+    cast_images,
+    check_labels,
+    check_logits,
+    explain_forward_error,
+    iter_batches,
+)
 from oodunleash.runtime.distributed import all_reduce_sum
 
 __all__ = ["Step", "run_epoch"]
@@ -64,8 +77,11 @@ class Step:
         total_steps: int,
         outliers: Iterator[Tensor] | None,
         input_dtype: torch.dtype | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         self.forward = forward
+        self.model = model  # named in the error of a forward pass that fails
+        self.first_shape: tuple[int, ...] | None = None
         self.params = params
         self.loss_constraint = loss_constraint
         self.config = config
@@ -91,11 +107,32 @@ class Step:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(self.device, non_blocking=True)
 
+    def _explain(self, images: Tensor, err: RuntimeError) -> Exception:
+        """A forward pass failed: name a batch whose image size changed, else the mismatch
+        between the images and the model."""
+        shape = tuple(images.shape[1:])
+        if self.first_shape is not None and shape != self.first_shape:
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            return ValueError(
+                f"A training batch holds images of shape {shape}, but the first batch's were "
+                f"{self.first_shape}, and the model fails on the new size ({reason}). Give all "
+                "images one size in the dataset's transform (e.g. Resize + CenterCrop)."
+            )
+        if self.model is None:
+            return err
+        return explain_forward_error(self.model, images, err)
+
     def _loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n_id = labels.shape[0]
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+        # No autocast context at all without amp: it refuses some device types even disabled.
+        amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.use_amp else None
+        with amp or contextlib.nullcontext():
             try:
                 logits = self.forward(images)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:
+                raise self._explain(images, exc) from exc
             except ValueError as exc:
                 if "Expected more than 1 value per channel" not in str(exc):
                     raise
@@ -106,6 +143,9 @@ class Step:
                     "that divides the data set."
                 ) from exc
         logits = check_logits(logits, images.shape[0]).float()
+        check_two_logits(logits.shape[1])
+        if self.first_shape is None:
+            self.first_shape = tuple(images.shape[1:])
         if self.host_labels is not None or not self.checked_range:
             check_labels(labels if self.host_labels is None else self.host_labels, logits.shape[1])
         if not self.checked_range:

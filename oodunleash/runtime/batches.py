@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,10 @@ def _is_loader(obj: Any) -> bool:
     return hasattr(obj, "__iter__") and not isinstance(obj, Tensor | list | tuple | Mapping | str)
 
 
+_IMAGE_KEYS = ("image", "images", "pixel_values")
+_LABEL_KEYS = ("label", "labels")
+
+
 def split_batch(batch: Any, *, need_labels: bool = True) -> tuple[Tensor, Tensor | None]:
     """Split a loader's batch into ``(images, labels)``.
 
@@ -54,8 +58,8 @@ def split_batch(batch: Any, *, need_labels: bool = True) -> tuple[Tensor, Tensor
         images = batch[0]
         labels = batch[1] if len(batch) > 1 else None
     elif isinstance(batch, dict):
-        images = next((batch[k] for k in ("image", "images", "pixel_values") if k in batch), None)
-        labels = next((batch[k] for k in ("label", "labels") if k in batch), None)
+        images = next((batch[k] for k in _IMAGE_KEYS if k in batch), None)
+        labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
     if _is_loader(batch):
         raise TypeError(
             f"The data loader yielded a {type(batch).__name__}, not a batch: a list of loaders "
@@ -66,6 +70,8 @@ def split_batch(batch: Any, *, need_labels: bool = True) -> tuple[Tensor, Tensor
         got = type(batch).__name__
         if isinstance(batch, list | tuple):
             got += f" of {[type(b).__name__ for b in batch]}"
+        if isinstance(batch, dict):
+            _dict_batch_error(batch, images, need_labels)
         what = "(images, labels)" if need_labels else "images or (images, labels)"
         raise TypeError(
             f"The data loader must yield {what} batches of tensors; got {got}. Wrap your "
@@ -78,6 +84,18 @@ def split_batch(batch: Any, *, need_labels: bool = True) -> tuple[Tensor, Tensor
             "One-hot or soft labels are not supported: pass labels.argmax(dim=1)."
         )
     return images, labels
+
+
+def _dict_batch_error(batch: dict, images: Any, need_labels: bool) -> NoReturn:
+    missing = "images" if not isinstance(images, Tensor) else "labels"
+    keys = _IMAGE_KEYS if missing == "images" else _LABEL_KEYS
+    found = ", ".join(repr(k) for k in batch) or "none"
+    raise TypeError(
+        f"The data loader yields dict batches, and none of their keys holds the {missing} as a "
+        f"tensor: accepted keys are {', '.join(repr(k) for k in keys)}; found {found}. Rename "
+        "the key in your dataset or collate function"
+        + (", or yield (images, labels) tuples." if need_labels else ", or yield image tensors.")
+    )
 
 
 def images_of(batch: Any) -> Tensor:
@@ -149,11 +167,21 @@ def check_logits(logits: Any, batch_size: int, output_key: str | None = None) ->
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         if isinstance(logits, Mapping):
             shape = f"a {shape} with keys {list(logits)}"
+        if isinstance(logits, tuple | list):  # timm's distilled models in distilled training
+            hint = (
+                "Wrap the model in a module whose forward returns only the logits. A timm model "
+                "with a distillation head (LeViT, DeiT distilled) returns a tuple while "
+                "distilled training is on: call model.set_distilled_training(False)."
+            )
+        else:
+            hint = (
+                "An output with a 'logits' item or attribute is read (a FeatureExtractor also "
+                "takes output_key='...' for another name); otherwise wrap the model in a "
+                "module whose forward returns only the logits."
+            )
         raise ValueError(
             f"The model must map a batch of {batch_size} images to logits of shape "
-            f"(batch, classes); it returned {shape}. An output with a 'logits' item or "
-            "attribute is read; name another one with output_key='...', or wrap the model in "
-            "a module whose forward returns only the logits."
+            f"(batch, classes); it returned {shape}. {hint}"
         )
     return logits
 

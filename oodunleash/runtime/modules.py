@@ -3,12 +3,15 @@ plain module behind a ``torch.compile`` wrapper."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["model_device", "unwrap_compiled"]
+__all__ = ["eval_mode", "model_device", "unwrap_compiled"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -34,3 +37,35 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     """
     inner = getattr(model, "_orig_mod", None)
     return inner if isinstance(inner, nn.Module) else model
+
+
+_EVAL_LOCK = threading.Lock()
+#: Per model in use: how many callers are inside :func:`eval_mode`, and the modes to restore.
+_EVAL_USERS: dict[int, tuple[int, list[tuple[nn.Module, bool]]]] = {}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block; each module's own mode comes back after.
+
+    Safe across threads: the first caller in switches to eval and the last one out restores,
+    so one thread's exit never puts a model that another is still scoring back in train mode
+    (BatchNorm would then use batch statistics and move its running averages).
+    """
+    key = id(model)
+    with _EVAL_LOCK:
+        count, modes = _EVAL_USERS.get(key, (0, []))
+        if count == 0:
+            modes = [(module, module.training) for module in model.modules()]
+            model.eval()
+        _EVAL_USERS[key] = (count + 1, modes)
+    try:
+        yield
+    finally:
+        with _EVAL_LOCK:
+            count, modes = _EVAL_USERS.pop(key)
+            if count > 1:
+                _EVAL_USERS[key] = (count - 1, modes)
+            else:
+                for module, training in modes:
+                    module.training = training

@@ -34,6 +34,9 @@ def _rows(cols: int, budget: int = CHUNK_ELEMENTS) -> int:
 
 
 def _chunks(n: int, size: int):
+    if n == 0:  # one empty chunk: an empty batch gets empty scores
+        yield 0, 0
+        return
     for start in range(0, n, size):
         yield start, min(n, start + size)
 
@@ -54,6 +57,8 @@ def kth_neighbour_similarity(
     """
     if bank.shape[0] == 0:
         raise ValueError("The feature bank is empty.")
+    if queries.shape[0] == 0:  # an empty batch has empty scores
+        return queries.new_zeros(0, dtype=torch.float32)
     k = min(k, bank.shape[0])
     device = bank.device
     q_rows = min(queries.shape[0], max(1, int(math.isqrt(chunk_elements))))

@@ -85,9 +85,12 @@ def _validation_oods(
     """The validation OOD sets, and whether proxies are among them."""
     if ood_mode not in ("replace", "extend"):
         raise ValueError(f"ood_mode must be 'replace' or 'extend', got {ood_mode!r}.")
+    if ood_loaders is not None and not isinstance(ood_loaders, Mapping):  # before dict() reads it
+        raise TypeError(
+            f"ood_loaders must be a mapping {{name: loader}}, got a {type(ood_loaders).__name__}: "
+            "name each OOD set, e.g. {'svhn': svhn_loader}, or pass None for proxy OOD."
+        )
     given = dict(ood_loaders) if ood_loaders is not None else {}
-    if ood_loaders is not None and not isinstance(ood_loaders, Mapping):
-        raise TypeError("ood_loaders must be a mapping {name: loader}, or None for proxy OOD.")
     if ood_loaders is not None and not given:
         raise ValueError("ood_loaders is empty: pass {'name': loader, ...}, or None.")
     if given and ood_mode == "replace":
