@@ -39,7 +39,7 @@ from oodunleash.bench.datasets import GlyphsOOD
 from oodunleash.bench.models import create_model
 from oodunleash.bench.protocol import TensorLoader, evaluate_model, load_benchmark_data
 from oodunleash.bench.run import load_checkpoint
-from oodunleash.results import write_atomic
+from oodunleash.evaluation.results import write_atomic
 
 RUNS = {
     "control": dict(flooding=False),

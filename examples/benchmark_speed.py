@@ -36,7 +36,7 @@ interleaved, median of the per-repeat ratios (``--cpu-time``: CPU time, for a bu
   which resolves how the model is read);
 - ``evaluate (energy)``: the same with ``scores="energy"``, which reads the logits alone: the
   library's own cost without the default score's neighbour search;
-- ``feature pass``: :func:`oodunleash.features.collect_features` over both sets, keeping logits
+- ``feature pass``: :func:`oodunleash.features.collect.collect_features` over both sets, keeping logits
   and penultimate features -- the pass every score reads.
 
     python examples/benchmark_speed.py --eval --threads 1 --cpu-time  # resnet18 64 px, small CNN
@@ -60,12 +60,12 @@ import torch.nn.functional as F
 from oodunleash import OODUnleash
 from oodunleash.bench.models import SmallCNN
 from oodunleash.features import collect_features
-from oodunleash.masking import LayerMasks
+from oodunleash.masks.layer_masks import LayerMasks
 
 try:
-    from oodunleash._mask_ops import _kth_smallest
+    from oodunleash.masks.ops import _kth_smallest
 except ImportError:  # releases before the masking module was split
-    from oodunleash.masking import _kth_smallest
+    from oodunleash.masks.layer_masks import _kth_smallest
 
 #: ``(OODUnleash keyword arguments, fit keyword arguments)`` of each measured side.
 SIDES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -76,10 +76,10 @@ SIDES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 
 def compiled_side(mode: str) -> tuple[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """The UMAP default under ``fit(compile=...)`` with ``torch.compile``'s ``mode``
+    """The UMAP default under ``fit(training={"compile": ...})`` with ``torch.compile``'s ``mode``
     (``"reduce-overhead"`` adds CUDA graphs)."""
     compile_arg: bool | dict[str, str] = True if mode == "default" else {"mode": mode}
-    return f"UMAP compiled ({mode})", ({"method": "umap"}, {"compile": compile_arg})
+    return f"UMAP compiled ({mode})", ({"method": "umap"}, {"training": {"compile": compile_arg}})
 
 
 CPU_CONFIGS = [("resnet18", 64, 64), ("resnet18", 224, 16)]

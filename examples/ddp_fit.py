@@ -28,7 +28,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from oodunleash import OODUnleash
-from oodunleash.distributed import init_distributed, is_main_process, local_device, world_size
+from oodunleash.runtime.distributed import (
+    init_distributed,
+    is_main_process,
+    local_device,
+    world_size,
+)
 
 
 def synthetic_images(n: int, classes: int, size: int, seed: int, ood: bool = False):

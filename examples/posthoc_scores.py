@@ -50,7 +50,7 @@ from oodunleash.bench.grid import from_name, xi_value
 from oodunleash.bench.models import create_model
 from oodunleash.bench.protocol import in_batches, load_benchmark_data, subsample
 from oodunleash.bench.run import load_checkpoint
-from oodunleash.results import format_mean_std, mean_std, save_figure, write_atomic
+from oodunleash.evaluation.results import format_mean_std, mean_std, save_figure, write_atomic
 from oodunleash.scores import get_score
 
 #: label -> detector; the labels keep the three DICE variants apart in one evaluation pass

@@ -4,24 +4,22 @@ Implements Unleashing Mask (Zhu et al., ICML 2023): UM fine-tunes the weights an
 pruning mask, both with the flooding objective ``|CE − ξ| + ξ`` around a loss constraint ξ.
 """
 
-from . import metrics
-from .checkpoint import HubError
-from .config import Masked, Relative, UnleashConfig
-from .constraint import estimate_loss_constraint, mean_cross_entropy
-from .masking import LayerMasks, select_layers, topk_mask
-from .proxy import proxy_ood
-from .results import EvaluationResults
-from .scores import OODScore, get_score, list_scores, register_score
-from .training import (
+from oodunleash._version import __version__
+from oodunleash.checkpoint import HubError
+from oodunleash.config import Masked, Relative, UnleashConfig
+from oodunleash.evaluation import EvaluationResults, metrics, proxy_ood
+from oodunleash.finetune import (
     LossConstraintTooHighError,
     TrainConfig,
     TrainingDivergedError,
+    estimate_loss_constraint,
     flooding_loss,
+    mean_cross_entropy,
 )
-from .tuning import TuneResult, tune
-from .wrapper import NotFittedError, OODUnleash
-
-__version__ = "0.1.0"
+from oodunleash.masks import LayerMasks, select_layers, topk_mask
+from oodunleash.scores import OODScore, get_score, list_scores, register_score
+from oodunleash.tuning import TuneResult, tune
+from oodunleash.wrapper import NotFittedError, OODUnleash
 
 __all__ = [
     "LayerMasks",

@@ -11,25 +11,30 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, fitting
-from ._modules import model_device, unwrap_compiled
-from .config import (
+from oodunleash import checkpoint
+from oodunleash.config import (
     METHOD_DEFAULTS,
     ConstraintSpec,
     Method,
     UnleashConfig,
     check_constraint,
-    constraint_with_aliases,
-    deprecated_recipe_attribute,
 )
-from .distributed import is_main_process
-from .evaluation import Evaluator, ScoreSpec, ScoreSpecs, evaluator_attribute
-from .features import FeatureExtractor
-from .masking import LayerMasks, LayerSelector, masked_parameters, select_layers, zero_fraction
-from .results import EvaluationResults
-from .rollback import RollbackCopy
-from .scores import resolve_score
-from .training import TrainingDivergedError
+from oodunleash.evaluation.evaluator import Evaluator, ScoreSpec, ScoreSpecs, evaluator_attribute
+from oodunleash.evaluation.results import EvaluationResults
+from oodunleash.features.collect import FeatureExtractor
+from oodunleash.finetune import fitting
+from oodunleash.finetune.loop import TrainingDivergedError
+from oodunleash.finetune.rollback import RollbackCopy
+from oodunleash.masks.layer_masks import (
+    LayerMasks,
+    LayerSelector,
+    masked_parameters,
+    select_layers,
+    zero_fraction,
+)
+from oodunleash.runtime.distributed import is_main_process
+from oodunleash.runtime.modules import model_device, unwrap_compiled
+from oodunleash.scores import resolve_score
 
 __all__ = ["METHOD_DEFAULTS", "NotFittedError", "OODUnleash"]
 
@@ -72,8 +77,6 @@ class OODUnleash:
             feature-based scores, when it cannot be found automatically (e.g. ``"fc"``).
         feature_layer: Name of the submodule whose output is the pre-pool feature map (ASH
             scores) on non-timm models, when it cannot be found automatically.
-        constraint_factor: Deprecated: ``constraint=Relative(factor)``.
-        constraint_keep_ratio: Deprecated: ``constraint=Masked(keep_ratio)``.
 
     The options are checked on construction (:class:`~oodunleash.config.UnleashConfig`);
     ``OODUnleash(model, **unleashed.get_params())`` builds an equal, unfitted wrapper.
@@ -83,11 +86,11 @@ class OODUnleash:
             ``fit(flooding=False)``).
         history_: After :meth:`fit`: one dict per epoch (``loss``, ``ce``, ``accuracy``,
             ``frac_below_constraint``: the share of batches whose CE was below ξ, ...).
-        masks_: After :meth:`fit`: the learnt :class:`~oodunleash.masking.LayerMasks` (UMAP
+        masks_: After :meth:`fit`: the learnt :class:`~oodunleash.masks.layer_masks.LayerMasks` (UMAP
             only, else ``None``).
-        train_config_: After :meth:`fit`: the :class:`~oodunleash.training.TrainConfig` used.
+        train_config_: After :meth:`fit`: the :class:`~oodunleash.finetune.loop.TrainConfig` used.
         fitted_scores_: ``{name: OODScore}`` filled by :meth:`fit_scores` (reset by ``fit``).
-        last_results_: The :class:`~oodunleash.results.EvaluationResults` of the last
+        last_results_: The :class:`~oodunleash.evaluation.results.EvaluationResults` of the last
             :meth:`evaluate` call, or ``None``.
 
     Example:
@@ -118,11 +121,8 @@ class OODUnleash:
         seed: int = 0,
         head: str | None = None,
         feature_layer: str | None = None,
-        constraint_factor: float | None = None,
-        constraint_keep_ratio: float | None = None,
     ) -> None:
         fitting.check_model(model)
-        constraint = constraint_with_aliases(constraint, constraint_factor, constraint_keep_ratio)
         config = UnleashConfig(
             method, layers, exclude, keep_ratio, mask_mode, mask_init, constraint, score, seed,
             head, feature_layer,
@@ -181,9 +181,6 @@ class OODUnleash:
         """
         return self.config.to_dict(layer_names=self.layer_names)
 
-    constraint_factor = deprecated_recipe_attribute("constraint_factor")
-    constraint_keep_ratio = deprecated_recipe_attribute("constraint_keep_ratio")
-
     @property
     def device(self) -> torch.device:
         """The device of the model's parameters."""
@@ -229,7 +226,7 @@ class OODUnleash:
         eval mode. The mask is drawn as ``init`` says (default: ``mask_init`` for UMAP,
         ``"random"`` for UM).
 
-        The model is left unchanged. See :func:`oodunleash.constraint.estimate_loss_constraint`.
+        The model is left unchanged. See :func:`oodunleash.finetune.constraint.estimate_loss_constraint`.
         Under ``torchrun`` the estimate covers all ranks' data (see :meth:`fit`).
 
         Example:
@@ -250,22 +247,10 @@ class OODUnleash:
         loader: Iterable,
         epochs: int | None = None,
         lr: float | None = None,
-        loss_constraint: float | None = None,
         *,
         flooding: bool = True,
-        optimizer: Any = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float | None = None,
-        schedule: Any = "cosine",
-        amp: bool = False,
-        compile: bool | dict[str, Any] = False,
-        channels_last: bool = False,
-        max_grad_norm: float | None = None,
-        freeze_norm_stats: bool = False,
-        train_norms: bool | None = None,
+        training: Mapping[str, Any] | None = None,
         outlier_loader: Iterable | None = None,
-        outlier_loss: Literal["oe", "energy"] | None = None,
-        outlier_weight: float | None = None,
         device: torch.device | str | None = None,
         progress: bool = True,
         checkpoint_dir: str | Path | None = None,
@@ -283,36 +268,37 @@ class OODUnleash:
                 of batches (it is read several times, so not a generator).
             epochs: Fine-tune epochs (default 10).
             lr: Learning rate (default 0.01 for UM weights, 0.1 for UMAP scores).
-            loss_constraint: Deprecated: ``OODUnleash(model, constraint=ξ)``.
             flooding: ``False`` runs the same fine-tune with plain cross-entropy and no ξ
                 (``loss_constraint_`` is then ``None``): the control that a UM/UMAP result
                 should be compared with, since a gain the control also gets is not UM's.
-            optimizer: ``"sgd"`` (momentum 0.9, Nesterov), ``"adam"``, ``"adamw"`` or a
-                callable ``params -> Optimizer``.
-            momentum: SGD momentum.
-            weight_decay: Default 5e-4.
-            schedule: ``"cosine"`` (per step, to zero), ``"constant"`` or a callable
-                ``(optimizer, total_steps) -> scheduler``.
-            amp: Mixed precision (float16 on CUDA, bfloat16 on CPU).
-            compile: ``torch.compile`` the training step (``True``, or a dict of
-                ``torch.compile`` arguments); the result matches eager within float tolerance.
-            channels_last: Train with channels-last memory format (faster convolutions on
-                recent GPUs and CPUs).
-            max_grad_norm: Clip gradients to this norm (a positive number).
-            freeze_norm_stats: Keep BatchNorm running statistics fixed during the fine-tune
-                (UMAP otherwise moves them although the weights are frozen).
-            train_norms: UMAP: also train the scale and shift of the normalisation layers
-                (BatchNorm, LayerNorm, GroupNorm, ...) with the scores (default: on when there
-                are any; ones you froze stay frozen). The reference freezes every weight
-                (``False``). UM trains them anyway, so it refuses ``True``.
+            training: How the fine-tune trains, as a dict of
+                :class:`~oodunleash.finetune.options.TrainConfig` options (every one optional,
+                defaults below), e.g. ``{"amp": True, "weight_decay": 0.0}``:
+
+                - ``optimizer``: ``"sgd"`` (momentum 0.9, Nesterov), ``"adam"``, ``"adamw"``
+                  or a callable ``params -> Optimizer``; ``momentum``; ``weight_decay``
+                  (default 5e-4); ``schedule``: ``"cosine"`` (per step, to zero),
+                  ``"constant"`` or a callable ``(optimizer, total_steps) -> scheduler``;
+                  ``max_grad_norm``: clip gradients to this norm.
+                - ``amp``: mixed precision (float16 on CUDA, bfloat16 on CPU); ``compile``:
+                  ``torch.compile`` the training step (``True``, or a dict of its arguments;
+                  the result matches eager within float tolerance); ``channels_last``.
+                - ``freeze_norm_stats``: keep BatchNorm running statistics fixed (UMAP
+                  otherwise moves them although the weights are frozen); ``train_norms``:
+                  UMAP also trains the scale and shift of the normalisation layers with the
+                  scores (default: on when there are any; ones you froze stay frozen; the
+                  reference freezes every weight, ``False``; UM trains them anyway, so it
+                  refuses ``True``).
+                - ``outlier_loss``: ``"oe"`` (weight 0.5) or ``"energy"`` (Energy-OE, margins
+                  −25/−7, weight 0.1), default ``"oe"`` with an ``outlier_loader``;
+                  ``outlier_weight``: the weight of the outlier term.
+                - ``check_every``, ``divergence_factor``: how often and how the loss is
+                  checked for divergence.
             outlier_loader: Auxiliary outliers for outlier exposure (labels ignored).
-            outlier_loss: ``"oe"`` (weight 0.5) or ``"energy"`` (Energy-OE, margins −25/−7,
-                weight 0.1). Default ``"oe"`` when an outlier loader is given.
-            outlier_weight: Weight of the outlier term.
             device: Move the model there first (default: where it is).
             progress: Show tqdm progress bars and a one-line summary at the end.
             checkpoint_dir: Save a resumable state there after each epoch
-                (:mod:`oodunleash.resume`; not with ``outlier_loader``).
+                (:mod:`oodunleash.finetune.resume`; not with ``outlier_loader``).
             resume: Continue the fit saved in ``checkpoint_dir`` (a fresh fit if there is
                 none yet); on CPU the result is bit-identical to an uninterrupted fit. The
                 call must have the same options as the interrupted one.
@@ -347,16 +333,15 @@ class OODUnleash:
             True
         """
         fitting.check_materialised(self.model)
-        given = fitting.deprecated_fit_constraint(loss_constraint, flooding)
-        norm_params = fitting.trained_norm_parameters(self.model, self.method, train_norms)
+        options = fitting.training_options(training)
+        norm_params = fitting.trained_norm_parameters(
+            self.model, self.method, options.pop("train_norms", None)
+        )
+        if options.get("outlier_loss") is None and outlier_loader is not None:
+            options["outlier_loss"] = "oe"
         config = fitting.train_config(
-            self.method, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
-            weight_decay=weight_decay, schedule=schedule, amp=amp, compile=compile,
-            channels_last=channels_last, max_grad_norm=max_grad_norm,
-            freeze_norm_stats=freeze_norm_stats, train_norms=bool(norm_params),
-            outlier_loss=outlier_loss or ("oe" if outlier_loader is not None else None),
-            outlier_weight=outlier_weight,
-        )  # fmt: skip
+            self.method, epochs=epochs, lr=lr, train_norms=bool(norm_params), **options
+        )
         fitting.check_reiterable(loader, "loader")
         if outlier_loader is not None:
             fitting.check_reiterable(outlier_loader, "outlier_loader")
@@ -367,7 +352,7 @@ class OODUnleash:
             if self.masks_ is not None:  # refitting UMAP starts again from the dense weights
                 self.masks_.detach()
                 self.masks_ = None
-            spec = given if given is not None else check_constraint(self.constraint)
+            spec = check_constraint(self.constraint)
             xi, history, self.masks_ = fitting.run_fit(
                 self.model, self.config, config, loader, outlier_loader=outlier_loader,
                 constraint=spec if flooding else None, norm_params=norm_params,
@@ -423,7 +408,7 @@ class OODUnleash:
 
     @property
     def feature_extractor(self) -> FeatureExtractor:
-        """The :class:`~oodunleash.features.FeatureExtractor` reading this model."""
+        """The :class:`~oodunleash.features.collect.FeatureExtractor` reading this model."""
         return self._evaluator.feature_extractor
 
     def fit_scores(
@@ -431,13 +416,13 @@ class OODUnleash:
     ) -> OODUnleash:
         """Fit detectors on ID training data in one pass of the model; store them in
         ``fitted_scores_``; return ``self``. ``options`` (``max_batches``, ``progress``): see
-        :meth:`oodunleash.evaluation.Evaluator.fit_scores`."""
+        :meth:`oodunleash.evaluation.evaluator.Evaluator.fit_scores`."""
         self._evaluator.fit_scores(loader, scores, **options)
         return self
 
     def score(self, x: Tensor, score: ScoreSpec | None = None) -> Tensor:
         """OOD score of each image in ``x``: a 1-D tensor, higher = more in-distribution.
-        See :meth:`oodunleash.evaluation.Evaluator.score`."""
+        See :meth:`oodunleash.evaluation.evaluator.Evaluator.score`."""
         return self._evaluator.score(x, score)
 
     def evaluate(
@@ -450,7 +435,7 @@ class OODUnleash:
         """Score an ID test set and OOD sets with many detectors; compute the metrics; store
         them in ``last_results_``. ``options`` (``fit_loader``, ``positive``, ``tpr``,
         ``max_batches``, ``progress``, ``device``): see
-        :meth:`oodunleash.evaluation.Evaluator.evaluate`."""
+        :meth:`oodunleash.evaluation.evaluator.Evaluator.evaluate`."""
         return self._evaluator.evaluate(id_loader, ood_loaders, scores, **options)
 
     # ------------------------------------------------------------------ checkpoints

@@ -67,7 +67,7 @@ PAGES: list[tuple[str, str, str | None]] = [
     ("api/", "API reference", None),
     ("api/oodunleash/", "oodunleash", "api"),
     ("api/wrapper/", "oodunleash.wrapper", "api"),
-    ("api/constraint/", "oodunleash.constraint", "api"),
+    ("api/constraint/", "oodunleash.finetune.constraint", "api"),
     ("api/scores/", "oodunleash.scores", "api"),
     ("benchmarks/", "Benchmarks", None),
     ("changelog/", "Changelog", None),

@@ -8,7 +8,7 @@ Three rewrites, applied to the docstring text before griffe parses it (the sourc
 3. A parameter line documenting several names at once (``layers, exclude: ...``) is split into
    one entry per name, which griffe needs to match the signature.
 
-The docstrings of ``oodunleash`` use Sphinx roles such as ``:func:`~oodunleash.masking.select_layers```
+The docstrings of ``oodunleash`` use Sphinx roles such as ``:func:`~oodunleash.masks.layer_masks.select_layers```
 and ``:meth:`OODUnleash.fit```. mkdocstrings renders Markdown, where these would show up verbatim.
 This extension, listed under ``plugins.mkdocstrings.handlers.python.options.extensions`` in
 ``mkdocs.yml``, rewrites each role into an *optional* autorefs cross-reference: a link when the
@@ -16,7 +16,7 @@ target is rendered somewhere in the site, plain code otherwise (so a role pointi
 helper never breaks ``mkdocs build --strict``).
 
 Names are resolved the way Sphinx would: relative to the object that owns the docstring, then
-relative to the package root (``OODUnleash.fit`` from inside ``oodunleash.training`` resolves to
+relative to the package root (``OODUnleash.fit`` from inside ``oodunleash.finetune.loop`` resolves to
 ``oodunleash.wrapper.OODUnleash.fit`` through the alias exported by ``oodunleash/__init__.py``).
 A leading ``~`` shows only the last component, as in Sphinx.
 """

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 
 from oodunleash import OODUnleash, Relative, TrainingDivergedError
-from oodunleash.distributed import gather_samples, is_distributed, rank, world_size
+from oodunleash.runtime.distributed import gather_samples, is_distributed, rank, world_size
 from tests.helpers.toys import state_copy
 
 #: Per-rank batch size under DDP; the single-process reference uses ``WORLD * BATCH``.
@@ -228,7 +228,7 @@ def scenario_umap_compiled(batch: int, compile_: bool = True) -> dict[str, Any]:
     loader = DataLoader(data, batch_size=batch, sampler=dist_sampler(data, shuffle=True))
     compile_arg = {"backend": "aot_eager"} if compile_ else False
     unleashed = OODUnleash(net, method="umap", seed=5, constraint=1e-3).fit(
-        loader, epochs=1, lr=0.1, compile=compile_arg, progress=False
+        loader, epochs=1, lr=0.1, progress=False, training={"compile": compile_arg}
     )
     masks = unleashed.masks_
     return {

@@ -37,8 +37,9 @@ import timm
 import torch
 from torch import nn
 
-from oodunleash import OODUnleash, metrics
-from oodunleash.features import FeatureExtractor, FeatureSet, LinearHead
+from oodunleash import OODUnleash
+from oodunleash.evaluation import metrics
+from oodunleash.features.collect import FeatureExtractor, FeatureSet, LinearHead
 from oodunleash.scores import (
     DICE,
     GEN,

@@ -146,14 +146,14 @@ def test_meta_weights_are_refused_before_the_fit():
     meta = nn.Sequential(nn.Flatten(), nn.Linear(36, 3)).to("meta")
     unleashed = OODUnleash(meta, constraint=0.3)
     with pytest.raises(ValueError, match=r"meta device.*to_empty"):
-        unleashed.fit(batches(), epochs=1, progress=False, amp=False)
+        unleashed.fit(batches(), epochs=1, progress=False, training={"amp": False})
     assert not unleashed.is_fitted and all(p.is_meta for p in meta.parameters())
 
 
 def test_meta_weights_in_train_are_named_not_an_autocast_error():
     """The issue's stand-in for a model on another device, through the lower-level train():
     with amp=False it met torch.autocast's refusal of the device type."""
-    from oodunleash.training import TrainConfig, train
+    from oodunleash.finetune.loop import TrainConfig, train
 
     meta = nn.Sequential(nn.Flatten(), nn.Linear(36, 3)).to("meta")
     with pytest.raises(ValueError, match=r"meta device.*to_empty"):
@@ -196,7 +196,7 @@ def test_negative_optimiser_settings(option):
     (key,) = option
     refused_fit(
         OODUnleash(cnn(), constraint=0.3), batches(), ValueError,
-        rf"{key} must be a finite number of at least 0.*Use 0 for none", **option,
+        rf"{key} must be a finite number of at least 0.*Use 0 for none", training=option,
     )  # fmt: skip
 
 

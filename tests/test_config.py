@@ -1,9 +1,8 @@
-"""OODUnleash's options: one config, checked at the boundary, JSON round trip, deprecations."""
+"""OODUnleash's options: one config, checked at the boundary, JSON round trip."""
 
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from torch import nn
 
 from oodunleash import OODUnleash
 from oodunleash.config import METHOD_DEFAULTS, Masked, Relative, UnleashConfig
-from oodunleash.constraint import estimate_loss_constraint
+from oodunleash.finetune.constraint import estimate_loss_constraint
 from oodunleash.scores import get_score
 from tests.helpers.toys import ConvNet, labelled_loader
 
@@ -107,41 +106,6 @@ def test_constraint_forms_and_shorthands():
         OODUnleash(ConvNet(width=4, batchnorm=False), constraint=0.25).config.loss_constraint
         == 0.25
     )
-
-
-def test_deprecated_constraint_aliases_still_work_and_warn():
-    with pytest.warns(DeprecationWarning, match="constraint=Relative"):
-        unleashed = OODUnleash(ConvNet(width=4, batchnorm=False), constraint_factor=2.5)
-    assert unleashed.constraint == Relative(2.5)
-    with pytest.warns(DeprecationWarning, match="constraint=Masked"):
-        masked = OODUnleash(
-            ConvNet(width=4, batchnorm=False), constraint="masked", constraint_keep_ratio=0.9
-        )
-    assert masked.constraint == Masked(0.9)
-    with pytest.warns(DeprecationWarning):
-        assert masked.constraint_keep_ratio == 0.9
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="Relative\\(factor=3"):
-        OODUnleash(ConvNet(width=4, batchnorm=False), constraint="masked", constraint_factor=3)
-    with warnings.catch_warnings():  # the default of the other recipe is harmless
-        warnings.simplefilter("ignore", DeprecationWarning)
-        assert (
-            OODUnleash(
-                ConvNet(width=4, batchnorm=False), constraint="masked", constraint_factor=2.0
-            ).constraint
-            == "masked"
-        )
-
-
-def test_fit_loss_constraint_is_a_deprecated_alias():
-    with pytest.warns(DeprecationWarning, match="constraint=ξ"):
-        unleashed = OODUnleash(ConvNet(width=4, batchnorm=False)).fit(
-            labelled_loader(32, size=6, signal=False), epochs=1, loss_constraint=0.2, progress=False
-        )
-    assert unleashed.loss_constraint_ == 0.2
-    new = OODUnleash(ConvNet(width=4, batchnorm=False), constraint=0.2).fit(
-        labelled_loader(32, size=6, signal=False), epochs=1, progress=False
-    )
-    assert new.loss_constraint_ == 0.2
 
 
 @pytest.mark.parametrize(

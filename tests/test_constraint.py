@@ -11,7 +11,7 @@ from torch import nn
 
 from oodunleash import OODUnleash
 from oodunleash.config import Masked
-from oodunleash.masking import LayerMasks, topk_mask
+from oodunleash.masks.layer_masks import LayerMasks, topk_mask
 from tests.helpers.toys import ConvNet, labelled_loader, state_copy
 
 

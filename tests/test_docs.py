@@ -26,12 +26,8 @@ DOCS = ROOT / "docs"
 
 #: Modules without a page in the API reference, and why.
 NOT_IN_API_REFERENCE = {
-    "oodunleash.batches": "internal helpers that read user loaders",
-    "oodunleash.benchmark": "deprecated alias of oodunleash.bench",
+    "oodunleash._version": "the version string, exported as oodunleash.__version__",
     "oodunleash.cli": "the command line, documented by `oodunleash --help`",
-    "oodunleash.datasets": "deprecated alias of oodunleash.bench.datasets",
-    "oodunleash.demo": "deprecated alias of oodunleash.bench.demo",
-    "oodunleash.models": "deprecated alias of oodunleash.bench.models",
 }
 
 #: Public methods and properties still without a docstring (their own or inherited). Owners:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import oodunleash
 from oodunleash import OODUnleash, list_scores, register_score
-from oodunleash.results import EvaluationResults
+from oodunleash.evaluation.results import EvaluationResults
 from oodunleash.scores import OODScore, ScoreNotFittedError, get_score, unregister_score
 
 GRADIENT_FREE = [s for s in list_scores() if "gradients" not in get_score(s).requires]

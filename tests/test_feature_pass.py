@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from oodunleash import OODUnleash
-from oodunleash import features as features_module
 from oodunleash.bench.models import SmallCNN
-from oodunleash.features import FeatureExtractor, collect_features
+from oodunleash.features import collect as features_module
+from oodunleash.features.collect import FeatureExtractor, collect_features
 from oodunleash.scores import KNN
 
 #: Tensor methods that read values back to the host (a device sync on a GPU).

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from oodunleash import features as features_module
-from oodunleash.features import FeatureExtractor, FeatureSet, collect_features
-from oodunleash.masking import LayerMasks
+from oodunleash.features import collect as features_module
+from oodunleash.features.collect import FeatureExtractor, FeatureSet, collect_features
+from oodunleash.masks.layer_masks import LayerMasks
 
 
 def cnn():

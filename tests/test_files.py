@@ -2,7 +2,7 @@ import pathlib
 
 import pytest
 
-from oodunleash._files import write_atomic
+from oodunleash.runtime.files import write_atomic
 
 
 def test_write_atomic_replaces_text_and_bytes(tmp_path):
@@ -35,7 +35,7 @@ def test_save_figure_writes_the_suffix_format_and_keeps_the_old_image_on_failure
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from oodunleash.results import save_figure
+    from oodunleash.evaluation.results import save_figure
 
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])

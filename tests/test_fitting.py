@@ -1,4 +1,4 @@
-"""fit's input checks (oodunleash.fitting): bad inputs are named before anything changes."""
+"""fit's input checks (oodunleash.finetune.fitting): bad inputs are named before anything changes."""
 
 from __future__ import annotations
 
@@ -18,19 +18,36 @@ def _generator_loader():
 
 
 BAD_FITS = [
-    ("max_grad_norm zero", {"max_grad_norm": 0}, ValueError, "max_grad_norm must be a positive"),
-    ("max_grad_norm negative", {"max_grad_norm": -1.0}, ValueError, "max_grad_norm"),
-    ("max_grad_norm nan", {"max_grad_norm": math.nan}, ValueError, "max_grad_norm"),
-    ("max_grad_norm text", {"max_grad_norm": "1"}, ValueError, "max_grad_norm"),
+    (
+        "max_grad_norm zero",
+        {"training": {"max_grad_norm": 0}},
+        ValueError,
+        "max_grad_norm must be a positive",
+    ),
+    ("max_grad_norm negative", {"training": {"max_grad_norm": -1.0}}, ValueError, "max_grad_norm"),
+    ("max_grad_norm nan", {"training": {"max_grad_norm": math.nan}}, ValueError, "max_grad_norm"),
+    ("max_grad_norm text", {"training": {"max_grad_norm": "1"}}, ValueError, "max_grad_norm"),
     ("generator loader", {"loader": "generator"}, TypeError, "one-shot iterator.*DataLoader"),
     ("iterator loader", {"loader": "iterator"}, TypeError, "one-shot iterator.*list"),
     ("not iterable", {"loader": 5}, TypeError, "loader must be an iterable"),
-    ("xi with control", {"loss_constraint": 0.2, "flooding": False}, ValueError, "no ξ"),
     ("resume without dir", {"resume": True}, ValueError, "checkpoint_dir"),
     ("outliers with dir", {"checkpoint_dir": "x", "outlier_loader": []}, ValueError, "outlier"),
-    ("train_norms for UM", {"train_norms": True}, ValueError, "train_norms applies to UMAP"),
+    (
+        "train_norms for UM",
+        {"training": {"train_norms": True}},
+        ValueError,
+        "train_norms applies to UMAP",
+    ),
     ("fully frozen UM", {"frozen": True}, ValueError, "fully frozen.*method='umap'"),
     ("bad lr", {"lr": "fast"}, TypeError, "lr must be a number"),
+    ("training not a dict", {"training": 0.1}, TypeError, "training must be a dict.*amp"),
+    (
+        "training typo",
+        {"training": {"weight_decy": 0.0}},
+        ValueError,
+        "Did you mean 'weight_decay'",
+    ),
+    ("lr in training", {"training": {"lr": 0.1}}, ValueError, "fit\\(loader, epochs, lr\\)"),
 ]
 
 

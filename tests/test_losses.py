@@ -1,4 +1,4 @@
-"""The fine-tune's objectives (oodunleash._losses): the flooding loss |CE − ξ| + ξ and its bound
+"""The fine-tune's objectives (oodunleash.finetune.losses): the flooding loss |CE − ξ| + ξ and its bound
 below chance, OE and Energy-OE."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from oodunleash import LossConstraintTooHighError, OODUnleash, flooding_loss
-from oodunleash.training import energy_oe_loss, oe_loss
+from oodunleash.finetune.loop import energy_oe_loss, oe_loss
 from tests.helpers.toys import ConvNet, labelled_loader, state_copy
 
 

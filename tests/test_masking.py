@@ -13,9 +13,11 @@ from timm.layers import StdConv2d
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from oodunleash import OODUnleash, _mask_ops, _thresholds
-from oodunleash._mask_ops import _kth_smallest
-from oodunleash.masking import LayerMasks, num_kept, select_layers, topk_mask
+from oodunleash import OODUnleash
+from oodunleash.masks import ops as _mask_ops
+from oodunleash.masks import thresholds as _thresholds
+from oodunleash.masks.layer_masks import LayerMasks, num_kept, select_layers, topk_mask
+from oodunleash.masks.ops import _kth_smallest
 from tests.helpers.toys import ConvNet
 
 

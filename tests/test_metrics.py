@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from oodunleash import metrics
-from oodunleash.metrics import (
+from oodunleash.evaluation import metrics
+from oodunleash.evaluation.metrics import (
     accuracy,
     aupr_in,
     aupr_out,

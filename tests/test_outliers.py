@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from oodunleash import OODUnleash, mean_cross_entropy
-from oodunleash.constraint import DEFAULT_CONSTRAINT_FACTOR
+from oodunleash.finetune.constraint import DEFAULT_CONSTRAINT_FACTOR
 
 
 def _digits():
@@ -58,10 +58,10 @@ def pretrained_digits():
 def test_outlier_exposure_separates_held_out_ood_better(pretrained_digits, outlier_loss):
     base, loader, outliers, test_x, held_out = pretrained_digits
     without, with_oe = copy.deepcopy(base), copy.deepcopy(base)
-    kwargs = {"epochs": 5, "lr": 0.05, "loss_constraint": 0.05, "progress": False}
-    OODUnleash(without, seed=1).fit(loader, **kwargs)
-    fitted = OODUnleash(with_oe, seed=1).fit(
-        loader, outlier_loader=outliers, outlier_loss=outlier_loss, **kwargs
+    kwargs = {"epochs": 5, "lr": 0.05, "progress": False}
+    OODUnleash(without, seed=1, constraint=0.05).fit(loader, **kwargs)
+    fitted = OODUnleash(with_oe, seed=1, constraint=0.05).fit(
+        loader, outlier_loader=outliers, **kwargs, training={"outlier_loss": outlier_loss}
     )
     assert "outlier_loss" in fitted.history_[0]
     assert fitted.train_config_.outlier_weight == (0.5 if outlier_loss == "oe" else 0.1)
@@ -76,7 +76,13 @@ def test_umap_with_outliers_and_constraint_on_id_only(pretrained_digits):
     # the default recipe, on ID data
     expected_xi = DEFAULT_CONSTRAINT_FACTOR * mean_cross_entropy(model, loader)
     unleashed = OODUnleash(model, method="umap", seed=4)
-    unleashed.fit(loader, epochs=1, outlier_loader=outliers, outlier_loss="energy", progress=False)
+    unleashed.fit(
+        loader,
+        epochs=1,
+        outlier_loader=outliers,
+        progress=False,
+        training={"outlier_loss": "energy"},
+    )
     # ξ comes from ID data alone: identical to the estimate without outliers
     assert unleashed.loss_constraint_ == pytest.approx(expected_xi)
     assert all(math.isfinite(h["outlier_loss"]) for h in unleashed.history_)
@@ -85,4 +91,4 @@ def test_umap_with_outliers_and_constraint_on_id_only(pretrained_digits):
 
 def test_bad_outlier_loss_name():
     with pytest.raises(ValueError, match="outlier_loss must be 'oe' or 'energy'"):
-        OODUnleash(_net()).fit([], outlier_loss="mixup", progress=False)
+        OODUnleash(_net()).fit([], progress=False, training={"outlier_loss": "mixup"})

@@ -1,4 +1,4 @@
-"""Proxy OOD sets built from validation images (oodunleash.proxy)."""
+"""Proxy OOD sets built from validation images (oodunleash.evaluation.proxy)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from oodunleash import proxy_ood
-from oodunleash.proxy import DEFAULT_FAMILIES, FAMILIES, proxy_images
+from oodunleash.evaluation.proxy import DEFAULT_FAMILIES, FAMILIES, proxy_images
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A fit saved each epoch resumes to the uninterrupted result (oodunleash.resume)."""
+"""A fit saved each epoch resumes to the uninterrupted result (oodunleash.finetune.resume)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from oodunleash import OODUnleash
 from oodunleash.config import Relative
-from oodunleash.resume import STATE_FILE, FitStateError
+from oodunleash.finetune.resume import STATE_FILE, FitStateError
 from tests.helpers.fits import Interrupt, assert_same, dataset, make_net, snapshot
 
 

@@ -1,5 +1,5 @@
 """A resume state belongs to one run: another model, other data or an edited file is refused
-before anything is loaded, and nothing on disk or in memory changes (oodunleash.resume)."""
+before anything is loaded, and nothing on disk or in memory changes (oodunleash.finetune.resume)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from oodunleash import OODUnleash
-from oodunleash.resume import STATE_FILE, FitStateError
+from oodunleash.finetune.resume import STATE_FILE, FitStateError
 from tests.helpers.fits import assert_same, dataset, make_net, snapshot
 from tests.helpers.toys import ConvNet
 

@@ -1,4 +1,4 @@
-"""fit is all or nothing (oodunleash.rollback): interrupted, diverged or refused, it leaves the
+"""fit is all or nothing (oodunleash.finetune.rollback): interrupted, diverged or refused, it leaves the
 model and the wrapper as they were."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from oodunleash import OODUnleash, TrainingDivergedError
 from oodunleash.config import Relative
-from oodunleash.evaluation import Evaluator
+from oodunleash.evaluation.evaluator import Evaluator
 from tests.helpers.fits import Interrupt, assert_same, dataset, make_net, snapshot, wrapper
 from tests.helpers.toys import ConvNet, labelled_loader, state_copy
 
@@ -111,7 +111,7 @@ def test_exploding_umap_is_refused_and_rolled_back():
 
 
 def test_rollback_copy_costs_the_models_parameters_and_buffers_once():
-    from oodunleash.rollback import RollbackCopy
+    from oodunleash.finetune.rollback import RollbackCopy
 
     net = make_net()
     net.tied = nn.Linear(6, 3)

@@ -15,7 +15,7 @@ from torch import nn
 
 import oodunleash
 from oodunleash import OODScore, get_score, register_score
-from oodunleash.features import FeatureSet, LinearHead
+from oodunleash.features.collect import FeatureSet, LinearHead
 from oodunleash.scores import REQUIREMENTS, ScoreNotFittedError, list_scores, unregister_score
 from oodunleash.scores.distance import kth_neighbour_similarity
 from tests.helpers.toys import sequential_cnn

@@ -71,7 +71,7 @@ def test_fit_leaves_the_callers_random_state_alone(method, score):
 def test_proxy_ood_refuses_nan_pixels():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from oodunleash.proxy import proxy_ood
+    from oodunleash.evaluation.proxy import proxy_ood
 
     images = torch.rand(16, 1, 8, 8)
     images[3, 0, 2, 2] = float("nan")
@@ -85,7 +85,7 @@ def test_proxy_ood_refuses_nan_pixels():
 
 @pytest.mark.parametrize("side", [1, 2, 3])
 def test_jigsaw_on_tiny_images_differs_or_is_refused(side):
-    from oodunleash.proxy import proxy_images
+    from oodunleash.evaluation.proxy import proxy_images
 
     images = torch.randn(16, 1, side, side, generator=torch.Generator().manual_seed(0))
     kept = images.clone()

@@ -1,4 +1,4 @@
-"""The training loop (oodunleash.training): the flooding step, UMAP's norm layers, deferred
+"""The training loop (oodunleash.finetune.loop): the flooding step, UMAP's norm layers, deferred
 divergence checks, no per-step host reads, compile, fast path."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodunleash import OODUnleash, _step
-from oodunleash.masking import LayerMasks
-from oodunleash.training import TrainConfig, TrainingDivergedError, train
+from oodunleash import OODUnleash
+from oodunleash.finetune import step as _step
+from oodunleash.finetune.loop import TrainConfig, TrainingDivergedError, train
+from oodunleash.masks.layer_masks import LayerMasks
 from tests.helpers.toys import ConvNet, labelled_loader, state_copy
 
 CPU = torch.device("cpu")
@@ -246,7 +247,7 @@ def test_compiled_umap_fit_matches_eager_in_one_graph():
         torch._dynamo.reset()
         counters.clear()
         unleashed = OODUnleash(copy.deepcopy(net), "umap", constraint=0.3)
-        unleashed.fit(data, epochs=2, compile=compiled, progress=False)
+        unleashed.fit(data, epochs=2, progress=False, training={"compile": compiled})
         runs[compiled] = unleashed
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1  # one graph, kept over all steps
@@ -299,7 +300,10 @@ def test_fit_passes_compile_and_channels_last_to_the_training_config():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
     data = [(torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
     unleashed = OODUnleash(net, constraint=0.3).fit(
-        data, epochs=1, compile={"backend": "eager"}, channels_last=True, progress=False
+        data,
+        epochs=1,
+        progress=False,
+        training={"compile": {"backend": "eager"}, "channels_last": True},
     )
     assert unleashed.train_config_.compile == {"backend": "eager"}
     assert unleashed.train_config_.channels_last is True
@@ -336,8 +340,6 @@ def test_flooding_false_is_the_plain_cross_entropy_control():
     for k, v in a.state_dict().items():
         assert torch.allclose(v, b.state_dict()[k], atol=1e-6)
     assert control.history_[-1]["ce"] == pytest.approx(tiny.history_[-1]["ce"], rel=1e-5)
-    with pytest.raises(ValueError, match="flooding=False"):
-        OODUnleash(a).fit(loader, loss_constraint=0.3, flooding=False, progress=False)
 
 
 # --------------------------------------------------------------------------- norm layers
@@ -345,7 +347,7 @@ def test_umap_train_norms_trains_only_the_norm_affine_and_the_scores():
     model = ConvNet(dropout=0.5)
     before = state_copy(model)
     unleashed = OODUnleash(model, method="umap", keep_ratio=0.75, exclude="fc", constraint=0.5)
-    unleashed.fit(labelled_loader(), epochs=2, train_norms=True)
+    unleashed.fit(labelled_loader(), epochs=2, training={"train_norms": True})
     after = state_copy(unleashed.export())
     assert not torch.equal(before["bn.weight"], after["bn.weight"])
     assert not torch.equal(before["bn.bias"], after["bn.bias"])
@@ -361,7 +363,7 @@ def test_umap_train_norms_leaves_norm_parameters_the_user_froze_frozen():
     model.bn.bias.requires_grad_(False)
     before = state_copy(model)
     unleashed = OODUnleash(model, method="umap", exclude="fc", constraint=0.5)
-    unleashed.fit(labelled_loader(), epochs=2, train_norms=True)
+    unleashed.fit(labelled_loader(), epochs=2, training={"train_norms": True})
     after = state_copy(unleashed.export())
     assert not torch.equal(before["bn.weight"], after["bn.weight"])
     assert torch.equal(before["bn.bias"], after["bn.bias"])
@@ -372,7 +374,7 @@ def test_umap_train_norms_leaves_norm_parameters_the_user_froze_frozen():
     refit = OODUnleash(frozen, method="umap", exclude="fc", constraint=0.5)
     assert not refit.fit(labelled_loader(), epochs=1).train_config_.train_norms
     with pytest.raises(ValueError, match="all 2 scale/shift.*requires_grad=False.*requires_grad_"):
-        refit.fit(labelled_loader(), epochs=1, train_norms=True)
+        refit.fit(labelled_loader(), epochs=1, training={"train_norms": True})
 
 
 def test_umap_defaults_one_threshold_keeping_90_percent_with_trainable_norms():
@@ -393,10 +395,12 @@ def test_umap_defaults_one_threshold_keeping_90_percent_with_trainable_norms():
 
 def test_train_norms_is_refused_where_it_has_no_meaning():
     with pytest.raises(ValueError, match="train_norms applies to UMAP.*method='umap'"):
-        OODUnleash(ConvNet(dropout=0.5), method="um").fit(labelled_loader(), train_norms=True)
+        OODUnleash(ConvNet(dropout=0.5), method="um").fit(
+            labelled_loader(), training={"train_norms": True}
+        )
     plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
     with pytest.raises(ValueError, match="no normalisation layer.*Drop train_norms"):
-        OODUnleash(plain, method="umap").fit(labelled_loader(), train_norms=True)
+        OODUnleash(plain, method="umap").fit(labelled_loader(), training={"train_norms": True})
 
 
 def test_umap_moves_norm_stats_unless_frozen():

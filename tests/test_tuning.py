@@ -104,7 +104,7 @@ def test_select_needs_the_unchanged_model():
 
 
 def test_candidate_names_and_score_variants():
-    assert parse_finetune("um").factor == oodunleash.constraint.DEFAULT_CONSTRAINT_FACTOR
+    assert parse_finetune("um").factor == oodunleash.finetune.constraint.DEFAULT_CONSTRAINT_FACTOR
     assert (parse_finetune("umap 2.5x").method, parse_finetune("umap 2.5x").factor) == ("umap", 2.5)
     with pytest.raises(ValueError, match="Unknown fine-tune 'sgd'"):
         parse_finetune("sgd")

@@ -66,7 +66,9 @@ def test_umap_freezes_weights_and_keeps_exact_fraction():
     model = ConvNet(dropout=0.5)
     before = state_copy(model)
     unleashed = OODUnleash(model, method="umap", keep_ratio=0.75, exclude="fc", constraint=0.5)
-    unleashed.fit(labelled_loader(), epochs=2, freeze_norm_stats=True, train_norms=False)
+    unleashed.fit(
+        labelled_loader(), epochs=2, training={"freeze_norm_stats": True, "train_norms": False}
+    )
     after = state_copy(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN stats
     assert all(p.requires_grad for p in model.parameters())  # restored after fit

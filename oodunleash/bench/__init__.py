@@ -14,8 +14,8 @@
 
 from __future__ import annotations
 
-from .demo import run_demo
-from .grid import (
+from oodunleash.bench.demo import run_demo
+from oodunleash.bench.grid import (
     FineTune,
     MaskedLoss,
     Setting,
@@ -23,9 +23,9 @@ from .grid import (
     UmapMask,
     default_grid,
 )
-from .models import SmallCNN, create_model
-from .report import select_configs, summarize
-from .run import RunRecord, run_benchmark, run_seed
+from oodunleash.bench.models import SmallCNN, create_model
+from oodunleash.bench.report import select_configs, summarize
+from oodunleash.bench.run import RunRecord, run_benchmark, run_seed
 
 __all__ = [
     "FineTune",

@@ -28,8 +28,8 @@ from typing import Literal
 
 from torch.utils.data import Dataset
 
-from .digits import DIGIT_CLASSES, DigitsID, DigitsOOD, digits_near_ood_split
-from .fashion_mnist import (
+from oodunleash.bench.digits import DIGIT_CLASSES, DigitsID, DigitsOOD, digits_near_ood_split
+from oodunleash.bench.fashion_mnist import (
     DEBIAN_FASHION_MNIST_DIR,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ENV,
@@ -41,8 +41,14 @@ from .fashion_mnist import (
     load_fashion_mnist,
     near_ood_split,
 )
-from .images import FASHION_MNIST_MEAN, FASHION_MNIST_STD, Sample
-from .synthetic import GLYPH_CHARACTERS, GLYPH_FONTS, GlyphsOOD, NoiseOOD, SamplePhotoCrops
+from oodunleash.bench.images import FASHION_MNIST_MEAN, FASHION_MNIST_STD, Sample
+from oodunleash.bench.synthetic import (
+    GLYPH_CHARACTERS,
+    GLYPH_FONTS,
+    GlyphsOOD,
+    NoiseOOD,
+    SamplePhotoCrops,
+)
 
 __all__ = [
     "DEBIAN_FASHION_MNIST_DIR",

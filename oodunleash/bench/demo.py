@@ -19,15 +19,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .._files import write_atomic
-from ..constraint import DEFAULT_CONSTRAINT_FACTOR, mean_cross_entropy
-from ..scores import list_scores
-from ..tuning import TuneResult, tune
-from ..wrapper import OODUnleash
-from .demo_report import before_after_table, comparison_table, write_plots
-from .models import SmallCNN
-from .protocol import TensorLoader, evaluate_model, load_benchmark_data, train_classifier
-from .run import save_checkpoint
+from oodunleash.bench.demo_report import before_after_table, comparison_table, write_plots
+from oodunleash.bench.models import SmallCNN
+from oodunleash.bench.protocol import (
+    TensorLoader,
+    evaluate_model,
+    load_benchmark_data,
+    train_classifier,
+)
+from oodunleash.bench.run import save_checkpoint
+from oodunleash.finetune.constraint import DEFAULT_CONSTRAINT_FACTOR, mean_cross_entropy
+from oodunleash.runtime.files import write_atomic
+from oodunleash.scores import list_scores
+from oodunleash.tuning import TuneResult, tune
+from oodunleash.wrapper import OODUnleash
 
 __all__ = ["DEMO_SCORES", "run_demo"]
 
@@ -48,7 +53,7 @@ QUICK_NOTE = (
 def _pick_dataset(dataset: str) -> str:
     if dataset != "auto":
         return dataset
-    from .fashion_mnist import fashion_mnist_available
+    from oodunleash.bench.fashion_mnist import fashion_mnist_available
 
     return "fashion-mnist" if fashion_mnist_available() else "digits"
 

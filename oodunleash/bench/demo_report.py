@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..results import save_figure
+from oodunleash.evaluation.results import save_figure
 
 __all__ = ["before_after_table", "comparison_table", "write_plots"]
 

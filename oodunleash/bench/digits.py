@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import images
-from .images import ImageTensorDataset
+from oodunleash.bench import images
+from oodunleash.bench.images import ImageTensorDataset
 
 __all__ = ["DIGIT_CLASSES", "DigitsID", "DigitsOOD", "digits_near_ood_split"]
 

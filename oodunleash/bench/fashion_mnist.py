@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .images import (
+from oodunleash.bench.images import (
     IMAGE_SIDE,
     ImageTensorDataset,
     check_classes,

@@ -17,10 +17,14 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from ..constraint import DEFAULT_CONSTRAINT_FACTOR, estimate_loss_constraint, mean_cross_entropy
-from ..masking import select_layers
-from ..wrapper import METHOD_DEFAULTS, OODUnleash
-from .protocol import TensorLoader
+from oodunleash.bench.protocol import TensorLoader
+from oodunleash.finetune.constraint import (
+    DEFAULT_CONSTRAINT_FACTOR,
+    estimate_loss_constraint,
+    mean_cross_entropy,
+)
+from oodunleash.masks.layer_masks import select_layers
+from oodunleash.wrapper import METHOD_DEFAULTS, OODUnleash
 
 __all__ = [
     "MASKED_RECIPES",
@@ -323,7 +327,7 @@ class FineTune:
                 "keep_ratio": r.mask.keep_ratio,
                 "mask_mode": r.mask.mode,
             }
-            fit_options["train_norms"] = r.mask.train_norms
+            fit_options["training"] = {"train_norms": r.mask.train_norms}
         if r.is_control:
             fit_options["flooding"] = False
         else:

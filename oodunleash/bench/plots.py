@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from ..results import save_figure
-from .grid import from_name
-from .report import rows_of, tradeoff
+from oodunleash.bench.comparisons import rows_of, tradeoff
+from oodunleash.bench.grid import from_name
+from oodunleash.evaluation.results import save_figure
 
 __all__ = ["plot_setting"]
 

@@ -9,7 +9,7 @@ classifier from scratch.
   classes 6-9, photo crops and noise generated with seed 1).
 * Scores and metrics are the library's (:meth:`OODUnleash.evaluate`), computed on the device
   the model lives on; training from scratch is the library's own loop
-  (:func:`oodunleash.training.train` without a loss constraint).
+  (:func:`oodunleash.finetune.loop.train` without a loss constraint).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..scores import get_score
-from ..training import TrainConfig, train
-from ..wrapper import OODUnleash
+from oodunleash.finetune.loop import TrainConfig, train
+from oodunleash.scores import get_score
+from oodunleash.wrapper import OODUnleash
 
 __all__ = [
     "ALL_SCORES",
@@ -119,7 +119,7 @@ def load_benchmark_data(
         ``{"train", "val", "test"}``: ``(images, labels)``; ``"val_ood"``, ``"test_ood"``:
         name → images; ``"num_classes"``, ``"dataset"``.
     """
-    from . import datasets as ds
+    from oodunleash.bench import datasets as ds
 
     ids = (0, 1, 2, 3, 4, 5)
     if dataset == "fashion-mnist":
@@ -280,7 +280,7 @@ def train_classifier(
     progress: bool = True,
     desc: str = "train",
 ) -> list[dict[str, Any]]:
-    """Train ``model`` from scratch with the library's loop (:func:`oodunleash.training.train`
+    """Train ``model`` from scratch with the library's loop (:func:`oodunleash.finetune.loop.train`
     with plain cross-entropy): SGD (momentum 0.9, Nesterov), cosine per step to zero.
 
     Args:

@@ -25,12 +25,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._files import write_atomic
-from ..scores import get_score
-from ..training import LossConstraintTooHighError
-from .grid import FineTune, Setting, default_grid, xi_candidates, xi_value
-from .models import create_model
-from .protocol import (
+from oodunleash.bench.grid import FineTune, Setting, default_grid, xi_candidates, xi_value
+from oodunleash.bench.models import create_model
+from oodunleash.bench.protocol import (
     ALL_SCORES,
     TensorLoader,
     evaluate_model,
@@ -39,6 +36,9 @@ from .protocol import (
     subsample,
     train_classifier,
 )
+from oodunleash.finetune.loop import LossConstraintTooHighError
+from oodunleash.runtime.files import write_atomic
+from oodunleash.scores import get_score
 
 __all__ = [
     "RunRecord",
@@ -408,7 +408,7 @@ def run_benchmark(
     """Run every (setting, seed), ``jobs`` at a time in separate processes (one process
     when ``jobs == 1``), then :func:`~oodunleash.bench.report.summarize`. Extra keyword
     arguments go to :func:`run_seed`."""
-    from .report import summarize
+    from oodunleash.bench.report import summarize
 
     started = time.perf_counter()
     kwargs.setdefault("grid", default_grid(quick))

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import IMAGE_SIDE, ImageTensorDataset, check_size
+from oodunleash.bench.images import IMAGE_SIDE, ImageTensorDataset, check_size
 
 __all__ = ["GLYPH_CHARACTERS", "GLYPH_FONTS", "GlyphsOOD", "NoiseOOD", "SamplePhotoCrops"]
 

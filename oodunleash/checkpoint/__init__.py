@@ -27,20 +27,20 @@ Example:
 import os
 from pathlib import Path  # noqa: F401 - the return type OODUnleash.save_pretrained names
 
-from . import format as _format
-from .errors import (
+from oodunleash.checkpoint import format as _format
+from oodunleash.checkpoint.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     HubError,
     IncompatibleCheckpointError,
 )
-from .format import *  # noqa: F403 - the layout's file names and version, as format.__all__ lists
-from .hub_io import download_checkpoint, push_checkpoint
-from .load import load_checkpoint
-from .save import save_checkpoint
-from .state import LoadedCheckpoint, WrapperState
-from .tensors import pack_bits, unpack_bits
+from oodunleash.checkpoint.format import *  # noqa: F403 - the layout's file names and version, as format.__all__ lists
+from oodunleash.checkpoint.hub_io import download_checkpoint, push_checkpoint
+from oodunleash.checkpoint.load import load_checkpoint
+from oodunleash.checkpoint.save import save_checkpoint
+from oodunleash.checkpoint.state import LoadedCheckpoint, WrapperState
+from oodunleash.checkpoint.tensors import pack_bits, unpack_bits
 
 #: A folder argument: a string or any path-like object.
 PathLike = str | os.PathLike

@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from .errors import CheckpointMismatchError, CorruptCheckpointError
-from .format import CONFIG_NAME
+from oodunleash.checkpoint.errors import CheckpointMismatchError, CorruptCheckpointError
+from oodunleash.checkpoint.format import CONFIG_NAME
 
 __all__ = ["check_config_fields", "check_model_outputs", "field_digests", "num_outputs"]
 

@@ -8,9 +8,9 @@ from typing import Any
 
 from torch import Tensor
 
-from .errors import CorruptCheckpointError, IncompatibleCheckpointError
-from .format import SCORES_NAME, check_json
-from .tensors import load_tensors, split_prefixed, tensors_for_saving
+from oodunleash.checkpoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from oodunleash.checkpoint.format import SCORES_NAME, check_json
+from oodunleash.checkpoint.tensors import load_tensors, split_prefixed, tensors_for_saving
 
 __all__ = ["restore_scores", "scores_for_saving"]
 
@@ -37,7 +37,7 @@ def scores_for_saving(scores: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
 
 def restore_scores(folder: Path, configs: dict[str, Any], where: str) -> dict[str, Any]:
     """The fitted scores, rebuilt by registry name (never by importing the recorded class)."""
-    from ..scores import get_score
+    from oodunleash.scores import get_score
 
     path = folder / SCORES_NAME
     grouped = split_prefixed(load_tensors(path), path) if path.is_file() else {}

@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptCheckpointError, IncompatibleCheckpointError
+from oodunleash.checkpoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 
 __all__ = [
     "CHECKPOINT_FILES",
@@ -56,7 +56,7 @@ TENSOR_FILES = (WEIGHTS_NAME, SCORES_NAME, MASKS_NAME)
 
 
 def package_version() -> str:
-    from .. import __version__  # read late: the package imports this module while loading
+    from oodunleash._version import __version__
 
     return __version__
 

@@ -14,9 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..distributed import is_main_process
-from .errors import CheckpointNotFoundError, add_note
-from .format import (
+from oodunleash.checkpoint.errors import CheckpointNotFoundError, add_note
+from oodunleash.checkpoint.format import (
     CHECKPOINT_FILES,
     CONFIG_NAME,
     MODEL_CARD_NAME,
@@ -25,12 +24,13 @@ from .format import (
     package_version,
     read_json,
 )
+from oodunleash.runtime.distributed import is_main_process
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
     from torch import nn
 
-    from .state import WrapperState
+    from oodunleash.checkpoint.state import WrapperState
 
 __all__ = ["download_checkpoint", "push_checkpoint"]
 
@@ -123,7 +123,7 @@ def push_checkpoint(
     """
     from huggingface_hub import HfApi
 
-    from .save import save_checkpoint
+    from oodunleash.checkpoint.save import save_checkpoint
 
     if not is_main_process():
         return None

@@ -11,13 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._modules import unwrap_compiled
-from ..masking import select_layers
-from .consistency import check_config_fields, check_model_outputs
-from .errors import CheckpointMismatchError, CheckpointNotFoundError, CorruptCheckpointError
-from .fitted_scores import restore_scores
-from .folder import interrupted_backup
-from .format import (
+from oodunleash.checkpoint.consistency import check_config_fields, check_model_outputs
+from oodunleash.checkpoint.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
+from oodunleash.checkpoint.fitted_scores import restore_scores
+from oodunleash.checkpoint.folder import interrupted_backup
+from oodunleash.checkpoint.format import (
     CONFIG_NAME,
     TIMM_CONFIG_NAME,
     WEIGHTS_NAME,
@@ -26,12 +28,19 @@ from .format import (
     read_json,
     sha256_file,
 )
-from .hub_io import download_checkpoint
-from .masks import restore_masks
-from .schema import upgrade_v1, validate_config
-from .state import LoadedCheckpoint, WrapperState, results_from_json, train_config_from_json
-from .tensors import load_model_state, load_tensors
-from .timm_config import build_timm_model
+from oodunleash.checkpoint.hub_io import download_checkpoint
+from oodunleash.checkpoint.masks import restore_masks
+from oodunleash.checkpoint.schema import upgrade_v1, validate_config
+from oodunleash.checkpoint.state import (
+    LoadedCheckpoint,
+    WrapperState,
+    results_from_json,
+    train_config_from_json,
+)
+from oodunleash.checkpoint.tensors import load_model_state, load_tensors
+from oodunleash.checkpoint.timm_config import build_timm_model
+from oodunleash.masks.layer_masks import select_layers
+from oodunleash.runtime.modules import unwrap_compiled
 
 __all__ = ["load_checkpoint"]
 

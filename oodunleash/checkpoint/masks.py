@@ -8,10 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..masking import LayerMasks, topk_mask, zero_fraction
-from .errors import CheckpointMismatchError, CorruptCheckpointError
-from .format import MASKS_NAME
-from .tensors import load_tensors, pack_bits, split_prefixed, tensors_for_saving, unpack_bits
+from oodunleash.checkpoint.errors import CheckpointMismatchError, CorruptCheckpointError
+from oodunleash.checkpoint.format import MASKS_NAME
+from oodunleash.checkpoint.tensors import (
+    load_tensors,
+    pack_bits,
+    split_prefixed,
+    tensors_for_saving,
+    unpack_bits,
+)
+from oodunleash.masks.layer_masks import LayerMasks, topk_mask, zero_fraction
 
 __all__ = ["baked_state_dict", "masks_for_saving", "plain_layer_name", "restore_masks"]
 

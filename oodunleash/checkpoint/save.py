@@ -10,24 +10,24 @@ from typing import Any
 
 from torch import nn
 
-from .._modules import unwrap_compiled
-from ..config import explicit_constraint
-from ..distributed import is_main_process
-from . import format as layout
-from .card import model_card as render_model_card
-from .consistency import field_digests
-from .fitted_scores import scores_for_saving
-from .folder import write_folder
-from .format import check_json, owned_files, sha256_bytes
-from .masks import baked_state_dict, masks_for_saving, plain_layer_name
-from .state import WrapperState
-from .tensors import safetensors_bytes
-from .timm_config import (
+from oodunleash.checkpoint import format as layout
+from oodunleash.checkpoint.card import model_card as render_model_card
+from oodunleash.checkpoint.consistency import field_digests
+from oodunleash.checkpoint.fitted_scores import scores_for_saving
+from oodunleash.checkpoint.folder import write_folder
+from oodunleash.checkpoint.format import check_json, owned_files, sha256_bytes
+from oodunleash.checkpoint.masks import baked_state_dict, masks_for_saving, plain_layer_name
+from oodunleash.checkpoint.state import WrapperState
+from oodunleash.checkpoint.tensors import safetensors_bytes
+from oodunleash.checkpoint.timm_config import (
     recorded_preprocessing,
     resolve_preprocessing,
     timm_architecture,
     timm_config_file,
 )
+from oodunleash.config import explicit_constraint
+from oodunleash.runtime.distributed import is_main_process
+from oodunleash.runtime.modules import unwrap_compiled
 
 __all__ = ["save_checkpoint"]
 

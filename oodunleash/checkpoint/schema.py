@@ -9,9 +9,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from ..config import UnleashConfig
-from .errors import CorruptCheckpointError
-from .format import CONFIG_NAME
+from oodunleash.checkpoint.errors import CorruptCheckpointError
+from oodunleash.checkpoint.format import CONFIG_NAME
+from oodunleash.config import UnleashConfig
 
 __all__ = ["upgrade_v1", "validate_config"]
 

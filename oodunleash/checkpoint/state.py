@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from ..masking import LayerMasks
-from ..training import TrainConfig
+from oodunleash.finetune.loop import TrainConfig
+from oodunleash.masks.layer_masks import LayerMasks
 
 __all__ = ["LoadedCheckpoint", "WrapperState"]
 
@@ -88,8 +88,8 @@ class LoadedCheckpoint:
 
     def refused_params(self, error: Exception) -> Exception:
         """The error to raise when the wrapper refuses the recorded ``params``."""
-        from .errors import CorruptCheckpointError
-        from .format import CONFIG_NAME
+        from oodunleash.checkpoint.errors import CorruptCheckpointError
+        from oodunleash.checkpoint.format import CONFIG_NAME
 
         return CorruptCheckpointError(
             f"{CONFIG_NAME} in {self.where}: field 'params' holds constructor arguments this "
@@ -115,7 +115,7 @@ def train_config_from_json(data: dict[str, Any] | None) -> TrainConfig | None:
 
 
 def results_from_json(data: dict[str, Any] | None) -> Any:
-    from ..results import EvaluationResults
+    from oodunleash.evaluation.results import EvaluationResults
 
     if data is None:
         return None

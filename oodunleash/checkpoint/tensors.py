@@ -12,8 +12,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from .._modules import unwrap_compiled
-from .errors import CheckpointMismatchError, CorruptCheckpointError
+from oodunleash.checkpoint.errors import CheckpointMismatchError, CorruptCheckpointError
+from oodunleash.runtime.modules import unwrap_compiled
 
 __all__ = ["load_model_state", "pack_bits", "unpack_bits"]
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from .errors import CorruptCheckpointError, IncompatibleCheckpointError
-from .format import TIMM_CONFIG_NAME, check_json, read_json
+from oodunleash.checkpoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from oodunleash.checkpoint.format import TIMM_CONFIG_NAME, check_json, read_json
 
 __all__ = ["PREPROCESSING_KEYS", "build_timm_model", "timm_architecture", "timm_config_file"]
 

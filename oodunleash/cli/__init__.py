@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from ._checks import check_arguments
-from ._errors import EXIT_USAGE, exit_code
+from oodunleash.cli._checks import check_arguments
+from oodunleash.cli._errors import EXIT_USAGE, exit_code
 
 __all__ = ["main"]
 
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ash_b...
         0
     """
-    from ._parser import build_parser
+    from oodunleash.cli._parser import build_parser
 
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse reports bad flags itself, with exit code 2

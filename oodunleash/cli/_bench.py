@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import _inputs
+from oodunleash.cli import _inputs
 
 __all__ = ["cmd_benchmark", "cmd_demo"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train a small CNN, tune it on validation data, compare tune's choice on test."""
-    from ..bench.demo import run_demo
+    from oodunleash.bench.demo import run_demo
 
     run_demo(
         args.out,
@@ -29,9 +29,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """The Fashion-MNIST benchmark (docs/benchmarks.md)."""
-    from ..bench.grid import parse_finetune
-    from ..bench.report import summarize
-    from ..bench.run import run_benchmark
+    from oodunleash.bench.grid import parse_finetune
+    from oodunleash.bench.report import summarize
+    from oodunleash.bench.run import run_benchmark
 
     if args.summarize_only:
         summarize(args.out)

@@ -8,7 +8,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ._errors import UsageError
+from oodunleash.cli._errors import UsageError
 
 __all__ = ["check_arguments"]
 

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ._errors import UsageError
+from oodunleash.cli._errors import UsageError
 
 __all__ = [
     "LooseImages",

@@ -29,7 +29,7 @@ def exit_code(error: BaseException) -> int:
         return EXIT_USAGE
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    from .. import HubError
+    from oodunleash import HubError
 
     # Checkpoint errors that describe the input (no such folder or repo, not a checkpoint, an
     # altered file, weights that do not fit) are bad input; the Hub's auth and connection

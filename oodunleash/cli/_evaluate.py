@@ -8,11 +8,11 @@ import io
 import sys
 from collections.abc import Sequence
 
-from .._files import write_atomic
-from ..scores import get_score, list_scores
-from ..wrapper import OODUnleash
-from . import _data, _inputs
-from ._errors import UsageError
+from oodunleash.cli import _data, _inputs
+from oodunleash.cli._errors import UsageError
+from oodunleash.runtime.files import write_atomic
+from oodunleash.scores import get_score, list_scores
+from oodunleash.wrapper import OODUnleash
 
 __all__ = ["cmd_evaluate", "cmd_list_scores", "cmd_score"]
 

@@ -9,10 +9,10 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from ..scores import OODScore, get_score
-from . import _data
-from ._errors import UsageError
-from ._models import ResolvedModel, resolve_model
+from oodunleash.cli import _data
+from oodunleash.cli._errors import UsageError
+from oodunleash.cli._models import ResolvedModel, resolve_model
+from oodunleash.scores import OODScore, get_score
 
 __all__ = ["check_score", "device", "labelled_loader", "load_model", "ood_loaders", "progress"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..wrapper import OODUnleash
-from ._errors import UsageError
+from oodunleash.cli._errors import UsageError
+from oodunleash.wrapper import OODUnleash
 
 __all__ = ["ResolvedModel", "read_state_dict", "resolve_model"]
 
@@ -138,7 +138,7 @@ def _timm_model(name: str, checkpoint: str | None, num_classes: int | None) -> n
 
 def _hub_model(repo_id: str) -> ResolvedModel:
     """An oodunleash checkpoint on the Hub, else a plain timm model repo."""
-    from .. import HubError
+    from oodunleash import HubError
 
     try:
         unleashed = OODUnleash.from_pretrained(repo_id)

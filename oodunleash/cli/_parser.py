@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DEFAULT_CONSTRAINT_FACTOR, UnleashConfig
-from . import _bench, _evaluate, _push, _train
-from ._data import parse_named_dir
-from ._errors import EXIT_CODES_HELP
+from oodunleash.cli import _bench, _evaluate, _push, _train
+from oodunleash.cli._data import parse_named_dir
+from oodunleash.cli._errors import EXIT_CODES_HELP
+from oodunleash.config import DEFAULT_CONSTRAINT_FACTOR, UnleashConfig
 
 __all__ = ["build_parser"]
 
@@ -263,7 +263,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``oodunleash`` parser; each sub-command sets ``handler(args) -> exit code``."""
-    from .. import __version__
+    from oodunleash._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="oodunleash",

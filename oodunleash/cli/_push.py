@@ -7,7 +7,7 @@ import importlib
 import json
 from pathlib import Path
 
-from ._errors import UsageError
+from oodunleash.cli._errors import UsageError
 
 __all__ = ["cmd_push"]
 
@@ -19,16 +19,8 @@ class PushError(RuntimeError):
 
 
 def _checkpoint_file_names() -> tuple[str, ...]:
-    """Every file name a checkpoint may hold, its config's first, bar the model card.
-
-    Read from ``oodunleash.checkpoint``, or from ``oodunleash.hub`` where that package does not
-    exist (yet)."""
-    try:
-        names = importlib.import_module("oodunleash.checkpoint")
-    except ModuleNotFoundError as exc:
-        if exc.name != "oodunleash.checkpoint":
-            raise
-        names = importlib.import_module("oodunleash.hub")
+    """Every file name a checkpoint may hold, its config's first, bar the model card."""
+    names = importlib.import_module("oodunleash.checkpoint")
     return tuple(
         getattr(names, constant)
         for constant in (

@@ -11,11 +11,11 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .._files import write_atomic
-from ..wrapper import OODUnleash
-from . import _data, _inputs
-from ._errors import UsageError
-from ._models import ResolvedModel
+from oodunleash.cli import _data, _inputs
+from oodunleash.cli._errors import UsageError
+from oodunleash.cli._models import ResolvedModel
+from oodunleash.runtime.files import write_atomic
+from oodunleash.wrapper import OODUnleash
 
 __all__ = ["cmd_fit", "cmd_tune", "save_checkpoint"]
 
@@ -48,8 +48,8 @@ def save_checkpoint(
 
 def _accuracy(unleashed: OODUnleash, loader: Iterable, progress: bool, desc: str) -> float:
     """Top-1 accuracy of the wrapped model (UMAP masks applied) on a labelled loader."""
-    from ..features import collect_features
-    from ..metrics import accuracy
+    from oodunleash.evaluation.metrics import accuracy
+    from oodunleash.features import collect_features
 
     model = unleashed.model
     was_training = model.training
@@ -124,9 +124,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         train_loader,
         epochs=args.epochs,
         lr=args.lr,
-        amp=args.amp,
         device=_inputs.device(args.device),
         progress=show,
+        training={"amp": args.amp},
     )
     print(_summary(unleashed, time.perf_counter() - start))
     if val_loader is not None:
@@ -152,7 +152,7 @@ def _tune_function() -> Callable[..., Any]:
 
 
 def _save_best(result: Any, args: argparse.Namespace, classes: list[str], config: dict) -> None:
-    from ..wrapper import NotFittedError
+    from oodunleash.wrapper import NotFittedError
 
     try:
         folder = save_checkpoint(result.best, args.out, class_names=classes, preprocessing=config)

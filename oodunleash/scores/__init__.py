@@ -16,17 +16,17 @@ Built in (one module per family):
 Example:
     >>> import torch
     >>> from oodunleash.scores import get_score, list_scores
-    >>> from oodunleash.features import FeatureSet
+    >>> from oodunleash.features.collect import FeatureSet
     >>> len(list_scores()) >= 15
     True
     >>> get_score("energy").score(FeatureSet(logits=torch.zeros(2, 4)))
     tensor([1.3863, 1.3863])
 """
 
-from ..features import FeatureSet, LinearHead
-from . import activation, distance, gradient, logits, subspace
-from .activation import ASHB, ASHP, ASHS, DICE, ReAct
-from .base import (
+from oodunleash.features.collect import FeatureSet, LinearHead
+from oodunleash.scores import activation, distance, gradient, logits, subspace
+from oodunleash.scores.activation import ASHB, ASHP, ASHS, DICE, ReAct
+from oodunleash.scores.base import (
     REQUIREMENTS,
     OODScore,
     ScoreNotFittedError,
@@ -36,10 +36,10 @@ from .base import (
     resolve_score,
     unregister_score,
 )
-from .distance import KNN, SHE, Mahalanobis, RelativeMahalanobis
-from .gradient import ODIN, GradNorm
-from .logits import GEN, MSP, Energy, Entropy, MaxLogit
-from .subspace import Residual, ViM
+from oodunleash.scores.distance import KNN, SHE, Mahalanobis, RelativeMahalanobis
+from oodunleash.scores.gradient import ODIN, GradNorm
+from oodunleash.scores.logits import GEN, MSP, Energy, Entropy, MaxLogit
+from oodunleash.scores.subspace import Residual, ViM
 
 __all__ = [
     "ASHB",

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..features import FeatureSet
-from .base import OODScore, register_score
-from .logits import energy
+from oodunleash.features.collect import FeatureSet
+from oodunleash.scores.base import OODScore, register_score
+from oodunleash.scores.logits import energy
 
 __all__ = ["ASHB", "ASHP", "ASHS", "DICE", "ReAct", "ash_b", "ash_p", "ash_s", "percentile"]
 

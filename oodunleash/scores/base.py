@@ -2,7 +2,7 @@
 
 Convention used by every score in this package: **higher = more in-distribution**. A score is
 a small object that says what it needs from the model (``requires``), optionally learns
-something from ID training data (``fit``) and maps a :class:`~oodunleash.features.FeatureSet`
+something from ID training data (``fit``) and maps a :class:`~oodunleash.features.collect.FeatureSet`
 to one value per sample (``score``).
 """
 
@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-from ..features import FeatureSet
+from oodunleash.features.feature_set import FeatureSet, check_score_output
 
 __all__ = [
     "REQUIREMENTS",
@@ -59,7 +59,7 @@ class OODScore:
 
     Example:
         >>> import torch
-        >>> from oodunleash.features import FeatureSet
+        >>> from oodunleash.features.feature_set import FeatureSet, check_score_output
         >>> class NegMinLogit(OODScore):
         ...     name = "neg_min_logit"
         ...     requires = frozenset({"logits"})
@@ -203,7 +203,7 @@ def register_score(
 
     Example:
         >>> import torch
-        >>> from oodunleash.features import FeatureSet
+        >>> from oodunleash.features.feature_set import FeatureSet, check_score_output
         >>> @register_score(name="neg_logit_std", requires={"logits"}, overwrite=True)
         ... def neg_logit_std(data):
         ...     return -data.logits.std(dim=1)
@@ -390,23 +390,3 @@ def _labelled_specs(scores: Any) -> list[tuple[str | None, Any]]:
     if not pairs:
         raise ValueError("scores is empty: name at least one score (see list_scores()).")
     return pairs
-
-
-def check_score_output(name: str, out: Any, n: int, *, to_cpu: bool = True) -> Tensor:
-    """A score's output for ``n`` samples as a detached float32 tensor, on the CPU unless
-    ``to_cpu=False`` (a pass that keeps per-batch scores on the device until its end); a
-    ``ValueError`` naming the score unless it is a 1-D tensor of ``n`` values.
-
-    Example:
-        >>> check_score_output("mine", torch.zeros(2, 1), 2)
-        Traceback (most recent call last):
-        ...
-        ValueError: Score 'mine' must return a 1-D tensor with one value per sample (2), got (2, 1).
-    """
-    if not isinstance(out, Tensor) or out.shape != (n,):
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"Score {name!r} must return a 1-D tensor with one value per sample ({n}), got {got}."
-        )
-    out = out.detach().float()
-    return out.cpu() if to_cpu else out

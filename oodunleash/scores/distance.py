@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..features import FeatureSet
-from .base import OODScore, register_score
+from oodunleash.features.collect import FeatureSet
+from oodunleash.scores.base import OODScore, register_score
 
 __all__ = [
     "KNN",

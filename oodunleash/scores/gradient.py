@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..features import FeatureSet
-from .base import OODScore, positive_option, register_score
+from oodunleash.features.collect import FeatureSet
+from oodunleash.scores.base import OODScore, positive_option, register_score
 
 __all__ = ["ODIN", "GradNorm"]
 

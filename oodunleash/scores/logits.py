@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..features import FeatureSet
-from .base import OODScore, positive_option, register_score
+from oodunleash.features.collect import FeatureSet
+from oodunleash.scores.base import OODScore, positive_option, register_score
 
 __all__ = ["GEN", "MSP", "Energy", "Entropy", "MaxLogit", "energy"]
 

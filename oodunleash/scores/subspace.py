@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..features import FeatureSet
-from .base import OODScore, register_score
-from .logits import energy
+from oodunleash.features.collect import FeatureSet
+from oodunleash.scores.base import OODScore, register_score
+from oodunleash.scores.logits import energy
 
 __all__ = ["Residual", "ViM", "default_principal_dim"]
 

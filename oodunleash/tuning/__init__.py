@@ -4,12 +4,18 @@
 * :mod:`~oodunleash.tuning.result`: the selection rule and :class:`TuneResult`;
 * :mod:`~oodunleash.tuning.search`: :func:`tune` itself.
 
-Proxy OOD sets for validation without OOD data are in :mod:`oodunleash.proxy`.
+Proxy OOD sets for validation without OOD data are in :mod:`oodunleash.evaluation.proxy`.
 """
 
-from .candidates import DEFAULT_FINETUNES, SCORE_GRID, CandidateSpec, parse_finetune, score_variants
-from .result import CandidateResult, TuneResult, select
-from .search import tune
+from oodunleash.tuning.candidates import (
+    DEFAULT_FINETUNES,
+    SCORE_GRID,
+    CandidateSpec,
+    parse_finetune,
+    score_variants,
+)
+from oodunleash.tuning.result import CandidateResult, TuneResult, select
+from oodunleash.tuning.search import tune
 
 __all__ = [
     "DEFAULT_FINETUNES",

@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 from torch import nn
 
-from ..config import Relative
-from ..constraint import DEFAULT_CONSTRAINT_FACTOR
-from ..scores import OODScore, get_score, list_scores
-from ..wrapper import METHOD_DEFAULTS, OODUnleash
+from oodunleash.config import Relative
+from oodunleash.finetune.constraint import DEFAULT_CONSTRAINT_FACTOR
+from oodunleash.scores import OODScore, get_score, list_scores
+from oodunleash.wrapper import METHOD_DEFAULTS, OODUnleash
 
 __all__ = [
     "DEFAULT_FINETUNES",

@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..results import save_figure
-from ..wrapper import OODUnleash
+from oodunleash.evaluation.results import save_figure
+from oodunleash.wrapper import OODUnleash
 
 __all__ = ["CandidateResult", "TuneResult", "select"]
 

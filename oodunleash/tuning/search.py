@@ -11,15 +11,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..constraint import mean_cross_entropy
-from ..distributed import any_rank, is_main_process
-from ..proxy import proxy_ood
-from ..results import EvaluationResults
-from ..scores import OODScore
-from ..training import LossConstraintTooHighError, TrainingDivergedError
-from ..wrapper import METHOD_DEFAULTS, OODUnleash
-from .candidates import CandidateSpec, candidate_specs, estimated_seconds, finetune, score_variants
-from .result import CandidateResult, TuneResult, metrics_in_percent, select
+from oodunleash.evaluation.proxy import proxy_ood
+from oodunleash.evaluation.results import EvaluationResults
+from oodunleash.finetune.constraint import mean_cross_entropy
+from oodunleash.finetune.loop import LossConstraintTooHighError, TrainingDivergedError
+from oodunleash.runtime.distributed import any_rank, is_main_process
+from oodunleash.scores import OODScore
+from oodunleash.tuning.candidates import (
+    CandidateSpec,
+    candidate_specs,
+    estimated_seconds,
+    finetune,
+    score_variants,
+)
+from oodunleash.tuning.result import CandidateResult, TuneResult, metrics_in_percent, select
+from oodunleash.wrapper import METHOD_DEFAULTS, OODUnleash
 
 __all__ = ["split_failures", "tune"]
 

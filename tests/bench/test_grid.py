@@ -23,7 +23,7 @@ from oodunleash.bench.grid import (
 )
 from oodunleash.bench.models import create_model
 from oodunleash.bench.protocol import TensorLoader, load_benchmark_data, train_classifier
-from oodunleash.constraint import DEFAULT_CONSTRAINT_FACTOR, mean_cross_entropy
+from oodunleash.finetune.constraint import DEFAULT_CONSTRAINT_FACTOR, mean_cross_entropy
 from oodunleash.wrapper import METHOD_DEFAULTS
 
 X3 = TrainLossMultiple(3)

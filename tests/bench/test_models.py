@@ -48,7 +48,7 @@ def test_small_cnn_works_with_umap():
     net = SmallCNN(num_classes=3, width=4)
     data = [(torch.randn(8, 1, 28, 28), torch.randint(0, 3, (8,))) for _ in range(2)]
     unleashed = OODUnleash(net, method="umap", constraint=0.5).fit(
-        data, epochs=1, schedule="constant", progress=False
+        data, epochs=1, progress=False, training={"schedule": "constant"}
     )
     # The UMAP default keeps 90% of the masked weights, under one threshold for the model.
     assert unleashed.sparsity() == pytest.approx(0.1, abs=0.01)

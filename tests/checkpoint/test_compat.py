@@ -41,24 +41,6 @@ def test_v0_1_umap_checkpoint_keeps_its_mask(tmp_path):
     assert loaded.class_names == ["a", "b", "c"]
 
 
-def test_old_hub_module_names_still_resolve_with_a_warning():
-    import oodunleash.checkpoint as checkpoint
-    import oodunleash.hub as hub
-
-    for name in ("CorruptCheckpointError", "CONFIG_NAME", "HubError", "pack_bits"):
-        with pytest.warns(DeprecationWarning, match=f"import {name} from oodunleash.checkpoint"):
-            assert getattr(hub, name) is getattr(checkpoint, name)
-    for name in ("HubAuthError", "HubConnectionError"):
-        with pytest.warns(DeprecationWarning, match="no longer raised"):
-            assert issubclass(getattr(hub, name), checkpoint.HubError)
-    with pytest.raises(AttributeError, match="OODUnleash has save_pretrained"):
-        hub.HubMixin  # noqa: B018
-    import oodunleash
-
-    assert oodunleash.HubError is checkpoint.HubError
-    assert issubclass(checkpoint.CorruptCheckpointError, oodunleash.HubError)
-
-
 def test_the_constraint_recipe_is_recorded_with_its_factor(tmp_path):
     """A checkpoint names the ξ recipe's factor, so it keeps its meaning if the default
     changes (release 0.1 wrote "relative" and meant 3x; see ``UnleashConfig.from_legacy``)."""

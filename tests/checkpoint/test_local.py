@@ -291,7 +291,7 @@ def test_model_card(timm_um, tmp_path):
 
 def test_custom_registered_score_round_trips(tmp_path, images):
     """A user's own stateful score is stored by registry name + config + tensors, never code."""
-    from oodunleash.features import FeatureSet
+    from oodunleash.features.collect import FeatureSet
     from oodunleash.scores import OODScore, register_score, unregister_score
 
     class CenterDistance(OODScore):
