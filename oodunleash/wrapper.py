@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, fitting
+from . import checkpoint, decision, fitting
 from ._modules import model_device, unwrap_compiled
 from .config import (
     METHOD_DEFAULTS,
@@ -31,7 +31,12 @@ from .rollback import RollbackCopy
 from .scores import resolve_score
 from .training import TrainingDivergedError
 
-__all__ = ["METHOD_DEFAULTS", "NotFittedError", "OODUnleash"]
+__all__ = ["METHOD_DEFAULTS", "NotCalibratedError", "NotFittedError", "OODUnleash"]
+
+NotCalibratedError = decision.NotCalibratedError
+
+#: save_pretrained's arguments that describe the preprocessing.
+_PREPROCESSING_ARGS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -89,6 +94,12 @@ class OODUnleash:
         fitted_scores_: ``{name: OODScore}`` filled by :meth:`fit_scores` (reset by ``fit``).
         last_results_: The :class:`~oodunleash.results.EvaluationResults` of the last
             :meth:`evaluate` call, or ``None``.
+        calibration_: After :meth:`calibrate`: the :class:`~oodunleash.decision.Calibration`
+            (the default score on held-out ID images) that :meth:`predict` reads, else
+            ``None`` (reset by ``fit``).
+        preprocessing: The data config the model was trained with (``input_size``, ``mean``,
+            ``std``, ``interpolation``, ``crop_pct``), or ``None``: how image files and PIL
+            images are turned into tensors, and what :meth:`save_pretrained` records.
 
     Example:
         >>> import torch
@@ -134,6 +145,8 @@ class OODUnleash:
         plain = unwrap_compiled(model)  # names without torch.compile's `_orig_mod.` prefix
         self.layer_names: list[str] = list(select_layers(plain, layers, exclude))
         self.masks_: LayerMasks | None = None
+        self.calibration_: decision.Calibration | None = None
+        self._preprocessing: dict[str, Any] | None = None
 
     # What scoring reads lives on the evaluator; the wrapper's names are views of it, settable.
     default_score = evaluator_attribute(
@@ -371,6 +384,7 @@ class OODUnleash:
             self.history_ = history
             self.train_config_ = config
             self._evaluator.reset()  # fitted detectors describe the old features
+            self.calibration_ = None  # and so does a calibration
             if resolve_score(self.default_score).needs_fit:  # KNN's bank: one more pass
                 self._evaluator.fit_scores(loader, [self.default_score], progress=progress)
         except TrainingDivergedError as exc:
@@ -422,14 +436,82 @@ class OODUnleash:
     ) -> OODUnleash:
         """Fit detectors on ID training data in one pass of the model; store them in
         ``fitted_scores_``; return ``self``. ``options`` (``max_batches``, ``progress``): see
-        :meth:`oodunleash.evaluation.Evaluator.fit_scores`."""
+        :meth:`oodunleash.evaluation.Evaluator.fit_scores`. Refitting the default score
+        drops the calibration, which described the old one."""
+        calibrated = self.calibration_ and self.fitted_scores_.get(self.calibration_.score)
         self._evaluator.fit_scores(loader, scores, **options)
+        if (
+            calibrated is not None
+            and self.fitted_scores_.get(self.calibration_.score) is not calibrated
+        ):
+            self.calibration_ = None
         return self
 
-    def score(self, x: Tensor, score: ScoreSpec | None = None) -> Tensor:
+    def score(
+        self,
+        x: decision.ImageInput,
+        score: ScoreSpec | None = None,
+        *,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> Tensor:
         """OOD score of each image in ``x``: a 1-D tensor, higher = more in-distribution.
-        See :meth:`oodunleash.evaluation.Evaluator.score`."""
-        return self._evaluator.score(x, score)
+
+        ``x``: a preprocessed 4-D batch or 3-D image (scores come back on its device), or,
+        scored in batches of ``batch_size`` (scores on the CPU): a path or a list of paths, a
+        PIL image or a list of them (preprocessed as :attr:`preprocessing` says), or a
+        ``DataLoader`` / iterable of batches. See
+        :meth:`oodunleash.evaluation.Evaluator.score`."""
+        if isinstance(x, Tensor) and x.dim() in (3, 4):
+            return self._evaluator.score(x if x.dim() == 4 else x.unsqueeze(0), score)
+        return decision.score_inputs(self, x, score, batch_size=batch_size, progress=progress)
+
+    @property
+    def preprocessing(self) -> dict[str, Any] | None:
+        """The recorded data config (see the class's attributes); settable with any timm data
+        config (``timm.data.resolve_model_data_config(model)``), ``None`` to forget it."""
+        return None if self._preprocessing is None else dict(self._preprocessing)
+
+    @preprocessing.setter
+    def preprocessing(self, value: Mapping[str, Any] | None) -> None:
+        from .checkpoint.timm_config import resolve_preprocessing
+
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"preprocessing must be a dict (a timm data config), got {value!r}.")
+        self._preprocessing = None if value is None else resolve_preprocessing({}, value)
+
+    @property
+    def calibration_scores_(self) -> Tensor:
+        """The calibration scores (ascending), after :meth:`calibrate`."""
+        return decision.calibration.check_calibration(self).scores
+
+    def calibrate(
+        self, loader: decision.ImageInput, *, alpha: float | None = None, **options: Any
+    ) -> OODUnleash:
+        """Score held-out ID images with the default score and keep the values
+        (``calibration_``, saved with the checkpoint) for :meth:`predict`; return ``self``.
+
+        The images must not have been used to fit the model or its scores, nor to choose them:
+        the guarantee needs them exchangeable with the ID images ``predict`` will see. ``alpha``
+        checks now that there are enough of them (at least ``1/alpha - 1``). ``options``:
+        ``batch_size``, ``progress``. ``loader``: any input :meth:`score` takes."""
+        self.calibration_ = decision.calibrate(self, loader, alpha=alpha, **options)
+        return self
+
+    def predict(
+        self, x: decision.ImageInput, alpha: float = 0.05, *, fdr: bool = False, **options: Any
+    ) -> decision.Prediction:
+        """Classify ``x`` and decide in or out for each image: a
+        :class:`~oodunleash.decision.Prediction` (``labels``, ``scores``, ``p_values``,
+        ``is_ood``).
+
+        ``is_ood`` is ``p <= alpha``, so that on ID images at most a share ``alpha`` is
+        flagged (conformal guarantee, over calibration sets; nothing is promised about OOD
+        images). ``fdr=True`` flags by Benjamini-Hochberg over the batch instead: among the
+        flagged images, the expected share of ID ones is at most ``alpha``. Needs
+        :meth:`calibrate`. ``x``: any input :meth:`score` takes; ``options``: ``batch_size``,
+        ``progress``."""
+        return decision.predict(self, x, alpha=alpha, fdr=fdr, **options)
 
     def evaluate(
         self,
@@ -448,18 +530,33 @@ class OODUnleash:
     def _checkpoint_state(self, what: str, options: dict[str, Any]) -> checkpoint.WrapperState:
         if not self.is_fitted and not self.fitted_scores_:
             self._check_fitted(f"{what} (or fit_scores() for a post-hoc-only checkpoint)")
+        given = [k for k in (*_PREPROCESSING_ARGS, "data_config") if options.get(k) is not None]
+        if not given and self._preprocessing:  # what the wrapper knows is recorded unasked
+            options["data_config"] = self._preprocessing
         return checkpoint.WrapperState.of(self, class_names=options.pop("class_names", None))
+
+    def _remember_preprocessing(self, options: dict[str, Any]) -> None:
+        """After a save: the preprocessing it was given is the model's from now on."""
+        from .checkpoint.timm_config import resolve_preprocessing
+
+        explicit = {k: options.get(k) for k in _PREPROCESSING_ARGS}
+        recorded = resolve_preprocessing(explicit, options.get("data_config"))
+        if recorded:
+            self._preprocessing = recorded
 
     def save_pretrained(
         self, save_directory: checkpoint.PathLike, **options: Any
     ) -> checkpoint.Path:
-        """Write the checkpoint (weights, ξ, masks, fitted scores, results) to a folder,
-        atomically, for a fitted or a post-hoc-only (``fit_scores``) wrapper; returns the
-        folder. ``options``: see :func:`oodunleash.checkpoint.save_checkpoint` (the
-        preprocessing ``input_size``/``mean``/``std``, ``class_names``, ``overwrite``, ...).
+        """Write the checkpoint (weights, ξ, masks, fitted scores, calibration, results) to a
+        folder, atomically, for a fitted or a post-hoc-only (``fit_scores``) wrapper; returns
+        the folder. ``options``: see :func:`oodunleash.checkpoint.save_checkpoint` (the
+        preprocessing ``input_size``/``mean``/``std``, default :attr:`preprocessing`;
+        ``class_names``, ``overwrite``, ...).
         """
         state = self._checkpoint_state("save_pretrained()", options)
-        return checkpoint.save_checkpoint(save_directory, self.model, state, **options)
+        folder = checkpoint.save_checkpoint(save_directory, self.model, state, **options)
+        self._remember_preprocessing(options)
+        return folder
 
     @classmethod
     def from_pretrained(
@@ -485,4 +582,6 @@ class OODUnleash:
         ``huggingface_hub`` ``CommitInfo`` (``None`` on ranks other than 0 under torchrun).
         ``options``: see :func:`oodunleash.checkpoint.push_checkpoint`."""
         state = self._checkpoint_state("push_to_hub()", options)
-        return checkpoint.push_checkpoint(repo_id, self.model, state, **options)
+        info = checkpoint.push_checkpoint(repo_id, self.model, state, **options)
+        self._remember_preprocessing(options)
+        return info

@@ -13,6 +13,7 @@ from torch import nn
 
 from .._modules import unwrap_compiled
 from ..masking import select_layers
+from .calibration import restore_calibration
 from .errors import CheckpointMismatchError, CheckpointNotFoundError, CorruptCheckpointError
 from .fitted_scores import restore_scores
 from .folder import interrupted_backup
@@ -199,6 +200,8 @@ def load_checkpoint(
         fitted_scores=restore_scores(folder, config["scores"], where),
         results=results_from_json(config["results"]),
         class_names=config["class_names"],
+        preprocessing=config.get("preprocessing") or None,
+        calibration=restore_calibration(folder, config.get("calibration"), where),
     )
     model.eval()
     return LoadedCheckpoint(model=model, state=state, config=config, where=where)
