@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import sys
 from collections.abc import Sequence
 
-from .._files import write_atomic
 from ..scores import get_score, list_scores
 from ..wrapper import OODUnleash
 from . import _data, _inputs
@@ -69,17 +67,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_and_fit_scores(
+    unleashed: OODUnleash, names: Sequence, transform, args: argparse.Namespace, flag: str
+) -> None:
+    """Fit from ``--fit-dir`` the scores in ``names`` that learn and are not fitted yet."""
+    _fit_scores(unleashed, _check_scores(unleashed, names, args.fit_dir, flag), transform, args)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
-    """Per-image OOD scores (higher = more in-distribution) as CSV: ``path,score``."""
+    """Per-image OOD scores (higher = more in-distribution) as CSV: ``path,score``; with
+    ``--alpha``, ``path,label,score,p_value,is_ood``."""
     from tqdm.auto import tqdm
+
+    from ._calibrate import calibrate_from_dir, decision_csv, write_or_print
 
     resolved, _, transform = _inputs.load_model(args)
     unleashed = resolved.wrapper()
     name = args.score or unleashed.default_score
-    _fit_scores(
-        unleashed, _check_scores(unleashed, [name], args.fit_dir, "--score"), transform, args
-    )
+    check_and_fit_scores(unleashed, [name], transform, args, "--score")
     images = _data.loose_images(args.inputs, transform, "IMAGE_OR_DIR")
+    if args.calib_dir and args.alpha is None:
+        raise UsageError("--calib-dir calibrates for --alpha: pass --alpha too (e.g. 0.05).")
+    if args.alpha is not None:
+        unleashed.default_score = name
+        if args.calib_dir:
+            calibrate_from_dir(unleashed, args, transform, args.alpha)
+        text, flagged = decision_csv(unleashed, images, args)
+        write_or_print(text, args.out, f"{flagged} of {len(images)} images flagged OOD: {args.out}")
+        return 0
     rows = []
     position = 0
     batches = _data.loader(images, args.batch_size, args.workers)
@@ -92,18 +107,27 @@ def cmd_score(args: argparse.Namespace) -> int:
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["path", "score"])
     writer.writerows((path, f"{value:.8g}") for path, value in rows)
-    if args.out:
-        write_atomic(args.out, text.getvalue())
-        print(f"Scores of {len(rows)} images ({name}): {args.out}", file=sys.stderr)
-    else:
-        sys.stdout.write(text.getvalue())
+    write_or_print(text.getvalue(), args.out, f"Scores of {len(rows)} images ({name}): {args.out}")
     return 0
 
 
+#: How list-scores names what a score reads (oodunleash.scores.REQUIREMENTS).
+_READS = {
+    "features": "penultimate features",
+    "feature_maps": "pre-pool feature maps",
+    "gradients": "input gradients",
+    "head": "head weights",
+    "labels": "training labels",
+}
+
+
 def cmd_list_scores(args: argparse.Namespace) -> int:
-    """Every registered score, and whether it learns from ID training data (``--fit-dir``)."""
+    """Every registered score, what it reads from the model, and whether it learns from ID
+    training data (``--fit-dir``)."""
     del args
     for name in list_scores():
-        fit = "needs --fit-dir" if get_score(name).needs_fit else ""
-        print(f"{name:<22}{fit}".rstrip())
+        score = get_score(name)
+        reads = ", ".join(_READS.get(r, r) for r in sorted(score.requires)) or "nothing"
+        fit = "; needs --fit-dir" if score.needs_fit else ""
+        print(f"{name:<22}reads {reads}{fit}")
     return 0

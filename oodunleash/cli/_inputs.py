@@ -10,7 +10,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from ..scores import OODScore, get_score
-from . import _data
+from . import _data, _preprocessing
 from ._errors import UsageError
 from ._models import ResolvedModel, resolve_model
 
@@ -56,9 +56,27 @@ def load_model(
     )
     resolved.model.to(device(args.device))
     config = _data.preprocessing(
-        resolved.model, img_size=args.img_size, mean=args.mean, std=args.std, crop_pct=args.crop_pct
+        resolved.model,
+        img_size=args.img_size,
+        mean=args.mean,
+        std=args.std,
+        crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
     )
+    _preprocessing.announce(config, _preprocessing_source(resolved, args))
     return resolved, config, _data.image_transform(config)
+
+
+def _preprocessing_source(resolved: ResolvedModel, args: argparse.Namespace) -> str:
+    """Where the preprocessing came from, for the line the commands print."""
+    recorded = resolved.unleashed is not None and resolved.unleashed.preprocessing
+    base = "recorded in the checkpoint" if recorded else "timm's defaults for the architecture"
+    flags = [
+        f"--{name.replace('_', '-')}"
+        for name in ("img_size", "mean", "std", "crop_pct", "interpolation")
+        if getattr(args, name) is not None
+    ]
+    return base + (f", overridden by {' '.join(flags)}" if flags else "")
 
 
 def labelled_loader(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from .._files import write_atomic
 from ..wrapper import OODUnleash
-from . import _data, _inputs
+from . import _data, _inputs, _preprocessing
 from ._errors import UsageError
 from ._models import ResolvedModel
 
@@ -46,7 +47,13 @@ def save_checkpoint(
     return unleashed.save_pretrained(out, class_names=class_names)
 
 
-def _accuracy(unleashed: OODUnleash, loader: Iterable, progress: bool, desc: str) -> float:
+def _accuracy(
+    unleashed: OODUnleash,
+    loader: Iterable,
+    progress: bool,
+    desc: str,
+    max_batches: int | None = None,
+) -> float:
     """Top-1 accuracy of the wrapped model (UMAP masks applied) on a labelled loader."""
     from ..features import collect_features
     from ..metrics import accuracy
@@ -62,6 +69,7 @@ def _accuracy(unleashed: OODUnleash, loader: Iterable, progress: bool, desc: str
             need_labels=True,
             progress=progress,
             desc=desc,
+            max_batches=max_batches,
         )
     finally:
         model.train(was_training)
@@ -98,6 +106,41 @@ def _summary(unleashed: OODUnleash, seconds: float) -> str:
     )
 
 
+def _has_weights(resolved: ResolvedModel, args: argparse.Namespace) -> bool:
+    """Whether MODEL came with trained weights (a random timm model is at chance anyway)."""
+    return bool(args.checkpoint) or resolved.unleashed is not None or "hf-hub:" in resolved.source
+
+
+def _check_recognised(
+    unleashed: OODUnleash, loader: Iterable, classes: int, config: Mapping[str, Any], show: bool
+) -> None:
+    """Warn when trained weights score near chance on their own training images: the usual
+    cause is a preprocessing unlike training's. A few shuffled batches are enough to tell."""
+    accuracy = _accuracy(unleashed, loader, show, "train accuracy", max_batches=8)
+    if _preprocessing.near_chance(accuracy, classes):
+        print(
+            f"warning: the model's accuracy on --train-dir is {100 * accuracy:.1f}%, near chance "
+            f"({100 / classes:.1f}% for {classes} classes). {_preprocessing.mismatch_hint(config)}",
+            file=sys.stderr,
+        )
+
+
+def _fit(unleashed: OODUnleash, loader: Iterable, args: argparse.Namespace, config: Any) -> None:
+    from .._losses import LossConstraintTooHighError
+
+    try:
+        unleashed.fit(
+            loader,
+            epochs=args.epochs,
+            lr=args.lr,
+            amp=args.amp,
+            device=_inputs.device(args.device),
+            progress=_inputs.progress(args),
+        )
+    except LossConstraintTooHighError as exc:
+        raise UsageError(f"{exc} {_preprocessing.mismatch_hint(config)}") from None
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fine-tune MODEL with UM or UMAP on ``--train-dir``."""
     train, val = _training_data(args)
@@ -118,16 +161,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:  # a flag out of range, e.g. --keep-ratio
         raise UsageError(str(exc)) from None
+    if _has_weights(resolved, args):
+        _check_recognised(unleashed, train_loader, len(train.classes), config, show)
     before = _accuracy(unleashed, val_loader, show, "val before") if val_loader else None
     start = time.perf_counter()
-    unleashed.fit(
-        train_loader,
-        epochs=args.epochs,
-        lr=args.lr,
-        amp=args.amp,
-        device=_inputs.device(args.device),
-        progress=show,
-    )
+    _fit(unleashed, train_loader, args, config)
     print(_summary(unleashed, time.perf_counter() - start))
     if val_loader is not None:
         after = _accuracy(unleashed, val_loader, show, "val after")
