@@ -194,7 +194,14 @@ def calibrate(
     progress: bool = True,
 ) -> Calibration:
     """The default score on held-out ID images, as a :class:`Calibration`; ``alpha`` (when
-    given) is checked against their number at once."""
+    given) is checked against their number at once.
+
+    A fitted score's state is first put in the form a checkpoint stores it (KNN: a float16
+    bank of at most ``max_saved`` rows), so a saved and reloaded wrapper scores, and decides,
+    exactly as this one."""
+    _, fitted = _default_score(unleashed)
+    if fitted.needs_fit and fitted.state_keys:
+        fitted.load_state_dict(fitted.state_dict())
     label, instance, scores, _ = _score_all(
         unleashed, loader, None, batch_size, progress, "calibrate"
     )
