@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import sys
 from collections.abc import Sequence
 
 from ..scores import get_score, list_scores
@@ -81,7 +82,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from ._calibrate import calibrate_from_dir, decision_csv, write_or_print
 
-    resolved, _, transform = _inputs.load_model(args)
+    resolved, config, transform = _inputs.load_model(args, announce=False)
     unleashed = resolved.wrapper()
     name = args.score or unleashed.default_score
     check_and_fit_scores(unleashed, [name], transform, args, "--score")
@@ -107,6 +108,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["path", "score"])
     writer.writerows((path, f"{value:.8g}") for path, value in rows)
+    print(_inputs.preprocessing_line(resolved, config, args), file=sys.stderr)
     write_or_print(text.getvalue(), args.out, f"Scores of {len(rows)} images ({name}): {args.out}")
     return 0
 

@@ -46,9 +46,12 @@ def progress(args: argparse.Namespace) -> bool:
 
 
 def load_model(
-    args: argparse.Namespace, num_classes: int | None = None
+    args: argparse.Namespace, num_classes: int | None = None, *, announce: bool = True
 ) -> tuple[ResolvedModel, dict[str, Any], Callable]:
-    """MODEL on ``--device``, its timm data config with the flags' overrides, and the transform."""
+    """MODEL on ``--device``, its timm data config with the flags' overrides, and the
+    transform. ``announce`` prints the preprocessing on stdout (``score``, whose stdout may be
+    a CSV, prints :func:`preprocessing_line` on stderr once done, so a failure stays one line
+    there)."""
     resolved = resolve_model(
         args.model,
         checkpoint=args.checkpoint,
@@ -63,8 +66,16 @@ def load_model(
         crop_pct=args.crop_pct,
         interpolation=args.interpolation,
     )
-    _preprocessing.announce(config, _preprocessing_source(resolved, args))
+    if announce:
+        print(preprocessing_line(resolved, config, args))
     return resolved, config, _data.image_transform(config)
+
+
+def preprocessing_line(
+    resolved: ResolvedModel, config: dict[str, Any], args: argparse.Namespace
+) -> str:
+    """What the images go through, and where those settings came from."""
+    return _preprocessing.describe(config, _preprocessing_source(resolved, args))
 
 
 def _preprocessing_source(resolved: ResolvedModel, args: argparse.Namespace) -> str:

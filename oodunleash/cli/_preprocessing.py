@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,11 +82,6 @@ def describe(config: Mapping[str, Any], source: str) -> str:
         f"{resize} px ({config['interpolation']}, crop_pct {crop_pct:g}), {crop}; "
         f"mean {_numbers(config['mean'])}, std {_numbers(config['std'])}"
     )
-
-
-def announce(config: Mapping[str, Any], source: str) -> None:
-    """Print :func:`describe` on stderr (stdout may be a CSV)."""
-    print(describe(config, source), file=sys.stderr)
 
 
 def near_chance(accuracy: float, classes: int) -> bool:

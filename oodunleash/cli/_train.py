@@ -137,8 +137,8 @@ def _fit(unleashed: OODUnleash, loader: Iterable, args: argparse.Namespace, conf
             device=_inputs.device(args.device),
             progress=_inputs.progress(args),
         )
-    except LossConstraintTooHighError as exc:
-        raise UsageError(f"{exc} {_preprocessing.mismatch_hint(config)}") from None
+    except LossConstraintTooHighError as exc:  # a runtime failure still (exit code 1)
+        raise LossConstraintTooHighError(f"{exc} {_preprocessing.mismatch_hint(config)}") from None
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
