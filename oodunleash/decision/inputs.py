@@ -138,6 +138,12 @@ def as_batches(x: ImageInput, transform: Callable[[], Callable], batch_size: int
         return Batches([_tensor_batch(x)], 1)
     if _is_path(x) or _is_pil(x):
         return Batches(_images([x], transform, 1), 1)
+    if hasattr(x, "__array__") and hasattr(x, "shape"):  # numpy: its rows are not batches
+        raise TypeError(
+            f"x must be a tensor batch of images, got {type(x).__name__}: convert it with "
+            "torch.from_numpy(x) (preprocessed, channels first), or pass image files or PIL "
+            "images."
+        )
     if isinstance(x, list | tuple):
         if not x:
             raise ValueError("No images: the list is empty.")

@@ -118,6 +118,8 @@ def test_bad_inputs_are_named(unleashed, files):
         unleashed.score(torch.randn(8, 8))
     with pytest.raises(ValueError, match="Cannot read the image"):
         unleashed.score(files[0].parent / "missing.png")
+    with pytest.raises(TypeError, match="tensor batch of images, got ndarray.*from_numpy"):
+        unleashed.score(np.zeros((2, 3, 8, 8), dtype=np.float32))
     with pytest.raises(ValueError, match="empty"):
         unleashed.score([])
     with pytest.raises(TypeError, match="preprocessing must be a dict"):
