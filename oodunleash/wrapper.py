@@ -35,9 +35,6 @@ __all__ = ["METHOD_DEFAULTS", "NotCalibratedError", "NotFittedError", "OODUnleas
 
 NotCalibratedError = decision.NotCalibratedError
 
-#: save_pretrained's arguments that describe the preprocessing.
-_PREPROCESSING_ARGS = ("input_size", "mean", "std", "interpolation", "crop_pct")
-
 
 class NotFittedError(ValueError, AttributeError):
     """Raised when a fitted attribute or method is used before :meth:`OODUnleash.fit`."""
@@ -466,19 +463,7 @@ class OODUnleash:
             return self._evaluator.score(x if x.dim() == 4 else x.unsqueeze(0), score)
         return decision.score_inputs(self, x, score, batch_size=batch_size, progress=progress)
 
-    @property
-    def preprocessing(self) -> dict[str, Any] | None:
-        """The recorded data config (see the class's attributes); settable with any timm data
-        config (``timm.data.resolve_model_data_config(model)``), ``None`` to forget it."""
-        return None if self._preprocessing is None else dict(self._preprocessing)
-
-    @preprocessing.setter
-    def preprocessing(self, value: Mapping[str, Any] | None) -> None:
-        from .checkpoint.timm_config import resolve_preprocessing
-
-        if value is not None and not isinstance(value, Mapping):
-            raise TypeError(f"preprocessing must be a dict (a timm data config), got {value!r}.")
-        self._preprocessing = None if value is None else resolve_preprocessing({}, value)
+    preprocessing = decision.preprocessing_attribute()
 
     @property
     def calibration_scores_(self) -> Tensor:
@@ -530,19 +515,8 @@ class OODUnleash:
     def _checkpoint_state(self, what: str, options: dict[str, Any]) -> checkpoint.WrapperState:
         if not self.is_fitted and not self.fitted_scores_:
             self._check_fitted(f"{what} (or fit_scores() for a post-hoc-only checkpoint)")
-        given = [k for k in (*_PREPROCESSING_ARGS, "data_config") if options.get(k) is not None]
-        if not given and self._preprocessing:  # what the wrapper knows is recorded unasked
-            options["data_config"] = self._preprocessing
+        decision.record_known_preprocessing(self, options)  # recorded unasked
         return checkpoint.WrapperState.of(self, class_names=options.pop("class_names", None))
-
-    def _remember_preprocessing(self, options: dict[str, Any]) -> None:
-        """After a save: the preprocessing it was given is the model's from now on."""
-        from .checkpoint.timm_config import resolve_preprocessing
-
-        explicit = {k: options.get(k) for k in _PREPROCESSING_ARGS}
-        recorded = resolve_preprocessing(explicit, options.get("data_config"))
-        if recorded:
-            self._preprocessing = recorded
 
     def save_pretrained(
         self, save_directory: checkpoint.PathLike, **options: Any
@@ -555,7 +529,7 @@ class OODUnleash:
         """
         state = self._checkpoint_state("save_pretrained()", options)
         folder = checkpoint.save_checkpoint(save_directory, self.model, state, **options)
-        self._remember_preprocessing(options)
+        decision.remember_preprocessing(self, options)
         return folder
 
     @classmethod
@@ -583,5 +557,5 @@ class OODUnleash:
         ``options``: see :func:`oodunleash.checkpoint.push_checkpoint`."""
         state = self._checkpoint_state("push_to_hub()", options)
         info = checkpoint.push_checkpoint(repo_id, self.model, state, **options)
-        self._remember_preprocessing(options)
+        decision.remember_preprocessing(self, options)
         return info

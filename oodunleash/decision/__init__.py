@@ -31,7 +31,15 @@ from .conformal import (
     conformal_threshold,
     min_calibration_size,
 )
-from .inputs import ImageInput, as_batches, image_transform, read_image
+from .inputs import (
+    ImageInput,
+    as_batches,
+    image_transform,
+    preprocessing_attribute,
+    read_image,
+    record_known_preprocessing,
+    remember_preprocessing,
+)
 
 __all__ = [
     "Calibration",
@@ -47,6 +55,9 @@ __all__ = [
     "image_transform",
     "min_calibration_size",
     "predict",
+    "preprocessing_attribute",
     "read_image",
+    "record_known_preprocessing",
+    "remember_preprocessing",
     "score_inputs",
 ]

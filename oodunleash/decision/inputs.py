@@ -16,7 +16,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Batches", "ImageInput", "as_batches", "image_transform", "read_image"]
+__all__ = [
+    "Batches",
+    "ImageInput",
+    "as_batches",
+    "image_transform",
+    "preprocessing_attribute",
+    "read_image",
+    "record_known_preprocessing",
+    "remember_preprocessing",
+]
+
+#: ``save_pretrained``'s arguments that describe the preprocessing.
+PREPROCESSING_ARGS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 
 #: What :meth:`~oodunleash.OODUnleash.score` and :meth:`~oodunleash.OODUnleash.predict` take.
 ImageInput = Any
@@ -64,6 +76,47 @@ def image_transform(preprocessing: Mapping[str, Any]) -> Callable[[Any], Tensor]
 
     apply.channels = channels  # type: ignore[attr-defined] - paths are read in this mode
     return apply
+
+
+def preprocessing_attribute() -> property:
+    """The wrapper's ``preprocessing``: a timm data config (only its preprocessing entries are
+    kept, checked) stored as ``_preprocessing``, or ``None``."""
+
+    def get(owner: Any) -> dict[str, Any] | None:
+        value = owner._preprocessing
+        return None if value is None else dict(value)
+
+    def set_(owner: Any, value: Mapping[str, Any] | None) -> None:
+        from ..checkpoint.timm_config import resolve_preprocessing
+
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"preprocessing must be a dict (a timm data config), got {value!r}.")
+        owner._preprocessing = None if value is None else resolve_preprocessing({}, value)
+
+    doc = (
+        "The data config the model was trained with (``input_size``, ``mean``, ``std``, "
+        "``interpolation``, ``crop_pct``), or ``None``: how image files and PIL images become "
+        "tensors, and what ``save_pretrained`` records. Settable with any timm data config "
+        "(``timm.data.resolve_model_data_config(model)``)."
+    )
+    return property(get, set_, doc=doc)
+
+
+def record_known_preprocessing(owner: Any, options: dict[str, Any]) -> None:
+    """Save options without preprocessing get the one ``owner`` knows."""
+    given = [k for k in (*PREPROCESSING_ARGS, "data_config") if options.get(k) is not None]
+    if not given and owner._preprocessing:
+        options["data_config"] = owner._preprocessing
+
+
+def remember_preprocessing(owner: Any, options: Mapping[str, Any]) -> None:
+    """After a save: the preprocessing it was given is the model's from now on."""
+    from ..checkpoint.timm_config import resolve_preprocessing
+
+    explicit = {k: options.get(k) for k in PREPROCESSING_ARGS}
+    recorded = resolve_preprocessing(explicit, options.get("data_config"))
+    if recorded:
+        owner._preprocessing = recorded
 
 
 @dataclass
