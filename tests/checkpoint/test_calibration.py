@@ -40,6 +40,7 @@ def test_round_trip_flags_the_same_images(tmp_path):
     assert torch.equal(before.scores, after.scores)
     assert torch.equal(before.p_values, after.p_values)
 
+
 def test_energy_round_trip_is_exact_and_timm_keeps_its_preprocessing(tmp_path):
     unleashed = timm_um(["energy"])
     unleashed.calibrate(loader(n=40, seed=5), progress=False)
