@@ -87,8 +87,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     name = args.score or unleashed.default_score
     check_and_fit_scores(unleashed, [name], transform, args, "--score")
     images = _data.loose_images(args.inputs, transform, "IMAGE_OR_DIR")
-    if args.calib_dir and args.alpha is None:
-        raise UsageError("--calib-dir calibrates for --alpha: pass --alpha too (e.g. 0.05).")
+    for flag, given in (("--calib-dir", args.calib_dir), ("--fdr", args.fdr)):
+        if given and args.alpha is None:
+            raise UsageError(f"{flag} goes with --alpha: pass --alpha too (e.g. 0.05).")
     if args.alpha is not None:
         unleashed.default_score = name
         if args.calib_dir:

@@ -203,8 +203,9 @@ def _add_scoring(sub: argparse._SubParsersAction, parents: list) -> None:
 
 
 _FDR_HELP = (
-    "with --alpha: flag by Benjamini-Hochberg over all the images scored, so that at most a "
-    "share A of the flagged ones are ID (false-discovery rate) instead of A of the ID images"
+    "with --alpha: flag by Benjamini-Hochberg over all the images scored, so that the expected "
+    "share of ID images among the flagged ones is at most A (false-discovery rate), instead of "
+    "A of the ID images"
 )
 
 

@@ -74,6 +74,10 @@ def test_score_alpha_refuses_without_calibration_or_with_too_few(checkpoint, dat
         capsys,
     )  # fmt: skip
     assert code == 2 and "at least 99 calibration images" in err
+    code, _, err = run(
+        ["score", *model_args(str(checkpoint)), str(data / "ood_loose"), "--fdr"], capsys
+    )
+    assert code == 2 and "--fdr goes with --alpha" in err
 
 
 def test_commands_print_the_preprocessing_and_take_interpolation(checkpoint, data, capsys):
