@@ -128,7 +128,7 @@ def _transform_of(unleashed: Any) -> Callable[[], Callable]:
     def make() -> Callable:
         preprocessing = getattr(unleashed, "preprocessing", None)
         if not preprocessing:
-            raise ValueError(NO_PREPROCESSING.format(what=""))
+            raise ValueError(NO_PREPROCESSING)
         return image_transform(preprocessing)
 
     return make

@@ -36,10 +36,10 @@ ImageInput = Any
 NO_PREPROCESSING = (
     "This wrapper has no recorded preprocessing, so it cannot turn image files or PIL images "
     "into tensors. Give it the data config the model was trained with, e.g. "
-    "unleashed.preprocessing = {{'input_size': (3, 32, 32), 'mean': (0.5,), 'std': (0.5,), "
-    "'interpolation': 'bilinear', 'crop_pct': 1.0}} (or timm.data.resolve_model_data_config("
+    "unleashed.preprocessing = {'input_size': (3, 32, 32), 'mean': (0.5,), 'std': (0.5,), "
+    "'interpolation': 'bilinear', 'crop_pct': 1.0} (or timm.data.resolve_model_data_config("
     "model) for a timm model kept at its pretrained preprocessing), or pass preprocessed "
-    "tensors. {what}"
+    "tensors."
 )
 
 
