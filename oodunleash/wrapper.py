@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from oodunleash import checkpoint
+from oodunleash import checkpoint, decision
 from oodunleash.config import (
     METHOD_DEFAULTS,
     ConstraintSpec,
@@ -19,6 +19,7 @@ from oodunleash.config import (
     UnleashConfig,
     check_constraint,
 )
+from oodunleash.decision.methods import Decisions
 from oodunleash.evaluation.evaluator import Evaluator, ScoreSpec, ScoreSpecs, evaluator_attribute
 from oodunleash.evaluation.results import EvaluationResults
 from oodunleash.features.collect import FeatureExtractor
@@ -36,14 +37,16 @@ from oodunleash.runtime.distributed import is_main_process
 from oodunleash.runtime.modules import model_device, unwrap_compiled
 from oodunleash.scores import resolve_score
 
-__all__ = ["METHOD_DEFAULTS", "NotFittedError", "OODUnleash"]
+__all__ = ["METHOD_DEFAULTS", "NotCalibratedError", "NotFittedError", "OODUnleash"]
+
+NotCalibratedError = decision.NotCalibratedError
 
 
 class NotFittedError(ValueError, AttributeError):
     """Raised when a fitted attribute or method is used before :meth:`OODUnleash.fit`."""
 
 
-class OODUnleash:
+class OODUnleash(Decisions):
     """Unleashing Mask for any image classifier.
 
     Args:
@@ -92,6 +95,12 @@ class OODUnleash:
         fitted_scores_: ``{name: OODScore}`` filled by :meth:`fit_scores` (reset by ``fit``).
         last_results_: The :class:`~oodunleash.evaluation.results.EvaluationResults` of the last
             :meth:`evaluate` call, or ``None``.
+        calibration_: After :meth:`calibrate`: the :class:`~oodunleash.decision.Calibration`
+            (the default score on held-out ID images) that :meth:`predict` reads, else
+            ``None`` (reset by ``fit``).
+        preprocessing: The data config the model was trained with (``input_size``, ``mean``,
+            ``std``, ``interpolation``, ``crop_pct``), or ``None``: how image files and PIL
+            images are turned into tensors, and what :meth:`save_pretrained` records.
 
     Example:
         >>> import torch
@@ -141,6 +150,8 @@ class OODUnleash:
                 raise
             self.layer_names = []
         self.masks_: LayerMasks | None = None
+        self.calibration_: decision.Calibration | None = None
+        self._preprocessing: dict[str, Any] | None = None
 
     # What scoring reads lives on the evaluator; the wrapper's names are views of it, settable.
     default_score = evaluator_attribute(
@@ -271,29 +282,11 @@ class OODUnleash:
             flooding: ``False`` runs the same fine-tune with plain cross-entropy and no ξ
                 (``loss_constraint_`` is then ``None``): the control that a UM/UMAP result
                 should be compared with, since a gain the control also gets is not UM's.
-            training: How the fine-tune trains, as a dict of
-                :class:`~oodunleash.finetune.options.TrainConfig` options (every one optional,
-                defaults below), e.g. ``{"amp": True, "weight_decay": 0.0}``:
-
-                - ``optimizer``: ``"sgd"`` (momentum 0.9, Nesterov), ``"adam"``, ``"adamw"``
-                  or a callable ``params -> Optimizer``; ``momentum``; ``weight_decay``
-                  (default 5e-4); ``schedule``: ``"cosine"`` (per step, to zero),
-                  ``"constant"`` or a callable ``(optimizer, total_steps) -> scheduler``;
-                  ``max_grad_norm``: clip gradients to this norm.
-                - ``amp``: mixed precision (float16 on CUDA, bfloat16 on CPU); ``compile``:
-                  ``torch.compile`` the training step (``True``, or a dict of its arguments;
-                  the result matches eager within float tolerance); ``channels_last``.
-                - ``freeze_norm_stats``: keep BatchNorm running statistics fixed (UMAP
-                  otherwise moves them although the weights are frozen); ``train_norms``:
-                  UMAP also trains the scale and shift of the normalisation layers with the
-                  scores (default: on when there are any; ones you froze stay frozen; the
-                  reference freezes every weight, ``False``; UM trains them anyway, so it
-                  refuses ``True``).
-                - ``outlier_loss``: ``"oe"`` (weight 0.5) or ``"energy"`` (Energy-OE, margins
-                  −25/−7, weight 0.1), default ``"oe"`` with an ``outlier_loader``;
-                  ``outlier_weight``: the weight of the outlier term.
-                - ``check_every``, ``divergence_factor``: how often and how the loss is
-                  checked for divergence.
+            training: How the fine-tune trains: a dict of
+                :class:`~oodunleash.finetune.options.TrainConfig` options (``optimizer``,
+                ``weight_decay``, ``schedule``, ``amp``, ``compile``, ``train_norms``,
+                ``outlier_loss``, ...; each optional, with its default there), e.g.
+                ``{"amp": True, "weight_decay": 0.0}``.
             outlier_loader: Auxiliary outliers for outlier exposure (labels ignored).
             device: Move the model there first (default: where it is).
             progress: Show tqdm progress bars and a one-line summary at the end.
@@ -333,18 +326,9 @@ class OODUnleash:
             True
         """
         fitting.check_materialised(self.model)
-        options = fitting.training_options(training)
-        norm_params = fitting.trained_norm_parameters(
-            self.model, self.method, options.pop("train_norms", None)
+        config, norm_params = fitting.fit_config(
+            self.model, self.method, epochs, lr, training, loader, outlier_loader
         )
-        if options.get("outlier_loss") is None and outlier_loader is not None:
-            options["outlier_loss"] = "oe"
-        config = fitting.train_config(
-            self.method, epochs=epochs, lr=lr, train_norms=bool(norm_params), **options
-        )
-        fitting.check_reiterable(loader, "loader")
-        if outlier_loader is not None:
-            fitting.check_reiterable(outlier_loader, "outlier_loader")
         saved = fitting.saved_fit_state(checkpoint_dir, resume, outlier_loader)
         started = time.perf_counter()
         rollback = RollbackCopy(self.model, owners=(self, self._evaluator))
@@ -364,6 +348,7 @@ class OODUnleash:
             self.history_ = history
             self.train_config_ = config
             self._evaluator.reset()  # fitted detectors describe the old features
+            self.calibration_ = None  # and so does a calibration
             if resolve_score(self.default_score).needs_fit:  # KNN's bank: one more pass
                 with torch.random.fork_rng(devices=[]):  # iterating a loader draws a seed
                     self._evaluator.fit_scores(loader, [self.default_score], progress=progress)
@@ -416,14 +401,35 @@ class OODUnleash:
     ) -> OODUnleash:
         """Fit detectors on ID training data in one pass of the model; store them in
         ``fitted_scores_``; return ``self``. ``options`` (``max_batches``, ``progress``): see
-        :meth:`oodunleash.evaluation.evaluator.Evaluator.fit_scores`."""
+        :meth:`oodunleash.evaluation.evaluator.Evaluator.fit_scores`. Refitting the default score
+        drops the calibration, which described the old one."""
+        calibrated = self.calibration_ and self.fitted_scores_.get(self.calibration_.score)
         self._evaluator.fit_scores(loader, scores, **options)
+        if (
+            calibrated is not None
+            and self.fitted_scores_.get(self.calibration_.score) is not calibrated
+        ):
+            self.calibration_ = None
         return self
 
-    def score(self, x: Tensor, score: ScoreSpec | None = None) -> Tensor:
+    def score(
+        self,
+        x: decision.ImageInput,
+        score: ScoreSpec | None = None,
+        *,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> Tensor:
         """OOD score of each image in ``x``: a 1-D tensor, higher = more in-distribution.
-        See :meth:`oodunleash.evaluation.evaluator.Evaluator.score`."""
-        return self._evaluator.score(x, score)
+
+        ``x``: a preprocessed 4-D batch or 3-D image (scores come back on its device), or,
+        scored in batches of ``batch_size`` (scores on the CPU): a path or a list of paths, a
+        PIL image or a list of them (preprocessed as :attr:`preprocessing` says), or a
+        ``DataLoader`` / iterable of batches. See
+        :meth:`oodunleash.evaluation.evaluator.Evaluator.score`."""
+        if isinstance(x, Tensor) and x.dim() in (3, 4):
+            return self._evaluator.score(x if x.dim() == 4 else x.unsqueeze(0), score)
+        return decision.score_inputs(self, x, score, batch_size=batch_size, progress=progress)
 
     def evaluate(
         self,
@@ -442,18 +448,22 @@ class OODUnleash:
     def _checkpoint_state(self, what: str, options: dict[str, Any]) -> checkpoint.WrapperState:
         if not self.is_fitted and not self.fitted_scores_:
             self._check_fitted(f"{what} (or fit_scores() for a post-hoc-only checkpoint)")
+        checkpoint.record_known_preprocessing(self, options)  # recorded unasked
         return checkpoint.WrapperState.of(self, class_names=options.pop("class_names", None))
 
     def save_pretrained(
         self, save_directory: checkpoint.PathLike, **options: Any
     ) -> checkpoint.Path:
-        """Write the checkpoint (weights, ξ, masks, fitted scores, results) to a folder,
-        atomically, for a fitted or a post-hoc-only (``fit_scores``) wrapper; returns the
-        folder. ``options``: see :func:`oodunleash.checkpoint.save_checkpoint` (the
-        preprocessing ``input_size``/``mean``/``std``, ``class_names``, ``overwrite``, ...).
+        """Write the checkpoint (weights, ξ, masks, fitted scores, calibration, results) to a
+        folder, atomically, for a fitted or a post-hoc-only (``fit_scores``) wrapper; returns
+        the folder. ``options``: see :func:`oodunleash.checkpoint.save_checkpoint` (the
+        preprocessing ``input_size``/``mean``/``std``, default :attr:`preprocessing`;
+        ``class_names``, ``overwrite``, ...).
         """
         state = self._checkpoint_state("save_pretrained()", options)
-        return checkpoint.save_checkpoint(save_directory, self.model, state, **options)
+        folder = checkpoint.save_checkpoint(save_directory, self.model, state, **options)
+        checkpoint.remember_preprocessing(self, options)
+        return folder
 
     @classmethod
     def from_pretrained(
@@ -479,4 +489,6 @@ class OODUnleash:
         ``huggingface_hub`` ``CommitInfo`` (``None`` on ranks other than 0 under torchrun).
         ``options``: see :func:`oodunleash.checkpoint.push_checkpoint`."""
         state = self._checkpoint_state("push_to_hub()", options)
-        return checkpoint.push_checkpoint(repo_id, self.model, state, **options)
+        info = checkpoint.push_checkpoint(repo_id, self.model, state, **options)
+        checkpoint.remember_preprocessing(self, options)
+        return info

@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"features"},
     {"scores"},
     {"evaluation"},
+    {"decision"},
     {"config"},
     {"checkpoint"},
     {"wrapper"},
@@ -192,3 +193,34 @@ def test_the_benchmark_is_used_by_nothing_in_the_library():
         and not name.startswith(("oodunleash.bench", "oodunleash.cli"))
     )
     assert users == []
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_CODE_LINES = 80
+
+
+def function_code_lines(path: pathlib.Path) -> dict[str, int]:
+    """Lines of code of every function in ``path``, its docstring left out."""
+    out = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[1] if ast.get_docstring(node) and len(node.body) > 1 else node.body[0]
+            out[f"{module_name(path)}:{node.lineno} {node.name}"] = (
+                node.end_lineno - first.lineno + 1
+            )
+    return out
+
+
+def test_modules_and_functions_stay_readable():
+    long_modules = {
+        module_name(p): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    long_functions = {
+        name: n
+        for p in PACKAGE.rglob("*.py")
+        for name, n in function_code_lines(p).items()
+        if n > MAX_FUNCTION_CODE_LINES
+    }
+    assert long_modules == {} and long_functions == {}

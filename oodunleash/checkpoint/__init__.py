@@ -41,11 +41,14 @@ from oodunleash.checkpoint.load import load_checkpoint
 from oodunleash.checkpoint.save import save_checkpoint
 from oodunleash.checkpoint.state import LoadedCheckpoint, WrapperState
 from oodunleash.checkpoint.tensors import pack_bits, unpack_bits
+from oodunleash.checkpoint.timm_config import record_known_preprocessing, remember_preprocessing
 
 #: A folder argument: a string or any path-like object.
 PathLike = str | os.PathLike
 
 __all__ = [
+    "record_known_preprocessing",
+    "remember_preprocessing",
     "PathLike",
     *_format.__all__,
     "CheckpointMismatchError",

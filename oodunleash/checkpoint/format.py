@@ -8,6 +8,7 @@ A checkpoint folder (and the Hub repo it is pushed to) holds:
 | `config.json` | timm models only: timm's own Hub config, written by timm's `save_config_for_hf`, with the preprocessing the model was trained with, so `timm.create_model("hf-hub:<repo>", pretrained=True)` (or `"local-dir:<folder>"`) and `timm.data.resolve_data_config` work without oodunleash. |
 | `oodunleash_config.json` | oodunleash's record: format version, the wrapper's constructor arguments, ξ, the masked layers, the architecture, class names, training history, fitted-score configs, the last results, a SHA-256 of every other file and a digest of each field a fit learnt (`field_sha256`: a hand edit of `fitted`, ξ, the history or the masks is refused). Validated against its schema on loading. |
 | `oodunleash_scores.safetensors` | The fitted state of every fitted OOD score, keys prefixed `<score>/`. |
+| `oodunleash_calibration.safetensors` | Only for a calibrated wrapper (`calibrate`): the default score's values on the held-out ID calibration images (float64), read back by `predict`. |
 | `oodunleash_masks.safetensors` | Only with `keep_masks=True` (UMAP): per layer the mask scores, the mask as packed bits and the dense values of the pruned weights, so that training can go on. |
 | `README.md` | A generated model card (its SHA-256 is recorded, so a card edited by hand is never overwritten silently). |
 
@@ -28,6 +29,7 @@ from typing import Any
 from oodunleash.checkpoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 
 __all__ = [
+    "CALIBRATION_NAME",
     "CHECKPOINT_FILES",
     "CONFIG_NAME",
     "FORMAT_VERSION",
@@ -41,18 +43,22 @@ __all__ = [
 #: Version of the layout. A reader refuses a newer *major* version and reads a newer minor
 #: version with a warning (minor versions only add fields). 2.0 records the wrapper's
 #: constructor arguments as one ``params`` object; 1.x checkpoints are converted on loading.
-FORMAT_VERSION = "2.0"
+#: 2.1 adds the conformal calibration (``calibration`` and its file).
+FORMAT_VERSION = "2.1"
 
 WEIGHTS_NAME = "model.safetensors"
 TIMM_CONFIG_NAME = "config.json"
 CONFIG_NAME = "oodunleash_config.json"
 SCORES_NAME = "oodunleash_scores.safetensors"
 MASKS_NAME = "oodunleash_masks.safetensors"
+CALIBRATION_NAME = "oodunleash_calibration.safetensors"
 MODEL_CARD_NAME = "README.md"
 
 #: Every file the config may list (the model card is recorded apart: users may edit it).
-CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, TIMM_CONFIG_NAME, SCORES_NAME, MASKS_NAME)
-TENSOR_FILES = (WEIGHTS_NAME, SCORES_NAME, MASKS_NAME)
+CHECKPOINT_FILES = (
+    CONFIG_NAME, WEIGHTS_NAME, TIMM_CONFIG_NAME, SCORES_NAME, MASKS_NAME, CALIBRATION_NAME,
+)  # fmt: skip
+TENSOR_FILES = (WEIGHTS_NAME, SCORES_NAME, MASKS_NAME, CALIBRATION_NAME)
 
 
 def package_version() -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from oodunleash.checkpoint.calibration import restore_calibration
 from oodunleash.checkpoint.consistency import check_config_fields, check_model_outputs
 from oodunleash.checkpoint.errors import (
     CheckpointMismatchError,
@@ -217,6 +218,8 @@ def load_checkpoint(
         fitted_scores=restore_scores(folder, config["scores"], where),
         results=results_from_json(config["results"]),
         class_names=config["class_names"],
+        preprocessing=config.get("preprocessing") or None,
+        calibration=restore_calibration(folder, config.get("calibration"), where),
     )
     model.eval()
     return LoadedCheckpoint(model=model, state=state, config=config, where=where)

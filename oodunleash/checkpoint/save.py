@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from oodunleash.checkpoint import format as layout
+from oodunleash.checkpoint.calibration import calibration_for_saving
 from oodunleash.checkpoint.card import model_card as render_model_card
 from oodunleash.checkpoint.consistency import field_digests
 from oodunleash.checkpoint.fitted_scores import scores_for_saving
@@ -199,6 +200,9 @@ def save_checkpoint(
     masks_info, mask_tensors = masks_for_saving(model, state.masks, weights, keep_masks)
     if mask_tensors:
         files[layout.MASKS_NAME] = safetensors_bytes(mask_tensors)
+    calibration_info, calibration_tensors = calibration_for_saving(state.calibration)
+    if calibration_tensors:
+        files[layout.CALIBRATION_NAME] = safetensors_bytes(calibration_tensors)
 
     config: dict[str, Any] = {
         "format_version": layout.FORMAT_VERSION,
@@ -209,6 +213,7 @@ def save_checkpoint(
         "class_names": names,
         "preprocessing": preprocessing,
         "scores": score_configs,
+        "calibration": calibration_info,
         "files": {n: {"sha256": sha256_bytes(d), "size": len(d)} for n, d in files.items()},
         "card_sha256": None,
     }

@@ -29,6 +29,9 @@ class WrapperState:
         fitted_scores: ``fitted_scores_``.
         results: ``last_results_`` (an ``EvaluationResults``) or ``None``.
         class_names: Names of the classes in logit order, or ``None``.
+        preprocessing: The data config the model was trained with (``preprocessing``), or
+            ``None`` when unknown.
+        calibration: The conformal calibration (``calibration_``), or ``None``.
     """
 
     params: dict[str, Any]
@@ -41,6 +44,8 @@ class WrapperState:
     fitted_scores: dict[str, Any] = field(default_factory=dict)
     results: Any = None
     class_names: list[str] | None = None
+    preprocessing: dict[str, Any] | None = None
+    calibration: Any = None
 
     @classmethod
     def of(cls, unleashed: Any, class_names: list[str] | None = None) -> WrapperState:
@@ -58,6 +63,8 @@ class WrapperState:
             fitted_scores=dict(unleashed.fitted_scores_),
             results=unleashed.last_results_,
             class_names=class_names or getattr(unleashed, "class_names", None),
+            preprocessing=getattr(unleashed, "preprocessing", None),
+            calibration=getattr(unleashed, "calibration_", None),
         )
 
     def restore(self, unleashed: Any) -> None:
@@ -73,6 +80,9 @@ class WrapperState:
         unleashed.last_results_ = self.results
         if self.class_names is not None:
             unleashed.class_names = self.class_names
+        if self.preprocessing:
+            unleashed.preprocessing = self.preprocessing
+        unleashed.calibration_ = self.calibration
 
 
 @dataclass

@@ -15,11 +15,18 @@ from torch import nn
 
 from oodunleash.checkpoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from oodunleash.checkpoint.format import TIMM_CONFIG_NAME, check_json, read_json
+from oodunleash.decision.inputs import PREPROCESSING_ARGS, PREPROCESSING_KEYS, preprocessing_values
 
-__all__ = ["PREPROCESSING_KEYS", "build_timm_model", "timm_architecture", "timm_config_file"]
+__all__ = [
+    "record_known_preprocessing",
+    "remember_preprocessing",
+    "PREPROCESSING_KEYS",
+    "build_timm_model",
+    "timm_architecture",
+    "timm_config_file",
+]
 
 #: The data-config entries a checkpoint records (what ``resolve_data_config`` reads).
-PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 
 # pretrained_cfg entries that describe the *source* weights (their tag, licence, paper, where
 # they were downloaded from, the evaluation recipe of their training): never true of the
@@ -60,24 +67,9 @@ def resolve_preprocessing(
 ) -> dict[str, Any] | None:
     """The preprocessing to record: explicit arguments over the user's data config (only its
     preprocessing entries are read); ``None`` when neither says anything."""
-    merged = {k: v for k, v in (data_config or {}).items() if k in PREPROCESSING_KEYS}
-    merged.update({k: v for k, v in explicit.items() if v is not None})
-    if not merged:
+    merged = preprocessing_values(explicit, data_config)
+    if merged is None:
         return None
-    for key in ("input_size", "mean", "std"):
-        if key in merged:
-            value = merged[key]
-            value = [value] if isinstance(value, int | float) else value
-            if isinstance(value, str) or not all(isinstance(v, int | float) for v in value):
-                raise ValueError(
-                    f"{key} must be a number or a sequence of numbers (one per channel), got "
-                    f"{merged[key]!r}."
-                )
-            merged[key] = list(value)
-    if "input_size" in merged and len(merged["input_size"]) != 3:
-        raise ValueError(
-            f"input_size must be (channels, height, width), got {merged['input_size']!r}."
-        )
     return check_json(merged, "The preprocessing (input_size, mean, std, ...)")
 
 
@@ -168,3 +160,18 @@ def build_timm_model(folder: Path) -> nn.Module:
     if cfg.get("num_classes") is not None:
         args.setdefault("num_classes", cfg["num_classes"])
     return timm.create_model(architecture, pretrained=False, pretrained_cfg=cfg, **args)
+
+
+def record_known_preprocessing(owner: Any, options: dict[str, Any]) -> None:
+    """Save options without preprocessing get the one ``owner`` knows."""
+    given = [k for k in (*PREPROCESSING_ARGS, "data_config") if options.get(k) is not None]
+    if not given and owner._preprocessing:
+        options["data_config"] = owner._preprocessing
+
+
+def remember_preprocessing(owner: Any, options: Mapping[str, Any]) -> None:
+    """After a save: the preprocessing it was given is the model's from now on."""
+    explicit = {k: options.get(k) for k in PREPROCESSING_ARGS}
+    recorded = resolve_preprocessing(explicit, options.get("data_config"))
+    if recorded:
+        owner._preprocessing = recorded

@@ -33,29 +33,39 @@ def preprocessing(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     crop_pct: float | None = None,
+    interpolation: str | None = None,
 ) -> dict[str, Any]:
     """timm's data config for ``model`` (its recorded preprocessing, or its architecture's
-    defaults), with the command line's overrides."""
+    defaults), with the command line's overrides, made to the channels the model reads."""
     from timm.data import resolve_data_config
 
+    from oodunleash.cli._preprocessing import input_channels, match_channels
+
+    channels = input_channels(model)
     overrides: dict[str, Any] = {"img_size": img_size, "crop_pct": crop_pct}
+    overrides["interpolation"] = interpolation
     for flag, values in (("mean", mean), ("std", std)):
         if values is None:
             continue
-        if len(values) not in (1, 3):
-            raise UsageError(f"--{flag} takes 1 or 3 numbers (one per channel), got {len(values)}.")
-        overrides[flag] = tuple(values) * (3 // len(values))
+        if len(values) not in {1, channels or 3}:
+            raise UsageError(
+                f"--{flag} takes 1 or {channels or 3} numbers (one per channel), got {len(values)}."
+            )
+        overrides[flag] = tuple(values) * ((channels or 3) // len(values))
     if std is not None and any(s <= 0 for s in std):
         raise UsageError(f"--std must be positive, got {list(std)}.")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    return resolve_data_config(overrides, model=model)
+    if channels is not None:
+        overrides["in_chans"] = channels
+    return match_channels(resolve_data_config(overrides, model=model), channels)
 
 
 def image_transform(config: Mapping[str, Any]) -> Callable[[Any], Tensor]:
-    """The evaluation transform of a timm data config: resize, centre crop, normalise."""
-    from timm.data import create_transform
+    """The evaluation transform of a timm data config: to the config's channels (grayscale or
+    RGB), resize, centre crop, normalise."""
+    from oodunleash.decision import image_transform as recorded_transform
 
-    return create_transform(**config, is_training=False)
+    return recorded_transform(config)
 
 
 def _check_dir(path: str | os.PathLike[str], flag: str) -> Path:

@@ -1,4 +1,4 @@
-"""``oodunleash evaluate``, ``oodunleash score`` and ``oodunleash list-scores``."""
+"""``oodunleash evaluate``, ``score``, ``calibrate`` and ``list-scores``."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import csv
 import io
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from oodunleash.cli import _data, _inputs
+from oodunleash.cli._calibrate import calibrate_from_dir, decision_csv, write_or_print
 from oodunleash.cli._errors import UsageError
-from oodunleash.runtime.files import write_atomic
 from oodunleash.scores import get_score, list_scores
 from oodunleash.wrapper import OODUnleash
 
-__all__ = ["cmd_evaluate", "cmd_list_scores", "cmd_score"]
+__all__ = ["cmd_calibrate", "cmd_evaluate", "cmd_list_scores", "cmd_score"]
 
 
 def _check_scores(
@@ -69,17 +70,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_and_fit_scores(
+    unleashed: OODUnleash, names: Sequence, transform, args: argparse.Namespace, flag: str
+) -> None:
+    """Fit from ``--fit-dir`` the scores in ``names`` that learn and are not fitted yet."""
+    _fit_scores(unleashed, _check_scores(unleashed, names, args.fit_dir, flag), transform, args)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
-    """Per-image OOD scores (higher = more in-distribution) as CSV: ``path,score``."""
+    """Per-image OOD scores (higher = more in-distribution) as CSV: ``path,score``; with
+    ``--alpha``, ``path,label,score,p_value,is_ood``."""
     from tqdm.auto import tqdm
 
-    resolved, _, transform = _inputs.load_model(args)
+    resolved, config, transform = _inputs.load_model(args, announce=False)
     unleashed = resolved.wrapper()
     name = args.score or unleashed.default_score
-    _fit_scores(
-        unleashed, _check_scores(unleashed, [name], args.fit_dir, "--score"), transform, args
-    )
+    check_and_fit_scores(unleashed, [name], transform, args, "--score")
     images = _data.loose_images(args.inputs, transform, "IMAGE_OR_DIR")
+    for flag, given in (("--calib-dir", args.calib_dir), ("--fdr", args.fdr)):
+        if given and args.alpha is None:
+            raise UsageError(f"{flag} goes with --alpha: pass --alpha too (e.g. 0.05).")
+    if args.alpha is not None:
+        unleashed.default_score = name
+        if args.calib_dir:
+            calibrate_from_dir(unleashed, args, transform, args.alpha)
+        text, flagged = decision_csv(unleashed, images, args)
+        write_or_print(text, args.out, f"{flagged} of {len(images)} images flagged OOD: {args.out}")
+        return 0
     rows = []
     position = 0
     batches = _data.loader(images, args.batch_size, args.workers)
@@ -92,18 +109,50 @@ def cmd_score(args: argparse.Namespace) -> int:
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["path", "score"])
     writer.writerows((path, f"{value:.8g}") for path, value in rows)
-    if args.out:
-        write_atomic(args.out, text.getvalue())
-        print(f"Scores of {len(rows)} images ({name}): {args.out}", file=sys.stderr)
-    else:
-        sys.stdout.write(text.getvalue())
+    print(_inputs.preprocessing_line(resolved, config, args), file=sys.stderr)
+    write_or_print(text.getvalue(), args.out, f"Scores of {len(rows)} images ({name}): {args.out}")
     return 0
 
 
+#: How list-scores names what a score reads (oodunleash.scores.REQUIREMENTS).
+_READS = {
+    "features": "penultimate features",
+    "feature_maps": "pre-pool feature maps",
+    "gradients": "input gradients",
+    "head": "head weights",
+    "labels": "training labels",
+}
+
+
 def cmd_list_scores(args: argparse.Namespace) -> int:
-    """Every registered score, and whether it learns from ID training data (``--fit-dir``)."""
+    """Every registered score, what it reads from the model, and whether it learns from ID
+    training data (``--fit-dir``)."""
     del args
     for name in list_scores():
-        fit = "needs --fit-dir" if get_score(name).needs_fit else ""
-        print(f"{name:<22}{fit}".rstrip())
+        score = get_score(name)
+        reads = ", ".join(_READS.get(r, r) for r in sorted(score.requires)) or "nothing"
+        fit = "; needs --fit-dir" if score.needs_fit else ""
+        print(f"{name:<22}reads {reads}{fit}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate a checkpoint's default score on held-out ID images and save it."""
+    from oodunleash.cli._train import save_checkpoint
+
+    resolved, config, transform = _inputs.load_model(args)
+    if resolved.unleashed is None:
+        raise UsageError(
+            f"MODEL {args.model}: calibrate needs an oodunleash checkpoint folder (written by "
+            "`oodunleash fit` or save_pretrained), which the calibration is saved into."
+        )
+    unleashed = resolved.unleashed
+    if args.score:
+        unleashed.default_score = args.score
+    check_and_fit_scores(unleashed, [unleashed.default_score], transform, args, "--score")
+    calibrate_from_dir(unleashed, args, transform, args.alpha)
+    out = Path(args.out or args.model)
+    names = getattr(unleashed, "class_names", None)
+    folder = save_checkpoint(unleashed, out, class_names=names, preprocessing=config)
+    print(f"Saved: {folder}")
     return 0

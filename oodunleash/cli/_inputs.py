@@ -9,7 +9,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from oodunleash.cli import _data
+from oodunleash.cli import _data, _preprocessing
 from oodunleash.cli._errors import UsageError
 from oodunleash.cli._models import ResolvedModel, resolve_model
 from oodunleash.scores import OODScore, get_score
@@ -46,9 +46,12 @@ def progress(args: argparse.Namespace) -> bool:
 
 
 def load_model(
-    args: argparse.Namespace, num_classes: int | None = None
+    args: argparse.Namespace, num_classes: int | None = None, *, announce: bool = True
 ) -> tuple[ResolvedModel, dict[str, Any], Callable]:
-    """MODEL on ``--device``, its timm data config with the flags' overrides, and the transform."""
+    """MODEL on ``--device``, its timm data config with the flags' overrides, and the
+    transform. ``announce`` prints the preprocessing on stdout (``score``, whose stdout may be
+    a CSV, prints :func:`preprocessing_line` on stderr once done, so a failure stays one line
+    there)."""
     resolved = resolve_model(
         args.model,
         checkpoint=args.checkpoint,
@@ -56,9 +59,35 @@ def load_model(
     )
     resolved.model.to(device(args.device))
     config = _data.preprocessing(
-        resolved.model, img_size=args.img_size, mean=args.mean, std=args.std, crop_pct=args.crop_pct
+        resolved.model,
+        img_size=args.img_size,
+        mean=args.mean,
+        std=args.std,
+        crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
     )
+    if announce:
+        print(preprocessing_line(resolved, config, args))
     return resolved, config, _data.image_transform(config)
+
+
+def preprocessing_line(
+    resolved: ResolvedModel, config: dict[str, Any], args: argparse.Namespace
+) -> str:
+    """What the images go through, and where those settings came from."""
+    return _preprocessing.describe(config, _preprocessing_source(resolved, args))
+
+
+def _preprocessing_source(resolved: ResolvedModel, args: argparse.Namespace) -> str:
+    """Where the preprocessing came from, for the line the commands print."""
+    recorded = resolved.unleashed is not None and resolved.unleashed.preprocessing
+    base = "recorded in the checkpoint" if recorded else "timm's defaults for the architecture"
+    flags = [
+        f"--{name.replace('_', '-')}"
+        for name in ("img_size", "mean", "std", "crop_pct", "interpolation")
+        if getattr(args, name) is not None
+    ]
+    return base + (f", overridden by {' '.join(flags)}" if flags else "")
 
 
 def labelled_loader(

@@ -7,6 +7,7 @@ import argparse
 from oodunleash.cli import _bench, _evaluate, _push, _train
 from oodunleash.cli._data import parse_named_dir
 from oodunleash.cli._errors import EXIT_CODES_HELP
+from oodunleash.cli._preprocessing import default_workers
 from oodunleash.config import DEFAULT_CONSTRAINT_FACTOR, UnleashConfig
 
 __all__ = ["build_parser"]
@@ -54,8 +55,20 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     group.add_argument("--mean", type=float, nargs="+", metavar="X", help="normalisation mean")
     group.add_argument("--std", type=float, nargs="+", metavar="X", help="normalisation std")
     group.add_argument("--crop-pct", type=float, metavar="X", help="resize to size/X, crop centre")
+    group.add_argument(
+        "--interpolation",
+        choices=("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"),
+        help="resize filter (default: the checkpoint's, else timm's for the architecture)",
+    )
     group.add_argument("--batch-size", type=_positive_int, default=64, metavar="N")
-    group.add_argument("--workers", type=int, default=4, metavar="N", help="data loading processes")
+    workers = default_workers()
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=workers,
+        metavar="N",
+        help=f"data loading processes (default here: {workers}, one core left free, at most 4)",
+    )
     runtime = argparse.ArgumentParser(add_help=False)
     runtime.add_argument("--device", default="auto", help="torch device (default: cuda if any)")
     runtime.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -147,7 +160,8 @@ def _add_scoring(sub: argparse._SubParsersAction, parents: list) -> None:
         "score",
         parents=parents,
         formatter_class=_Formatter,
-        help="per-image OOD scores as CSV (path,score; higher = more in-distribution)",
+        help="per-image OOD scores as CSV (path,score; higher = more in-distribution); with "
+        "--alpha, in-or-out decisions (path,label,score,p_value,is_ood)",
         epilog="example:\n  oodunleash score unleashed-resnet18 photos/ extra.jpg --score energy "
         "--out scores.csv\n\n" + EXIT_CODES_HELP,
     )
@@ -155,7 +169,57 @@ def _add_scoring(sub: argparse._SubParsersAction, parents: list) -> None:
     score.add_argument("--score", metavar="NAME", help="default: the checkpoint's score")
     score.add_argument("--fit-dir", metavar="DIR", help="ID training images for scores that learn")
     score.add_argument("--out", metavar="CSV", help="write here instead of stdout")
+    _add_decision_flags(score)
+    score.add_argument("--fdr", action="store_true", help=_FDR_HELP)
     score.set_defaults(handler=_evaluate.cmd_score)
+
+    calibrate = sub.add_parser(
+        "calibrate",
+        parents=parents,
+        formatter_class=_Formatter,
+        help="calibrate a checkpoint's score on held-out ID images, for score --alpha",
+        description="Score held-out ID images (not used to fit or choose the model or its "
+        "score) with the checkpoint's default score and save them in the checkpoint; `score "
+        "--alpha A` then flags an image as OOD when its conformal p-value is at most A, which "
+        "wrongly flags at most a share A of ID images.",
+        epilog="example:\n  oodunleash calibrate unleashed-resnet18 --calib-dir data/calib "
+        "--alpha 0.05\n  oodunleash score unleashed-resnet18 photos/ --alpha 0.05\n\n"
+        + EXIT_CODES_HELP,
+    )
+    calibrate.add_argument(
+        "--calib-dir", required=True, metavar="DIR", help="held-out ID images (any layout)"
+    )
+    calibrate.add_argument(
+        "--alpha", type=float, metavar="A", help="check there are enough images for this level"
+    )
+    calibrate.add_argument(
+        "--score", metavar="NAME", help="calibrate this score (default: the checkpoint's)"
+    )
+    calibrate.add_argument(
+        "--fit-dir", metavar="DIR", help="ID training images for scores that learn"
+    )
+    calibrate.add_argument("--out", metavar="DIR", help="checkpoint folder (default: MODEL itself)")
+    calibrate.set_defaults(handler=_evaluate.cmd_calibrate)
+
+
+_FDR_HELP = (
+    "with --alpha: flag by Benjamini-Hochberg over all the images scored, so that the expected "
+    "share of ID images among the flagged ones is at most A (false-discovery rate), instead of "
+    "A of the ID images"
+)
+
+
+def _add_decision_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        metavar="A",
+        help="decide in or out: flag images whose conformal p-value is <= A (at most a share A "
+        "of ID images flagged); needs a calibrated checkpoint or --calib-dir",
+    )
+    parser.add_argument(
+        "--calib-dir", metavar="DIR", help="held-out ID images to calibrate on first (any layout)"
+    )
 
 
 def _add_hub(sub: argparse._SubParsersAction) -> None:
@@ -173,7 +237,10 @@ def _add_hub(sub: argparse._SubParsersAction) -> None:
     push.add_argument("--commit-message")
     push.add_argument("--token", help="Hub token (default: the logged-in one or HF_TOKEN)")
     push.set_defaults(handler=_push.cmd_push)
-    listing = sub.add_parser("list-scores", help="the registered OOD scores")
+    listing = sub.add_parser(
+        "list-scores",
+        help="the registered OOD scores, what each reads from the model, which need --fit-dir",
+    )
     listing.set_defaults(handler=_evaluate.cmd_list_scores)
 
 

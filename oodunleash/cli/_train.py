@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from oodunleash.cli import _data, _inputs
+from oodunleash.cli import _data, _inputs, _preprocessing
 from oodunleash.cli._errors import UsageError
 from oodunleash.cli._models import ResolvedModel
 from oodunleash.runtime.files import write_atomic
@@ -46,7 +47,13 @@ def save_checkpoint(
     return unleashed.save_pretrained(out, class_names=class_names)
 
 
-def _accuracy(unleashed: OODUnleash, loader: Iterable, progress: bool, desc: str) -> float:
+def _accuracy(
+    unleashed: OODUnleash,
+    loader: Iterable,
+    progress: bool,
+    desc: str,
+    max_batches: int | None = None,
+) -> float:
     """Top-1 accuracy of the wrapped model (UMAP masks applied) on a labelled loader."""
     from oodunleash.evaluation.metrics import accuracy
     from oodunleash.features import collect_features
@@ -62,6 +69,7 @@ def _accuracy(unleashed: OODUnleash, loader: Iterable, progress: bool, desc: str
             need_labels=True,
             progress=progress,
             desc=desc,
+            max_batches=max_batches,
         )
     finally:
         model.train(was_training)
@@ -98,6 +106,41 @@ def _summary(unleashed: OODUnleash, seconds: float) -> str:
     )
 
 
+def _has_weights(resolved: ResolvedModel, args: argparse.Namespace) -> bool:
+    """Whether MODEL came with trained weights (a random timm model is at chance anyway)."""
+    return bool(args.checkpoint) or resolved.unleashed is not None or "hf-hub:" in resolved.source
+
+
+def _check_recognised(
+    unleashed: OODUnleash, loader: Iterable, classes: int, config: Mapping[str, Any], show: bool
+) -> None:
+    """Warn when trained weights score near chance on their own training images: the usual
+    cause is a preprocessing unlike training's. A few shuffled batches are enough to tell."""
+    accuracy = _accuracy(unleashed, loader, show, "train accuracy", max_batches=8)
+    if _preprocessing.near_chance(accuracy, classes):
+        print(
+            f"warning: the model's accuracy on --train-dir is {100 * accuracy:.1f}%, near chance "
+            f"({100 / classes:.1f}% for {classes} classes). {_preprocessing.mismatch_hint(config)}",
+            file=sys.stderr,
+        )
+
+
+def _fit(unleashed: OODUnleash, loader: Iterable, args: argparse.Namespace, config: Any) -> None:
+    from oodunleash.finetune.losses import LossConstraintTooHighError
+
+    try:
+        unleashed.fit(
+            loader,
+            epochs=args.epochs,
+            lr=args.lr,
+            device=_inputs.device(args.device),
+            progress=_inputs.progress(args),
+            training={"amp": args.amp},
+        )
+    except LossConstraintTooHighError as exc:  # a runtime failure still (exit code 1)
+        raise LossConstraintTooHighError(f"{exc} {_preprocessing.mismatch_hint(config)}") from None
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fine-tune MODEL with UM or UMAP on ``--train-dir``."""
     train, val = _training_data(args)
@@ -118,16 +161,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:  # a flag out of range, e.g. --keep-ratio
         raise UsageError(str(exc)) from None
+    if _has_weights(resolved, args):
+        _check_recognised(unleashed, train_loader, len(train.classes), config, show)
     before = _accuracy(unleashed, val_loader, show, "val before") if val_loader else None
     start = time.perf_counter()
-    unleashed.fit(
-        train_loader,
-        epochs=args.epochs,
-        lr=args.lr,
-        device=_inputs.device(args.device),
-        progress=show,
-        training={"amp": args.amp},
-    )
+    _fit(unleashed, train_loader, args, config)
     print(_summary(unleashed, time.perf_counter() - start))
     if val_loader is not None:
         after = _accuracy(unleashed, val_loader, show, "val after")

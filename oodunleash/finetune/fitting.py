@@ -8,8 +8,6 @@ transaction around them (:mod:`oodunleash.finetune.rollback`).
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import math
 import os
@@ -27,6 +25,7 @@ from oodunleash.finetune.loop import (
     norm_affine_parameters,
     train,
 )
+from oodunleash.finetune.options import train_config, training_options
 from oodunleash.finetune.recipes import (
     METHOD_DEFAULTS,
     Masked,
@@ -47,13 +46,10 @@ from oodunleash.runtime.distributed import init_distributed, rank, shard_loader,
 from oodunleash.runtime.modules import check_materialised, model_device, unwrap_compiled
 
 __all__ = [
-    "TRAINING_OPTIONS",
-    "training_options",
+    "fit_config",
     "check_epoch",
     "check_materialised",
     "check_model",
-    "train_config",
-    "check_grad_norm",
     "check_reiterable",
     "check_same_fit",
     "choose_constraint",
@@ -93,66 +89,26 @@ def check_model(model: Any) -> None:
         )
 
 
-#: What ``fit(training=...)`` may set: every :class:`TrainConfig` field but the two ``fit`` takes
-#: itself (``epochs``, ``lr``).
-TRAINING_OPTIONS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("epochs", "lr")
-)
-
-
-def training_options(training: Any) -> dict[str, Any]:
-    """``fit(training=...)`` as a dict of :data:`TRAINING_OPTIONS`, checked before any work.
-
-    Example:
-        >>> training_options({"amp": True})
-        {'amp': True}
-        >>> training_options({"lr": 0.1})
-        Traceback (most recent call last):
-        ...
-        ValueError: training has no option 'lr': fit(loader, epochs, lr) takes it directly.
-    """
-    if training is None:
-        return {}
-    if not isinstance(training, Mapping):
-        raise TypeError(
-            f"training must be a dict of fine-tune options (e.g. {{'amp': True}}), got "
-            f"{type(training).__name__}. Options: {', '.join(TRAINING_OPTIONS)}."
-        )
-    options = dict(training)
-    for key in options:
-        if key in ("epochs", "lr"):
-            raise ValueError(
-                f"training has no option {key!r}: fit(loader, epochs, lr) takes it directly."
-            )
-        if key not in TRAINING_OPTIONS:
-            close = difflib.get_close_matches(str(key), TRAINING_OPTIONS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"training has no option {key!r}.{hint} Options: {', '.join(TRAINING_OPTIONS)}."
-            )
-    return options
-
-
-def train_config(method: str, **options: Any) -> TrainConfig:
-    """The :class:`TrainConfig` of a fit: ``None`` options take ``method``'s defaults."""
-    defaults = METHOD_DEFAULTS[method]
-    for key in ("epochs", "lr", "weight_decay"):
-        if options.get(key) is None:
-            options[key] = defaults[key]
-    options["lr"] = real_number(options["lr"], "lr")
-    for key in ("weight_decay", "momentum"):
-        if options.get(key) is None:
-            continue
-        value = real_number(options[key], key)
-        if not 0 <= value < math.inf:
-            raise ValueError(
-                f"{key} must be a finite number of at least 0, got {options[key]!r}: a negative "
-                f"{key} pushes the weights the wrong way. Use 0 for none"
-                + (f" (default {defaults[key]})." if key in defaults else ".")
-            )
-        options[key] = value
-    options["max_grad_norm"] = check_grad_norm(options.get("max_grad_norm"))
-    return TrainConfig(**options)
+def fit_config(
+    model: nn.Module,
+    method: str,
+    epochs: int | None,
+    lr: float | None,
+    training: Any,
+    loader: Any,
+    outlier_loader: Any,
+) -> tuple[TrainConfig, list[nn.Parameter]]:
+    """A fit's checked inputs: its :class:`TrainConfig` (``training`` over ``method``'s
+    defaults) and the normalisation parameters UMAP trains with its scores."""
+    options = training_options(training)
+    norm_params = trained_norm_parameters(model, method, options.pop("train_norms", None))
+    if options.get("outlier_loss") is None and outlier_loader is not None:
+        options["outlier_loss"] = "oe"
+    config = train_config(method, epochs=epochs, lr=lr, train_norms=bool(norm_params), **options)
+    check_reiterable(loader, "loader")
+    if outlier_loader is not None:
+        check_reiterable(outlier_loader, "outlier_loader")
+    return config, norm_params
 
 
 def check_reiterable(loader: Any, name: str) -> None:
@@ -168,23 +124,6 @@ def check_reiterable(loader: Any, name: str) -> None:
             f"{name} must be an iterable of (images, labels) batches such as a DataLoader, got "
             f"{type(loader).__name__}."
         )
-
-
-def check_grad_norm(value: Any) -> float | None:
-    """``max_grad_norm`` as a positive float, or ``None`` (no clipping)."""
-    if value is None:
-        return None
-    try:
-        norm = real_number(value, "max_grad_norm")
-    except TypeError:
-        norm = math.nan
-    if not 0 < norm < math.inf:
-        raise ValueError(
-            f"max_grad_norm must be a positive number (the norm gradients are clipped to), got "
-            f"{value!r}: 0 would stop learning and a negative norm reverses the step. Use None "
-            "for no clipping."
-        )
-    return norm
 
 
 def check_epoch(record: Mapping[str, float]) -> None:

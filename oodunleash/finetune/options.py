@@ -7,14 +7,23 @@ loop that runs them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from oodunleash.finetune.recipes import METHOD_DEFAULTS, real_number
+
 __all__ = [
+    "TRAINING_OPTIONS",
+    "check_grad_norm",
+    "train_config",
+    "training_options",
     "LossConstraintTooHighError",
     "OptimizerFactory",
     "SchedulerFactory",
@@ -39,6 +48,18 @@ class LossConstraintTooHighError(ValueError):
 @dataclass
 class TrainConfig:
     """How the fine-tune runs. Defaults are documented in :meth:`OODUnleash.fit`.
+
+    What ``OODUnleash.fit(training={...})`` sets (every field but ``epochs`` and ``lr``):
+
+    - ``optimizer``: ``"sgd"`` (momentum 0.9, Nesterov), ``"adam"``, ``"adamw"`` or a callable
+      ``params -> Optimizer``; ``momentum``; ``weight_decay`` (default 5e-4); ``schedule``;
+      ``max_grad_norm``: clip gradients to this norm.
+    - ``freeze_norm_stats``: keep BatchNorm running statistics fixed (UMAP otherwise moves them
+      although the weights are frozen); ``train_norms``: UMAP also trains the scale and shift of
+      the normalisation layers with the scores (default: on when there are any; ones you froze
+      stay frozen; the reference freezes every weight, ``False``; UM refuses ``True``).
+    - ``outlier_loss``: ``"oe"`` (weight 0.5) or ``"energy"`` (Energy-OE, margins −25/−7,
+      weight 0.1), default ``"oe"`` with an outlier loader; ``outlier_weight``.
 
     ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or a callable taking the parameters;
     ``schedule`` is ``"cosine"`` (per step, to zero), ``"constant"`` or a callable
@@ -118,3 +139,82 @@ class TrainConfig:
             if callable(out[key]):
                 out[key] = getattr(out[key], "__name__", "custom")
         return out
+
+
+#: What ``fit(training=...)`` may set: every :class:`TrainConfig` field but the two ``fit`` takes
+#: itself (``epochs``, ``lr``).
+TRAINING_OPTIONS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("epochs", "lr")
+)
+
+
+def training_options(training: Any) -> dict[str, Any]:
+    """``fit(training=...)`` as a dict of :data:`TRAINING_OPTIONS`, checked before any work.
+
+    Example:
+        >>> training_options({"amp": True})
+        {'amp': True}
+        >>> training_options({"lr": 0.1})
+        Traceback (most recent call last):
+        ...
+        ValueError: training has no option 'lr': fit(loader, epochs, lr) takes it directly.
+    """
+    if training is None:
+        return {}
+    if not isinstance(training, Mapping):
+        raise TypeError(
+            f"training must be a dict of fine-tune options (e.g. {{'amp': True}}), got "
+            f"{type(training).__name__}. Options: {', '.join(TRAINING_OPTIONS)}."
+        )
+    options = dict(training)
+    for key in options:
+        if key in ("epochs", "lr"):
+            raise ValueError(
+                f"training has no option {key!r}: fit(loader, epochs, lr) takes it directly."
+            )
+        if key not in TRAINING_OPTIONS:
+            close = difflib.get_close_matches(str(key), TRAINING_OPTIONS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"training has no option {key!r}.{hint} Options: {', '.join(TRAINING_OPTIONS)}."
+            )
+    return options
+
+
+def check_grad_norm(value: Any) -> float | None:
+    """``max_grad_norm`` as a positive float, or ``None`` (no clipping)."""
+    if value is None:
+        return None
+    try:
+        norm = real_number(value, "max_grad_norm")
+    except TypeError:
+        norm = math.nan
+    if not 0 < norm < math.inf:
+        raise ValueError(
+            f"max_grad_norm must be a positive number (the norm gradients are clipped to), got "
+            f"{value!r}: 0 would stop learning and a negative norm reverses the step. Use None "
+            "for no clipping."
+        )
+    return norm
+
+
+def train_config(method: str, **options: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of a fit: ``None`` options take ``method``'s defaults."""
+    defaults = METHOD_DEFAULTS[method]
+    for key in ("epochs", "lr", "weight_decay"):
+        if options.get(key) is None:
+            options[key] = defaults[key]
+    options["lr"] = real_number(options["lr"], "lr")
+    for key in ("weight_decay", "momentum"):
+        if options.get(key) is None:
+            continue
+        value = real_number(options[key], key)
+        if not 0 <= value < math.inf:
+            raise ValueError(
+                f"{key} must be a finite number of at least 0, got {options[key]!r}: a negative "
+                f"{key} pushes the weights the wrong way. Use 0 for none"
+                + (f" (default {defaults[key]})." if key in defaults else ".")
+            )
+        options[key] = value
+    options["max_grad_norm"] = check_grad_norm(options.get("max_grad_norm"))
+    return TrainConfig(**options)

@@ -39,7 +39,8 @@ def test_fit_umap_prints_a_summary_and_prunes(data, tmp_path, capsys):
         ["fit", *model_args(MODEL), *dirs(data, val=None), *QUICK_FIT, *umap], capsys
     )
     assert code == 0, err
-    assert stdout.startswith("UMAP: ξ=0.1, last epoch CE")
+    assert stdout.startswith("preprocessing (timm's defaults for the architecture, overridden")
+    assert "\nUMAP: ξ=0.1, last epoch CE" in stdout
     assert f"Saved: {out}" in stdout
     reloaded = OODUnleash.from_pretrained(out)
     assert reloaded.method == "umap"
