@@ -22,7 +22,8 @@ __all__ = ["SCALE", "scale_factor"]
 
 def scale_factor(features: Tensor, percentile: float) -> Tensor:
     """``exp(sum(a) / sum(top(a)))`` per row, ``top`` keeping the largest
-    ``n - round(n * percentile / 100)`` of the ``n`` values (at least one).
+    ``n - round(n * percentile / 100)`` of the ``n`` values (at least one); 1 for a row
+    whose top values sum to zero or less.
 
     Example:
         >>> scale_factor(torch.tensor([[1.0, 4.0, 2.0, 3.0]]), 50)  # exp(10 / 7)
@@ -32,7 +33,9 @@ def scale_factor(features: Tensor, percentile: float) -> Tensor:
     n = flat.shape[1]
     k = max(1, n - int(np.round(n * percentile / 100.0)))
     kept = flat.topk(k, dim=1).values.sum(dim=1)
-    return torch.exp(flat.sum(dim=1) / kept)
+    # An all-zero row has nothing to scale: factor 1 rather than exp(0 / 0).
+    ratio = torch.where(kept > 0, flat.sum(dim=1) / kept.clamp(min=1e-30), 0.0)
+    return torch.exp(ratio)
 
 
 @register_score
