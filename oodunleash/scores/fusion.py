@@ -29,6 +29,7 @@ MemberSpec = str | OODScore | tuple[str, Mapping[str, Any]] | Sequence[Any]
 
 def normalise(values: Tensor, reference: Tensor, method: str = "z") -> Tensor:
     """``values`` on the scale of the ID ``reference`` values: z-scores, or ranks in [0, 1].
+    Tensors or arrays; a float32 tensor comes back.
 
     Example:
         >>> ref = torch.tensor([0.0, 1.0, 2.0, 3.0])
@@ -37,10 +38,10 @@ def normalise(values: Tensor, reference: Tensor, method: str = "z") -> Tensor:
     """
     if method not in FUSION_METHODS:
         raise ValueError(f"method must be one of {FUSION_METHODS}, got {method!r}.")
-    reference = reference.detach().double().flatten().to(values.device)
+    values = torch.as_tensor(values).detach().double()
+    reference = torch.as_tensor(reference).detach().double().flatten().to(values.device)
     if reference.numel() < 2:
         raise ValueError("Normalising needs at least two ID reference values.")
-    values = values.detach().double()
     if method == "z":
         std = reference.std().clamp(min=1e-12)
         return ((values - reference.mean()) / std).float()
@@ -59,7 +60,8 @@ def fuse(
     values (:func:`normalise`); higher = more ID, as for every member.
 
     Args:
-        values_by_member: ``{member: (n,) scores}`` of the samples to score.
+        values_by_member: ``{member: (n,) scores}`` of the samples to score (tensors or
+            arrays).
         id_reference_values: ``{member: (m,) scores}`` of ID samples (validation or held-out
             training data), the same members.
         method: ``"z"`` or ``"rank"``.
@@ -76,6 +78,7 @@ def fuse(
             f"fuse needs ID reference values for exactly the members it fuses: values for "
             f"{sorted(values_by_member)}, references for {sorted(id_reference_values)}."
         )
+    values_by_member = {k: torch.as_tensor(v) for k, v in values_by_member.items()}
     lengths = {name: tuple(v.shape) for name, v in values_by_member.items()}
     if len(set(lengths.values())) != 1 or len(next(iter(lengths.values()))) != 1:
         raise ValueError(f"Each member needs one 1-D tensor of the same length; got {lengths}.")
