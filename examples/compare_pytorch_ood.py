@@ -64,10 +64,15 @@ FUSED = {
 
 @torch.no_grad()
 def extract(model: torch.nn.Module, images: torch.Tensor, labels=None) -> FeatureSet:
-    """Penultimate features and logits of ``images`` (one pass, batches of 512)."""
-    feats = torch.cat(
-        [model.forward_features(images[s : s + 512]) for s in range(0, len(images), 512)]
-    )
+    """Penultimate features and logits of ``images`` (one pass, batches of 512); both models'
+    heads are a linear layer ``fc``."""
+
+    def penultimate(x: torch.Tensor) -> torch.Tensor:
+        if hasattr(model, "forward_head"):  # timm: pre-pool maps, then the pooled feature
+            return model.forward_head(model.forward_features(x), pre_logits=True)
+        return model.forward_features(x)
+
+    feats = torch.cat([penultimate(images[s : s + 512]) for s in range(0, len(images), 512)])
     return FeatureSet(
         logits=model.fc(feats),
         features=feats,
@@ -162,6 +167,8 @@ def fusion(train: FeatureSet, val: FeatureSet, sets: dict[str, FeatureSet]) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ptood", default="/tmp/ptood", help="where pytorch-ood is installed")
+    parser.add_argument("--model", default="small_cnn", choices=["small_cnn", "resnet18"])
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--train-size", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--eval-cap", type=int, default=1000)
@@ -174,10 +181,10 @@ def main() -> None:
     sys.path.insert(0, args.ptood)
     torch.manual_seed(args.seed)
     data = load_benchmark_data("fashion-mnist", train_size=args.train_size, eval_cap=args.eval_cap)
-    model = create_model("small_cnn", data["num_classes"])
+    model = create_model(args.model, data["num_classes"])
     loader = TensorLoader(*data["train"], batch_size=128, seed=args.seed)
-    train_classifier(model, loader, epochs=args.epochs, progress=False)
-    model.eval()
+    train_classifier(model, loader, epochs=args.epochs, device=args.device, progress=False)
+    model.cpu().eval()  # the scores run on the CPU, where both libraries see the same tensors
     train = extract(model, *data["train"])
     val = extract(model, *data["val"])
     test_ood = dict(data["test_ood"]) | {"letters": GlyphsOOD(args.eval_cap, seed=0).tensors()[0]}
