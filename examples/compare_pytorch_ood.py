@@ -18,8 +18,10 @@ data, or on the validation split).
 pytorch-ood is not a dependency: install it apart and point ``--ptood`` at it::
 
     pip install --no-deps --target /tmp/ptood pytorch-ood==0.4.0
-    OODUNLEASH_FASHION_MNIST=/usr/share/datasets/fashion-mnist PYTHONPATH=. \\
-        python examples/compare_pytorch_ood.py --ptood /tmp/ptood --out runs/ptood.json
+    for s in 0 1 2; do OODUNLEASH_FASHION_MNIST=/usr/share/datasets/fashion-mnist PYTHONPATH=. \\
+        python examples/compare_pytorch_ood.py --ptood /tmp/ptood --seed $s --train-size 4000 \\
+        --epochs 25 --out runs/ptood/s$s.json; done
+    python examples/compare_pytorch_ood.py --summarize runs/ptood/s*.json
 """
 
 from __future__ import annotations
@@ -164,6 +166,50 @@ def fusion(train: FeatureSet, val: FeatureSet, sets: dict[str, FeatureSet]) -> d
     return out
 
 
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values))
+
+
+def summarize(runs: list[dict[str, Any]]) -> str:
+    """Markdown tables of the runs' means: the two libraries, Mahalanobis on few images, and
+    single against fused scores on test."""
+    seeds = [r["settings"]["seed"] for r in runs]
+    lines = [f"seeds {seeds}, test accuracy {_mean([r['test accuracy'] for r in runs]):.2f}", ""]
+    lines += [
+        "| score | oodunleash AUROC | pytorch-ood AUROC | largest per-set gap | Spearman (min) |",
+        "|---|---|---|---|---|",
+    ]
+    for label in runs[0]["against pytorch-ood"]:
+        rows = [r["against pytorch-ood"][label] for r in runs]
+        if "ours" not in rows[0]:
+            continue
+        lines.append(
+            f"| {label} | {_mean([x['ours'] for x in rows]):.2f} | "
+            f"{_mean([x['pytorch-ood'] for x in rows]):.2f} | "
+            f"{max(x['max gap'] for x in rows):.4f} | {min(x['spearman'] for x in rows):.6f} |"
+        )
+    few = next(k for k in runs[0]["against pytorch-ood"] if k.startswith("mahalanobis, "))
+    sets = [k for k in next(iter(runs[0]["against pytorch-ood"][few].values())) if k != "mean"]
+    lines += ["", f"{few}: AUROC", "", f"| covariance | mean | {' | '.join(sets)} |"]
+    lines.append("|---" * (len(sets) + 2) + "|")
+    for row in runs[0]["against pytorch-ood"][few]:
+        cells = [
+            _mean([r["against pytorch-ood"][few][row][k] for r in runs]) for k in ["mean", *sets]
+        ]
+        lines.append(f"| {row} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    sets = [k for k in next(iter(runs[0]["fusion"].values())) if k != "mean"]
+    lines += ["", "Test FPR95 (AUROC for the mean)", ""]
+    lines += [
+        f"| score | mean FPR95 | mean AUROC | {' | '.join(sets)} |",
+        "|---" * (len(sets) + 3) + "|",
+    ]
+    for label in runs[0]["fusion"]:
+        mean = [_mean([r["fusion"][label]["mean"][m] for r in runs]) for m in ("fpr95", "auroc")]
+        per = [_mean([r["fusion"][label][k]["fpr95"] for r in runs]) for k in sets]
+        lines.append(f"| {label} | " + " | ".join(f"{c:.1f}" for c in mean + per) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ptood", default="/tmp/ptood", help="where pytorch-ood is installed")
@@ -176,7 +222,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=pathlib.Path)
+    parser.add_argument("--summarize", nargs="+", type=pathlib.Path, help="result JSONs")
     args = parser.parse_args()
+    if args.summarize:
+        print(summarize([json.loads(p.read_text()) for p in args.summarize]))
+        return
     torch.set_num_threads(args.threads)
     sys.path.insert(0, args.ptood)
     torch.manual_seed(args.seed)
