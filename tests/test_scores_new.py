@@ -15,7 +15,7 @@ from sklearn.covariance import LedoitWolf
 
 from oodunleash import OODUnleash
 from oodunleash.features import FeatureSet, LinearHead
-from oodunleash.scores import fuse, get_score, list_scores, score_grids
+from oodunleash.scores import Fused, fuse, get_score, list_scores, score_grids
 from oodunleash.scores.fusion import normalise
 from oodunleash.scores.neighbors import mean_top_k_similarity
 
@@ -341,3 +341,30 @@ def test_checkpoint_round_trip_as_default_and_named_score(tmp_path, name, config
     loaded = OODUnleash.from_pretrained(folder, model=TinyNet)
     assert loaded.fitted_scores_["variant"].get_config() == variant.get_config()
     assert_same_scoring(wrapper, loaded, images())
+
+
+def test_fused_from_fitted_members_and_cached_reference(data, tmp_path):
+    """What a search holds (fitted variants, their validation scores) becomes a saveable
+    fused score without fitting anything again."""
+    train, test = data
+    knn = get_score("knn", k=3, save_dtype="float32").fit(train)
+    nci = get_score("nci").fit(train)
+    val = make_set(30, 7)
+    cached = {"knn k=3": knn.score(val), "nci": nci.score(val)}
+    fused = Fused.from_fitted({"knn k=3": knn, "nci": nci}, cached, method="rank")
+    assert fused.scores[0] is knn and fused.get_config()["members"][0] == [
+        "knn",
+        {**knn.get_config()},
+    ]
+    expected = fuse(
+        {"a": knn.score(test), "b": nci.score(test)},
+        {"a": cached["knn k=3"], "b": cached["nci"]},
+        "rank",
+    )
+    close(fused.score(test), np_(expected))
+    restored = get_score("fused", **fused.get_config()).load_state_dict(fused.state_dict())
+    close(restored.score(test), np_(expected))
+    with pytest.raises(ValueError, match="not fitted"):
+        Fused.from_fitted([get_score("knn"), nci], [cached["nci"], cached["nci"]])
+    with pytest.raises(ValueError, match="No ID reference"):
+        Fused.from_fitted({"knn": knn, "nci": nci}, {"knn": cached["nci"]})

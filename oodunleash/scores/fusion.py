@@ -168,6 +168,40 @@ class Fused(OODScore):
         self.requires = frozenset().union(*(s.requires for s in self.scores))
         self.reference: Tensor | None = None
 
+    @classmethod
+    def from_fitted(
+        cls,
+        members: Mapping[str, OODScore] | Sequence[OODScore],
+        reference: Mapping[str, Tensor] | Sequence[Tensor],
+        method: str = "z",
+        **options: Any,
+    ) -> Fused:
+        """A fitted fused score from members fitted elsewhere (used as they are, not copied)
+        and their scores on ID data, e.g. a search's fitted variants and cached validation
+        scores; ``reference`` is keyed like ``members`` when both are mappings.
+
+        Example:
+            >>> from oodunleash.scores import get_score
+            >>> feats = FeatureSet(logits=torch.randn(6, 3))
+            >>> msp, energy = get_score("msp"), get_score("energy")
+            >>> fused = Fused.from_fitted([msp, energy], [msp.score(feats), energy.score(feats)])
+            >>> fused.is_fitted, fused.member_labels
+            (True, ['msp', 'energy'])
+        """
+        labelled = isinstance(members, Mapping)
+        scores = list(members.values()) if labelled else list(members)
+        if labelled and isinstance(reference, Mapping):
+            missing = set(members) - set(reference)
+            if missing:
+                raise ValueError(f"No ID reference values for the members {sorted(missing)}.")
+            reference = [reference[label] for label in members]
+        fused = cls(scores, method, **options)
+        unfitted = [s.name for s in scores if not s.is_fitted]
+        if unfitted:
+            raise ValueError(f"The members {unfitted} are not fitted: fit them first.")
+        fused.scores = scores
+        return fused.set_reference(reference)
+
     @property
     def member_labels(self) -> list[str]:
         """One label per member: its name, with ``#i`` where a name repeats."""
