@@ -269,6 +269,19 @@ def test_fused_holds_out_its_reference(data):
         get_score("fused").fit(train.select(slice(0, 5)))
 
 
+def test_fused_members_from_spec_objects():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Spec:
+        name: str
+        options: dict
+
+    fused = get_score("fused", members=[Spec("KNN", {"k": 7}), Spec("energy", {})])
+    assert fused.members == [["knn", {"k": 7}], ["energy", {}]]
+    assert fused.scores[0].k == 7
+
+
 def test_fused_refuses_bad_members():
     with pytest.raises(ValueError, match="at least two members"):
         get_score("fused", members=["knn"])

@@ -95,6 +95,8 @@ def _member_spec(spec: Any) -> list[Any]:
         return [get_score(spec).name, {}]
     if isinstance(spec, OODScore):
         return [spec.name, spec.get_config()]
+    if isinstance(getattr(spec, "name", None), str) and hasattr(spec, "options"):
+        spec = (spec.name, dict(spec.options or {}))  # a spec object: name + options
     if isinstance(spec, Sequence) and len(spec) == 2 and isinstance(spec[0], str):
         if not isinstance(spec[1], Mapping):
             raise TypeError(f"A member's options must be a dict, got {spec[1]!r}.")
@@ -111,8 +113,8 @@ class Fused(OODScore):
     """The average of member scores, each normalised against its values on ID data.
 
     Args:
-        members: Registered names, ``(name, options)`` pairs or :class:`OODScore` instances
-            (at least two). Default KNN and Mahalanobis, which fail on different OOD sets
+        members: Registered names, ``(name, options)`` pairs, objects with ``name`` and
+            ``options`` attributes or :class:`OODScore` instances (at least two). Default KNN and Mahalanobis, which fail on different OOD sets
             (near against far OOD, see the issue-31 benchmark).
         method: ``"z"`` (z-scores) or ``"rank"`` (ranks among the ID reference values).
         reference_fraction: :meth:`fit` holds out this seeded fraction of the training data
