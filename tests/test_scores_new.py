@@ -265,8 +265,13 @@ def test_fused_holds_out_its_reference(data):
     label_values = {"knn": torch.arange(5.0), "nci": torch.arange(5.0)}
     fused.set_reference(label_values)
     close(fused.reference[1], np.arange(5.0))
-    with pytest.raises(ValueError, match="too few"):
-        get_score("fused").fit(train.select(slice(0, 5)))
+    small = train.select(slice(0, 5))
+    with pytest.warns(UserWarning, match="too few on one side"):
+        members = [("knn", {"k": 2}), "nci"]
+        tiny = get_score("fused", members=members).fit(small)
+    assert tiny.reference.shape == (2, 5)
+    with pytest.raises(ValueError, match="at least two ID training samples"):
+        get_score("fused").fit(train.select(slice(0, 1)))
 
 
 def test_fused_members_from_spec_objects():

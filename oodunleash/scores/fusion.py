@@ -10,6 +10,7 @@ ties counted half). :func:`fuse` does it on values already computed (e.g. cached
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -216,13 +217,19 @@ class Fused(OODScore):
 
     def fit(self, data: FeatureSet) -> Fused:
         n = len(data)
+        if n < 2:
+            raise ValueError(f"The fused score needs at least two ID training samples, got {n}.")
         held = round(n * self.reference_fraction)
         if self.reference_fraction > 0 and not 2 <= held <= n - 2:
-            raise ValueError(
-                f"The fused score holds out {self.reference_fraction:g} of {n} training "
-                "samples for its ID reference, which leaves too few on one side: fit on more "
-                "data or pass reference_fraction=0."
+            # Fitting every registered score on a small set should not fail for this one.
+            warnings.warn(
+                f"The fused score cannot hold out {self.reference_fraction:g} of {n} training "
+                "samples for its ID reference (too few on one side): it takes the reference "
+                "from the training samples themselves. Fit on more data, or call "
+                "set_reference with scores on other ID data.",
+                stacklevel=2,
             )
+            held = 0
         if held:
             order = self._subset(n, n)
             reference, rest = (
