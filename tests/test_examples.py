@@ -54,3 +54,29 @@ def test_posthoc_files_of_any_finetune_are_summarised_under_its_name(tmp_path, c
     out = capsys.readouterr().out
     assert f"| {name} | energy | 93.50 | 90.0 | 12.0 | 12.0 |" in out
     assert "| final model | energy | 94.00 |" in out
+
+
+def test_compare_pytorch_ood_summary_means_over_the_seeds():
+    compare = load_script("examples/compare_pytorch_ood.py")
+    sets = ["near", "noise"]
+
+    def run(seed, ours, fpr):
+        maha = {k: 80.0 + seed for k in ["mean", *sets]}
+        return {
+            "settings": {"seed": seed},
+            "test accuracy": 90.0 + seed,
+            "against pytorch-ood": {
+                "scale": {"ours": ours, "pytorch-ood": ours, "max gap": seed / 10, "spearman": 1.0},
+                "mahalanobis, 120 training images": {"pytorch-ood": maha, "ledoit_wolf": maha},
+            },
+            "fusion": {
+                "knn": {"mean": {"fpr95": fpr, "auroc": 90.0}}
+                | {k: {"fpr95": fpr, "auroc": 90.0} for k in sets}
+            },
+        }
+
+    table = compare.summarize([run(0, 80.0, 20.0), run(1, 90.0, 30.0)])
+    assert "seeds [0, 1], test accuracy 90.50" in table
+    assert "| scale | 85.00 | 85.00 | 0.1000 | 1.000000 |" in table
+    assert "| ledoit_wolf | 80.5 | 80.5 | 80.5 |" in table
+    assert "| knn | 25.0 | 90.0 | 25.0 | 25.0 |" in table

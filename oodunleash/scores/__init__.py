@@ -12,6 +12,14 @@ Built in (one module per family):
   ``she``
 * :mod:`~oodunleash.scores.activation`: ``react``, ``ash_p``, ``ash_b``, ``ash_s``, ``dice``
 * :mod:`~oodunleash.scores.subspace`: ``vim``, ``residual``
+* :mod:`~oodunleash.scores.scaling`: ``scale``
+* :mod:`~oodunleash.scores.neighbors`: ``nnguide``
+* :mod:`~oodunleash.scores.boundary`: ``fdbd``
+* :mod:`~oodunleash.scores.collapse`: ``nci``
+* :mod:`~oodunleash.scores.fusion`: ``fused`` (members normalised on ID data, averaged) and
+  :func:`fuse` for values already computed
+
+Scores that declare a hyperparameter grid for ``tune`` are listed by :func:`score_grids`.
 
 Example:
     >>> import torch
@@ -24,7 +32,18 @@ Example:
 """
 
 from oodunleash.features.collect import FeatureSet, LinearHead
-from oodunleash.scores import activation, distance, gradient, logits, subspace
+from oodunleash.scores import (
+    activation,
+    boundary,
+    collapse,
+    distance,
+    fusion,
+    gradient,
+    logits,
+    neighbors,
+    scaling,
+    subspace,
+)
 from oodunleash.scores.activation import ASHB, ASHP, ASHS, DICE, ReAct
 from oodunleash.scores.base import (
     REQUIREMENTS,
@@ -34,11 +53,17 @@ from oodunleash.scores.base import (
     list_scores,
     register_score,
     resolve_score,
+    score_grids,
     unregister_score,
 )
+from oodunleash.scores.boundary import FDBD
+from oodunleash.scores.collapse import NCI
 from oodunleash.scores.distance import KNN, SHE, Mahalanobis, RelativeMahalanobis
+from oodunleash.scores.fusion import Fused, fuse
 from oodunleash.scores.gradient import ODIN, GradNorm
 from oodunleash.scores.logits import GEN, MSP, Energy, Entropy, MaxLogit
+from oodunleash.scores.neighbors import NNGuide
+from oodunleash.scores.scaling import SCALE
 from oodunleash.scores.subspace import Residual, ViM
 
 __all__ = [
@@ -46,19 +71,24 @@ __all__ = [
     "ASHP",
     "ASHS",
     "DICE",
+    "FDBD",
     "GEN",
     "KNN",
     "MSP",
+    "NCI",
     "ODIN",
     "REQUIREMENTS",
+    "SCALE",
     "SHE",
     "Energy",
     "Entropy",
     "FeatureSet",
+    "Fused",
     "GradNorm",
     "LinearHead",
     "Mahalanobis",
     "MaxLogit",
+    "NNGuide",
     "OODScore",
     "ReAct",
     "RelativeMahalanobis",
@@ -66,13 +96,20 @@ __all__ = [
     "ScoreNotFittedError",
     "ViM",
     "activation",
+    "boundary",
+    "collapse",
     "distance",
+    "fuse",
+    "fusion",
     "get_score",
     "gradient",
     "list_scores",
     "logits",
+    "neighbors",
     "register_score",
     "resolve_score",
+    "scaling",
+    "score_grids",
     "subspace",
     "unregister_score",
 ]

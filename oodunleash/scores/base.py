@@ -28,6 +28,7 @@ __all__ = [
     "register_score",
     "resolve_score",
     "resolve_scores",
+    "score_grids",
     "unregister_score",
 ]
 
@@ -77,6 +78,9 @@ class OODScore:
     needs_fit: ClassVar[bool] = False
     #: Attributes holding fitted tensors (saved by :meth:`state_dict`).
     state_keys: ClassVar[tuple[str, ...]] = ()
+    #: The hyperparameter worth choosing on validation: ``(option, label prefix, values)``,
+    #: the format of :data:`oodunleash.tuning.SCORE_GRID`; ``None`` when the default serves.
+    grid: ClassVar[tuple[str, str, tuple[Any, ...]] | None] = None
 
     def fit(self, data: FeatureSet) -> OODScore:
         """Learn from ID training data (a no-op unless the score ``needs_fit``). Returns self."""
@@ -274,6 +278,22 @@ def list_scores() -> list[str]:
         True
     """
     return sorted(_REGISTRY)
+
+
+def score_grids() -> dict[str, tuple[str, str, tuple[Any, ...]]]:
+    """``{name: (option, label prefix, values)}`` of the registered scores that declare a
+    :attr:`OODScore.grid`, for ``tune``'s variants.
+
+    Example:
+        >>> score_grids()["scale"]
+        ('percentile', 'p', (65.0, 85.0, 95.0))
+    """
+    grids = {}
+    for key, entry in _REGISTRY.items():
+        grid = getattr(entry, "grid", None)
+        if grid is not None:
+            grids[key] = grid
+    return grids
 
 
 def _canonical(name: str) -> str:

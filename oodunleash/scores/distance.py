@@ -23,6 +23,7 @@ __all__ = [
     "Mahalanobis",
     "RelativeMahalanobis",
     "kth_neighbour_similarity",
+    "ledoit_wolf_shrinkage",
 ]
 
 #: Numbers per work chunk (~128 MB in float32).
@@ -78,9 +79,10 @@ def kth_neighbour_similarity(
 # --------------------------------------------------------------------------- Mahalanobis
 def _class_statistics(
     features: Tensor, labels: Tensor, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Means of the classes present (float64) and the shared covariance of the class-centred
-    features, ``sum (x - mu_y)(x - mu_y)^T / n``."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Means of the classes present (float64), the shared covariance of the class-centred
+    features, ``sum (x - mu_y)(x - mu_y)^T / n``, and ``sum ||x - mu_y||^4`` (for
+    :func:`ledoit_wolf_shrinkage`)."""
     classes, y_all = torch.unique(labels.long(), return_inverse=True)
     dim = features.shape[1]
     sums = torch.zeros(len(classes), dim, dtype=torch.float64, device=device)
@@ -93,13 +95,15 @@ def _class_statistics(
         counts += torch.bincount(y, minlength=len(classes)).double()
     means = sums / counts[:, None]
     cov = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    fourth = torch.zeros((), dtype=torch.float64, device=device)
     for s, e in _chunks(len(features), rows):
         centred = features[s:e].to(device, torch.float64) - means[y_all[s:e].to(device)]
         cov += centred.T @ centred
-    return means, cov / len(features)
+        fourth += (centred * centred).sum(dim=1).square().sum()
+    return means, cov / len(features), fourth
 
 
-def _global_statistics(features: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+def _global_statistics(features: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     dim = features.shape[1]
     rows = _rows(dim)
     total = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -107,10 +111,48 @@ def _global_statistics(features: Tensor, device: torch.device) -> tuple[Tensor, 
         total += features[s:e].to(device, torch.float64).sum(dim=0)
     mean = total / len(features)
     cov = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    fourth = torch.zeros((), dtype=torch.float64, device=device)
     for s, e in _chunks(len(features), rows):
         centred = features[s:e].to(device, torch.float64) - mean
         cov += centred.T @ centred
-    return mean, cov / len(features)
+        fourth += (centred * centred).sum(dim=1).square().sum()
+    return mean, cov / len(features), fourth
+
+
+def ledoit_wolf_shrinkage(cov: Tensor, fourth: Tensor | float, n: int) -> float:
+    """The Ledoit–Wolf (2004) shrinkage of the covariance ``cov`` of ``n`` centred samples
+    towards ``trace(cov) / dim * I``, from ``fourth = sum_k ||x_k||^4``; the value of
+    scikit-learn's ``LedoitWolf(assume_centered=True)``, computed without the data matrix.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.1], [0.0, -0.1]], dtype=torch.float64)
+        >>> round(ledoit_wolf_shrinkage(x.T @ x / 4, (x * x).sum(1).square().sum(), 4), 4)
+        0.5102
+    """
+    dim = cov.shape[0]
+    mu = float(torch.trace(cov)) / dim
+    delta_sum = float((cov * cov).sum())  # ||S||_F^2
+    beta = (float(fourth) / n - delta_sum) / (dim * n)
+    delta = (delta_sum - 2 * mu * float(torch.trace(cov)) + dim * mu * mu) / dim
+    beta = min(beta, delta)
+    return 0.0 if beta <= 0 else beta / delta
+
+
+#: How :class:`Mahalanobis` turns the covariance into a precision matrix.
+COVARIANCES = ("auto", "empirical", "ledoit_wolf")
+
+
+def _precision(cov: Tensor, fourth: Tensor, n: int, rule: str) -> Tensor:
+    """The precision matrix of ``cov``: a pseudo-inverse of the empirical covariance, or the
+    inverse of its Ledoit–Wolf shrinkage (``"auto"``: shrink when ``n <= dim``, where the
+    empirical covariance is singular)."""
+    shrink = rule == "ledoit_wolf" or (rule == "auto" and n <= cov.shape[0])
+    if not shrink:
+        return torch.linalg.pinv(cov, hermitian=True)
+    alpha = ledoit_wolf_shrinkage(cov, fourth, n)
+    target = torch.trace(cov) / cov.shape[0]
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    return torch.linalg.pinv((1 - alpha) * cov + alpha * target * eye, hermitian=True)
 
 
 def _squared_mahalanobis(x: Tensor, means: Tensor, precision: Tensor) -> Tensor:
@@ -123,6 +165,11 @@ def _squared_mahalanobis(x: Tensor, means: Tensor, precision: Tensor) -> Tensor:
 class _MahalanobisBase(OODScore):
     requires = frozenset({"features", "labels"})
     needs_fit = True
+
+    def __init__(self, covariance: str = "auto") -> None:
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}.")
+        self.covariance = covariance
 
     def _device(self, data: FeatureSet) -> torch.device:
         return data.compute_device
@@ -139,9 +186,9 @@ class _MahalanobisBase(OODScore):
     def _fit_classes(self, data: FeatureSet) -> None:
         feats = data.require("features", self.name)
         labels = data.require("labels", self.name)
-        means, cov = _class_statistics(feats, labels, self._device(data))
+        means, cov, fourth = _class_statistics(feats, labels, self._device(data))
         self.means = means
-        self.precision = torch.linalg.pinv(cov, hermitian=True)
+        self.precision = _precision(cov, fourth, len(feats), self.covariance)
 
 
 @register_score(aliases=["mds"])
@@ -150,6 +197,12 @@ class Mahalanobis(_MahalanobisBase):
 
     Class means and one covariance shared by all classes (of the class-centred penultimate
     features), in float64, inverted with a pseudo-inverse. Score ``-min_c d_c(x)``.
+
+    ``covariance``: ``"empirical"`` (the sample covariance), ``"ledoit_wolf"`` (shrunk towards
+    a multiple of the identity by the Ledoit–Wolf rule) or ``"auto"`` (the default: Ledoit–Wolf
+    when there are no more training samples than feature dimensions, where the sample
+    covariance is singular and its pseudo-inverse ignores every direction the ID data did not
+    span; the empirical covariance otherwise).
 
     Deviation from the paper: penultimate layer only, no input pre-processing and no ensemble of
     layers with a logistic regressor (the common "MDS" baseline of OpenOOD and later papers).
@@ -173,7 +226,8 @@ class RelativeMahalanobis(_MahalanobisBase):
     """Relative Mahalanobis distance (Ren et al., 2021).
 
     ``RMD_c(x) = MD_c(x) - MD_0(x)``, where ``MD_0`` uses the mean and covariance of all
-    training features ignoring classes. Score ``-min_c RMD_c(x)``.
+    training features ignoring classes. Score ``-min_c RMD_c(x)``. ``covariance``: as for
+    :class:`Mahalanobis`, for both covariances.
     """
 
     name = "relative_mahalanobis"
@@ -181,9 +235,10 @@ class RelativeMahalanobis(_MahalanobisBase):
 
     def fit(self, data: FeatureSet) -> RelativeMahalanobis:
         self._fit_classes(data)
-        mean, cov = _global_statistics(data.require("features", self.name), self._device(data))
+        feats = data.require("features", self.name)
+        mean, cov, fourth = _global_statistics(feats, self._device(data))
         self.background_mean = mean
-        self.background_precision = torch.linalg.pinv(cov, hermitian=True)
+        self.background_precision = _precision(cov, fourth, len(feats), self.covariance)
         return self
 
     def score(self, data: FeatureSet) -> Tensor:
