@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .masking import LayerSelector, check_keep_ratio
 from .scores import OODScore, get_score, resolve_score
+from .scores.spec import ScoreSpec
 
 __all__ = [
     "DEFAULT_CONSTRAINT_FACTOR",
@@ -313,9 +314,11 @@ def _names_types(selector: Any) -> bool:
     return any(isinstance(item, type) for item in items)
 
 
-def _score_to_json(score: str | OODScore) -> str | dict[str, Any]:
+def _score_to_json(score: str | OODScore | ScoreSpec) -> str | dict[str, Any]:
     if isinstance(score, str):
         return score
+    if isinstance(score, ScoreSpec):
+        return score.to_json()
     config = score.get_config()
     try:
         default = get_score(score.name).get_config()
@@ -351,7 +354,7 @@ class UnleashConfig:
     mask_mode: Literal["layer", "model"] | None = None
     mask_init: Literal["random", "magnitude"] | None = None
     constraint: ConstraintSpec = "relative"
-    score: str | OODScore = "knn"
+    score: str | OODScore | ScoreSpec = "knn"
     seed: int = 0
     head: str | None = None
     feature_layer: str | None = None
@@ -374,8 +377,8 @@ class UnleashConfig:
         _check_selector("exclude", self.exclude)
         set_(self, "constraint", short_constraint(check_constraint(self.constraint)))
         score = self.score
-        if isinstance(score, Mapping):
-            score = get_score(str(score.get("name")), **dict(score.get("config") or {}))
+        if isinstance(score, Mapping):  # a configured score, as a checkpoint records it
+            score = ScoreSpec.from_json(score)
         resolve_score(score)  # an unknown name fails here, not at the first score() call
         set_(self, "score", score)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):

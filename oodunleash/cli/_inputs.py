@@ -9,7 +9,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from ..scores import OODScore, get_score
+from ..scores import OODScore, resolve_score
 from . import _data
 from ._errors import UsageError
 from ._models import ResolvedModel, resolve_model
@@ -33,10 +33,11 @@ def device(name: str) -> str:
 
 
 def check_score(name: str, flag: str) -> OODScore:
-    """A new instance of the registered score ``name``; an unknown name is a usage error."""
+    """A new instance of the registered score ``name`` (or label, ``"knn k=1"``); an unknown
+    name is a usage error."""
     try:
-        return get_score(name)
-    except ValueError as exc:
+        return resolve_score(name)
+    except (TypeError, ValueError) as exc:
         raise UsageError(f"{flag} {name}: {exc}") from None
 
 

@@ -39,6 +39,7 @@ from .base import (
 from .distance import KNN, SHE, Mahalanobis, RelativeMahalanobis
 from .gradient import ODIN, GradNorm
 from .logits import GEN, MSP, Energy, Entropy, MaxLogit
+from .spec import ScoreSpec
 from .subspace import Residual, ViM
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "RelativeMahalanobis",
     "Residual",
     "ScoreNotFittedError",
+    "ScoreSpec",
     "ViM",
     "activation",
     "distance",

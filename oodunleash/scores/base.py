@@ -316,14 +316,28 @@ def get_score(name: str, **config: Any) -> OODScore:
         ) from err
 
 
-def resolve_score(spec: str | OODScore | type[OODScore]) -> OODScore:
-    """An :class:`OODScore` instance from a registered name, an instance or a class."""
+def _spec_type() -> type:
+    from .spec import ScoreSpec  # spec.py builds on this module
+
+    return ScoreSpec
+
+
+def _is_label(name: str) -> bool:
+    """Whether ``name`` carries options, as ``ScoreSpec.label`` writes them (``"knn k=1"``)."""
+    return "=" in name and len(name.split()) > 1
+
+
+def resolve_score(spec: Any) -> OODScore:
+    """An :class:`OODScore` instance from a registered name, a label with options
+    (``"knn k=1"``), a :class:`~oodunleash.scores.spec.ScoreSpec`, an instance or a class."""
     if isinstance(spec, OODScore):
         return spec
     if isinstance(spec, type) and issubclass(spec, OODScore):
         return spec()
+    if isinstance(spec, _spec_type()):
+        return spec.build()
     if isinstance(spec, str):
-        return get_score(spec)
+        return _spec_type().parse(spec).build() if _is_label(spec) else get_score(spec)
     raise TypeError(
         f"A score is a registered name (see oodunleash.list_scores()) or an OODScore; got "
         f"{type(spec).__name__}."
@@ -350,7 +364,13 @@ def resolve_scores(
     fitted = fitted or {}
     out: dict[str, OODScore] = {}
     for label, spec in _labelled_specs(scores):
-        if not isinstance(spec, str):
+        if isinstance(spec, str) and spec not in fitted and _is_label(spec):
+            spec = _spec_type().parse(spec)
+        if isinstance(spec, _spec_type()):  # its fitted copy, under whatever key it was stored
+            found = spec.find(fitted)
+            key, instance = found if found is not None else (spec.label, spec.build())
+            label = label or key
+        elif not isinstance(spec, str):
             instance = resolve_score(spec)
         elif label in fitted:
             instance = fitted[label]
@@ -371,7 +391,7 @@ def resolve_scores(
 
 def _labelled_specs(scores: Any) -> list[tuple[str | None, Any]]:
     """``(label, spec)`` pairs; the label is ``None`` where the score's name serves."""
-    if isinstance(scores, str | OODScore) or (
+    if isinstance(scores, str | OODScore | _spec_type()) or (
         isinstance(scores, type) and issubclass(scores, OODScore)
     ):
         return [(None, scores)]

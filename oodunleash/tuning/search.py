@@ -16,12 +16,13 @@ from ..distributed import any_rank, is_main_process
 from ..proxy import proxy_ood
 from ..results import EvaluationResults
 from ..scores import OODScore
+from ..scores.spec import ScoreSpec
 from ..training import LossConstraintTooHighError, TrainingDivergedError
 from ..wrapper import METHOD_DEFAULTS, OODUnleash
 from .candidates import CandidateSpec, candidate_specs, estimated_seconds, finetune, score_variants
 from .result import CandidateResult, TuneResult, metrics_in_percent, select
 
-__all__ = ["split_failures", "tune"]
+__all__ = ["choose_score", "split_failures", "tune"]
 
 T = TypeVar("T")
 
@@ -93,6 +94,19 @@ def _validation_oods(
     return {**proxies, **given}, True
 
 
+def choose_score(
+    unleashed: OODUnleash, label: str, variant: ScoreSpec | OODScore, keep_all: bool
+) -> None:
+    """Make the fitted variant ``label`` the default score of ``unleashed``, in the one form
+    that saves and reloads: a :class:`ScoreSpec` whose fitted copy is stored under ``label``
+    (:meth:`ScoreSpec.find` finds it there after ``from_pretrained`` too)."""
+    best = unleashed.fitted_scores_[label]
+    if not keep_all:  # KNN banks add up over many candidates
+        unleashed.fitted_scores_ = {label: best}
+    # An unregistered score has no spec: it stays the fitted instance (in memory only).
+    unleashed.default_score = variant if isinstance(variant, ScoreSpec) else best
+
+
 class _Reader:
     """Reads a model out with every score variant: one pass over the training data fits them,
     one pass per validation set scores them (:meth:`OODUnleash.evaluate`)."""
@@ -154,11 +168,7 @@ class _Reader:
         row = CandidateResult(
             spec.name, spec.kind, spec.tier, accuracy, metrics, xi, train_s + done - started
         )
-        best = unleashed.fitted_scores_[row.best_score]
-        if not self.keep_all:  # KNN banks add up over many candidates
-            # Under the score's own name, so evaluate() reports it once, as the default.
-            unleashed.fitted_scores_ = {best.name: best}
-        unleashed.default_score = best
+        choose_score(unleashed, row.best_score, self.variants[row.best_score], self.keep_all)
         return row
 
 
