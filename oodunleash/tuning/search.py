@@ -20,6 +20,7 @@ from ..scores.spec import ScoreSpec
 from ..training import LossConstraintTooHighError, TrainingDivergedError
 from ..wrapper import METHOD_DEFAULTS, OODUnleash
 from .candidates import CandidateSpec, candidate_specs, estimated_seconds, finetune, score_variants
+from . import schedule
 from .result import CandidateResult, TuneResult, metrics_in_percent, select
 
 __all__ = ["choose_score", "split_failures", "tune"]
@@ -180,9 +181,12 @@ class _Search:
         self.seed, self.epochs = settings["seed"], settings["epochs"]
         self.options, self.progress = settings["options"], settings["progress"]
         self.max_accuracy_drop, self.keep_all = settings["max_accuracy_drop"], settings["keep_all"]
+        self.screen_reader, self.promote = settings["screen_reader"], settings["promote"]
+        self.verbose = settings["verbose"]
         self.epoch_s: dict[str, float] = {}  # measured seconds per fine-tune epoch, per method
         self.pass_s = 0.0  # seconds of one forward pass over the training data
         self.training_loss: list[float] = []  # measured once, shared by the fine-tunes
+        self.seen: dict[str, str] = {}  # weight fingerprint -> the candidate read out with them
 
     def choose(self, rows: Mapping[str, CandidateResult]) -> CandidateResult:
         """:func:`select` over the rows in candidate order (ties go to the first listed)."""
@@ -190,12 +194,40 @@ class _Search:
             0
         ]
 
+    def n_epochs(self, spec: CandidateSpec) -> int:
+        """The full schedule's epochs of a fine-tune."""
+        return self.epochs if self.epochs is not None else METHOD_DEFAULTS[spec.method]["epochs"]
+
     def cost(self, spec: CandidateSpec) -> float:
         """Estimated seconds; a fine-tune's epoch cost is measured once its method has run."""
         if spec.kind == "finetune" and spec.method in self.epoch_s:
-            n = self.epochs if self.epochs is not None else METHOD_DEFAULTS[spec.method]["epochs"]
-            return n * self.epoch_s[spec.method] + self.reader.read_s
+            return self.n_epochs(spec) * self.epoch_s[spec.method] + self.reader.read_s
         return estimated_seconds(spec, self.epochs, self.pass_s, self.reader.read_s)
+
+    def screens(self, finetunes: list[CandidateSpec]) -> bool:
+        """Whether the fine-tunes are screened first (more of them than get the full one)."""
+        return self.promote is not None and len(finetunes) > self.promote
+
+    def announce(self, oods: int) -> None:
+        """Say what will run and about how long it takes, from the passes measured so far."""
+        finetunes = [s for s in self.specs if s.kind == "finetune"]
+        others = [s for s in self.specs[1:] if s.kind != "finetune"]
+        full = finetunes[: self.promote] if self.screens(finetunes) else finetunes
+        estimate = sum(self.cost(s) for s in others + full)
+        if self.screens(finetunes):
+            estimate += sum(schedule.screening_cost(self, s) for s in finetunes)
+        epochs = self.n_epochs(finetunes[0]) if finetunes else 0
+        names = [s.name for s in finetunes]
+        variants = len(self.reader.variants)
+        print(schedule.plan_text(names, self.promote, epochs, variants, oods, estimate))
+
+    def duplicate(self, name: str, unleashed: OODUnleash, seen: dict[str, str]) -> str | None:
+        """The candidate already read out with the same weights, else ``None`` (recorded)."""
+        key = schedule.fingerprint(unleashed)
+        if key in seen:
+            return seen[key]
+        seen[key] = name
+        return None
 
     def run(self, started: float, time_budget: float | None, fit_scale: float):
         """``(rows, kept models, dropped)``: the unchanged model first, always."""
@@ -206,8 +238,18 @@ class _Search:
         rows = {"unchanged": self.reader.read(self.specs[0], kept["unchanged"], None, 0.0)}
         bar.update()
         self.pass_s = self.reader.fit_s * fit_scale
+        self.seen = {schedule.fingerprint(kept["unchanged"]): "unchanged"}
+        if self.verbose and is_main_process():
+            self.announce(len(self.reader.oods))
         dropped: dict[str, str] = {}
-        for spec in sorted(self.specs[1:], key=lambda s: (self.cost(s), s.priority)):
+        finetunes = [s for s in self.specs[1:] if s.kind == "finetune"]
+        full = [s for s in self.specs[1:] if s.kind != "finetune"]
+        if self.screens(finetunes):
+            reference = rows["unchanged"].accuracy
+            full += schedule.screen(self, finetunes, reference, started, time_budget, dropped)
+        else:
+            full += finetunes
+        for spec in sorted(full, key=lambda s: (self.cost(s), s.priority)):
             bar.set_postfix_str(spec.name)
             bar.update()
             elapsed = time.perf_counter() - started
@@ -227,6 +269,10 @@ class _Search:
             train_s = time.perf_counter() - t0
             if spec.kind == "finetune":
                 self.epoch_s[spec.method] = train_s / max(1, len(unleashed.history_))
+            twin = self.duplicate(spec.name, unleashed, self.seen)
+            if twin is not None:  # the same detector: its row would repeat twin's
+                dropped[spec.name] = f"identical weights to {twin!r}, which was read out"
+                continue
             rows[spec.name] = self.reader.read(spec, unleashed, xi, train_s)
             kept[spec.name] = unleashed
             if not self.keep_all:  # free the models that lost
@@ -234,8 +280,11 @@ class _Search:
         bar.close()
         return rows, kept, dropped
 
-    def build(self, spec: CandidateSpec) -> tuple[OODUnleash, float | None]:
-        """The wrapped model of a checkpoint or fine-tune candidate, and its ξ."""
+    def build(
+        self, spec: CandidateSpec, loader: Iterable | None = None, epochs: int | None = None
+    ) -> tuple[OODUnleash, float | None]:
+        """The wrapped model of a checkpoint or fine-tune candidate, and its ξ; a fine-tune
+        reads ``loader`` (default the training data) for ``epochs`` (default the schedule's)."""
         if spec.kind == "checkpoint":
             copied = copy.deepcopy(self.model)
             copied.load_state_dict(dict(spec.state_dict or {}))
@@ -247,10 +296,10 @@ class _Search:
         unleashed = finetune(
             self.model,
             spec,
-            self.train_loader,
+            self.train_loader if loader is None else loader,
             self.training_loss[0] if self.training_loss else None,
             seed=self.seed,
-            epochs=self.epochs,
+            epochs=self.epochs if epochs is None else epochs,
             wrapper_options=self.options,
             progress=self.progress,
         )
@@ -263,6 +312,23 @@ def _fit_scale(train_loader: Iterable, max_fit_batches: int | None) -> float:
     if max_fit_batches is None or batches is None or batches <= max_fit_batches:
         return 1.0
     return batches / max_fit_batches
+
+
+def _screen_fit_batches(train_loader: Iterable, max_fit_batches: int | None) -> int | None:
+    """Training batches a screening read-out fits its scores on."""
+    batches = _length(train_loader, "")
+    if batches is None:
+        return max_fit_batches
+    share = len(schedule.first_share(range(batches)))
+    return share if max_fit_batches is None else min(share, max_fit_batches)
+
+
+def _check_promote(promote: int | None) -> int | None:
+    if promote is not None and (isinstance(promote, bool) or not isinstance(promote, int)):
+        raise TypeError(f"promote must be a number of fine-tunes or None, got {promote!r}.")
+    if promote is not None and promote < 1:
+        raise ValueError(f"promote must be at least 1 (or None: no screening), got {promote}.")
+    return promote
 
 
 def _check_options(max_accuracy_drop: float, time_budget: float | None) -> None:
@@ -298,6 +364,7 @@ def tune(
     head: str | None = None,
     feature_layer: str | None = None,
     keep_all: bool = False,
+    promote: int | None = 1,
     progress: bool = True,
     verbose: bool = True,
 ) -> TuneResult:
@@ -342,8 +409,14 @@ def tune(
         keep_all: Keep every candidate's model and fitted score variants (under their labels)
             in ``result.unleashed``, for comparisons on test data; costs memory. By default
             only the chosen model is kept, with only the chosen score.
+        promote: Successive halving: when there are more fine-tunes than this, each is first
+            screened with a quarter-epoch run of its recipe and a cheap read-out
+            (:mod:`~oodunleash.tuning.schedule`), and only the ``promote`` best within the
+            accuracy floor get the full schedule and the full read-out; the choice is made
+            on those. ``None``: every fine-tune runs the full schedule (slow).
         progress: Show progress bars.
-        verbose: Print the validation table when done.
+        verbose: Say up front what will run and about how long it takes; print the
+            validation table when done.
 
     Returns:
         A :class:`~oodunleash.tuning.TuneResult`: ``.best`` (an ``OODUnleash`` whose
@@ -367,11 +440,24 @@ def tune(
         keep_all=keep_all,
         progress=progress,
     )
+    variants = reader.variants
+    screen_reader = _Reader(
+        train_loader,
+        val_loader,
+        {name: schedule.first_share(loader) for name, loader in oods.items()},
+        schedule.screening_variants(variants),
+        max_fit_batches=_screen_fit_batches(train_loader, max_fit_batches),
+        keep_all=False,
+        progress=progress,
+    )
     search = _Search(
         model,
         train_loader,
         reader,
         specs,
+        screen_reader=screen_reader,
+        promote=_check_promote(promote),
+        verbose=verbose,
         seed=seed,
         epochs=epochs,
         # Every candidate is read out by every score after its fit, and the chosen score
