@@ -19,8 +19,8 @@ from ..scores import OODScore
 from ..scores.spec import ScoreSpec
 from ..training import LossConstraintTooHighError, TrainingDivergedError
 from ..wrapper import METHOD_DEFAULTS, OODUnleash
-from .candidates import CandidateSpec, candidate_specs, estimated_seconds, finetune, score_variants
 from . import schedule
+from .candidates import CandidateSpec, candidate_specs, estimated_seconds, finetune, score_variants
 from .result import CandidateResult, TuneResult, metrics_in_percent, select
 
 __all__ = ["choose_score", "split_failures", "tune"]
