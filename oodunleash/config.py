@@ -24,7 +24,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from .masking import LayerSelector, check_keep_ratio
-from .scores import OODScore, get_score, resolve_score
+from .scores import OODScore, resolve_score
 from .scores.spec import ScoreSpec
 
 __all__ = [
@@ -315,16 +315,14 @@ def _names_types(selector: Any) -> bool:
 
 
 def _score_to_json(score: str | OODScore | ScoreSpec) -> str | dict[str, Any]:
+    """A name, or ``{"name", "config"}`` with the options that differ from the defaults
+    (:meth:`ScoreSpec.to_json`); an unregistered score's whole config."""
     if isinstance(score, str):
         return score
-    if isinstance(score, ScoreSpec):
-        return score.to_json()
-    config = score.get_config()
     try:
-        default = get_score(score.name).get_config()
-    except (ValueError, TypeError):
-        default = None
-    return score.name if config == default else {"name": score.name, "config": config}
+        return ScoreSpec.of(score).to_json()
+    except (TypeError, ValueError):  # not registered: the name alone would not rebuild it
+        return {"name": score.name, "config": score.get_config()}
 
 
 @dataclass(frozen=True)
