@@ -377,6 +377,8 @@ class UnleashConfig:
         score = self.score
         if isinstance(score, Mapping):  # a configured score, as a checkpoint records it
             score = ScoreSpec.from_json(score)
+        elif isinstance(score, str) and len(score.split()) > 1:  # a label: "knn k=1"
+            score = ScoreSpec.parse(score)
         resolve_score(score)  # an unknown name fails here, not at the first score() call
         set_(self, "score", score)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
