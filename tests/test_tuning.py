@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -407,3 +408,23 @@ def test_bad_promote_fails_before_any_work(data):
     model, train, val = data
     with pytest.raises(ValueError, match="promote must be at least 1"):
         tune(model, train, val, promote=0, **FAST)
+
+
+def test_a_tiny_time_budget_screens_nothing_and_says_so(data):
+    model, train, val = data
+    names = ["um control", "umap control"]
+    result = tune(model, train, val, finetunes=names, time_budget=1e-6, **FAST)
+    assert list(result.candidates) == ["unchanged"]
+    assert sorted(result.dropped) == sorted(names)
+    assert all(reason.startswith("time budget") for reason in result.dropped.values())
+
+
+def test_plot_labels_of_points_at_one_spot_do_not_overlap(data):
+    model, train, val = data
+    result = tune(model, train, val, finetunes=[], verbose=False, **FAST)
+    twin = copy.deepcopy(result.candidates["unchanged"])
+    twin.name, twin.kind, twin.tier = "checkpoint twin", "checkpoint", 1
+    result.candidates["checkpoint twin"] = twin
+    figure = result.plot()
+    offsets = [text.xyann for text in figure.axes[0].texts]
+    assert len(offsets) == 2 and offsets[0] != offsets[1]
