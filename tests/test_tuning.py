@@ -378,7 +378,7 @@ def test_screening_gives_the_full_schedule_to_one_fine_tune_and_reads_less(data,
             screened = result
     plan = capsys.readouterr().out
     assert "3 fine-tunes (um control, umap control, um) screened on 0.25 epoch" in plan
-    assert "about" in plan and "s more" in plan  # the estimate, said up front
+    assert "to read out; about" in plan and "s more to go" in plan  # the estimate, early
     ran = [n for n in screened.candidates if n != "unchanged"]
     assert len(ran) <= 1  # at most `promote` fine-tunes fully trained and read out
     for name in set(names) - set(ran):

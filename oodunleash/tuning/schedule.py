@@ -93,28 +93,23 @@ def fingerprint(unleashed: Any) -> str:
 
 
 def plan_text(
-    finetunes: list[str],
-    promote: int | None,
-    epochs: int,
-    variants: int,
-    ood_sets: int,
-    estimate_s: float | None,
+    finetunes: list[str], promote: int | None, epochs: int, variants: int, ood_sets: int
 ) -> str:
-    """One line saying what :func:`~oodunleash.tune` will try and about how long it takes."""
+    """One line saying what :func:`~oodunleash.tune` will try."""
     if not finetunes:
         what = "the unchanged model only (no fine-tune)"
     elif promote is None or len(finetunes) <= promote:
-        what = f"{len(finetunes)} fine-tune(s) ({', '.join(finetunes)}) for {epochs} epochs each"
+        what = (
+            f"the unchanged model and {len(finetunes)} fine-tune(s) ({', '.join(finetunes)}) "
+            f"for {epochs} epochs each"
+        )
     else:
         what = (
-            f"{len(finetunes)} fine-tunes ({', '.join(finetunes)}) screened on "
-            f"{SCREEN_FRACTION:g} epoch each, then the best {promote} for {epochs} epochs"
+            f"the unchanged model and {len(finetunes)} fine-tunes ({', '.join(finetunes)}) "
+            f"screened on {SCREEN_FRACTION:g} epoch each, then the best {promote} for "
+            f"{epochs} epochs"
         )
-    when = "" if estimate_s is None else f"; about {estimate_s:.0f} s more (from the first passes)"
-    return (
-        f"tune: the unchanged model and {what}, read out by {variants} score variants on "
-        f"{ood_sets} validation OOD sets{when}."
-    )
+    return f"tune: {what}, read out by {variants} score variants on {ood_sets} validation OOD sets."
 
 
 def screening_cost(search: Any, spec: Any) -> float:

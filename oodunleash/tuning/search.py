@@ -208,18 +208,24 @@ class _Search:
         """Whether the fine-tunes are screened first (more of them than get the full one)."""
         return self.promote is not None and len(finetunes) > self.promote
 
-    def announce(self, oods: int) -> None:
-        """Say what will run and about how long it takes, from the passes measured so far."""
+    def announce(self, oods: int, measured: bool) -> None:
+        """Say what will run (before the first pass) and about how long the rest takes (once
+        the unchanged model's read-out has been timed)."""
         finetunes = [s for s in self.specs if s.kind == "finetune"]
+        if not measured:
+            epochs = self.n_epochs(finetunes[0]) if finetunes else 0
+            names, variants = [s.name for s in finetunes], len(self.reader.variants)
+            print(schedule.plan_text(names, self.promote, epochs, variants, oods))
+            return
         others = [s for s in self.specs[1:] if s.kind != "finetune"]
         full = finetunes[: self.promote] if self.screens(finetunes) else finetunes
         estimate = sum(self.cost(s) for s in others + full)
         if self.screens(finetunes):
             estimate += sum(schedule.screening_cost(self, s) for s in finetunes)
-        epochs = self.n_epochs(finetunes[0]) if finetunes else 0
-        names = [s.name for s in finetunes]
-        variants = len(self.reader.variants)
-        print(schedule.plan_text(names, self.promote, epochs, variants, oods, estimate))
+        print(
+            f"tune: the unchanged model took {self.reader.read_s:.0f} s to read out; about "
+            f"{estimate:.0f} s more to go."
+        )
 
     def duplicate(self, name: str, unleashed: OODUnleash, seen: dict[str, str]) -> str | None:
         """The candidate already read out with the same weights, else ``None`` (recorded)."""
@@ -232,6 +238,9 @@ class _Search:
     def run(self, started: float, time_budget: float | None, fit_scale: float):
         """``(rows, kept models, dropped)``: the unchanged model first, always."""
         shown = self.progress and is_main_process()
+        talk = self.verbose and is_main_process()
+        if talk:
+            self.announce(len(self.reader.oods), measured=False)
         bar = tqdm(total=len(self.specs), desc="tune", disable=not shown)
         bar.set_postfix_str("unchanged")
         kept = {"unchanged": OODUnleash(self.model, **self.options)}
@@ -239,8 +248,8 @@ class _Search:
         bar.update()
         self.pass_s = self.reader.fit_s * fit_scale
         self.seen = {schedule.fingerprint(kept["unchanged"]): "unchanged"}
-        if self.verbose and is_main_process():
-            self.announce(len(self.reader.oods))
+        if talk and len(self.specs) > 1:
+            self.announce(len(self.reader.oods), measured=True)
         dropped: dict[str, str] = {}
         finetunes = [s for s in self.specs[1:] if s.kind == "finetune"]
         full = [s for s in self.specs[1:] if s.kind != "finetune"]
