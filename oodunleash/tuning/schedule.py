@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import any_rank
 from ..scores import OODScore, resolve_score
 
 __all__ = [
@@ -137,7 +138,8 @@ def screen(
     rows, seen = {}, {}
     for spec in specs:
         elapsed = time.perf_counter() - started
-        if time_budget is not None and elapsed + screening_cost(search, spec) > time_budget:
+        over = time_budget is not None and elapsed + screening_cost(search, spec) > time_budget
+        if any_rank(over):  # under torchrun every rank must screen the same candidates
             dropped[spec.name] = f"time budget: {max(0.0, time_budget - elapsed):.0f} s left"
             continue
         t0 = time.perf_counter()

@@ -384,7 +384,9 @@ def tune(
     controls, and UM with ξ at 2x and 4x the training loss), each on a deep copy. Every
     candidate is read out by every score variant (all registered scores; DICE sparsity, ReAct
     percentile and KNN ``k`` at a few values each): one pass over the training data fits
-    them, one pass per validation set scores them all. The choice: the lowest mean validation
+    them, one pass per validation set scores them all. The fine-tunes are first screened
+    with a quarter epoch each, and only the best ``promote`` get the full schedule, so the
+    whole search costs about two ``fit`` calls (``docs/benchmarks/tune-cost.md``). The choice: the lowest mean validation
     FPR95 among candidates whose validation accuracy is at most ``max_accuracy_drop`` points
     below ``model``'s; a tie goes to the cheaper candidate (no fine-tune first). ``model`` with
     its best score is always eligible, so on validation the result is never worse than it.
