@@ -170,3 +170,20 @@ def screen(
                 "the screening sets"
             )
     return [s for s in specs if s.name in promoted]
+
+
+def screen_fit_batches(batches: int | None, max_fit_batches: int | None) -> int | None:
+    """Training batches a screening read-out fits its scores on, of ``batches`` in all."""
+    if batches is None:
+        return max_fit_batches
+    share = len(first_share(range(batches)))
+    return share if max_fit_batches is None else min(share, max_fit_batches)
+
+
+def check_promote(promote: int | None) -> int | None:
+    """``promote``, refused with the fix unless it is a positive int or ``None``."""
+    if promote is not None and (isinstance(promote, bool) or not isinstance(promote, int)):
+        raise TypeError(f"promote must be a number of fine-tunes or None, got {promote!r}.")
+    if promote is not None and promote < 1:
+        raise ValueError(f"promote must be at least 1 (or None: no screening), got {promote}.")
+    return promote

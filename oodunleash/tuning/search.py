@@ -323,23 +323,6 @@ def _fit_scale(train_loader: Iterable, max_fit_batches: int | None) -> float:
     return batches / max_fit_batches
 
 
-def _screen_fit_batches(train_loader: Iterable, max_fit_batches: int | None) -> int | None:
-    """Training batches a screening read-out fits its scores on."""
-    batches = _length(train_loader, "")
-    if batches is None:
-        return max_fit_batches
-    share = len(schedule.first_share(range(batches)))
-    return share if max_fit_batches is None else min(share, max_fit_batches)
-
-
-def _check_promote(promote: int | None) -> int | None:
-    if promote is not None and (isinstance(promote, bool) or not isinstance(promote, int)):
-        raise TypeError(f"promote must be a number of fine-tunes or None, got {promote!r}.")
-    if promote is not None and promote < 1:
-        raise ValueError(f"promote must be at least 1 (or None: no screening), got {promote}.")
-    return promote
-
-
 def _check_options(max_accuracy_drop: float, time_budget: float | None) -> None:
     if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, int | float):
         raise TypeError(f"max_accuracy_drop must be a number of points, got {max_accuracy_drop!r}.")
@@ -457,7 +440,7 @@ def tune(
         val_loader,
         {name: schedule.first_share(loader) for name, loader in oods.items()},
         schedule.screening_variants(variants),
-        max_fit_batches=_screen_fit_batches(train_loader, max_fit_batches),
+        max_fit_batches=schedule.screen_fit_batches(_length(train_loader, ""), max_fit_batches),
         keep_all=False,
         progress=progress,
     )
@@ -467,7 +450,7 @@ def tune(
         reader,
         specs,
         screen_reader=screen_reader,
-        promote=_check_promote(promote),
+        promote=schedule.check_promote(promote),
         verbose=verbose,
         seed=seed,
         epochs=epochs,
