@@ -99,6 +99,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         proxy_size=args.proxy_size,
         scores=[s for s in oodunleash.list_scores() if s not in args.skip_scores],
         keep_all=True,
+        promote=None,  # every candidate fully trained: each is read out on test below
         progress=False,
     )
     test_id = in_batches(*data["test"], batch_size=512)

@@ -33,7 +33,8 @@ from oodunleash.finetune.recipes import (
     short_constraint,
 )
 from oodunleash.masks.layer_masks import LayerSelector
-from oodunleash.scores import OODScore, get_score, resolve_score
+from oodunleash.scores import OODScore, resolve_score
+from oodunleash.scores.spec import ScoreSpec
 
 __all__ = [
     "DEFAULT_CONSTRAINT_FACTOR",
@@ -82,15 +83,15 @@ def _names_types(selector: Any) -> bool:
     return any(isinstance(item, type) for item in items)
 
 
-def _score_to_json(score: str | OODScore) -> str | dict[str, Any]:
+def _score_to_json(score: str | OODScore | ScoreSpec) -> str | dict[str, Any]:
+    """A name, or ``{"name", "config"}`` with the options that differ from the defaults
+    (:meth:`ScoreSpec.to_json`); an unregistered score's whole config."""
     if isinstance(score, str):
         return score
-    config = score.get_config()
     try:
-        default = get_score(score.name).get_config()
-    except (ValueError, TypeError):
-        default = None
-    return score.name if config == default else {"name": score.name, "config": config}
+        return ScoreSpec.of(score).to_json()
+    except (TypeError, ValueError):  # not registered: the name alone would not rebuild it
+        return {"name": score.name, "config": score.get_config()}
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class UnleashConfig:
     mask_mode: Literal["layer", "model"] | None = None
     mask_init: Literal["random", "magnitude"] | None = None
     constraint: ConstraintSpec = "relative"
-    score: str | OODScore = "knn"
+    score: str | OODScore | ScoreSpec = "knn"
     seed: int = 0
     head: str | None = None
     feature_layer: str | None = None
@@ -143,8 +144,10 @@ class UnleashConfig:
         _check_selector("exclude", self.exclude)
         set_(self, "constraint", short_constraint(check_constraint(self.constraint)))
         score = self.score
-        if isinstance(score, Mapping):
-            score = get_score(str(score.get("name")), **dict(score.get("config") or {}))
+        if isinstance(score, Mapping):  # a configured score, as a checkpoint records it
+            score = ScoreSpec.from_json(score)
+        elif isinstance(score, str) and len(score.split()) > 1:  # a label: "knn k=1"
+            score = ScoreSpec.parse(score)
         resolve_score(score)  # an unknown name fails here, not at the first score() call
         set_(self, "score", score)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):

@@ -347,6 +347,7 @@ def scenario_tune() -> dict[str, Any]:
     return {
         "best": result.best_name,
         "rows": {name: (row["accuracy"], row["mean_fpr95"]) for name, row in rows.items()},
+        "dropped": result.dropped,  # the screening (default promote=1) must agree too
         "state": state_copy(result.best.model),
     }
 

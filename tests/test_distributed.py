@@ -316,7 +316,10 @@ def test_evaluate_concatenates_shards_it_cannot_shard_itself(ranks):
 
 def test_tune_makes_the_same_choice_on_every_rank(ranks):
     first, second = (r["tune"] for r in ranks)
-    assert set(first["rows"]) == {"unchanged", "um", "um control"}
+    # Both fine-tunes screened, one trained fully (or none, below the accuracy floor).
+    assert {"unchanged"} <= set(first["rows"]) and len(first["rows"]) <= 2
+    assert set(first["rows"]) | set(first["dropped"]) == {"unchanged", "um", "um control"}
+    assert first["dropped"] == second["dropped"]
     assert first["best"] == second["best"]
     assert first["rows"] == second["rows"]  # validation metrics gathered over both shards
     assert same_state(first["state"], second["state"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import oodunleash
 from oodunleash import OODUnleash, proxy_ood, tune
-from oodunleash.scores import Energy
+from oodunleash.scores import Energy, ScoreSpec
 from oodunleash.tuning import CandidateResult, parse_finetune, score_variants, select
 from oodunleash.tuning import search as search_module
 from tests.helpers.scripts import load_script
@@ -109,15 +110,10 @@ def test_candidate_names_and_score_variants():
     with pytest.raises(ValueError, match="Unknown fine-tune 'sgd'"):
         parse_finetune("sgd")
     variants = score_variants(["ebo", "knn", "react"], train_size=20)  # an alias, a grid
-    assert list(variants) == [
-        "energy",
-        "knn k=1",
-        "knn k=10",
-        "react p=85",
-        "react p=90",
-        "react p=95",
-    ]
-    assert variants["knn k=10"].k == 10 and variants["react p=85"].percentile == 85
+    # Labels are ScoreSpec labels: the registered default keeps the bare name (ReAct's 90).
+    assert list(variants) == ["energy", "knn k=1", "knn k=10", "react p=85", "react", "react p=95"]
+    assert variants["knn k=10"].build().k == 10 and variants["react p=85"].build().percentile == 85
+    assert list(score_variants(["knn k=1"])) == ["knn k=1"]  # a label is that variant alone
     with pytest.raises(ValueError, match="Unknown OOD score"):
         score_variants(["nope"])
 
@@ -126,7 +122,8 @@ def test_candidate_names_and_score_variants():
 def test_tune_never_touches_the_model_and_is_never_worse_on_validation(data, capsys):
     model, train, val = data
     before, training = state_copy(model), model.training
-    result = tune(model, train, val, finetunes=["um", "um control", "umap"], seed=0, **FAST)
+    options = {"finetunes": ["um", "um control", "umap"], "promote": None}  # all full, no screen
+    result = tune(model, train, val, seed=0, **options, **FAST)
     assert same_state(before, state_copy(model)) and model.training == training
     ran = result.candidates
     assert set(ran) == {"unchanged", "um", "um control", "umap"}, result.dropped
@@ -136,7 +133,13 @@ def test_tune_never_touches_the_model_and_is_never_worse_on_validation(data, cap
     assert chosen.accuracy >= reference.accuracy - 1.0 - 1e-9
     assert result.best_name == f"{result.best_candidate} + {result.best_score}"
     for row in ran.values():  # every candidate read out by every variant, on every set
-        assert set(row.metrics) == {"energy", "msp", "knn k=1", "knn k=10", "knn k=50"}
+        assert set(row.metrics) == {
+            "energy",
+            "msp",
+            "knn k=1",
+            "knn k=10",
+            "knn",
+        }  # k=50 is KNN's default
         assert set(row.metrics["energy"]) == set(result.ood_sets) | {"mean"}
     assert ran["um"].loss_constraint == pytest.approx(
         2 * oodunleash.mean_cross_entropy(model, train)
@@ -149,24 +152,27 @@ def test_best_scores_with_the_chosen_score_and_reproduces_its_validation_numbers
     model, train, val = data
     result = tune(model, train, val, finetunes=["um control"], verbose=False, **FAST)
     best = result.best
-    chosen = best.default_score
-    assert best.fitted_scores_ == {chosen.name: chosen}  # only the chosen score is kept
-    assert result.best_score.split(" ")[0] == chosen.name
+    chosen = best.default_score  # a ScoreSpec: what save_pretrained records
+    assert chosen == ScoreSpec.parse(result.best_score)
+    assert list(best.fitted_scores_) == [result.best_score]  # only the chosen score is kept
     x = next(iter(val))[0]
     assert torch.equal(best.score(x), best.score(x, chosen))
+    assert torch.equal(best.score(x), best.score(x, result.best_score))
     again = best.evaluate(val, proxy_ood(val, n=60, seed=0), progress=False)
-    assert again.score_names == [chosen.name]  # once, as the default
-    mean = again.averages()[chosen.name]["fpr95"]
+    assert again.score_names == [result.best_score]  # once, as the default
+    mean = again.averages()[result.best_score]["fpr95"]
     assert 100 * mean == pytest.approx(result.candidates[result.best_candidate].mean_fpr95)
     if result.best_candidate == "unchanged":
         assert best.model is model
 
 
-def test_a_checkpoint_equal_to_the_model_ties_and_the_unchanged_model_wins(data):
+def test_a_checkpoint_equal_to_the_model_is_read_out_once_and_the_unchanged_model_wins(data):
     model, train, val = data
     result = tune(model, train, val, finetunes=[], checkpoints={"same": model.state_dict()}, **FAST)
-    ran = result.candidates
-    assert ran["checkpoint same"].metrics == ran["unchanged"].metrics
+    assert list(result.candidates) == ["unchanged"]
+    assert result.dropped == {
+        "checkpoint same": "identical weights to 'unchanged', which was read out"
+    }
     assert result.best_candidate == "unchanged"
 
 
@@ -187,6 +193,7 @@ def test_time_budget_drops_the_most_expensive_candidates_and_says_which(data, mo
         finetunes=["umap control", "um control"],
         checkpoints={"early": early},
         time_budget=3600,
+        promote=None,  # no screening: the budget alone decides
         **FAST,
     )
     assert set(result.candidates) == {"unchanged", "checkpoint early"}
@@ -339,3 +346,85 @@ def test_fixed_recipes_are_ranked_on_validation_pooled_over_models():
     assert "| 2 | um control + knn k=1 | 30.0 |" in text
     assert "| not eligible | um + energy | 55.0 |" in text
     assert "um + knn k=1" not in text.split("| not eligible |")[0]  # never ranked
+
+
+# ----------------------------------------------------------------------------- cost
+class _Counting:
+    """A loader that counts the batches read from it."""
+
+    def __init__(self, loader):
+        self.loader, self.batches = loader, 0
+        self.dataset = loader.dataset
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.batches += 1
+            yield batch
+
+
+def test_screening_gives_the_full_schedule_to_one_fine_tune_and_reads_less(data, capsys):
+    model, train, val = data
+    names = ["um control", "umap control", "um"]
+    read = {}
+    for promote in (1, None):
+        counting = _Counting(train)
+        options = {**FAST, "finetunes": names, "promote": promote, "epochs": 4}
+        result = tune(model, counting, val, **options)
+        read[promote] = counting.batches
+        if promote == 1:
+            screened = result
+    plan = capsys.readouterr().out
+    assert "3 fine-tunes (um control, umap control, um) screened on 0.25 epoch" in plan
+    assert "to read out; about" in plan and "s more to go" in plan  # the estimate, early
+    ran = [n for n in screened.candidates if n != "unchanged"]
+    assert len(ran) <= 1  # at most `promote` fine-tunes fully trained and read out
+    for name in set(names) - set(ran):
+        reason = screened.dropped[name]
+        assert reason.startswith(("screened out", "identical weights", "LossConstraint")), reason
+    assert read[1] < read[None] * 0.6, read  # 4 epochs once, not three times
+
+
+def test_identical_candidates_are_read_out_once(data):
+    model, train, val = data
+    early = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    result = tune(model, train, val, finetunes=[], checkpoints={"a": early, "b": early}, **FAST)
+    assert list(result.candidates) == ["unchanged", "checkpoint a"]
+    assert result.dropped["checkpoint b"].startswith("identical weights to 'checkpoint a'")
+
+
+def test_repr_is_a_few_lines_and_the_table_stays_in_to_markdown(data):
+    model, train, val = data
+    result = tune(model, train, val, finetunes=["um control"], verbose=False, **FAST)
+    text = repr(result)
+    assert len(text.splitlines()) <= 4 and len(text) < 400, text
+    assert result.best_name in text and "to_markdown" in text
+    assert "| candidate |" in result.to_markdown()
+
+
+def test_bad_promote_fails_before_any_work(data):
+    model, train, val = data
+    with pytest.raises(ValueError, match="promote must be at least 1"):
+        tune(model, train, val, promote=0, **FAST)
+
+
+def test_a_tiny_time_budget_screens_nothing_and_says_so(data):
+    model, train, val = data
+    names = ["um control", "umap control"]
+    result = tune(model, train, val, finetunes=names, time_budget=1e-6, **FAST)
+    assert list(result.candidates) == ["unchanged"]
+    assert sorted(result.dropped) == sorted(names)
+    assert all(reason.startswith("time budget") for reason in result.dropped.values())
+
+
+def test_plot_labels_of_points_at_one_spot_do_not_overlap(data):
+    model, train, val = data
+    result = tune(model, train, val, finetunes=[], verbose=False, **FAST)
+    twin = copy.deepcopy(result.candidates["unchanged"])
+    twin.name, twin.kind, twin.tier = "checkpoint twin", "checkpoint", 1
+    result.candidates["checkpoint twin"] = twin
+    figure = result.plot()
+    offsets = [text.xyann for text in figure.axes[0].texts]
+    assert len(offsets) == 2 and offsets[0] != offsets[1]

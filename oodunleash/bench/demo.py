@@ -189,6 +189,7 @@ def run_demo(
         proxy_size=cap,
         scores=_tune_scores(quick),
         keep_all=True,
+        promote=None,  # every fine-tune fully trained: the test tables compare them all
         progress=progress,
     )
     print(f"\ntune chose: {tuned.best_name} ({tuned.time_s:.0f} s)")

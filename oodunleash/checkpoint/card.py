@@ -72,6 +72,16 @@ model = timm.create_model("hf-hub:{{ repo }}", pretrained=True)
 _METHODS = {"um": "UM (weights fine-tuned)", "umap": "UMAP (pruning mask learnt)"}
 
 
+def _score_label(recorded: Any) -> str:
+    """The recorded default score as a label (``knn k=1``), not its JSON."""
+    from oodunleash.scores.spec import ScoreSpec
+
+    try:
+        return ScoreSpec.from_json(recorded).label
+    except (TypeError, ValueError):  # a score this version does not know: show what is recorded
+        return str(recorded.get("name", recorded) if isinstance(recorded, Mapping) else recorded)
+
+
 def _rows(config: Mapping[str, Any], architecture: str, is_timm: bool) -> list[tuple[str, str]]:
     params = config["params"]
     xi = config["loss_constraint"]
@@ -87,7 +97,7 @@ def _rows(config: Mapping[str, Any], architecture: str, is_timm: bool) -> list[t
             else f"{xi:.4g}",
         ),
         ("Masked layers", str(len(config["layer_names"]))),
-        ("Default OOD score", f"`{params.get('score', 'energy')}`"),
+        ("Default OOD score", f"`{_score_label(params.get('score', 'energy'))}`"),
     ]
     masks = config["masks"]
     if masks is not None:
@@ -162,7 +172,7 @@ def model_card(
         is_timm=is_timm,
         repo=repo_id or "<repo_id>",
         model_class=model_info["class"],
-        score=config["params"].get("score", "energy"),
+        score=_score_label(config["params"].get("score", "energy")),
         files=list(config["files"]),
     )
     return str(card)

@@ -13,18 +13,34 @@ from oodunleash.cli import _data, _inputs
 from oodunleash.cli._calibrate import calibrate_from_dir, decision_csv, write_or_print
 from oodunleash.cli._errors import UsageError
 from oodunleash.scores import get_score, list_scores
+from oodunleash.scores.resolve import resolve_scores
+from oodunleash.scores.spec import ScoreSpec
 from oodunleash.wrapper import OODUnleash
 
 __all__ = ["cmd_calibrate", "cmd_evaluate", "cmd_list_scores", "cmd_score"]
 
 
+def _default_label(unleashed: OODUnleash) -> str:
+    """The default score as the key it is fitted under (else its label): a tuned checkpoint's
+    ``knn k=1`` is read from its fitted bank, whatever key an older version stored it under."""
+    default = unleashed.default_score
+    try:
+        spec = ScoreSpec.of(default)
+    except (TypeError, ValueError):  # an instance of an unregistered score
+        return getattr(default, "name", str(default))
+    found = spec.find(unleashed.fitted_scores_)
+    return found[0] if found is not None else spec.label
+
+
 def _check_scores(
     unleashed: OODUnleash, names: Sequence[str], fit_dir: str | None, flag: str
 ) -> list[str]:
-    """Known score names, each either fitted already or fittable from ``--fit-dir``."""
+    """Known score names or labels, each either fitted already or fittable from ``--fit-dir``."""
     unfitted = []
     for name in names:
-        if _inputs.check_score(name, flag).needs_fit and name not in unleashed.fitted_scores_:
+        _inputs.check_score(name, flag)
+        resolved = resolve_scores(name, unleashed.fitted_scores_)
+        if not all(score.is_fitted for score in resolved.values()):
             unfitted.append(name)
     if unfitted and fit_dir is None:
         raise UsageError(
@@ -51,7 +67,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     id_set = _data.labelled_folder(args.id_dir, "--id-dir")
     resolved, _, transform = _inputs.load_model(args, num_classes=len(id_set.classes))
     unleashed = resolved.wrapper()
-    scores = args.scores or [unleashed.default_score, *unleashed.fitted_scores_]
+    scores = args.scores or [_default_label(unleashed), *unleashed.fitted_scores_]
     scores = list(dict.fromkeys(scores))  # in order, once each
     _fit_scores(
         unleashed, _check_scores(unleashed, scores, args.fit_dir, "--scores"), transform, args
@@ -84,7 +100,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     resolved, config, transform = _inputs.load_model(args, announce=False)
     unleashed = resolved.wrapper()
-    name = args.score or unleashed.default_score
+    name = args.score or _default_label(unleashed)
     check_and_fit_scores(unleashed, [name], transform, args, "--score")
     images = _data.loose_images(args.inputs, transform, "IMAGE_OR_DIR")
     for flag, given in (("--calib-dir", args.calib_dir), ("--fdr", args.fdr)):

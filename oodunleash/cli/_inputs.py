@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from oodunleash.cli import _data, _preprocessing
 from oodunleash.cli._errors import UsageError
 from oodunleash.cli._models import ResolvedModel, resolve_model
-from oodunleash.scores import OODScore, get_score
+from oodunleash.scores import OODScore, resolve_score
 
 __all__ = ["check_score", "device", "labelled_loader", "load_model", "ood_loaders", "progress"]
 
@@ -33,10 +33,11 @@ def device(name: str) -> str:
 
 
 def check_score(name: str, flag: str) -> OODScore:
-    """A new instance of the registered score ``name``; an unknown name is a usage error."""
+    """A new instance of the registered score ``name`` (or label, ``"knn k=1"``); an unknown
+    name is a usage error."""
     try:
-        return get_score(name)
-    except ValueError as exc:
+        return resolve_score(name)
+    except (TypeError, ValueError) as exc:
         raise UsageError(f"{flag} {name}: {exc}") from None
 
 

@@ -75,6 +75,26 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     return {"model": model, "data": data, "runtime": runtime}
 
 
+def _tune_candidates() -> str:
+    """What ``tune`` tries by default, for its help."""
+    from oodunleash.tuning import DEFAULT_FINETUNES, SCORE_GRID
+
+    grids = "; ".join(
+        f"{name} {short}={'/'.join(f'{v:g}' for v in values)}"
+        for name, (_, short, values) in SCORE_GRID.items()
+    )
+    return (
+        "candidates: the unchanged model (always), and the fine-tunes "
+        f"{', '.join(repr(n) for n in DEFAULT_FINETUNES)}: each is screened with a quarter "
+        "epoch of its recipe, and the best --promote of them within the accuracy floor get the "
+        "full schedule (the choice is made on fully trained ones only). Identical models are "
+        "read out once.\n"
+        f"scores: every registered score (oodunleash list-scores), with the variants {grids}.\n"
+        "It says up front what it will run and about how long it takes, and ends with the "
+        "validation table, the choice and the folder it saved."
+    )
+
+
 def _add_training(sub: argparse._SubParsersAction, parents: list) -> None:
     fit = sub.add_parser(
         "fit",
@@ -104,13 +124,41 @@ def _add_training(sub: argparse._SubParsersAction, parents: list) -> None:
         formatter_class=_Formatter,
         help="search UM/UMAP settings on an image folder, save the best",
         description="Try several fine-tunes of MODEL on --train-dir, keep the best one whose "
-        "validation accuracy drops by at most --max-accuracy-drop points, and save it.",
+        "validation accuracy drops by at most --max-accuracy-drop points, and save it.\n\n"
+        + _tune_candidates(),
         epilog="example:\n  oodunleash tune resnet18 --checkpoint resnet18.safetensors "
         "--train-dir data/train --val-dir data/val --ood-dir noise=data/noise --out best\n\n"
         + EXIT_CODES_HELP,
     )
     tune.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS")
-    tune.add_argument("--time-budget", type=float, metavar="SECONDS")
+    tune.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="drop the candidates whose estimated cost no longer fits (the unchanged model is "
+        "always read out)",
+    )
+    tune.add_argument(
+        "--finetunes",
+        nargs="*",
+        metavar="NAME",
+        help="fine-tunes to try instead of the default ones (none: post-hoc scores only), e.g. "
+        "--finetunes um 'umap control' 'um 2x'",
+    )
+    tune.add_argument(
+        "--scores",
+        nargs="+",
+        metavar="NAME",
+        help="scores to try instead of every registered one (see list-scores); a name with a "
+        "grid expands to its variants, a label such as 'knn k=1' is that variant alone",
+    )
+    tune.add_argument(
+        "--promote",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="fine-tunes trained on the full schedule after the quarter-epoch screening of all",
+    )
     tune.add_argument("--json", metavar="PATH", help="write the report as JSON")
     tune.add_argument("--plot", metavar="PATH", help="draw the trade-off plot")
     tune.add_argument("--out", default="unleashed", metavar="DIR", help="best checkpoint folder")

@@ -213,7 +213,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _check_classes(resolved, train.classes, "--train-dir")
     oods = _inputs.ood_loaders(args.ood_dir, transform, args)
     # Options of newer tune() versions, passed only where accepted.
-    options = {"epochs": args.epochs, "progress": _inputs.progress(args), "verbose": False}
+    options = {
+        "epochs": args.epochs,
+        "progress": _inputs.progress(args),
+        "verbose": True,  # the plan and estimate up front, the table at the end
+        "finetunes": args.finetunes,
+        "scores": args.scores,
+        "promote": args.promote,
+    }
     accepted = inspect.signature(tune).parameters
     result = tune(
         resolved.model,
@@ -225,8 +232,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
         **{k: v for k, v in options.items() if k in accepted and v is not None},
     )
-    print(result.to_markdown())
-    print(f"Best: {result.best_name}")
+    print(f"Chosen: {result.best_name}")
     if args.json:
         write_atomic(args.json, json.dumps(result.to_dict(), indent=2, default=str))
         print(f"Report: {args.json}")

@@ -26,12 +26,14 @@ from oodunleash.runtime.batches import named_ood_loaders
 from oodunleash.runtime.modules import eval_mode, model_device, unwrap_compiled
 from oodunleash.scores import OODScore, ScoreNotFittedError, list_scores, resolve_score
 from oodunleash.scores.base import check_score_output as _check_output
-from oodunleash.scores.base import resolve_scores
+from oodunleash.scores.resolve import resolve_scores
+from oodunleash.scores.spec import ScoreSpec as ConfiguredScore
 
 __all__ = ["Evaluator", "ScoreSpec", "ScoreSpecs", "evaluator_attribute"]
 
-#: A score: a registered name (see :func:`oodunleash.list_scores`) or an :class:`OODScore`.
-ScoreSpec = str | OODScore
+#: A score: a registered name (see :func:`oodunleash.list_scores`) or label (``"knn k=1"``), an
+#: :class:`OODScore`, or a :class:`~oodunleash.scores.spec.ScoreSpec` (name + options).
+ScoreSpec = str | OODScore | ConfiguredScore
 
 #: One score, several, or ``{label: score}`` to run variants of one score side by side
 #: (``{"dice_50": DICE(0.5), "dice_90": DICE(0.9)}``); results are keyed by the labels.
@@ -193,6 +195,10 @@ class Evaluator:
             scores = {name: name for name in list_scores()}
             if isinstance(self.default_score, OODScore):  # it replaces its registered namesake
                 scores[self.default_score.name] = self.default_score
+            elif isinstance(
+                self.default_score, ConfiguredScore
+            ):  # a variant: fitted beside the rest
+                scores[self.default_score.label] = self.default_score
         instances = self._resolve(scores, reuse_fitted=False)
         to_fit = [s for s in instances.values() if s.needs_fit]
         if to_fit:

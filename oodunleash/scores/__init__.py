@@ -52,7 +52,6 @@ from oodunleash.scores.base import (
     get_score,
     list_scores,
     register_score,
-    resolve_score,
     score_grids,
     unregister_score,
 )
@@ -63,7 +62,9 @@ from oodunleash.scores.fusion import Fused, fuse
 from oodunleash.scores.gradient import ODIN, GradNorm
 from oodunleash.scores.logits import GEN, MSP, Energy, Entropy, MaxLogit
 from oodunleash.scores.neighbors import NNGuide
+from oodunleash.scores.resolve import resolve_score, resolve_scores
 from oodunleash.scores.scaling import SCALE
+from oodunleash.scores.spec import ScoreSpec
 from oodunleash.scores.subspace import Residual, ViM
 
 __all__ = [
@@ -94,6 +95,7 @@ __all__ = [
     "RelativeMahalanobis",
     "Residual",
     "ScoreNotFittedError",
+    "ScoreSpec",
     "ViM",
     "activation",
     "boundary",
@@ -108,6 +110,7 @@ __all__ = [
     "neighbors",
     "register_score",
     "resolve_score",
+    "resolve_scores",
     "scaling",
     "score_grids",
     "subspace",

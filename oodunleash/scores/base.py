@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -26,8 +26,6 @@ __all__ = [
     "get_score",
     "list_scores",
     "register_score",
-    "resolve_score",
-    "resolve_scores",
     "score_grids",
     "unregister_score",
 ]
@@ -334,79 +332,3 @@ def get_score(name: str, **config: Any) -> OODScore:
             f"Bad configuration for the {key!r} score: {err}. Its options are: "
             f"{', '.join(options) or 'none'}."
         ) from err
-
-
-def resolve_score(spec: str | OODScore | type[OODScore]) -> OODScore:
-    """An :class:`OODScore` instance from a registered name, an instance or a class."""
-    if isinstance(spec, OODScore):
-        return spec
-    if isinstance(spec, type) and issubclass(spec, OODScore):
-        return spec()
-    if isinstance(spec, str):
-        return get_score(spec)
-    raise TypeError(
-        f"A score is a registered name (see oodunleash.list_scores()) or an OODScore; got "
-        f"{type(spec).__name__}."
-    )
-
-
-def resolve_scores(
-    scores: str | OODScore | Sequence[str | OODScore] | Mapping[str, str | OODScore],
-    fitted: Mapping[str, OODScore] | None = None,
-) -> dict[str, OODScore]:
-    """``{label: instance}`` for one score, several, or ``{label: score}``.
-
-    A name that is a key of ``fitted`` (a score's name, or a label it was fitted under)
-    resolves to that fitted instance and keeps that key as its label, so variants fitted as
-    ``{"knn5": KNN(k=5), "knn10": KNN(k=10)}`` come back under their labels when asked for by
-    label. Other names resolve to the fitted instance of their score when there is one, else
-    to a new instance. Two results under one label are refused.
-
-    Example:
-        >>> fitted = {"knn5": get_score("knn", k=5), "knn10": get_score("knn", k=10)}
-        >>> {label: s.k for label, s in resolve_scores(["knn5", "knn10"], fitted).items()}
-        {'knn5': 5, 'knn10': 10}
-    """
-    fitted = fitted or {}
-    out: dict[str, OODScore] = {}
-    for label, spec in _labelled_specs(scores):
-        if not isinstance(spec, str):
-            instance = resolve_score(spec)
-        elif label in fitted:
-            instance = fitted[label]
-        elif spec in fitted:  # a name, or a label given to fit_scores: it stays the label
-            instance, label = fitted[spec], label or spec
-        else:
-            instance = get_score(spec)
-            instance = fitted.get(instance.name, instance)
-        key = label or instance.name
-        if key in out:
-            raise ValueError(
-                f"Two scores are named {key!r}, so one would hide the other's results. "
-                f"Label them with a dict, e.g. {{'{key}_a': ..., '{key}_b': ...}}."
-            )
-        out[key] = instance
-    return out
-
-
-def _labelled_specs(scores: Any) -> list[tuple[str | None, Any]]:
-    """``(label, spec)`` pairs; the label is ``None`` where the score's name serves."""
-    if isinstance(scores, str | OODScore) or (
-        isinstance(scores, type) and issubclass(scores, OODScore)
-    ):
-        return [(None, scores)]
-    if not isinstance(scores, Iterable):
-        raise TypeError(
-            "scores must be a registered name (see list_scores()), an OODScore, a list of them "
-            f"or a {{label: score}} dict; got {type(scores).__name__}."
-        )
-    if isinstance(scores, Mapping):
-        bad = [label for label in scores if not isinstance(label, str) or not label]
-        if bad:
-            raise TypeError(f"Score labels must be non-empty strings, got {bad!r}.")
-        pairs: list[tuple[str | None, Any]] = list(scores.items())
-    else:
-        pairs = [(None, spec) for spec in scores]
-    if not pairs:
-        raise ValueError("scores is empty: name at least one score (see list_scores()).")
-    return pairs

@@ -13,7 +13,9 @@ from torch import nn
 
 from oodunleash.config import Relative
 from oodunleash.finetune.constraint import DEFAULT_CONSTRAINT_FACTOR
-from oodunleash.scores import OODScore, get_score, list_scores
+from oodunleash.scores import OODScore, list_scores
+from oodunleash.scores.base import score_grids
+from oodunleash.scores.spec import ScoreSpec
 from oodunleash.wrapper import METHOD_DEFAULTS, OODUnleash
 
 __all__ = [
@@ -49,6 +51,7 @@ SCORE_GRID: dict[str, tuple[str, str, tuple[Any, ...]]] = {
     "dice": ("sparsity", "s", (0.5, 0.7, 0.9)),
     "react": ("percentile", "p", (85.0, 90.0, 95.0)),
     "knn": ("k", "k", (1, 10, 50)),
+    **score_grids(),  # the grids the scores declare themselves (SCALE, NNGuide, fDBD, NCI)
 }
 
 _FINETUNE = re.compile(r"^(um|umap)(?: (control|(\d+(?:\.\d+)?)x))?$")
@@ -135,39 +138,54 @@ def candidate_specs(
 
 
 def score_variants(
-    scores: Iterable[str] | Mapping[str, str | OODScore] | None,
+    scores: Iterable[str | ScoreSpec] | Mapping[str, str | OODScore | ScoreSpec] | None,
     train_size: int | None = None,
-) -> dict[str, str | OODScore]:
-    """``{label: score}`` to read every candidate out with.
+) -> dict[str, ScoreSpec | OODScore]:
+    """``{label: score}`` to read every candidate out with: :class:`ScoreSpec` values keyed by
+    their :attr:`~ScoreSpec.label`, the form the chosen score is saved and reloaded in.
 
     ``None`` means every registered score; a registered name in :data:`SCORE_GRID` expands to
-    one variant per value (``"knn k=10"``, ...); a mapping is taken as it is. KNN variants whose
-    ``k`` is not below ``train_size`` are left out.
+    one variant per value (``"knn k=10"``, ...; the registered default keeps the bare name); a
+    label with options (``"knn k=1"``) or a :class:`ScoreSpec` is that variant alone; a mapping
+    keeps its labels. KNN variants whose ``k`` is not below ``train_size`` are left out.
 
     Example:
-        >>> list(score_variants(["energy", "dice"]))
-        ['energy', 'dice s=0.5', 'dice s=0.7', 'dice s=0.9']
+        >>> list(score_variants(["energy", "dice", "react p=85"]))
+        ['energy', 'dice s=0.5', 'dice s=0.7', 'dice', 'react p=85']
     """
     if isinstance(scores, Mapping):
         if not scores:
             raise ValueError("scores is empty: name at least one score (see list_scores()).")
-        return dict(scores)
-    names = list_scores() if scores is None else [scores] if isinstance(scores, str) else scores
-    out: dict[str, str | OODScore] = {}
+        return {label: _as_spec(score) for label, score in scores.items()}
+    if scores is None:
+        names: Iterable[str | ScoreSpec] = list_scores()
+    else:
+        names = [scores] if isinstance(scores, str | ScoreSpec) else scores
+    out: dict[str, ScoreSpec | OODScore] = {}
     for name in names:
-        canonical = get_score(name).name  # validates the name, resolves aliases
-        if canonical not in SCORE_GRID:
-            out[canonical] = canonical
+        spec = ScoreSpec.of(name)  # validates the name and options, resolves aliases
+        if spec.options or spec.name not in SCORE_GRID:
+            out[spec.label] = spec
             continue
-        option, short, values = SCORE_GRID[canonical]
+        option, _, values = SCORE_GRID[spec.name]
         for value in values:
             if option == "k" and train_size is not None and value >= train_size:
                 continue
-            shown = f"{value:g}" if isinstance(value, float) else str(value)
-            out[f"{canonical} {short}={shown}"] = get_score(canonical, **{option: value})
+            variant = ScoreSpec(spec.name, {option: value})
+            out[variant.label] = variant
     if not out:
         raise ValueError("scores is empty: name at least one score (see list_scores()).")
     return out
+
+
+def _as_spec(score: str | OODScore | ScoreSpec) -> ScoreSpec | OODScore:
+    """A spec where the score is registered; an instance of an unregistered score as it is."""
+    try:
+        return ScoreSpec.of(score)
+    except (TypeError, ValueError):
+        if isinstance(score, OODScore):
+            return score
+        raise
 
 
 def finetune(

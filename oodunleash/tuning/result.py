@@ -144,6 +144,20 @@ class TuneResult:
     def __str__(self) -> str:
         return self.to_markdown()
 
+    def __repr__(self) -> str:
+        chosen = self.candidates[self.best_candidate]
+        source = "proxy" if self.proxy else "given"
+        others = f", {len(self.dropped)} not run" if self.dropped else ""
+        return (
+            f"TuneResult(best={self.best_name!r},\n"
+            f"  val accuracy {chosen.accuracy:.2f}% "
+            f"({chosen.accuracy - self.reference_accuracy:+.2f} vs unchanged), mean FPR95 "
+            f"{chosen.mean_fpr95:.1f}%, mean AUROC {chosen.mean_auroc:.1f}% on "
+            f"{len(self.ood_sets)} {source} OOD sets,\n"
+            f"  {len(self.candidates)} candidates read out{others}, {self.time_s:.0f} s; "
+            "the table: .to_markdown())"
+        )
+
     # ------------------------------------------------------------------ export
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model, as JSON-able builtins (metrics in %)."""
@@ -240,8 +254,11 @@ class TuneResult:
             ax = fig.subplots()
         else:
             fig = ax.figure
+        placed: dict[tuple[float, float], int] = {}  # points drawn at (about) one spot
         for name, c in self.candidates.items():
             chosen = name == self.best_candidate
+            spot = (round(c.mean_fpr95, 1), round(c.accuracy, 1))
+            stacked = placed[spot] = placed.get(spot, -1) + 1
             ax.scatter(
                 c.mean_fpr95,
                 c.accuracy,
@@ -254,7 +271,7 @@ class TuneResult:
                 f"{name} + {c.best_score}",
                 (c.mean_fpr95, c.accuracy),
                 textcoords="offset points",
-                xytext=(5, 4),
+                xytext=(5, 4 - 10 * stacked),  # one line lower per label already there
                 fontsize=8,
             )
         floor = self.reference_accuracy - self.max_accuracy_drop

@@ -17,6 +17,8 @@ from oodunleash.finetune.constraint import mean_cross_entropy
 from oodunleash.finetune.loop import LossConstraintTooHighError, TrainingDivergedError
 from oodunleash.runtime.distributed import any_rank, is_main_process
 from oodunleash.scores import OODScore
+from oodunleash.scores.spec import ScoreSpec
+from oodunleash.tuning import schedule
 from oodunleash.tuning.candidates import (
     CandidateSpec,
     candidate_specs,
@@ -27,7 +29,7 @@ from oodunleash.tuning.candidates import (
 from oodunleash.tuning.result import CandidateResult, TuneResult, metrics_in_percent, select
 from oodunleash.wrapper import METHOD_DEFAULTS, OODUnleash
 
-__all__ = ["split_failures", "tune"]
+__all__ = ["choose_score", "split_failures", "tune"]
 
 T = TypeVar("T")
 
@@ -37,13 +39,6 @@ def _length(loader: Iterable, attribute: str) -> int | None:
         return len(getattr(loader, attribute)) if attribute else len(loader)  # type: ignore[arg-type]
     except (AttributeError, TypeError):
         return None
-
-
-def _reason(err: BaseException) -> str:
-    """The error's type and first sentence: enough for a table note."""
-    text = str(err).split("\n")[0]
-    cut = text.find(". ")
-    return f"{type(err).__name__}: {text[: cut + 1] if cut > 0 else text}"[:240]
 
 
 def split_failures(
@@ -102,6 +97,19 @@ def _validation_oods(
     return {**proxies, **given}, True
 
 
+def choose_score(
+    unleashed: OODUnleash, label: str, variant: ScoreSpec | OODScore, keep_all: bool
+) -> None:
+    """Make the fitted variant ``label`` the default score of ``unleashed``, in the one form
+    that saves and reloads: a :class:`ScoreSpec` whose fitted copy is stored under ``label``
+    (:meth:`ScoreSpec.find` finds it there after ``from_pretrained`` too)."""
+    best = unleashed.fitted_scores_[label]
+    if not keep_all:  # KNN banks add up over many candidates
+        unleashed.fitted_scores_ = {label: best}
+    # An unregistered score has no spec: it stays the fitted instance (in memory only).
+    unleashed.default_score = variant if isinstance(variant, ScoreSpec) else best
+
+
 class _Reader:
     """Reads a model out with every score variant: one pass over the training data fits them,
     one pass per validation set scores them (:meth:`OODUnleash.evaluate`)."""
@@ -148,7 +156,7 @@ class _Reader:
         return metrics, float(parts[0].id_accuracy)
 
     def _skip(self, label: str, err: BaseException) -> None:
-        self.skipped[label] = _reason(err)
+        self.skipped[label] = schedule.failure_reason(err)
         self.variants.pop(label, None)
 
     def read(self, spec: CandidateSpec, unleashed: OODUnleash, xi: float | None, train_s: float):
@@ -163,11 +171,7 @@ class _Reader:
         row = CandidateResult(
             spec.name, spec.kind, spec.tier, accuracy, metrics, xi, train_s + done - started
         )
-        best = unleashed.fitted_scores_[row.best_score]
-        if not self.keep_all:  # KNN banks add up over many candidates
-            # Under the score's own name, so evaluate() reports it once, as the default.
-            unleashed.fitted_scores_ = {best.name: best}
-        unleashed.default_score = best
+        choose_score(unleashed, row.best_score, self.variants[row.best_score], self.keep_all)
         return row
 
 
@@ -179,9 +183,12 @@ class _Search:
         self.seed, self.epochs = settings["seed"], settings["epochs"]
         self.options, self.progress = settings["options"], settings["progress"]
         self.max_accuracy_drop, self.keep_all = settings["max_accuracy_drop"], settings["keep_all"]
+        self.screen_reader, self.promote = settings["screen_reader"], settings["promote"]
+        self.verbose = settings["verbose"]
         self.epoch_s: dict[str, float] = {}  # measured seconds per fine-tune epoch, per method
         self.pass_s = 0.0  # seconds of one forward pass over the training data
         self.training_loss: list[float] = []  # measured once, shared by the fine-tunes
+        self.seen: dict[str, str] = {}  # weight fingerprint -> the candidate read out with them
 
     def choose(self, rows: Mapping[str, CandidateResult]) -> CandidateResult:
         """:func:`select` over the rows in candidate order (ties go to the first listed)."""
@@ -189,24 +196,71 @@ class _Search:
             0
         ]
 
+    def n_epochs(self, spec: CandidateSpec) -> int:
+        """The full schedule's epochs of a fine-tune."""
+        return self.epochs if self.epochs is not None else METHOD_DEFAULTS[spec.method]["epochs"]
+
     def cost(self, spec: CandidateSpec) -> float:
         """Estimated seconds; a fine-tune's epoch cost is measured once its method has run."""
         if spec.kind == "finetune" and spec.method in self.epoch_s:
-            n = self.epochs if self.epochs is not None else METHOD_DEFAULTS[spec.method]["epochs"]
-            return n * self.epoch_s[spec.method] + self.reader.read_s
+            return self.n_epochs(spec) * self.epoch_s[spec.method] + self.reader.read_s
         return estimated_seconds(spec, self.epochs, self.pass_s, self.reader.read_s)
+
+    def screens(self, finetunes: list[CandidateSpec]) -> bool:
+        """Whether the fine-tunes are screened first (more of them than get the full one)."""
+        return self.promote is not None and len(finetunes) > self.promote
+
+    def announce(self, oods: int, measured: bool) -> None:
+        """Say what will run (before the first pass) and about how long the rest takes (once
+        the unchanged model's read-out has been timed)."""
+        finetunes = [s for s in self.specs if s.kind == "finetune"]
+        if not measured:
+            epochs = self.n_epochs(finetunes[0]) if finetunes else 0
+            names, variants = [s.name for s in finetunes], len(self.reader.variants)
+            print(schedule.plan_text(names, self.promote, epochs, variants, oods))
+            return
+        others = [s for s in self.specs[1:] if s.kind != "finetune"]
+        full = finetunes[: self.promote] if self.screens(finetunes) else finetunes
+        estimate = sum(self.cost(s) for s in others + full)
+        if self.screens(finetunes):
+            estimate += sum(schedule.screening_cost(self, s) for s in finetunes)
+        print(
+            f"tune: the unchanged model took {self.reader.read_s:.0f} s to read out; about "
+            f"{estimate:.0f} s more to go."
+        )
+
+    def duplicate(self, name: str, unleashed: OODUnleash, seen: dict[str, str]) -> str | None:
+        """The candidate already read out with the same weights, else ``None`` (recorded)."""
+        key = schedule.fingerprint(unleashed)
+        if key in seen:
+            return seen[key]
+        seen[key] = name
+        return None
 
     def run(self, started: float, time_budget: float | None, fit_scale: float):
         """``(rows, kept models, dropped)``: the unchanged model first, always."""
         shown = self.progress and is_main_process()
+        talk = self.verbose and is_main_process()
+        if talk:
+            self.announce(len(self.reader.oods), measured=False)
         bar = tqdm(total=len(self.specs), desc="tune", disable=not shown)
         bar.set_postfix_str("unchanged")
         kept = {"unchanged": OODUnleash(self.model, **self.options)}
         rows = {"unchanged": self.reader.read(self.specs[0], kept["unchanged"], None, 0.0)}
         bar.update()
         self.pass_s = self.reader.fit_s * fit_scale
+        self.seen = {schedule.fingerprint(kept["unchanged"]): "unchanged"}
+        if talk and len(self.specs) > 1:
+            self.announce(len(self.reader.oods), measured=True)
         dropped: dict[str, str] = {}
-        for spec in sorted(self.specs[1:], key=lambda s: (self.cost(s), s.priority)):
+        finetunes = [s for s in self.specs[1:] if s.kind == "finetune"]
+        full = [s for s in self.specs[1:] if s.kind != "finetune"]
+        if self.screens(finetunes):
+            reference = rows["unchanged"].accuracy
+            full += schedule.screen(self, finetunes, reference, started, time_budget, dropped)
+        else:
+            full += finetunes
+        for spec in sorted(full, key=lambda s: (self.cost(s), s.priority)):
             bar.set_postfix_str(spec.name)
             bar.update()
             elapsed = time.perf_counter() - started
@@ -221,11 +275,15 @@ class _Search:
             try:
                 unleashed, xi = self.build(spec)
             except (LossConstraintTooHighError, TrainingDivergedError) as err:
-                dropped[spec.name] = _reason(err)
+                dropped[spec.name] = schedule.failure_reason(err)
                 continue
             train_s = time.perf_counter() - t0
             if spec.kind == "finetune":
                 self.epoch_s[spec.method] = train_s / max(1, len(unleashed.history_))
+            twin = self.duplicate(spec.name, unleashed, self.seen)
+            if twin is not None:  # the same detector: its row would repeat twin's
+                dropped[spec.name] = f"identical weights to {twin!r}, which was read out"
+                continue
             rows[spec.name] = self.reader.read(spec, unleashed, xi, train_s)
             kept[spec.name] = unleashed
             if not self.keep_all:  # free the models that lost
@@ -233,8 +291,11 @@ class _Search:
         bar.close()
         return rows, kept, dropped
 
-    def build(self, spec: CandidateSpec) -> tuple[OODUnleash, float | None]:
-        """The wrapped model of a checkpoint or fine-tune candidate, and its ξ."""
+    def build(
+        self, spec: CandidateSpec, loader: Iterable | None = None, epochs: int | None = None
+    ) -> tuple[OODUnleash, float | None]:
+        """The wrapped model of a checkpoint or fine-tune candidate, and its ξ; a fine-tune
+        reads ``loader`` (default the training data) for ``epochs`` (default the schedule's)."""
         if spec.kind == "checkpoint":
             copied = copy.deepcopy(self.model)
             copied.load_state_dict(dict(spec.state_dict or {}))
@@ -246,10 +307,10 @@ class _Search:
         unleashed = finetune(
             self.model,
             spec,
-            self.train_loader,
+            self.train_loader if loader is None else loader,
             self.training_loss[0] if self.training_loss else None,
             seed=self.seed,
-            epochs=self.epochs,
+            epochs=self.epochs if epochs is None else epochs,
             wrapper_options=self.options,
             progress=self.progress,
         )
@@ -297,6 +358,7 @@ def tune(
     head: str | None = None,
     feature_layer: str | None = None,
     keep_all: bool = False,
+    promote: int | None = 1,
     progress: bool = True,
     verbose: bool = True,
 ) -> TuneResult:
@@ -307,7 +369,9 @@ def tune(
     controls, and UM with ξ at 2x and 4x the training loss), each on a deep copy. Every
     candidate is read out by every score variant (all registered scores; DICE sparsity, ReAct
     percentile and KNN ``k`` at a few values each): one pass over the training data fits
-    them, one pass per validation set scores them all. The choice: the lowest mean validation
+    them, one pass per validation set scores them all. The fine-tunes are first screened
+    with a quarter epoch each, and only the best ``promote`` get the full schedule, so the
+    whole search costs about two ``fit`` calls (``docs/benchmarks/tune-cost.md``). The choice: the lowest mean validation
     FPR95 among candidates whose validation accuracy is at most ``max_accuracy_drop`` points
     below ``model``'s; a tie goes to the cheaper candidate (no fine-tune first). ``model`` with
     its best score is always eligible, so on validation the result is never worse than it.
@@ -341,8 +405,14 @@ def tune(
         keep_all: Keep every candidate's model and fitted score variants (under their labels)
             in ``result.unleashed``, for comparisons on test data; costs memory. By default
             only the chosen model is kept, with only the chosen score.
+        promote: Successive halving: when there are more fine-tunes than this, each is first
+            screened with a quarter-epoch run of its recipe and a cheap read-out
+            (:mod:`~oodunleash.tuning.schedule`), and only the ``promote`` best within the
+            accuracy floor get the full schedule and the full read-out; the choice is made
+            on those. ``None``: every fine-tune runs the full schedule (slow).
         progress: Show progress bars.
-        verbose: Print the validation table when done.
+        verbose: Say up front what will run and about how long it takes; print the
+            validation table when done.
 
     Returns:
         A :class:`~oodunleash.tuning.TuneResult`: ``.best`` (an ``OODUnleash`` whose
@@ -366,11 +436,24 @@ def tune(
         keep_all=keep_all,
         progress=progress,
     )
+    variants = reader.variants
+    screen_reader = _Reader(
+        train_loader,
+        val_loader,
+        {name: schedule.first_share(loader) for name, loader in oods.items()},
+        schedule.screening_variants(variants),
+        max_fit_batches=schedule.screen_fit_batches(_length(train_loader, ""), max_fit_batches),
+        keep_all=False,
+        progress=progress,
+    )
     search = _Search(
         model,
         train_loader,
         reader,
         specs,
+        screen_reader=screen_reader,
+        promote=schedule.check_promote(promote),
+        verbose=verbose,
         seed=seed,
         epochs=epochs,
         # Every candidate is read out by every score after its fit, and the chosen score

@@ -82,7 +82,26 @@ def test_tune_saves_the_best(data, tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
-    assert "Best: " in stdout
-    assert json.loads(report.read_text())["best_name"] in stdout
-    if "Saved: " in stdout:  # a fine-tune won (else the unchanged model did, and is kept)
-        assert OODUnleash.from_pretrained(out).model.num_classes == 2
+    assert stdout.startswith("tune: the unchanged model and")  # the plan, before any work
+    chosen = json.loads(report.read_text())["best_name"]
+    assert f"Chosen: {chosen}" in stdout
+    assert f"Saved: {out}" in stdout  # a post-hoc choice is saved too, with its fitted score
+    assert OODUnleash.from_pretrained(out).model.num_classes == 2
+
+
+def test_tune_can_be_steered_and_lists_its_candidates(data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(["tune", "--help"], capsys)
+    helped = capsys.readouterr().out
+    assert "'um control'" in helped and "knn k=1/10/50" in helped and "--finetunes" in helped
+    out, report = tmp_path / "best", tmp_path / "tune.json"
+    flags = ["--finetunes", "--scores", "knn k=1", "energy", "--json", str(report)]
+    code, stdout, err = run(
+        ["tune", *model_args(MODEL), *dirs(data), *flags, "--out", str(out)], capsys
+    )
+    assert code == 0, err
+    assert "the unchanged model only (no fine-tune)" in stdout
+    result = json.loads(report.read_text())
+    assert list(result["candidates"]) == ["unchanged"]
+    assert set(result["candidates"]["unchanged"]["scores"]) == {"knn k=1", "energy"}
+    assert f"Saved: {out}" in stdout
