@@ -428,3 +428,20 @@ def test_plot_labels_of_points_at_one_spot_do_not_overlap(data):
     figure = result.plot()
     offsets = [text.xyann for text in figure.axes[0].texts]
     assert len(offsets) == 2 and offsets[0] != offsets[1]
+
+
+def test_tune_hands_back_a_calibrated_choice_on_held_out_images(data):
+    model, train, val = data
+    held_out = DataLoader(TensorDataset(_images(60, 2)[0]), batch_size=30)
+    result = tune(model, train, val, finetunes=[], calibration_loader=held_out, **FAST)
+    assert result.best.calibration_scores_.shape == (60,)
+    decision = result.best.predict(_images(8, 3)[0], alpha=0.1)
+    assert decision.is_ood.shape == (8,) and decision.score == result.best.calibration_.score
+
+
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_calibrating_tune_on_its_own_images_is_refused_before_any_work(data, which):
+    model, train, val = data
+    loader = {"train": train, "val": val}[which]
+    with pytest.raises(ValueError, match=f"calibration_loader is {which}_loader.*Hold out"):
+        tune(model, train, val, calibration_loader=loader, time_budget=1e-9, **FAST)

@@ -80,7 +80,7 @@ def _tune_candidates() -> str:
     from oodunleash.tuning import DEFAULT_FINETUNES, SCORE_GRID
 
     grids = "; ".join(
-        f"{name} {short}={'/'.join(f'{v:g}' for v in values)}"
+        f"{name} {short}={'/'.join(f'{v:g}' if isinstance(v, float | int) else str(v) for v in values)}"
         for name, (_, short, values) in SCORE_GRID.items()
     )
     return (

@@ -19,6 +19,7 @@ from oodunleash.runtime.distributed import any_rank, is_main_process
 from oodunleash.scores import OODScore
 from oodunleash.scores.spec import ScoreSpec
 from oodunleash.tuning import schedule
+from oodunleash.tuning.arguments import check_calibration_loader, check_options
 from oodunleash.tuning.candidates import (
     CandidateSpec,
     candidate_specs,
@@ -325,19 +326,6 @@ def _fit_scale(train_loader: Iterable, max_fit_batches: int | None) -> float:
     return batches / max_fit_batches
 
 
-def _check_options(max_accuracy_drop: float, time_budget: float | None) -> None:
-    if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, int | float):
-        raise TypeError(f"max_accuracy_drop must be a number of points, got {max_accuracy_drop!r}.")
-    if not max_accuracy_drop >= 0:
-        raise ValueError(f"max_accuracy_drop must be >= 0 points, got {max_accuracy_drop}.")
-    if time_budget is not None and not (
-        isinstance(time_budget, int | float)
-        and not isinstance(time_budget, bool)
-        and time_budget > 0
-    ):
-        raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}.")
-
-
 def tune(
     model: nn.Module,
     train_loader: Iterable,
@@ -359,6 +347,7 @@ def tune(
     feature_layer: str | None = None,
     keep_all: bool = False,
     promote: int | None = 1,
+    calibration_loader: Iterable | None = None,
     progress: bool = True,
     verbose: bool = True,
 ) -> TuneResult:
@@ -410,6 +399,11 @@ def tune(
             (:mod:`~oodunleash.tuning.schedule`), and only the ``promote`` best within the
             accuracy floor get the full schedule and the full read-out; the choice is made
             on those. ``None``: every fine-tune runs the full schedule (slow).
+        calibration_loader: ID images that neither ``train_loader`` nor ``val_loader`` holds:
+            the choice is calibrated on them (:meth:`~oodunleash.OODUnleash.calibrate`), so
+            ``result.best.predict(x, alpha)`` works at once. Not the validation images: the
+            choice was made on their scores, which would no longer be exchangeable with new ID
+            images, and the false-alarm guarantee would not hold.
         progress: Show progress bars.
         verbose: Say up front what will run and about how long it takes; print the
             validation table when done.
@@ -422,7 +416,8 @@ def tune(
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    _check_options(max_accuracy_drop, time_budget)
+    check_options(max_accuracy_drop, time_budget)
+    check_calibration_loader(calibration_loader, train_loader, val_loader)
     oods, proxy = _validation_oods(
         val_loader, ood_loaders, ood_mode, proxy_families, proxy_size, seed
     )
@@ -483,6 +478,8 @@ def tune(
         time_s=time.perf_counter() - started,
         unleashed=kept if keep_all else {},
     )
+    if calibration_loader is not None:
+        result.best.calibrate(calibration_loader, progress=progress)
     if verbose and is_main_process():
         print(result.to_markdown())
     return result

@@ -82,7 +82,9 @@ def test_tune_saves_the_best(data, tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
-    assert stdout.startswith("tune: the unchanged model and")  # the plan, before any work
+    # What is done to the images, then the plan, before any work.
+    first, second = stdout.splitlines()[:2]
+    assert first.startswith("preprocessing") and second.startswith("tune: the unchanged model and")
     chosen = json.loads(report.read_text())["best_name"]
     assert f"Chosen: {chosen}" in stdout
     assert f"Saved: {out}" in stdout  # a post-hoc choice is saved too, with its fitted score
