@@ -77,11 +77,13 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
 
 def _tune_candidates() -> str:
     """What ``tune`` tries by default, for its help."""
+    from oodunleash.scores import ScoreSpec
     from oodunleash.tuning import DEFAULT_FINETUNES, SCORE_GRID
 
+    # The labels --scores takes back ("knn k=1"; the registered default is the bare name).
     grids = "; ".join(
-        f"{name} {short}={'/'.join(f'{v:g}' if isinstance(v, float | int) else str(v) for v in values)}"
-        for name, (_, short, values) in SCORE_GRID.items()
+        ", ".join(ScoreSpec(name, {option: v}).label for v in values)
+        for name, (option, _, values) in SCORE_GRID.items()
     )
     return (
         "candidates: the unchanged model (always), and the fine-tunes "
