@@ -24,6 +24,7 @@ __all__ = [
     "RelativeMahalanobis",
     "kth_neighbour_similarity",
     "ledoit_wolf_shrinkage",
+    "top_k_similarities",
 ]
 
 #: Numbers per work chunk (~128 MB in float32).
@@ -60,20 +61,33 @@ def kth_neighbour_similarity(
         raise ValueError("The feature bank is empty.")
     if queries.shape[0] == 0:  # an empty batch has empty scores
         return queries.new_zeros(0, dtype=torch.float32)
+    return top_k_similarities(queries, bank, k, chunk_elements=chunk_elements)[:, -1]
+
+
+def top_k_similarities(
+    queries: Tensor, bank: Tensor, k: int, *, chunk_elements: int = CHUNK_ELEMENTS
+) -> Tensor:
+    """The ``min(k, len(bank))`` largest inner products of each query with the rows of a
+    non-empty ``bank``, in descending order: ``(len(queries), k)``, on ``queries``' device.
+
+    Computed on ``bank``'s device over query × bank blocks of at most ``chunk_elements``
+    numbers, merging running top-k lists, so memory stays bounded whatever the bank size.
+    """
     k = min(k, bank.shape[0])
-    device = bank.device
+    if queries.shape[0] == 0:
+        return queries.new_zeros(0, k, dtype=torch.float32)
     q_rows = min(queries.shape[0], max(1, int(math.isqrt(chunk_elements))))
     b_rows = max(k, _rows(q_rows, chunk_elements))
     out = []
     for qs, qe in _chunks(queries.shape[0], q_rows):
-        q = queries[qs:qe].to(device, torch.float32)
+        q = queries[qs:qe].to(bank.device, torch.float32)
         best = None
         for bs, be in _chunks(bank.shape[0], b_rows):
             sims = q @ bank[bs:be].to(torch.float32).T
             top = sims.topk(min(k, be - bs), dim=1).values
             best = top if best is None else torch.cat([best, top], dim=1).topk(k, dim=1).values
-        out.append(best[:, k - 1])
-    return torch.cat(out).to(queries.device) if out else queries.new_zeros(0)
+        out.append(best)
+    return torch.cat(out).to(queries.device)
 
 
 # --------------------------------------------------------------------------- Mahalanobis

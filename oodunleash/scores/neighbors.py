@@ -10,7 +10,6 @@ like KNN's.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from oodunleash.features import FeatureSet
 from oodunleash.scores.base import OODScore, register_score
-from oodunleash.scores.distance import CHUNK_ELEMENTS
+from oodunleash.scores.distance import CHUNK_ELEMENTS, top_k_similarities
 from oodunleash.scores.logits import energy
 
 __all__ = ["NNGuide", "mean_top_k_similarity"]
@@ -38,19 +37,7 @@ def mean_top_k_similarity(
     """
     if bank.shape[0] == 0:
         raise ValueError("The NNGuide bank is empty: fit it on ID training data.")
-    k = min(k, bank.shape[0])
-    q_rows = min(max(1, queries.shape[0]), max(1, math.isqrt(chunk_elements)))
-    b_rows = max(k, chunk_elements // q_rows)
-    out = []
-    for qs in range(0, queries.shape[0], q_rows):
-        q = queries[qs : qs + q_rows].to(bank.device, torch.float32)
-        best = None
-        for bs in range(0, bank.shape[0], b_rows):
-            sims = q @ bank[bs : bs + b_rows].to(torch.float32).T
-            top = sims.topk(min(k, sims.shape[1]), dim=1).values
-            best = top if best is None else torch.cat([best, top], 1).topk(k, dim=1).values
-        out.append(best.mean(dim=1))
-    return torch.cat(out).to(queries.device) if out else queries.new_zeros(0)
+    return top_k_similarities(queries, bank, k, chunk_elements=chunk_elements).mean(dim=1)
 
 
 @register_score(aliases=["nn_guide"])
