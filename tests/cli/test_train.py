@@ -95,7 +95,12 @@ def test_tune_can_be_steered_and_lists_its_candidates(data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(["tune", "--help"], capsys)
     helped = capsys.readouterr().out
-    assert "'um control'" in helped and "knn k=1, knn k=10, knn;" in helped and "nci alpha=0," in helped and "--finetunes" in helped
+    assert (
+        "'um control'" in helped
+        and "knn k=1, knn k=10, knn;" in helped
+        and "nci alpha=0," in helped
+        and "--finetunes" in helped
+    )
     out, report = tmp_path / "best", tmp_path / "tune.json"
     flags = ["--finetunes", "--scores", "knn k=1", "energy", "--json", str(report)]
     code, stdout, err = run(
