@@ -13,7 +13,7 @@ from torch import nn
 from oodunleash.checkpoint import format as layout
 from oodunleash.checkpoint.calibration import calibration_for_saving
 from oodunleash.checkpoint.card import model_card as render_model_card
-from oodunleash.checkpoint.consistency import field_digests
+from oodunleash.checkpoint.consistency import field_digests, num_outputs
 from oodunleash.checkpoint.fitted_scores import scores_for_saving
 from oodunleash.checkpoint.folder import write_folder
 from oodunleash.checkpoint.format import check_json, owned_files, sha256_bytes
@@ -33,14 +33,6 @@ from oodunleash.runtime.modules import unwrap_compiled
 __all__ = ["save_checkpoint"]
 
 
-def _num_outputs(model: nn.Module) -> int | None:
-    value = getattr(model, "num_classes", None)
-    if isinstance(value, int):
-        return value
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
-
-
 def _describe_selector(selector: Any) -> Any:
     """Layer selectors as JSON: globs stay strings, module types become qualified names."""
     if selector is None:
@@ -54,11 +46,11 @@ def _describe_selector(selector: Any) -> Any:
 
 def _check_state(model: nn.Module, state: WrapperState, keep_masks: bool) -> list[str] | None:
     """The class names as strings, after refusing a state that cannot be saved as asked."""
-    num_outputs = _num_outputs(model)
+    classes = num_outputs(model)
     names = None if state.class_names is None else [str(n) for n in state.class_names]
-    if names is not None and num_outputs is not None and len(names) != num_outputs:
+    if names is not None and classes is not None and len(names) != classes:
         raise ValueError(
-            f"class_names has {len(names)} entries but the model has {num_outputs} classes."
+            f"class_names has {len(names)} entries but the model has {classes} classes."
         )
     if keep_masks and state.params.get("method") == "umap" and state.masks is None:
         raise ValueError(
@@ -81,7 +73,7 @@ def _describe_model(
     info: dict[str, Any] = {
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "num_classes": _num_outputs(model),
+        "num_classes": num_outputs(model),
     }
     architecture = timm_architecture(model)
     if architecture is None:
