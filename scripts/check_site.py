@@ -67,7 +67,7 @@ PAGES: list[tuple[str, str, str | None]] = [
     ("api/", "API reference", None),
     ("api/oodunleash/", "oodunleash", "api"),
     ("api/wrapper/", "oodunleash.wrapper", "api"),
-    ("api/constraint/", "oodunleash.finetune.constraint", "api"),
+    ("api/finetune/", "oodunleash.finetune", "api"),
     ("api/scores/", "oodunleash.scores", "api"),
     ("benchmarks/", "Benchmarks", None),
     ("changelog/", "Changelog", None),
@@ -75,7 +75,7 @@ PAGES: list[tuple[str, str, str | None]] = [
 
 #: An API name that search must find, and the page its result must link to.
 SEARCH_TERM = "estimate_loss_constraint"
-SEARCH_TARGET = "api/constraint/"
+SEARCH_TARGET = "api/finetune/"
 
 CHROMIUM_FLAGS = [
     "--headless",
