@@ -46,8 +46,8 @@ from oodunleash.bench.protocol import (
     load_benchmark_data,
     train_classifier,
 )
+from oodunleash.tuning.reader import split_failures
 from oodunleash.tuning.result import metrics_in_percent
-from oodunleash.tuning.search import split_failures
 
 #: Candidates compared as fixed recipes (candidate, score) beside tune's choice.
 FIXED = {

@@ -66,3 +66,20 @@ def test_the_wrapper_takes_a_spec_or_a_label_as_its_default_score():
         unleashed = OODUnleash(net, score=score)
         assert unleashed.get_params()["score"] == {"name": "react", "config": {"percentile": 85.0}}
     assert set(list_scores()) == {s.split()[0] for s in score_variants(None)}
+
+
+def test_a_fused_score_is_labelled_by_its_members():
+    from oodunleash.scores import Fused, resolve_score
+
+    spec = ScoreSpec.parse("knn k=1 + energy")
+    assert spec.name == "fused" and spec.options == {"members": [["knn", {"k": 1}], ["energy", {}]]}
+    assert spec.label == "knn k=1 + energy" and ScoreSpec.parse(spec.label) == spec
+    built = resolve_score("knn k=1 + energy")
+    assert isinstance(built, Fused) and built.scores[0].k == 1
+    assert ScoreSpec.of(built) == spec
+    # the registered default members keep the bare name; other options are spelled out
+    assert ScoreSpec.parse("knn + mahalanobis").label == "fused"
+    ranked = ScoreSpec("fused", {"members": ["msp", "energy"], "method": "rank"})
+    assert ScoreSpec.parse(ranked.label) == ranked
+    with pytest.raises(ValueError, match="Unknown OOD score"):
+        ScoreSpec.parse("knn + nope")

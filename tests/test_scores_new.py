@@ -15,7 +15,7 @@ from sklearn.covariance import LedoitWolf
 
 from oodunleash import OODUnleash
 from oodunleash.features import FeatureSet, LinearHead
-from oodunleash.scores import Fused, fuse, get_score, list_scores, score_grids
+from oodunleash.scores import Fused, ScoreSpec, fuse, get_score, list_scores, score_grids
 from oodunleash.scores.fusion import normalise
 from oodunleash.scores.neighbors import mean_top_k_similarity
 
@@ -370,10 +370,17 @@ def test_fused_from_fitted_members_and_cached_reference(data, tmp_path):
     val = make_set(30, 7)
     cached = {"knn k=3": knn.score(val), "nci": nci.score(val)}
     fused = Fused.from_fitted({"knn k=3": knn, "nci": nci}, cached, method="rank")
+    # Members are kept as the options that differ from the defaults: the label reads well.
     assert fused.scores[0] is knn and fused.get_config()["members"][0] == [
         "knn",
-        {**knn.get_config()},
+        {"k": 3, "save_dtype": "float32"},
     ]
+    label = ScoreSpec.of(fused).label  # not the default normalisation: options spelled out
+    assert label.startswith("fused members=") and label.endswith(" method=rank")
+    assert ScoreSpec.parse(label) == ScoreSpec.of(fused)
+    as_z = ScoreSpec.of(Fused.from_fitted({"knn k=3": knn, "nci": nci}, cached))
+    assert as_z.label == "knn k=3 save_dtype=float32 + nci"
+    assert ScoreSpec.parse(as_z.label) == as_z
     expected = fuse(
         {"a": knn.score(test), "b": nci.score(test)},
         {"a": cached["knn k=3"], "b": cached["nci"]},

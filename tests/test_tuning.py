@@ -132,14 +132,12 @@ def test_tune_never_touches_the_model_and_is_never_worse_on_validation(data, cap
     assert chosen.mean_fpr95 <= reference.mean_fpr95
     assert chosen.accuracy >= reference.accuracy - 1.0 - 1e-9
     assert result.best_name == f"{result.best_candidate} + {result.best_score}"
+    singles = {"energy", "msp", "knn k=1", "knn k=10", "knn"}  # k=50 is KNN's default
     for row in ran.values():  # every candidate read out by every variant, on every set
-        assert set(row.metrics) == {
-            "energy",
-            "msp",
-            "knn k=1",
-            "knn k=10",
-            "knn",
-        }  # k=50 is KNN's default
+        assert singles <= set(row.metrics)
+        # and by the fusions of its best three families: three pairs and the triple
+        fused = [ScoreSpec.parse(label) for label in set(row.metrics) - singles]
+        assert len(fused) == 4 and {s.name for s in fused} == {"fused"}
         assert set(row.metrics["energy"]) == set(result.ood_sets) | {"mean"}
     assert ran["um"].loss_constraint == pytest.approx(
         2 * oodunleash.mean_cross_entropy(model, train)
@@ -153,7 +151,7 @@ def test_best_scores_with_the_chosen_score_and_reproduces_its_validation_numbers
     result = tune(model, train, val, finetunes=["um control"], verbose=False, **FAST)
     best = result.best
     chosen = best.default_score  # a ScoreSpec: what save_pretrained records
-    assert chosen == ScoreSpec.parse(result.best_score)
+    assert chosen == ScoreSpec.parse(result.best_score)  # a fused label parses too
     assert list(best.fitted_scores_) == [result.best_score]  # only the chosen score is kept
     x = next(iter(val))[0]
     assert torch.equal(best.score(x), best.score(x, chosen))
@@ -252,7 +250,8 @@ def test_to_dict_to_markdown_and_plot(data, tmp_path):
     table = result.to_markdown()
     assert f"**{result.best_candidate}**" in table
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 2  # head, 2 rows
-    assert result.to_markdown(all_scores=True).count("| um control |") == 5
+    # five single variants and four fusions of the best three families
+    assert result.to_markdown(all_scores=True).count("| um control |") == 5 + 4
     assert set(result.unleashed) == {"unchanged", "um control"}
     path = tmp_path / "tune.png"
     result.plot(path)

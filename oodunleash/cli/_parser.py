@@ -29,6 +29,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
+    return value
+
+
 def _parents() -> dict[str, argparse.ArgumentParser]:
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
@@ -91,7 +98,9 @@ def _tune_candidates() -> str:
         "epoch of its recipe, and the best --promote of them within the accuracy floor get the "
         "full schedule (the choice is made on fully trained ones only). Identical models are "
         "read out once.\n"
-        f"scores: every registered score (oodunleash list-scores), with the variants {grids}.\n"
+        f"scores: every registered score (oodunleash list-scores), with the variants {grids}; "
+        "and on each candidate the fusions of its --fusion best score families (labels such "
+        "as 'knn k=1 + energy').\n"
         "It says up front what it will run and about how long it takes, and ends with the "
         "validation table, the choice and the folder it saved."
     )
@@ -160,6 +169,14 @@ def _add_training(sub: argparse._SubParsersAction, parents: list) -> None:
         default=1,
         metavar="N",
         help="fine-tunes trained on the full schedule after the quarter-epoch screening of all",
+    )
+    tune.add_argument(
+        "--fusion",
+        type=_count,
+        default=3,
+        metavar="N",
+        help="also try fused scores: every combination of each candidate's N best score "
+        "families, z-normalised on the validation images and averaged (0: single scores only)",
     )
     tune.add_argument("--json", metavar="PATH", help="write the report as JSON")
     tune.add_argument("--plot", metavar="PATH", help="draw the trade-off plot")

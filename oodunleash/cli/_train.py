@@ -196,10 +196,9 @@ def _save_best(result: Any, args: argparse.Namespace, classes: list[str], config
         folder = save_checkpoint(result.best, args.out, class_names=classes, preprocessing=config)
     except NotFittedError:
         # The unchanged model won and this version saves fitted wrappers only.
-        score = result.best.default_score
         print(
             f"Nothing saved: the unchanged model won ({result.best_name}); keep using MODEL as it "
-            f"is, with `--score {getattr(score, 'name', score)}`."
+            f"is, with `--score '{result.best_score}'`."
         )
         return
     print(f"Saved: {folder}")
@@ -220,6 +219,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "finetunes": args.finetunes,
         "scores": args.scores,
         "promote": args.promote,
+        "fusion": args.fusion,
     }
     accepted = inspect.signature(tune).parameters
     result = tune(

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from oodunleash.features import FeatureSet
 from oodunleash.scores.base import OODScore, get_score, register_score
+from oodunleash.scores.spec import ScoreSpec
 
 __all__ = ["FUSION_METHODS", "Fused", "fuse", "normalise"]
 
@@ -91,22 +92,23 @@ def fuse(
 
 
 def _member_spec(spec: Any) -> list[Any]:
-    """``[name, options]`` (JSON-able) of a member given as a name, a pair or an instance."""
-    if isinstance(spec, str):
-        return [get_score(spec).name, {}]
-    if isinstance(spec, OODScore):
-        return [spec.name, spec.get_config()]
-    if isinstance(getattr(spec, "name", None), str) and hasattr(spec, "options"):
-        spec = (spec.name, dict(spec.options or {}))  # a spec object: name + options
-    if isinstance(spec, Sequence) and len(spec) == 2 and isinstance(spec[0], str):
+    """``[name, options that differ from the defaults]`` (JSON-able) of a member given as a
+    name or label (``"knn k=1"``), a pair, a :class:`ScoreSpec` or an instance."""
+    if isinstance(spec, str | OODScore | ScoreSpec):
+        found = ScoreSpec.of(spec)
+    elif isinstance(getattr(spec, "name", None), str) and hasattr(spec, "options"):
+        found = ScoreSpec(spec.name, dict(spec.options or {}))  # a spec-like object
+    elif isinstance(spec, Sequence) and len(spec) == 2 and isinstance(spec[0], str):
         if not isinstance(spec[1], Mapping):
             raise TypeError(f"A member's options must be a dict, got {spec[1]!r}.")
-        options = {k: list(v) if isinstance(v, tuple) else v for k, v in spec[1].items()}
-        return [get_score(spec[0]).name, options]
-    raise TypeError(
-        "A fused score's members are registered names, (name, options) pairs or OODScore "
-        f"instances; got {spec!r}."
-    )
+        found = ScoreSpec(spec[0], dict(spec[1]))
+    else:
+        raise TypeError(
+            "A fused score's members are registered names or labels, (name, options) pairs, "
+            f"ScoreSpecs or OODScore instances; got {spec!r}."
+        )
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in found.options.items()}
+    return [found.name, options]
 
 
 @register_score(aliases=["fusion"])
@@ -114,8 +116,9 @@ class Fused(OODScore):
     """The average of member scores, each normalised against its values on ID data.
 
     Args:
-        members: Registered names, ``(name, options)`` pairs, objects with ``name`` and
-            ``options`` attributes or :class:`OODScore` instances (at least two). Default KNN and Mahalanobis, which fail on different OOD sets
+        members: Registered names or labels (``"knn k=1"``), ``(name, options)`` pairs,
+            :class:`~oodunleash.scores.ScoreSpec` or :class:`OODScore` instances (at least
+            two); kept as ``[name, options that differ from the defaults]``. Default KNN and Mahalanobis, which fail on different OOD sets
             (near against far OOD, see the issue-31 benchmark).
         method: ``"z"`` (z-scores) or ``"rank"`` (ranks among the ID reference values).
         reference_fraction: :meth:`fit` holds out this seeded fraction of the training data

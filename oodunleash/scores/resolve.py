@@ -8,14 +8,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from oodunleash.scores.base import OODScore, get_score
-from oodunleash.scores.spec import ScoreSpec
+from oodunleash.scores.spec import FUSED_JOIN, ScoreSpec
 
 __all__ = ["resolve_score", "resolve_scores"]
 
 
 def _is_label(name: str) -> bool:
-    """Whether ``name`` carries options, as ``ScoreSpec.label`` writes them (``"knn k=1"``)."""
-    return "=" in name and len(name.split()) > 1
+    """Whether ``name`` carries options, as ``ScoreSpec.label`` writes them (``"knn k=1"``,
+    or fused members ``"knn + energy"``)."""
+    return ("=" in name or FUSED_JOIN.strip() in name.split()) and len(name.split()) > 1
 
 
 def resolve_score(spec: Any) -> OODScore:

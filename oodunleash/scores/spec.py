@@ -11,6 +11,7 @@ checkpoint's default score is the fitted one.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -23,6 +24,8 @@ __all__ = ["ScoreSpec"]
 #: Short option names used in labels (``"dice s=0.9"``); other options keep their name.
 SHORT_OPTIONS: dict[str, str] = {"percentile": "p", "sparsity": "s"}
 _LONG_OPTIONS = {short: long for long, short in SHORT_OPTIONS.items()}
+#: The fused score's registered name, and what joins its members in a label.
+FUSED, FUSED_JOIN = "fused", " + "
 
 
 def _shown(value: Any) -> str:
@@ -60,6 +63,8 @@ class ScoreSpec:
         True
         >>> ScoreSpec.of(spec.build()) == spec, ScoreSpec("knn", {"k": 50}).label
         (True, 'knn')
+        >>> ScoreSpec.parse("knn k=1 + energy").label
+        'knn k=1 + energy'
     """
 
     name: str
@@ -90,7 +95,11 @@ class ScoreSpec:
     @property
     def label(self) -> str:
         """``"<name>"``, or ``"<name> <option>=<value> ..."``: the key in tables, in
-        ``fitted_scores_`` and on the command line (:meth:`parse` reads it back)."""
+        ``fitted_scores_`` and on the command line (:meth:`parse` reads it back). A fused
+        score that differs from the default only in its members is written as its members'
+        labels joined by ``" + "`` (``"knn k=1 + energy"``)."""
+        if self.name == FUSED and set(self.options) == {"members"}:
+            return FUSED_JOIN.join(ScoreSpec(*m).label for m in self.options["members"])
         parts = [f"{SHORT_OPTIONS.get(k, k)}={_shown(v)}" for k, v in self.options.items()]
         return " ".join([self.name, *parts])
 
@@ -100,6 +109,9 @@ class ScoreSpec:
         """The spec a :attr:`label` describes: ``"knn"``, ``"knn k=1"``, ``"dice s=0.5"``."""
         if not isinstance(text, str) or not text.strip():
             raise TypeError(f"A score label is a non-empty string, got {text!r}.")
+        if FUSED_JOIN.strip() in text.split():
+            members = [cls.parse(part) for part in re.split(r"\s+\+\s+", text.strip())]
+            return cls(FUSED, {"members": [[m.name, dict(m.options)] for m in members]})
         name, *pairs = text.split()
         options = {}
         for pair in pairs:

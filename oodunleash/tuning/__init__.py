@@ -1,6 +1,9 @@
 """Choosing a fine-tune and an OOD score on validation data: :func:`tune`.
 
 * :mod:`~oodunleash.tuning.candidates`: the candidate models and score variants compared;
+* :mod:`~oodunleash.tuning.reader`: one candidate read out by every score variant;
+* :mod:`~oodunleash.tuning.fusion`: fused scores as candidates, from the cached values;
+* :mod:`~oodunleash.tuning.schedule`: screening, cost estimates, the plan said up front;
 * :mod:`~oodunleash.tuning.result`: the selection rule and :class:`TuneResult`;
 * :mod:`~oodunleash.tuning.search`: :func:`tune` itself.
 

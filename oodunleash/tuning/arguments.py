@@ -26,8 +26,14 @@ def check_calibration_loader(loader: Any, train_loader: Any, val_loader: Any) ->
         )
 
 
-def check_options(max_accuracy_drop: float, time_budget: float | None) -> None:
-    """``max_accuracy_drop`` (points, at least 0) and ``time_budget`` (positive seconds)."""
+def check_options(max_accuracy_drop: float, time_budget: float | None, fusion: int = 0) -> None:
+    """``max_accuracy_drop`` (points, at least 0), ``time_budget`` (positive seconds) and
+    ``fusion`` (a number of score families, at least 0)."""
+    if isinstance(fusion, bool) or not isinstance(fusion, int) or fusion < 0:
+        raise ValueError(
+            f"fusion must be a whole number of score families to combine (0: no fused "
+            f"scores, 3: the default), got {fusion!r}."
+        )
     if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, int | float):
         raise TypeError(f"max_accuracy_drop must be a number of points, got {max_accuracy_drop!r}.")
     if not max_accuracy_drop >= 0:

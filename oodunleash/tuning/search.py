@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from oodunleash.evaluation.proxy import proxy_ood
-from oodunleash.evaluation.results import EvaluationResults
 from oodunleash.finetune.constraint import mean_cross_entropy
 from oodunleash.finetune.loop import LossConstraintTooHighError, TrainingDivergedError
 from oodunleash.runtime.distributed import any_rank, is_main_process
 from oodunleash.scores import OODScore
-from oodunleash.scores.spec import ScoreSpec
 from oodunleash.tuning import schedule
 from oodunleash.tuning.arguments import check_calibration_loader, check_options
 from oodunleash.tuning.candidates import (
@@ -27,12 +25,11 @@ from oodunleash.tuning.candidates import (
     finetune,
     score_variants,
 )
-from oodunleash.tuning.result import CandidateResult, TuneResult, metrics_in_percent, select
+from oodunleash.tuning.reader import Reader
+from oodunleash.tuning.result import CandidateResult, TuneResult, select
 from oodunleash.wrapper import METHOD_DEFAULTS, OODUnleash
 
-__all__ = ["choose_score", "split_failures", "tune"]
-
-T = TypeVar("T")
+__all__ = ["tune"]
 
 
 def _length(loader: Iterable, attribute: str) -> int | None:
@@ -40,34 +37,6 @@ def _length(loader: Iterable, attribute: str) -> int | None:
         return len(getattr(loader, attribute)) if attribute else len(loader)  # type: ignore[arg-type]
     except (AttributeError, TypeError):
         return None
-
-
-def split_failures(
-    labels: list[str], run: Callable[[list[str]], T]
-) -> tuple[list[T], dict[str, Exception]]:
-    """``run(labels)``; where that raises, run each half again, down to single labels.
-
-    Returns the results of the groups that ran and ``{label: error}`` for the labels that
-    failed alone. One bad score (a NaN on some OOD set, a model it cannot read) then costs a
-    few extra passes, not the whole comparison.
-
-    Example:
-        >>> def run(labels):
-        ...     if "bad" in labels:
-        ...         raise ValueError("no")
-        ...     return labels
-        >>> split_failures(["a", "b", "bad", "c"], run)
-        ([['a', 'b'], ['c']], {'bad': ValueError('no')})
-    """
-    try:
-        return [run(labels)], {}
-    except Exception as err:  # noqa: BLE001 - isolated below, reported by label
-        if len(labels) == 1:
-            return [], {labels[0]: err}
-    middle = len(labels) // 2
-    first, first_failures = split_failures(labels[:middle], run)
-    second, second_failures = split_failures(labels[middle:], run)
-    return first + second, first_failures | second_failures
 
 
 def _validation_oods(
@@ -96,84 +65,6 @@ def _validation_oods(
     if clash:
         raise ValueError(f"ood_loaders reuse proxy family names {clash}; rename them.")
     return {**proxies, **given}, True
-
-
-def choose_score(
-    unleashed: OODUnleash, label: str, variant: ScoreSpec | OODScore, keep_all: bool
-) -> None:
-    """Make the fitted variant ``label`` the default score of ``unleashed``, in the one form
-    that saves and reloads: a :class:`ScoreSpec` whose fitted copy is stored under ``label``
-    (:meth:`ScoreSpec.find` finds it there after ``from_pretrained`` too)."""
-    best = unleashed.fitted_scores_[label]
-    if not keep_all:  # KNN banks add up over many candidates
-        unleashed.fitted_scores_ = {label: best}
-    # An unregistered score has no spec: it stays the fitted instance (in memory only).
-    unleashed.default_score = variant if isinstance(variant, ScoreSpec) else best
-
-
-class _Reader:
-    """Reads a model out with every score variant: one pass over the training data fits them,
-    one pass per validation set scores them (:meth:`OODUnleash.evaluate`)."""
-
-    def __init__(
-        self, train_loader, val_loader, oods, variants, *, max_fit_batches, keep_all, progress
-    ):
-        self.train_loader, self.val_loader, self.oods = train_loader, val_loader, oods
-        self.variants: dict[str, Any] = dict(variants)
-        self.max_fit_batches, self.keep_all, self.progress = max_fit_batches, keep_all, progress
-        self.skipped: dict[str, str] = {}
-        self.fit_s = self.read_s = 0.0
-
-    def _fresh(self, labels: Iterable[str]) -> dict[str, Any]:
-        # Score instances are fitted in place: every candidate gets its own copies.
-        return {
-            label: copy.deepcopy(spec) if isinstance(spec, OODScore) else spec
-            for label, spec in self.variants.items()
-            if label in set(labels)
-        }
-
-    def _fit(self, unleashed: OODUnleash) -> None:
-        common = {"max_batches": self.max_fit_batches, "progress": self.progress}
-
-        def fit(labels: list[str]) -> None:
-            unleashed.fit_scores(self.train_loader, self._fresh(labels), **common)
-
-        for label, err in split_failures(list(self.variants), fit)[1].items():
-            self._skip(label, err)
-
-    def _evaluate(self, unleashed: OODUnleash) -> tuple[dict[str, Any], float]:
-        """``({score: {ood_set: metrics}}, ID accuracy)`` of every score that could read it."""
-
-        def run(labels: list[str]) -> EvaluationResults:
-            scores = {label: label for label in labels}
-            return unleashed.evaluate(self.val_loader, self.oods, scores, progress=self.progress)
-
-        parts, failures = split_failures(list(self.variants), run)
-        for label, err in failures.items():
-            self._skip(label, err)
-        if not parts:
-            raise RuntimeError(f"No OOD score could read this model: {self.skipped}")
-        metrics = {label: m for part in parts for label, m in part.metrics.items()}
-        return metrics, float(parts[0].id_accuracy)
-
-    def _skip(self, label: str, err: BaseException) -> None:
-        self.skipped[label] = schedule.failure_reason(err)
-        self.variants.pop(label, None)
-
-    def read(self, spec: CandidateSpec, unleashed: OODUnleash, xi: float | None, train_s: float):
-        started = time.perf_counter()
-        self._fit(unleashed)
-        fitted = time.perf_counter()
-        raw, accuracy = self._evaluate(unleashed)
-        done = time.perf_counter()
-        self.fit_s, self.read_s = fitted - started, done - started
-        metrics = metrics_in_percent({s: raw[s] for s in self.variants})
-        accuracy *= 100
-        row = CandidateResult(
-            spec.name, spec.kind, spec.tier, accuracy, metrics, xi, train_s + done - started
-        )
-        choose_score(unleashed, row.best_score, self.variants[row.best_score], self.keep_all)
-        return row
 
 
 class _Search:
@@ -347,6 +238,7 @@ def tune(
     feature_layer: str | None = None,
     keep_all: bool = False,
     promote: int | None = 1,
+    fusion: int = 3,
     calibration_loader: Iterable | None = None,
     progress: bool = True,
     verbose: bool = True,
@@ -399,6 +291,12 @@ def tune(
             (:mod:`~oodunleash.tuning.schedule`), and only the ``promote`` best within the
             accuracy floor get the full schedule and the full read-out; the choice is made
             on those. ``None``: every fine-tune runs the full schedule (slow).
+        fusion: Fused scores as candidates: on each candidate model, every combination of
+            two or more of its ``fusion`` best score families on validation (the best variant
+            of each, gradient scores left out) is tried, each member z-normalised against its
+            values on the ID validation images and the results averaged
+            (:mod:`~oodunleash.tuning.fusion`); computed from the cached values, no extra
+            pass. ``0``: single scores only.
         calibration_loader: ID images that neither ``train_loader`` nor ``val_loader`` holds:
             the choice is calibrated on them (:meth:`~oodunleash.OODUnleash.calibrate`), so
             ``result.best.predict(x, alpha)`` works at once. Not the validation images: the
@@ -416,13 +314,13 @@ def tune(
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    check_options(max_accuracy_drop, time_budget)
+    check_options(max_accuracy_drop, time_budget, fusion)
     check_calibration_loader(calibration_loader, train_loader, val_loader)
     oods, proxy = _validation_oods(
         val_loader, ood_loaders, ood_mode, proxy_families, proxy_size, seed
     )
     specs = candidate_specs(finetunes, checkpoints)
-    reader = _Reader(
+    reader = Reader(
         train_loader,
         val_loader,
         oods,
@@ -430,9 +328,10 @@ def tune(
         max_fit_batches=max_fit_batches,
         keep_all=keep_all,
         progress=progress,
+        fusion=fusion,
     )
     variants = reader.variants
-    screen_reader = _Reader(
+    screen_reader = Reader(
         train_loader,
         val_loader,
         {name: schedule.first_share(loader) for name, loader in oods.items()},
@@ -440,6 +339,7 @@ def tune(
         max_fit_batches=schedule.screen_fit_batches(_length(train_loader, ""), max_fit_batches),
         keep_all=False,
         progress=progress,
+        fusion=fusion,
     )
     search = _Search(
         model,

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from oodunleash import OODUnleash, tune
 from oodunleash.scores import ScoreSpec, get_score
 from oodunleash.tuning import score_variants
-from oodunleash.tuning.search import choose_score
+from oodunleash.tuning.reader import choose_score
 from tests.cli.commands import model_args, read_csv, run
 
 PREPROCESSING = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
