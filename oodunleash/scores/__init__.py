@@ -16,6 +16,7 @@ Built in (one module per family):
 * :mod:`~oodunleash.scores.neighbors`: ``nnguide``
 * :mod:`~oodunleash.scores.boundary`: ``fdbd``
 * :mod:`~oodunleash.scores.collapse`: ``nci``
+* :mod:`~oodunleash.scores.weiper`: ``weiper``
 * :mod:`~oodunleash.scores.fusion`: ``fused`` (members normalised on ID data, averaged) and
   :func:`fuse` for values already computed
 
@@ -43,6 +44,7 @@ from oodunleash.scores import (
     neighbors,
     scaling,
     subspace,
+    weiper,
 )
 from oodunleash.scores.activation import ASHB, ASHP, ASHS, DICE, ReAct
 from oodunleash.scores.base import (
@@ -66,6 +68,7 @@ from oodunleash.scores.resolve import resolve_score, resolve_scores
 from oodunleash.scores.scaling import SCALE
 from oodunleash.scores.spec import ScoreSpec
 from oodunleash.scores.subspace import Residual, ViM
+from oodunleash.scores.weiper import WeiPer
 
 __all__ = [
     "ASHB",
@@ -97,6 +100,7 @@ __all__ = [
     "ScoreNotFittedError",
     "ScoreSpec",
     "ViM",
+    "WeiPer",
     "activation",
     "boundary",
     "collapse",
@@ -115,4 +119,5 @@ __all__ = [
     "score_grids",
     "subspace",
     "unregister_score",
+    "weiper",
 ]
