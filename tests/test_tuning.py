@@ -280,7 +280,16 @@ def _fake_run(seed: int, fprs: dict[tuple[str, str], float], accuracy: dict[str,
         block = test.setdefault(candidate, {"accuracy": accuracy[candidate], "scores": {}})
         per_set = {"near": {"auroc": 80.0, "fpr95": fpr}, "letters": {"auroc": 80.0, "fpr95": fpr}}
         block["scores"][score] = per_set | {"mean": {"auroc": 80.0, "fpr95": fpr}}
-    val = {"candidates": {"unchanged": {"best_score": "knn k=10"}}}
+    # validation: the test numbers again, the candidates in the order tune lists them
+    candidates = {
+        name: {
+            "kind": "unchanged" if name == "unchanged" else "finetune",
+            "accuracy": block["accuracy"],
+            "scores": {score: {"mean": m["mean"]} for score, m in block["scores"].items()},
+        }
+        for name, block in test.items()
+    }
+    val = {"candidates": candidates, "max_accuracy_drop": 1.0}
     return {"seed": seed, "test": test, "val": val, "chosen": list(chosen)}
 
 
@@ -308,6 +317,40 @@ def test_the_measurement_summary_compares_tune_with_the_fixed_recipes_and_the_or
     assert "seed 0: near 60.0 → 20.0, letters 60.0 → 20.0" in text
 
 
+def test_the_measurement_separates_fusion_the_fine_tune_and_the_ood_reader():
+    bench = load_script("examples/benchmark_tune.py")
+    accuracy = {"unchanged": 90.0, "um": 89.5, "umap": 88.0}
+    fused = "knn k=10 + energy"
+    fprs = {
+        ("unchanged", "energy"): 60.0,
+        ("unchanged", "knn k=10"): 30.0,
+        ("unchanged", fused): 25.0,
+        ("um", "energy"): 40.0,
+        ("um", "knn k=10"): 20.0,
+        ("um", fused): 22.0,
+        ("umap", "energy"): 5.0,  # the best reader, but 2 points of accuracy
+        ("umap", "knn k=10"): 50.0,
+        ("umap", fused): 50.0,
+    }
+    text = bench.summarize([_fake_run(0, fprs, accuracy, ("um", "knn k=10"))])
+    rows = {
+        "best single post-hoc score on the final model (test)": "unchanged + knn k=10 | 30.0",
+        "tune, unchanged model, single scores": "unchanged + knn k=10 | 30.0",
+        "tune, unchanged model, with fusion": f"unchanged + ({fused}) | 25.0",
+        "tune, single scores only": "um + knn k=10 | 20.0",
+        # the OOD score of the copy that lost accuracy, the classifier's accuracy kept
+        "OOD read from a fine-tuned copy, classifier unchanged": (
+            "umap + energy (classifier: unchanged) | 5.0 | 90.00"
+        ),
+    }
+    for row, cells in rows.items():
+        assert f"| 0 | {row} | {cells}" in text
+    table = bench.finetune_table([_fake_run(0, fprs, accuracy, ("um", "knn k=10"))])
+    assert "seed 0: knn k=10" in table  # the unchanged model's best single score
+    # val, test, near-OOD under it; test and near-OOD under Energy; accuracy changes; seeds
+    assert "| um | 20.0 | 20.0 | 20.0 | 40.0 | 40.0 | -0.50 | -0.50 | 1 |" in table
+
+
 def _fake_validated_run(val: dict[tuple[str, str], tuple[float, float]], test_fpr_offset: float):
     """A run whose validation block has ``{(candidate, score): (val FPR95, val accuracy)}`` and
     whose test block has the same numbers plus ``test_fpr_offset``."""
@@ -321,7 +364,7 @@ def _fake_validated_run(val: dict[tuple[str, str], tuple[float, float]], test_fp
     for (candidate, score), (fpr, accuracy) in val.items():
         block = candidates.setdefault(candidate, {"accuracy": accuracy, "scores": {}})
         block["scores"][score] = {"mean": {"auroc": 80.0, "fpr95": fpr}}
-    run["val"] = {"candidates": candidates}
+    run["val"] = {"candidates": candidates, "max_accuracy_drop": 1.0}
     return run
 
 

@@ -28,7 +28,9 @@ def test_fused_variants_from_the_cache_equal_a_real_read_out(data):  # noqa: F81
         assert isinstance(score, Fused) and ScoreSpec.of(score).label == label
         members = label.split(" + ")
         # the members are the fitted single variants themselves: nothing fitted again
-        assert all(s is unleashed.fitted_scores_[m] for s, m in zip(score.scores, members))
+        assert all(
+            s is unleashed.fitted_scores_[m] for s, m in zip(score.scores, members, strict=True)
+        )
         for ood in result.ood_sets:
             cached = row.metrics[label][ood]
             read = again.metrics[label][ood]

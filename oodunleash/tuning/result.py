@@ -12,10 +12,20 @@ from typing import Any
 from oodunleash.evaluation.results import save_figure
 from oodunleash.wrapper import OODUnleash
 
-__all__ = ["CandidateResult", "TuneResult", "select"]
+__all__ = ["CandidateResult", "TuneResult", "recipe_name", "select"]
 
 #: Key of the mean over validation OOD sets in :attr:`CandidateResult.metrics`.
 MEAN = "mean"
+
+
+def recipe_name(candidate: str, score: str) -> str:
+    """``"<candidate> + <score>"``, a fused score's members in parentheses.
+
+    Example:
+        >>> recipe_name("umap", "knn k=1"), recipe_name("unchanged", "knn k=1 + energy")
+        ('umap + knn k=1', 'unchanged + (knn k=1 + energy)')
+    """
+    return f"{candidate} + ({score})" if " + " in score else f"{candidate} + {score}"
 
 
 @dataclass
@@ -105,7 +115,8 @@ class TuneResult:
             wins, it wraps that model without a fine-tune (``best.is_fitted`` is then
             ``False``, and ``best.model`` is the model to use; for the unchanged model it *is*
             the model passed in).
-        best_name: ``"<candidate> + <score>"``, e.g. ``"umap + knn k=50"``.
+        best_name: ``"<candidate> + <score>"``, e.g. ``"umap + knn k=50"``, a fused score's
+            members in parentheses: ``"unchanged + (knn k=1 + energy)"``.
         best_candidate: The chosen candidate's name.
         best_score: The chosen score's label.
         candidates: ``{name: CandidateResult}`` of every candidate that ran.

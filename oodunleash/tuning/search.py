@@ -26,7 +26,7 @@ from oodunleash.tuning.candidates import (
     score_variants,
 )
 from oodunleash.tuning.reader import Reader
-from oodunleash.tuning.result import CandidateResult, TuneResult, select
+from oodunleash.tuning.result import CandidateResult, TuneResult, recipe_name, select
 from oodunleash.wrapper import METHOD_DEFAULTS, OODUnleash
 
 __all__ = ["tune"]
@@ -365,7 +365,7 @@ def tune(
     chosen = search.choose(rows)
     result = TuneResult(
         best=kept[chosen.name],
-        best_name=f"{chosen.name} + {chosen.best_score}",
+        best_name=recipe_name(chosen.name, chosen.best_score),
         best_candidate=chosen.name,
         best_score=chosen.best_score,
         candidates=ordered,
