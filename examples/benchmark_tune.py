@@ -99,6 +99,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         epochs=args.finetune_epochs,
         time_budget=args.time_budget,
         proxy_size=args.proxy_size,
+        finetunes=args.finetunes,
         scores=[s for s in oodunleash.list_scores() if s not in args.skip_scores],
         keep_all=True,
         promote=None,  # every candidate fully trained: each is read out on test below
@@ -368,6 +369,12 @@ def main() -> None:
     parser.add_argument("--proxy-size", type=int, default=1000, help="images per proxy family")
     parser.add_argument(
         "--eval-cap", type=int, default=None, help="at most this many images per val/test set"
+    )
+    parser.add_argument(
+        "--finetunes",
+        nargs="*",
+        default=None,
+        help="tune's fine-tunes (default: tune's own; none: the unchanged model's scores only)",
     )
     parser.add_argument("--time-budget", type=float, default=None, help="per tune call (s)")
     parser.add_argument("--threads", type=int, default=1)

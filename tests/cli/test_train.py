@@ -100,6 +100,7 @@ def test_tune_can_be_steered_and_lists_its_candidates(data, tmp_path, capsys):
         and "knn k=1, knn k=10, knn;" in helped
         and "nci alpha=0," in helped
         and "--finetunes" in helped
+        and "--fusion" in helped
     )
     out, report = tmp_path / "best", tmp_path / "tune.json"
     flags = ["--finetunes", "--scores", "knn k=1", "energy", "--json", str(report)]
@@ -110,5 +111,21 @@ def test_tune_can_be_steered_and_lists_its_candidates(data, tmp_path, capsys):
     assert "the unchanged model only (no fine-tune)" in stdout
     result = json.loads(report.read_text())
     assert list(result["candidates"]) == ["unchanged"]
-    assert set(result["candidates"]["unchanged"]["scores"]) == {"knn k=1", "energy"}
+    # the two single scores, and their fusion (--fusion 3 by default)
+    assert set(result["candidates"]["unchanged"]["scores"]) == {
+        "knn k=1",
+        "energy",
+        "knn k=1 + energy",
+    }
     assert f"Saved: {out}" in stdout
+    code, stdout, err = run(
+        ["tune", *model_args(MODEL), *dirs(data), *flags, "--fusion", "0", "--out", str(out)],
+        capsys,
+    )
+    assert code == 0, err
+    result = json.loads(report.read_text())
+    assert set(result["candidates"]["unchanged"]["scores"]) == {"knn k=1", "energy"}
+    with pytest.raises(SystemExit) as exited:  # argparse refuses it before any work
+        run(["tune", *model_args(MODEL), *dirs(data), "--fusion", "-1"], capsys)
+    assert exited.value.code == 2
+    assert "--fusion: must be 0 or a positive integer" in capsys.readouterr().err

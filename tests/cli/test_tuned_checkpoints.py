@@ -141,3 +141,26 @@ def test_a_checkpoint_of_the_earlier_layout_still_scores_with_its_default(settin
     assert loaded.default_score == ScoreSpec("knn", {"k": 1})
     expected = old.score(x)
     assert loaded.score(x).tolist() == pytest.approx(expected.tolist(), rel=1e-2, abs=1e-2)
+
+
+def test_a_fused_choice_travels(setting, data, tmp_path, capsys):
+    """A fused variant tune built from cached values saves as a fitted ``fused`` score under
+    its label (the members joined by " + ") and scores the same after reload and in the CLI."""
+    model, loaders, classes, inputs = setting
+    singles = ["energy", "msp", "mahalanobis"]
+    result = tune(
+        model,
+        loaders["train"],
+        loaders["val"],
+        **{**TUNE, "scores": singles, "keep_all": True},
+    )
+    unleashed = result.unleashed["unchanged"]
+    fused = [label for label in result.candidates["unchanged"].metrics if label not in singles]
+    assert len(fused) == 4
+    every = dict(unleashed.fitted_scores_)
+    for label in fused[::3]:  # a pair and the triple
+        unleashed.fitted_scores_ = every
+        choose_score(unleashed, label, ScoreSpec.parse(label), keep_all=False)
+        assert ScoreSpec.of(unleashed.default_score).name == "fused"
+        folder = tmp_path / label.replace(" ", "_")
+        _check_travels(unleashed, label, folder, data, classes, inputs, capsys)
