@@ -347,6 +347,8 @@ def scenario_tune() -> dict[str, Any]:
     return {
         "best": result.best_name,
         "rows": {name: (row["accuracy"], row["mean_fpr95"]) for name, row in rows.items()},
+        # every variant's validation metrics, the fused ones built from the gathered values
+        "metrics": {name: row["scores"] for name, row in rows.items()},
         "dropped": result.dropped,  # the screening (default promote=1) must agree too
         "state": state_copy(result.best.model),
     }

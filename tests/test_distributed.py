@@ -322,4 +322,6 @@ def test_tune_makes_the_same_choice_on_every_rank(ranks):
     assert first["dropped"] == second["dropped"]
     assert first["best"] == second["best"]
     assert first["rows"] == second["rows"]  # validation metrics gathered over both shards
+    assert first["metrics"] == second["metrics"]
+    assert any(" + " in label for label in first["metrics"]["unchanged"])  # fused variants
     assert same_state(first["state"], second["state"])
