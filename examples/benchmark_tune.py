@@ -285,6 +285,32 @@ def finetune_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def score_table(runs: list[dict[str, Any]]) -> str:
+    """Markdown: every score with its registered defaults on the unchanged model, and the fused
+    variants tune built there, means over seeds; validation (proxy) and test side by side."""
+    shared = set.intersection(*(set(r["test"]["unchanged"]["scores"]) for r in runs))
+    labels = [s for s in shared if is_fused(s) or not ScoreSpec.parse(s).options]
+
+    def mean(label: str, split: str, ood: str = "mean") -> float:
+        blocks = [r["val"]["candidates"] if split == "val" else r["test"] for r in runs]
+        sets = [b["unchanged"]["scores"][label] for b in blocks]
+        return sum(m[ood]["fpr95"] for m in sets) / len(sets)
+
+    lines = [
+        f"The unchanged model, scores at their registered defaults and tune's fused variants; "
+        f"FPR95 in %, means over {len(runs)} seeds; sorted by test.",
+        "",
+        "| score | val FPR95 (proxies) | test FPR95 | near-OOD |",
+        "|---|---:|---:|---:|",
+    ]
+    for label in sorted(labels, key=lambda s: mean(s, "test")):
+        lines.append(
+            f"| {label} | {mean(label, 'val'):.1f} | {mean(label, 'test'):.1f} | "
+            f"{mean(label, 'test', NEAR):.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def _recipe_table(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple]]:
     """``{(candidate, score): [(val FPR95, val Δacc, test FPR95, test Δacc) per run]}``, the
     accuracy changes against the unchanged model of the same run; only recipes every run has."""
@@ -395,7 +421,8 @@ def main() -> None:
     if args.summarize:
         groups = {folder: _read_runs(folder) for folder in args.summarize}
         for folder, runs in groups.items():
-            print(f"## {folder}\n\n{summarize(runs)}\n\n{finetune_table(runs)}\n")
+            tables = [summarize(runs), finetune_table(runs), score_table(runs)]
+            print(f"## {folder}\n\n" + "\n\n".join(tables) + "\n")
         print(fixed_recipes(groups))
         return
     torch.set_num_threads(args.threads)

@@ -349,6 +349,10 @@ def test_the_measurement_separates_fusion_the_fine_tune_and_the_ood_reader():
     assert "seed 0: knn k=10" in table  # the unchanged model's best single score
     # val, test, near-OOD under it; test and near-OOD under Energy; accuracy changes; seeds
     assert "| um | 20.0 | 20.0 | 20.0 | 40.0 | 40.0 | -0.50 | -0.50 | 1 |" in table
+    scores = bench.score_table([_fake_run(0, fprs, accuracy, ("um", "knn k=10"))])
+    # registered defaults and fused variants of the unchanged model, best on test first
+    assert scores.index(f"| {fused} | 25.0 | 25.0 | 25.0 |") < scores.index("| energy | 60.0 |")
+    assert "| knn k=10 |" not in scores
 
 
 def _fake_validated_run(val: dict[tuple[str, str], tuple[float, float]], test_fpr_offset: float):
