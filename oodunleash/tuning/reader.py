@@ -128,7 +128,11 @@ class Reader:
         self.skipped[label] = schedule.failure_reason(err)
         self.variants.pop(label, None)
 
-    def read(self, spec: CandidateSpec, unleashed: OODUnleash, xi: float | None, train_s: float):
+    def read(
+        self, spec: CandidateSpec, unleashed: OODUnleash, xi: float | None, train_s: float
+    ) -> CandidateResult:
+        """Fit and score every variant on ``unleashed``, add the fused variants, make the best
+        one its default score; the candidate's row of the validation table."""
         started = time.perf_counter()
         self._fit(unleashed)
         fitted = time.perf_counter()
