@@ -102,9 +102,19 @@ def fingerprint(unleashed: Any) -> str:
 
 
 def plan_text(
-    finetunes: list[str], promote: int | None, epochs: int, variants: int, ood_sets: int
+    finetunes: list[str],
+    promote: int | None,
+    epochs: int,
+    variants: int,
+    ood_sets: int,
+    fusion: int = 0,
 ) -> str:
-    """One line saying what :func:`~oodunleash.tune` will try."""
+    """One line saying what :func:`~oodunleash.tune` will try.
+
+    Example:
+        >>> plan_text([], None, 0, 5, 6, fusion=3)
+        'tune: the unchanged model only (no fine-tune), read out by 5 score variants and the fusions of its 3 best score families on 6 validation OOD sets.'
+    """
     if not finetunes:
         what = "the unchanged model only (no fine-tune)"
     elif promote is None or len(finetunes) <= promote:
@@ -118,7 +128,11 @@ def plan_text(
             f"screened on {SCREEN_FRACTION:g} epoch each, then the best {promote} for "
             f"{epochs} epochs"
         )
-    return f"tune: {what}, read out by {variants} score variants on {ood_sets} validation OOD sets."
+    fused = f" and the fusions of its {fusion} best score families" if fusion >= 2 else ""
+    return (
+        f"tune: {what}, read out by {variants} score variants{fused} on {ood_sets} validation "
+        "OOD sets."
+    )
 
 
 def screening_cost(search: Any, spec: Any) -> float:

@@ -109,7 +109,8 @@ class _Search:
         if not measured:
             epochs = self.n_epochs(finetunes[0]) if finetunes else 0
             names, variants = [s.name for s in finetunes], len(self.reader.variants)
-            print(schedule.plan_text(names, self.promote, epochs, variants, oods))
+            fusion = self.reader.fusion
+            print(schedule.plan_text(names, self.promote, epochs, variants, oods, fusion))
             return
         others = [s for s in self.specs[1:] if s.kind != "finetune"]
         full = finetunes[: self.promote] if self.screens(finetunes) else finetunes
