@@ -56,3 +56,6 @@ def test_fusion_combines_the_best_variant_of_the_best_families():
     assert fusion_groups(ranking, variants, top=2) == [("knn k=1", "energy")]
     assert fusion_groups(ranking, variants, top=3)[-1] == ("knn k=1", "energy", "msp")
     assert fusion_groups(ranking, variants, top=1) == []
+    # one member set, one label: members in the variants' order, not the candidate's ranking
+    reordered = {label: variants[label] for label in ["energy", "msp", "knn k=1", "knn", "vim"]}
+    assert fusion_groups(["vim", "knn k=1", "energy"], reordered, top=3)[0] == ("energy", "knn k=1")

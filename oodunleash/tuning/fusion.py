@@ -49,7 +49,9 @@ def fusion_groups(
     ranking: Sequence[str], variants: Mapping[str, ScoreSpec | OODScore], top: int
 ) -> list[tuple[str, ...]]:
     """The member sets to try: every combination of two or more of the ``top`` best families,
-    each represented by its best variant. ``ranking`` lists the single variants best first.
+    each represented by its best variant. ``ranking`` lists the single variants best first;
+    each set lists its members in the order of ``variants``, so one set has one label
+    whichever candidate ranked it.
 
     Example:
         >>> variants = {label: ScoreSpec.parse(label) for label in ["knn k=1", "knn", "vim", "energy"]}
@@ -61,7 +63,8 @@ def fusion_groups(
         variant = variants[label]
         if _fusable(variant):
             best.setdefault(family(label, variant), label)
-    chosen = list(best.values())[:top]
+    order = {label: i for i, label in enumerate(variants)}
+    chosen = sorted(list(best.values())[:top], key=order.__getitem__)
     return [
         group
         for size in range(2, len(chosen) + 1)
