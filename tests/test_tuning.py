@@ -15,6 +15,7 @@ from oodunleash import OODUnleash, proxy_ood, tune
 from oodunleash.scores import Energy, ScoreSpec
 from oodunleash.tuning import CandidateResult, parse_finetune, score_variants, select
 from oodunleash.tuning import search as search_module
+from oodunleash.tuning.result import recipe_name
 from tests.helpers.scripts import load_script
 from tests.helpers.toys import same_state, sequential_cnn, state_copy
 
@@ -131,7 +132,7 @@ def test_tune_never_touches_the_model_and_is_never_worse_on_validation(data, cap
     chosen = ran[result.best_candidate]
     assert chosen.mean_fpr95 <= reference.mean_fpr95
     assert chosen.accuracy >= reference.accuracy - 1.0 - 1e-9
-    assert result.best_name == f"{result.best_candidate} + {result.best_score}"
+    assert result.best_name == recipe_name(result.best_candidate, result.best_score)
     singles = {"energy", "msp", "knn k=1", "knn k=10", "knn"}  # k=50 is KNN's default
     for row in ran.values():  # every candidate read out by every variant, on every set
         assert singles <= set(row.metrics)

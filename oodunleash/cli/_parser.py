@@ -106,29 +106,8 @@ def _tune_candidates() -> str:
     )
 
 
-def _add_training(sub: argparse._SubParsersAction, parents: list) -> None:
-    fit = sub.add_parser(
-        "fit",
-        parents=parents,
-        formatter_class=_Formatter,
-        help="fine-tune MODEL with UM or UMAP on an image folder and save it",
-        description="Fine-tune MODEL on --train-dir (one sub-folder per class) with the flooding "
-        "loss around ξ (UM: the weights; UMAP: a pruning mask), then save the checkpoint with the "
-        "preprocessing used.",
-        epilog="example:\n  oodunleash fit resnet18 --checkpoint resnet18.safetensors "
-        "--train-dir data/train --val-dir data/val --img-size 64 --out unleashed-resnet18\n\n"
-        + EXIT_CODES_HELP,
-    )
-    fit.add_argument("--method", choices=("um", "umap"), default="um")
-    fit.add_argument("--lr", type=float, help="default 0.01 (UM) or 0.1 (UMAP)")
-    xi_help = f"ξ (default: {DEFAULT_CONSTRAINT_FACTOR:g}x the training CE)"
-    fit.add_argument("--loss-constraint", type=float, metavar="XI", help=xi_help)
-    fit.add_argument("--keep-ratio", type=float, help="UMAP: fraction of weights kept")
-    fit.add_argument("--amp", action="store_true", help="mixed precision")
-    fit.add_argument(
-        "--score", default=UnleashConfig.score, help="default OOD score of the checkpoint"
-    )
-    fit.add_argument("--out", default="unleashed", metavar="DIR", help="checkpoint folder")
+def _add_tune(sub: argparse._SubParsersAction, parents: list) -> argparse.ArgumentParser:
+    """The ``tune`` command's own options (the data options it shares with ``fit`` follow)."""
     tune = sub.add_parser(
         "tune",
         parents=parents,
@@ -184,6 +163,33 @@ def _add_training(sub: argparse._SubParsersAction, parents: list) -> None:
     tune.add_argument(
         "--ood-dir", type=parse_named_dir, action="append", metavar="NAME=DIR", help="OOD images"
     )
+    return tune
+
+
+def _add_training(sub: argparse._SubParsersAction, parents: list) -> None:
+    fit = sub.add_parser(
+        "fit",
+        parents=parents,
+        formatter_class=_Formatter,
+        help="fine-tune MODEL with UM or UMAP on an image folder and save it",
+        description="Fine-tune MODEL on --train-dir (one sub-folder per class) with the flooding "
+        "loss around ξ (UM: the weights; UMAP: a pruning mask), then save the checkpoint with the "
+        "preprocessing used.",
+        epilog="example:\n  oodunleash fit resnet18 --checkpoint resnet18.safetensors "
+        "--train-dir data/train --val-dir data/val --img-size 64 --out unleashed-resnet18\n\n"
+        + EXIT_CODES_HELP,
+    )
+    fit.add_argument("--method", choices=("um", "umap"), default="um")
+    fit.add_argument("--lr", type=float, help="default 0.01 (UM) or 0.1 (UMAP)")
+    xi_help = f"ξ (default: {DEFAULT_CONSTRAINT_FACTOR:g}x the training CE)"
+    fit.add_argument("--loss-constraint", type=float, metavar="XI", help=xi_help)
+    fit.add_argument("--keep-ratio", type=float, help="UMAP: fraction of weights kept")
+    fit.add_argument("--amp", action="store_true", help="mixed precision")
+    fit.add_argument(
+        "--score", default=UnleashConfig.score, help="default OOD score of the checkpoint"
+    )
+    fit.add_argument("--out", default="unleashed", metavar="DIR", help="checkpoint folder")
+    tune = _add_tune(sub, parents)
     for parser, handler in ((fit, _train.cmd_fit), (tune, _train.cmd_tune)):
         parser.add_argument("--train-dir", required=True, metavar="DIR", help="ID training images")
         parser.add_argument(
