@@ -387,6 +387,10 @@ def test_fused_from_fitted_members_and_cached_reference(data, tmp_path):
         "rank",
     )
     close(fused.score(test), np_(expected))
+    # values the members computed already (tune's cache) fuse to the same scores
+    close(fused.combine([knn.score(test), nci.score(test)]), np_(expected))
+    with pytest.raises(ValueError, match="one tensor per member"):
+        fused.combine([knn.score(test)])
     restored = get_score("fused", **fused.get_config()).load_state_dict(fused.state_dict())
     close(restored.score(test), np_(expected))
     with pytest.raises(ValueError, match="not fitted"):

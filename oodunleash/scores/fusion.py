@@ -273,11 +273,22 @@ class Fused(OODScore):
 
     def score(self, data: FeatureSet) -> Tensor:
         self.check_fitted()
+        values = [s.score(data) for s in self.scores]
+        return self.combine(values).to(values[0].device)
+
+    def combine(self, member_values: Sequence[Tensor]) -> Tensor:
+        """The fused score of values the members already computed (one tensor per member, in
+        order): each normalised against its stored ID reference, then averaged. What
+        :meth:`score` does after the members have scored."""
+        self.check_fitted()
+        if len(member_values) != len(self.scores):
+            raise ValueError(
+                f"combine needs one tensor per member ({len(self.scores)}), got "
+                f"{len(member_values)}."
+            )
         labels = self.member_labels
-        values = {label: s.score(data) for label, s in zip(labels, self.scores, strict=True)}
-        references = dict(zip(labels, self.reference, strict=True))
-        device = next(iter(values.values())).device
-        return fuse(values, references, self.method).to(device)
+        values = dict(zip(labels, member_values, strict=True))
+        return fuse(values, dict(zip(labels, self.reference, strict=True)), self.method)
 
     def state_dict(self) -> dict[str, Tensor]:
         if not self.is_fitted:

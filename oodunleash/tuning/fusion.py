@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from oodunleash.evaluation.results import EvaluationResults
-from oodunleash.scores import Fused, OODScore, fuse
+from oodunleash.scores import Fused, OODScore
 from oodunleash.scores.spec import ScoreSpec
+from oodunleash.tuning.result import metrics_in_percent, ranked
 
 __all__ = ["FUSION_METHOD", "family", "fusion_groups", "read_fusions"]
 
@@ -72,24 +73,11 @@ def fusion_groups(
     ]
 
 
-def _rank(metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str]:
-    """Labels by mean FPR95 over the OOD sets, then by mean AUROC (best first)."""
-
-    def key(label: str) -> tuple[float, float]:
-        sets = list(metrics[label].values())
-        fpr = sum(m["fpr95"] for m in sets) / len(sets)
-        auroc = sum(m["auroc"] for m in sets) / len(sets)
-        return (fpr, -auroc)
-
-    return sorted(metrics, key=key)
-
-
 def read_fusions(
     fitted: Mapping[str, OODScore],
     raw: EvaluationResults,
     variants: Mapping[str, ScoreSpec | OODScore],
     top: int,
-    id_accuracy: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, Fused]]:
     """Fused variants of one candidate from its single scores' cached validation values.
 
@@ -98,7 +86,6 @@ def read_fusions(
         raw: The single scores' validation results, with raw ID and OOD values.
         variants: ``{label: variant}`` of the single scores read out.
         top: How many of the best families to combine; below 2, nothing is fused.
-        id_accuracy: Passed through to the results.
 
     Returns:
         ``({label: {ood_set: metrics}}, {label: fitted Fused})`` for every combination whose
@@ -107,7 +94,7 @@ def read_fusions(
     if top < 2:
         return {}, {}
     singles = {label: raw.metrics[label] for label in raw.metrics if label in variants}
-    groups = fusion_groups(_rank(singles), variants, top)
+    groups = fusion_groups(ranked(metrics_in_percent(singles)), variants, top)
     id_values: dict[str, Any] = {}
     ood_values: dict[str, dict[str, Any]] = {}
     scores: dict[str, Fused] = {}
@@ -117,35 +104,16 @@ def read_fusions(
         label = ScoreSpec.of(fused).label  # the members' labels joined by " + "
         if label in variants:  # the registered fused score with these members, read already
             continue
-        values = _fused_values(fused, group, raw)
-        if values is None:  # an infinite member value: this combination cannot be read
+        id_values[label] = fused.combine(list(reference.values()))
+        ood_values[label] = {
+            ood: fused.combine([torch.as_tensor(raw.ood_scores[m][ood]) for m in group])
+            for ood in raw.ood_scores[group[0]]
+        }
+        every = [id_values[label], *ood_values[label].values()]
+        if not all(math.isfinite(float(v.abs().max())) for v in every if v.numel()):
+            del id_values[label], ood_values[label]  # an infinite member value: unreadable
             continue
-        id_values[label], ood_values[label] = values
         scores[label] = fused
     if not scores:
         return {}, {}
-    results = EvaluationResults.from_scores(id_values, ood_values, id_accuracy=id_accuracy)
-    return results.metrics, scores
-
-
-def _fused_values(
-    fused: Fused, group: Sequence[str], raw: EvaluationResults
-) -> tuple[Any, dict[str, Any]] | None:
-    """The fused score's validation values from the members' cached ones (ID, per OOD set)."""
-    reference = dict(zip(fused.member_labels, fused.reference, strict=True))
-
-    def combine(values: Mapping[str, Any]) -> torch.Tensor:
-        by_member = {
-            name: torch.as_tensor(values[m])
-            for name, m in zip(fused.member_labels, group, strict=True)
-        }
-        return fuse(by_member, reference, fused.method)
-
-    id_values = combine({m: raw.id_scores[m] for m in group})
-    ood_values = {
-        ood: combine({m: raw.ood_scores[m][ood] for m in group}) for ood in raw.ood_scores[group[0]]
-    }
-    every = [id_values, *ood_values.values()]
-    if not all(math.isfinite(float(v.abs().max())) for v in every if v.numel()):
-        return None
-    return id_values, ood_values
+    return EvaluationResults.from_scores(id_values, ood_values).metrics, scores

@@ -139,7 +139,7 @@ class Reader:
         raw = self._evaluate(unleashed)
         singles = {s: raw.metrics[s] for s in self.variants}
         fused, fitted_fused = read_fusions(
-            unleashed.fitted_scores_, raw, self.variants, self.fusion, raw.id_accuracy
+            unleashed.fitted_scores_, raw, self.variants, self.fusion
         )
         unleashed.fitted_scores_.update(fitted_fused)
         done = time.perf_counter()

@@ -12,10 +12,22 @@ from typing import Any
 from oodunleash.evaluation.results import save_figure
 from oodunleash.wrapper import OODUnleash
 
-__all__ = ["CandidateResult", "TuneResult", "recipe_name", "select"]
+__all__ = ["CandidateResult", "TuneResult", "ranked", "recipe_name", "select"]
 
 #: Key of the mean over validation OOD sets in :attr:`CandidateResult.metrics`.
 MEAN = "mean"
+
+
+def ranked(metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str]:
+    """The scores of ``metrics`` (in %, with the :data:`MEAN` entry) best first: lowest mean
+    FPR95, then highest mean AUROC, then the order given.
+
+    Example:
+        >>> ranked({"a": {"mean": {"fpr95": 9.0, "auroc": 90.0}},
+        ...         "b": {"mean": {"fpr95": 5.0, "auroc": 80.0}}})
+        ['b', 'a']
+    """
+    return sorted(metrics, key=lambda s: (metrics[s][MEAN]["fpr95"], -metrics[s][MEAN]["auroc"]))
 
 
 def recipe_name(candidate: str, score: str) -> str:
@@ -54,10 +66,7 @@ class CandidateResult:
     def best_score(self) -> str:
         """The score with the lowest mean validation FPR95 (then the highest mean AUROC,
         then the first listed)."""
-        return min(
-            self.metrics,
-            key=lambda s: (self.metrics[s][MEAN]["fpr95"], -self.metrics[s][MEAN]["auroc"]),
-        )
+        return ranked(self.metrics)[0]
 
     @property
     def mean_fpr95(self) -> float:

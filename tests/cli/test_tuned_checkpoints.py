@@ -114,8 +114,14 @@ def test_a_fine_tuned_choice_travels(finetune, setting, data, tmp_path, capsys):
     )
     unleashed = result.unleashed[finetune]
     assert unleashed.is_fitted
+    _each_choice_travels(unleashed, labels, tmp_path, data, classes, inputs, capsys)
+
+
+def _each_choice_travels(unleashed, labels, tmp_path, data, classes, inputs, capsys):
+    """Each of ``labels`` made the default as tune would leave it had it won, then checked
+    to travel."""
     every = dict(unleashed.fitted_scores_)
-    for label in labels:  # each, as tune would leave it had it won
+    for label in labels:
         unleashed.fitted_scores_ = every
         choose_score(unleashed, label, ScoreSpec.parse(label), keep_all=False)
         assert list(unleashed.fitted_scores_) == [label]
@@ -157,10 +163,6 @@ def test_a_fused_choice_travels(setting, data, tmp_path, capsys):
     unleashed = result.unleashed["unchanged"]
     fused = [label for label in result.candidates["unchanged"].metrics if label not in singles]
     assert len(fused) == 4
-    every = dict(unleashed.fitted_scores_)
-    for label in fused[::3]:  # a pair and the triple
-        unleashed.fitted_scores_ = every
-        choose_score(unleashed, label, ScoreSpec.parse(label), keep_all=False)
-        assert ScoreSpec.of(unleashed.default_score).name == "fused"
-        folder = tmp_path / label.replace(" ", "_")
-        _check_travels(unleashed, label, folder, data, classes, inputs, capsys)
+    chosen = fused[::3]  # a pair and the triple
+    assert all(ScoreSpec.parse(label).name == "fused" for label in chosen)
+    _each_choice_travels(unleashed, chosen, tmp_path, data, classes, inputs, capsys)
