@@ -54,6 +54,7 @@ class ReAct(OODScore):
     requires = frozenset({"features", "head"})
     needs_fit = True
     state_keys = ("threshold",)
+    grid = ("percentile", "p", (85.0, 90.0, 95.0))
 
     def __init__(self, percentile: float = 90.0) -> None:
         self.percentile = _check_percentile(percentile, "percentile")
@@ -173,6 +174,7 @@ class DICE(OODScore):
     requires = frozenset({"features", "head"})
     needs_fit = True
     state_keys = ("mask",)
+    grid = ("sparsity", "s", (0.5, 0.7, 0.9))
 
     def __init__(self, sparsity: float = 0.9) -> None:
         if not 0 <= sparsity < 1:

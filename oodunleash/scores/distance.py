@@ -297,6 +297,7 @@ class KNN(OODScore):
     requires = frozenset({"features"})
     needs_fit = True
     state_keys = ("bank", "k_scale")
+    grid = ("k", "k", (1, 10, 50))
 
     def __init__(
         self,

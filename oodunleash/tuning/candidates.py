@@ -45,14 +45,9 @@ DEFAULT_FINETUNES: tuple[str, ...] = (
 )
 
 #: The hyperparameter values tried for the scores that have one that matters: each value
-#: becomes its own variant, chosen on validation like the model.
-SCORE_GRID: dict[str, tuple[str, str, tuple[Any, ...]]] = {
-    # registered name: (option, label prefix, values)
-    "dice": ("sparsity", "s", (0.5, 0.7, 0.9)),
-    "react": ("percentile", "p", (85.0, 90.0, 95.0)),
-    "knn": ("k", "k", (1, 10, 50)),
-    **score_grids(),  # the grids the scores declare themselves (SCALE, NNGuide, fDBD, NCI)
-}
+#: becomes its own variant, chosen on validation like the model. Each score declares its own
+#: (:attr:`OODScore.grid`); this is the registry's, read at import.
+SCORE_GRID: dict[str, tuple[str, str, tuple[Any, ...]]] = score_grids()
 
 _FINETUNE = re.compile(r"^(um|umap)(?: (control|(\d+(?:\.\d+)?)x))?$")
 
