@@ -15,7 +15,7 @@ from oodunleash import OODUnleash, proxy_ood, tune
 from oodunleash.scores import Energy, ScoreSpec
 from oodunleash.tuning import CandidateResult, parse_finetune, score_variants, select
 from oodunleash.tuning import search as search_module
-from oodunleash.tuning.result import recipe_name
+from oodunleash.tuning.result import ranked, ranked_candidates, recipe_name
 from tests.helpers.scripts import load_script
 from tests.helpers.toys import same_state, sequential_cnn, state_copy
 
@@ -84,20 +84,59 @@ def test_ties_go_to_the_cheaper_candidate_then_the_first_listed():
     assert select(pair, 1.0)[0].name == "umap"
 
 
-def test_within_a_candidate_the_score_with_the_lowest_fpr_then_highest_auroc_wins():
+def test_within_a_candidate_equal_ranks_go_to_the_lowest_fpr_then_highest_auroc():
     row = CandidateResult(
         "unchanged",
         "unchanged",
         0,
         90.0,
         {
-            "energy": {"mean": {"fpr95": 30.0, "auroc": 80.0}},
-            "knn k=10": {"mean": {"fpr95": 20.0, "auroc": 85.0}},
+            "energy": {"mean": {"fpr95": 30.0, "auroc": 88.0}},
+            "knn k=10": {"mean": {"fpr95": 10.0, "auroc": 85.0}},
             "dice s=0.7": {"mean": {"fpr95": 20.0, "auroc": 88.0}},
         },
     )
-    assert row.best_score == "dice s=0.7"
+    assert row.best_score == "dice s=0.7"  # ranks first with energy, lower FPR95
     assert (row.mean_fpr95, row.mean_auroc) == (20.0, 88.0)
+
+
+def _sets(*per_set: tuple[float, float]) -> dict[str, dict[str, float]]:
+    """``{set: {auroc, fpr95}}`` for sets x, y, z and their mean, from (AUROC, FPR95) pairs."""
+    rows = {o: {"auroc": a, "fpr95": f} for o, (a, f) in zip("xyz", per_set, strict=True)}
+    rows["mean"] = {k: sum(r[k] for r in rows.values()) / len(rows) for k in ("auroc", "fpr95")}
+    return rows
+
+
+# "sharp" separates the two easy sets x and z best but is worse on the hard set y, where
+# every score is poor; its mean FPR95 (28.8) is dominated by y, "blunt"'s (26.7) is not.
+SHARP = _sets((99.9, 0.5), (70.0, 85.0), (99.8, 1.0))
+BLUNT = _sets((97.0, 10.0), (75.0, 60.0), (96.0, 10.0))
+
+
+def test_one_hard_set_does_not_decide_the_score_alone():
+    row = CandidateResult("unchanged", "unchanged", 0, 90.0, {"blunt": BLUNT, "sharp": SHARP})
+    assert BLUNT["mean"]["fpr95"] < SHARP["mean"]["fpr95"]
+    assert ranked({"blunt": BLUNT, "sharp": SHARP}) == ["sharp", "blunt"]  # best on 2 of 3
+    assert row.best_score == "sharp"
+
+
+def test_candidates_compare_by_the_same_rule():
+    unchanged = CandidateResult("unchanged", "unchanged", 0, 90.0, {"knn": SHARP})
+    um = CandidateResult("um", "finetune", 2, 90.0, {"knn": BLUNT})
+    assert um.mean_fpr95 < unchanged.mean_fpr95
+    assert select([unchanged, um], 1.0)[0].name == "unchanged"
+    assert select([um, unchanged], 1.0)[0].name == "unchanged"  # the order given does not decide
+    assert ranked_candidates([um, unchanged]) == [unchanged, um]
+
+
+def test_equal_aurocs_share_their_rank():
+    tied = {
+        "a": _sets((100.0, 0.0), (80.0, 40.0), (100.0, 0.0)),
+        "b": _sets((100.0, 0.0), (80.0, 30.0), (100.0, 0.0)),
+        "c": _sets((99.0, 2.0), (81.0, 50.0), (99.0, 2.0)),
+    }
+    # ranks x: a, b 0.5, c 2; y: c 0, a, b 1.5; z as x: a and b tie at 2.5 / 3, FPR95 decides
+    assert ranked(tied) == ["b", "a", "c"]
 
 
 def test_select_needs_the_unchanged_model():
@@ -252,7 +291,8 @@ def test_to_dict_to_markdown_and_plot(data, tmp_path):
     assert f"**{result.best_candidate}**" in table
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 2  # head, 2 rows
     # five single variants and four fusions of the best three families
-    assert result.to_markdown(all_scores=True).count("| um control |") == 5 + 4
+    rows = result.to_markdown(all_scores=True).splitlines()
+    assert sum(r.startswith(("| um control |", "| **um control**")) for r in rows) == 5 + 4
     assert set(result.unleashed) == {"unchanged", "um control"}
     path = tmp_path / "tune.png"
     result.plot(path)

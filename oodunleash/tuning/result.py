@@ -12,22 +12,56 @@ from typing import Any
 from oodunleash.evaluation.results import save_figure
 from oodunleash.wrapper import OODUnleash
 
-__all__ = ["CandidateResult", "TuneResult", "ranked", "recipe_name", "select"]
+__all__ = ["CandidateResult", "TuneResult", "ranked", "ranked_candidates", "recipe_name", "select"]
 
 #: Key of the mean over validation OOD sets in :attr:`CandidateResult.metrics`.
 MEAN = "mean"
 
 
 def ranked(metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str]:
-    """The scores of ``metrics`` (in %, with the :data:`MEAN` entry) best first: lowest mean
-    FPR95, then highest mean AUROC, then the order given.
+    """The scores of ``metrics`` (in %, per OOD set and the :data:`MEAN` entry) best first.
+
+    The rule: on each OOD set the scores given are ranked by AUROC (ties share their mean
+    rank), and the lowest mean rank over the sets wins; then the lowest mean FPR95, the highest
+    mean AUROC, the order given. Ranks count every OOD set once whatever its scale, so one hard
+    set cannot decide alone (with a mean of FPR95, a proxy set where every score sits at 50-80%
+    outweighs five sets near 0%); AUROC, unlike FPR95, rarely ties at 0 on easy sets.
+    ``examples/benchmark_choice_rule.py`` compares the rules on validation data.
 
     Example:
-        >>> ranked({"a": {"mean": {"fpr95": 9.0, "auroc": 90.0}},
-        ...         "b": {"mean": {"fpr95": 5.0, "auroc": 80.0}}})
-        ['b', 'a']
+        >>> ranked({"a": {"x": {"auroc": 99.0, "fpr95": 1.0}, "y": {"auroc": 60.0, "fpr95": 90.0},
+        ...               "z": {"auroc": 99.5, "fpr95": 0.5}, "mean": {"auroc": 86.2, "fpr95": 30.5}},
+        ...         "b": {"x": {"auroc": 90.0, "fpr95": 30.0}, "y": {"auroc": 80.0, "fpr95": 50.0},
+        ...               "z": {"auroc": 95.0, "fpr95": 20.0}, "mean": {"auroc": 88.3, "fpr95": 33.3}}})
+        ['a', 'b']
     """
-    return sorted(metrics, key=lambda s: (metrics[s][MEAN]["fpr95"], -metrics[s][MEAN]["auroc"]))
+    names = list(metrics)
+    if not names:
+        return []
+    sets = [key for key in metrics[names[0]] if key != MEAN] or [MEAN]
+    mean_rank = dict.fromkeys(names, 0.0)
+    for ood in sets:
+        # Rounded so that equal AUROCs computed in a different order still tie.
+        values = {name: round(metrics[name][ood]["auroc"], 6) for name in names}
+        for name, value in values.items():
+            above = sum(other > value for other in values.values())
+            ties = sum(other == value for other in values.values())
+            mean_rank[name] += (above + (ties - 1) / 2) / len(sets)
+    return sorted(
+        names,
+        key=lambda s: (
+            round(mean_rank[s], 9),
+            round(metrics[s][MEAN]["fpr95"], 6),
+            -round(metrics[s][MEAN]["auroc"], 6),
+        ),
+    )
+
+
+def ranked_candidates(candidates: Sequence[CandidateResult]) -> list[CandidateResult]:
+    """``candidates`` best first, each by its :attr:`~CandidateResult.best_score`, under
+    :func:`ranked`'s rule (ties to the one listed first)."""
+    by_name = {c.name: c for c in candidates}
+    return [by_name[name] for name in ranked({c.name: c.metrics[c.best_score] for c in candidates})]
 
 
 def recipe_name(candidate: str, score: str) -> str:
@@ -64,8 +98,7 @@ class CandidateResult:
 
     @property
     def best_score(self) -> str:
-        """The score with the lowest mean validation FPR95 (then the highest mean AUROC,
-        then the first listed)."""
+        """The best of this candidate's scores on validation, under :func:`ranked`'s rule."""
         return ranked(self.metrics)[0]
 
     @property
@@ -85,10 +118,10 @@ def select(
     """The selection rule of :func:`~oodunleash.tune`.
 
     Among candidates whose validation accuracy is at most ``max_accuracy_drop`` points below
-    the unchanged model's, the one whose best score has the lowest mean validation FPR95; a tie
-    goes to the cheaper candidate (unchanged, then checkpoints, then fine-tunes), then to the
-    one listed first. The unchanged model is always eligible, so the choice is never worse than
-    it on validation.
+    the unchanged model's, the one whose best score ranks first under :func:`ranked`'s rule
+    (mean per-set rank of AUROC among those best scores); a tie goes to the cheaper candidate
+    (unchanged, then checkpoints, then fine-tunes), then to the one listed first. The
+    unchanged model is always eligible, so the choice never ranks below it on validation.
 
     Returns:
         The chosen candidate and the accuracy threshold it had to meet.
@@ -110,8 +143,8 @@ def select(
     floor = reference.accuracy - max_accuracy_drop
     eligible = [c for c in candidates if c.accuracy >= floor - 1e-9]
     order = {id(c): i for i, c in enumerate(candidates)}
-    chosen = min(eligible, key=lambda c: (round(c.mean_fpr95, 9), c.tier, order[id(c)]))
-    return chosen, floor
+    eligible.sort(key=lambda c: (c.tier, order[id(c)]))  # ties go to the cheaper, then first
+    return ranked_candidates(eligible)[0], floor
 
 
 @dataclass
@@ -241,7 +274,8 @@ class TuneResult:
         notes = [
             "",
             f"Validation metrics in %, mean over {len(oods)} OOD sets ({source}). "
-            f"Chosen: **{self.best_name}**, the lowest mean FPR95 among candidates within "
+            f"Chosen: **{self.best_name}**, the best mean rank of AUROC over the OOD sets "
+            "among candidates within "
             f"{self.max_accuracy_drop:g} points of the unchanged model's accuracy "
             f"({self.reference_accuracy:.2f}%); '(accuracy)' marks those below it.",
         ]

@@ -22,6 +22,7 @@ import torch
 
 from oodunleash.runtime.distributed import any_rank
 from oodunleash.scores import OODScore, resolve_score
+from oodunleash.tuning.result import ranked_candidates
 
 __all__ = [
     "SCREEN_FRACTION",
@@ -179,8 +180,8 @@ def screen(
     floor = reference_accuracy - search.max_accuracy_drop - 1e-9
     eligible = [r for r in rows.values() if r.accuracy >= floor]
     order = {s.name: s.priority for s in specs}
-    eligible.sort(key=lambda r: (round(r.mean_fpr95, 9), order[r.name]))
-    promoted = [r.name for r in eligible[: search.promote]]
+    eligible.sort(key=lambda r: order[r.name])
+    promoted = [r.name for r in ranked_candidates(eligible)[: search.promote]]
     went_on = ", ".join(promoted) or "none"
     for name, row in rows.items():
         if name not in promoted:

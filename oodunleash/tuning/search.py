@@ -253,10 +253,12 @@ def tune(
     percentile and KNN ``k`` at a few values each): one pass over the training data fits
     them, one pass per validation set scores them all. The fine-tunes are first screened
     with a quarter epoch each, and only the best ``promote`` get the full schedule, so the
-    whole search costs about two ``fit`` calls (``docs/benchmarks/tune-cost.md``). The choice: the lowest mean validation
-    FPR95 among candidates whose validation accuracy is at most ``max_accuracy_drop`` points
-    below ``model``'s; a tie goes to the cheaper candidate (no fine-tune first). ``model`` with
-    its best score is always eligible, so on validation the result is never worse than it.
+    whole search costs about two ``fit`` calls (``docs/benchmarks/tune-cost.md``). The
+    choice, among candidates whose validation accuracy is at most ``max_accuracy_drop`` points
+    below ``model``'s: the best mean rank of AUROC over the validation OOD sets (each set ranks
+    the scores, then each candidate's best; :func:`~oodunleash.tuning.result.ranked`), then
+    the lowest mean FPR95; a tie goes to the cheaper candidate (no fine-tune first). ``model``
+    with its best score is always eligible, so on validation the result never ranks below it.
 
     Args:
         model: The trained classifier. It is not modified.
