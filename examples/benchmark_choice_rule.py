@@ -21,7 +21,7 @@ import pathlib
 from collections.abc import Callable, Mapping
 from statistics import mean
 
-from oodunleash.tuning.result import MEAN, CandidateResult, select
+from oodunleash.tuning.result import MEAN, CandidateResult, mean_ranks, select
 
 Metrics = Mapping[str, Mapping[str, Mapping[str, float]]]  # {score: {ood set: {auroc, fpr95}}}
 Rule = Callable[[Metrics], list[str]]  # scores best first
@@ -51,6 +51,13 @@ def by_mean_log_fpr95(m: Metrics) -> list[str]:
     return sorted(m, key=logs.__getitem__)
 
 
+def by_mean_rank_of_fpr95(m: Metrics) -> list[str]:
+    """Like tune's rule, but each set ranks the scores by FPR95 (lower is better)."""
+    flipped = {s: {k: {"auroc": -v["fpr95"]} for k, v in m[s].items()} for s in m}
+    ranks = mean_ranks(flipped)
+    return sorted(m, key=lambda s: (ranks[s], m[s][MEAN]["fpr95"]))
+
+
 def choose(run: Mapping, sets: list[str], rule: Rule | None, unchanged_only: bool) -> tuple:
     """The (candidate, score) a rule picks on ``sets``: each candidate's best score, then the
     best candidate under the same rule among the eligible ones. ``rule=None``: the library's
@@ -74,6 +81,7 @@ def choose(run: Mapping, sets: list[str], rule: Rule | None, unchanged_only: boo
 RULES: dict[str, Rule | None] = {
     "mean rank of AUROC (tune's rule)": None,
     "mean FPR95 (tune's rule before)": by_mean("fpr95", 1.0),
+    "mean rank of FPR95": by_mean_rank_of_fpr95,
     "mean AUROC": by_mean("auroc", -1.0),
     "mean log(1 + FPR95)": by_mean_log_fpr95,
     "worst FPR95": by_worst_fpr95,

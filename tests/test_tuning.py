@@ -291,6 +291,12 @@ def test_to_dict_to_markdown_and_plot(data, tmp_path):
     assert f"**{result.best_candidate}**" in table
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 2  # head, 2 rows
     # five single variants and four fusions of the best three families
+    # the rank column is what the rule compared: the chosen row has the lowest
+    cells = [[c.strip("* ") for c in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
+    head = [c.strip() for c in table.splitlines()[0].split("|")[1:-1]]
+    ranks = {row[0]: float(row[head.index("rank")]) for row in cells if len(row) == len(head)}
+    assert set(ranks) == {"unchanged", "um control"}
+    assert ranks[result.best_candidate] == min(ranks.values())
     rows = result.to_markdown(all_scores=True).splitlines()
     assert sum(r.startswith(("| um control |", "| **um control**")) for r in rows) == 5 + 4
     assert set(result.unleashed) == {"unchanged", "um control"}

@@ -12,7 +12,15 @@ from typing import Any
 from oodunleash.evaluation.results import save_figure
 from oodunleash.wrapper import OODUnleash
 
-__all__ = ["CandidateResult", "TuneResult", "ranked", "ranked_candidates", "recipe_name", "select"]
+__all__ = [
+    "CandidateResult",
+    "TuneResult",
+    "mean_ranks",
+    "ranked",
+    "ranked_candidates",
+    "recipe_name",
+    "select",
+]
 
 #: Key of the mean over validation OOD sets in :attr:`CandidateResult.metrics`.
 MEAN = "mean"
@@ -35,26 +43,39 @@ def ranked(metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str
         ...               "z": {"auroc": 95.0, "fpr95": 20.0}, "mean": {"auroc": 88.3, "fpr95": 33.3}}})
         ['a', 'b']
     """
+    ranks = mean_ranks(metrics)
+    return sorted(
+        ranks,
+        key=lambda s: (
+            round(ranks[s], 9),
+            round(metrics[s][MEAN]["fpr95"], 6),
+            -round(metrics[s][MEAN]["auroc"], 6),
+        ),
+    )
+
+
+def mean_ranks(metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
+    """``{score: its mean rank over the OOD sets}``, 1 the best: on each set the scores given
+    are ranked by AUROC, ties sharing their mean rank (only the :data:`MEAN` entry: by it).
+
+    Example:
+        >>> mean_ranks({"a": {"x": {"auroc": 99.0}, "y": {"auroc": 80.0}},
+        ...             "b": {"x": {"auroc": 99.0}, "y": {"auroc": 90.0}}})
+        {'a': 1.75, 'b': 1.25}
+    """
     names = list(metrics)
     if not names:
-        return []
+        return {}
     sets = [key for key in metrics[names[0]] if key != MEAN] or [MEAN]
-    mean_rank = dict.fromkeys(names, 0.0)
+    ranks = dict.fromkeys(names, 0.0)
     for ood in sets:
         # Rounded so that equal AUROCs computed in a different order still tie.
         values = {name: round(metrics[name][ood]["auroc"], 6) for name in names}
         for name, value in values.items():
             above = sum(other > value for other in values.values())
             ties = sum(other == value for other in values.values())
-            mean_rank[name] += (above + (ties - 1) / 2) / len(sets)
-    return sorted(
-        names,
-        key=lambda s: (
-            round(mean_rank[s], 9),
-            round(metrics[s][MEAN]["fpr95"], 6),
-            -round(metrics[s][MEAN]["auroc"], 6),
-        ),
-    )
+            ranks[name] += (1 + above + (ties - 1) / 2) / len(sets)
+    return ranks
 
 
 def ranked_candidates(candidates: Sequence[CandidateResult]) -> list[CandidateResult]:
@@ -250,13 +271,18 @@ class TuneResult:
 
     def to_markdown(self, all_scores: bool = False) -> str:
         """The validation table: one row per candidate with its best score (``all_scores``:
-        one row per candidate and score), the chosen one in bold; metrics in %."""
+        one row per candidate and score), the chosen one in bold; metrics in %. "rank" is what
+        the rule compared: the mean per-set rank of AUROC among the eligible candidates' best
+        scores (``all_scores``: among the candidate's own scores)."""
         oods = list(self.ood_sets)
-        head = ["candidate", "score", "val acc", "Δ acc", "AUROC", "FPR95"]
+        head = ["candidate", "score", "val acc", "Δ acc", "rank", "AUROC", "FPR95"]
         head += [f"FPR95 {o}" for o in oods]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+        best = {n: c.metrics[c.best_score] for n, c in self.candidates.items() if self.eligible(n)}
+        among_candidates = mean_ranks(best)
         for name, c in self.candidates.items():
             labels = list(c.metrics) if all_scores else [c.best_score]
+            ranks = mean_ranks(c.metrics) if all_scores else among_candidates
             for label in labels:
                 m = c.metrics[label]
                 cells = [
@@ -264,6 +290,9 @@ class TuneResult:
                     label,
                     f"{c.accuracy:.2f}",
                     f"{c.accuracy - self.reference_accuracy:+.2f}",
+                    f"{ranks[label if all_scores else name]:.2f}"
+                    if name in best or all_scores
+                    else "–",
                     f"{m[MEAN]['auroc']:.1f}",
                     f"{m[MEAN]['fpr95']:.1f}",
                 ] + [f"{m[o]['fpr95']:.1f}" for o in oods]
