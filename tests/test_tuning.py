@@ -538,3 +538,32 @@ def test_calibrating_tune_on_its_own_images_is_refused_before_any_work(data, whi
     loader = {"train": train, "val": val}[which]
     with pytest.raises(ValueError, match=f"calibration_loader is {which}_loader.*Hold out"):
         tune(model, train, val, calibration_loader=loader, time_budget=1e-9, **FAST)
+
+
+def test_screening_promotes_by_the_same_rule():
+    """The screened fine-tune that ranks best goes on, not the one with the lowest mean FPR95."""
+    from types import SimpleNamespace
+
+    from oodunleash.tuning import schedule
+
+    screened = {"blunt": BLUNT, "sharp": SHARP}  # blunt: lower mean FPR95; sharp: better rank
+    specs = [SimpleNamespace(name=n, method="um", priority=i) for i, n in enumerate(screened)]
+
+    def read(spec, unleashed, xi, train_s):
+        return CandidateResult(spec.name, "finetune", 2, 90.0, {"knn": screened[spec.name]})
+
+    search = SimpleNamespace(
+        train_loader=[None] * 8,
+        promote=1,
+        max_accuracy_drop=1.0,
+        epoch_s={},
+        pass_s=0.0,
+        reader=SimpleNamespace(read_s=0.0),
+        build=lambda spec, loader, epochs: (spec.name, None),
+        duplicate=lambda name, unleashed, seen: None,
+        screen_reader=SimpleNamespace(read=read),
+    )
+    dropped: dict[str, str] = {}
+    promoted = schedule.screen(search, specs, 90.0, 0.0, None, dropped)
+    assert [s.name for s in promoted] == ["sharp"]
+    assert list(dropped) == ["blunt"] and "sharp did better" in dropped["blunt"]
