@@ -32,8 +32,8 @@ def ranked(metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str
     The rule: on each OOD set the scores given are ranked by AUROC (ties share their mean
     rank), and the lowest mean rank over the sets wins; then the lowest mean FPR95, the highest
     mean AUROC, the order given. Ranks count every OOD set once whatever its scale, so one hard
-    set cannot decide alone (with a mean of FPR95, a proxy set where every score sits at 50-80%
-    outweighs five sets near 0%); AUROC, unlike FPR95, rarely ties at 0 on easy sets.
+    set cannot decide alone (in a mean of FPR95, a set where every score does badly outweighs
+    the easy ones together); AUROC, unlike FPR95, rarely ties at 0 on easy sets.
     ``examples/benchmark_choice_rule.py`` compares the rules on validation data.
 
     Example:
@@ -282,7 +282,10 @@ class TuneResult:
         among_candidates = mean_ranks(best)
         for name, c in self.candidates.items():
             labels = list(c.metrics) if all_scores else [c.best_score]
-            ranks = mean_ranks(c.metrics) if all_scores else among_candidates
+            if all_scores:
+                ranks = mean_ranks(c.metrics)
+            else:  # below the accuracy floor: not compared, no rank
+                ranks = {c.best_score: among_candidates[name]} if name in best else {}
             for label in labels:
                 m = c.metrics[label]
                 cells = [
@@ -290,9 +293,7 @@ class TuneResult:
                     label,
                     f"{c.accuracy:.2f}",
                     f"{c.accuracy - self.reference_accuracy:+.2f}",
-                    f"{ranks[label if all_scores else name]:.2f}"
-                    if name in best or all_scores
-                    else "–",
+                    f"{ranks[label]:.2f}" if label in ranks else "–",
                     f"{m[MEAN]['auroc']:.1f}",
                     f"{m[MEAN]['fpr95']:.1f}",
                 ] + [f"{m[o]['fpr95']:.1f}" for o in oods]
